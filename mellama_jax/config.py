@@ -1,0 +1,310 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `key=value` overrides.
+
+Every room of the system reads its part of `Config`; this module imports no other room.
+Model presets live as YAML under `configs/models/` and are referenced by name (`model: {preset: llama2-13b}`),
+so the numbers that define LLaMA2 are data, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+# Where `configs/` lives: next to the package in a source checkout, or set MELLAMA_CONFIGS.
+CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION = ("xla", "dot_product")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA2 architecture and numerics. Defaults are LLaMA2-7B's."""
+
+    name: str = "llama2-7b"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    param_dtype: str = "float32"  # storage of parameters (and master weights)
+    dtype: str = "float32"  # computation; recipes set bfloat16 for training
+    attention: str = "xla"  # "xla" (reference einsum) | "dot_product" (jax.nn.dot_product_attention, cuDNN on GPU)
+    remat: str = "none"  # activation checkpointing policy per layer, see REMAT_POLICIES
+    scan_unroll: int = 1  # layers per scan iteration; >1 trades compile time for speed
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
+
+    def validate(self, where: str = "model") -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "max_seq_len", "scan_unroll")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"{where}: num_heads={self.num_heads} is not a multiple of "
+                              f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where}.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for key in ("param_dtype", "dtype"):
+            if getattr(self, key) not in _DTYPES:
+                raise ConfigError(f"{where}.{key} must be one of {_DTYPES}, got {getattr(self, key)!r}")
+        if self.attention not in _ATTENTION:
+            raise ConfigError(f"{where}.attention must be one of {_ATTENTION}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+
+# Logical axis -> mesh axes, MaxText's LLaMA layout. The first matching mesh axis that is
+# not already used by another dimension of the same array wins; None replicates.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. `ici` is the shape within a host (or slice); `dcn` across hosts. -1 = the rest."""
+
+    ici: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    dcn: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1})
+    rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+    def validate(self, where: str = "mesh") -> None:
+        if list(self.ici) != list(self.dcn):
+            raise ConfigError(f"{where}: ici axes {list(self.ici)} and dcn axes {list(self.dcn)} must be the same, "
+                              "in the same order")
+        for kind, shape in (("ici", self.ici), ("dcn", self.dcn)):
+            if sum(1 for v in shape.values() if v == -1) > 1:
+                raise ConfigError(f"{where}.{kind}: at most one axis may be -1, got {shape}")
+            bad = {k: v for k, v in shape.items() if v == 0 or v < -1}
+            if bad:
+                raise ConfigError(f"{where}.{kind}: axis sizes must be positive or -1, got {bad}")
+        for rule in self.rules:
+            if len(rule) != 2:
+                raise ConfigError(f"{where}.rules: each rule is [logical_name, mesh_axes], got {rule!r}")
+            targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+            unknown = [t for t in targets if t is not None and t not in self.ici]
+            if unknown:
+                raise ConfigError(f"{where}.rules: rule {rule[0]!r} names mesh axes {unknown} not in "
+                                  f"{list(self.ici)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.mesh.validate("mesh")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated field type, or fail naming `where`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if tp is Any:
+        return tuple(value) if isinstance(value, list) else value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    data = dict(data)
+    for f in dataclasses.fields(cls):
+        # A partial mapping (mesh.ici.tensor=2) updates the default mapping instead of replacing it.
+        if (f.name in data and isinstance(data[f.name], dict) and typing.get_origin(hints[f.name]) is dict
+                and f.default_factory is not dataclasses.MISSING):
+            data[f.name] = {**f.default_factory(), **data[f.name]}
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = CONFIG_ROOT / "models" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "models").glob("*.yaml"))
+        raise ConfigError(f"unknown model preset {name!r} (looked for {path}); known presets: {known}")
+    return path
+
+
+def load_model_preset(name: str) -> ModelConfig:
+    """A model preset by name (`llama2-70b`) or YAML path."""
+    path = preset_path(name)
+    cfg = _build(ModelConfig, read_yaml(path), str(path))
+    cfg.validate(str(path))
+    return cfg
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: cannot set {dotted!r}: {key!r} is not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _resolve_model(data: dict, where: str) -> dict:
+    """`model: {preset: NAME, ...}` expands to the preset's keys, then the given ones on top."""
+    model = data.get("model")
+    if isinstance(model, str):
+        model = {"preset": model}
+    if isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        base = read_yaml(preset_path(model.pop("preset")))
+        base.update(model)
+        data = dict(data, model=base)
+    elif model is not None and not isinstance(model, dict):
+        raise ConfigError(f"{where}: model must be a preset name or a mapping, got {model!r}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from a YAML file (or the defaults) with `a.b=value` overrides applied on top."""
+    where = str(path) if path else "<defaults>"
+    data = read_yaml(path) if path else {}
+    if isinstance(data.get("model"), str):  # so that model.x=... overrides can refine a preset name
+        data["model"] = {"preset": data["model"]}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value, where)
+    data = _resolve_model(data, where)
+    return _build(Config, data, where).validate()
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (for YAML/JSON dumps and checkpoints)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg

@@ -1,0 +1,1 @@
+"""Tokenisation and input pipelines."""

@@ -1,0 +1,148 @@
+"""LLaMA2: pre-norm decoder layers (GQA attention + SwiGLU), stacked and run with one `lax.scan`.
+
+Parameter logical axes (the rule table in the config maps them to mesh axes):
+  embed.embedding (vocab, embed)            lm_head.kernel (embed, vocab)
+  layers.attn.wq  (layers, embed, heads, head_dim)     wk/wv (layers, embed, kv_heads, head_dim)
+  layers.attn.wo  (layers, heads, head_dim, embed)
+  layers.mlp.w_gate/w_up (layers, embed, mlp)          w_down (layers, mlp, embed)
+  *.scale (layers?, norm)
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mellama_jax.config import ModelConfig
+from mellama_jax.model import attention, rope
+from mellama_jax.model.layers import Dense, Embed, RMSNorm, constrain
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _dtypes(cfg: ModelConfig):
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
+        self.wq = Dense((D,), (H, Dh), ("embed", "heads", "head_dim"), **kw)
+        self.wk = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **kw)
+        self.wv = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **kw)
+        self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.implementation = cfg.attention
+
+    def __call__(self, x, cos, sin, mask):
+        q = checkpoint_name(self.wq(x), "query_proj")
+        k = checkpoint_name(self.wk(x), "key_proj")
+        v = checkpoint_name(self.wv(x), "value_proj")
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        out = attention.attend(q, k, v, mask, self.implementation)
+        out = checkpoint_name(out, "attention_out")
+        return self.wo(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
+        self.w_gate = Dense((D,), (F,), ("embed", "mlp"), **kw)
+        self.w_up = Dense((D,), (F,), ("embed", "mlp"), **kw)
+        self.w_down = Dense((F,), (D,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.w_gate(x)) * self.w_up(x)
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.w_down(h)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        h = constrain(h, BATCH_LENGTH_EMBED)
+        out = h + self.mlp(self.mlp_norm(h))
+        return constrain(out, BATCH_LENGTH_EMBED)
+
+
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out"),
+}
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """cfg.num_layers layers as one module whose parameters carry a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return DecoderLayer(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        kw = _dtypes(cfg)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw, init_std=cfg.initializer_range, rngs=rngs)
+        self.layers = _stacked_layers(cfg, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.lm_head = Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw,
+                             init_std=cfg.initializer_range, rngs=rngs)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None):
+        """Final-norm hidden states (B, T, D) for token ids (B, T).
+
+        positions: (B, T) int, restart at 0 for each packed document (default 0..T-1).
+        segment_ids: (B, T) int, one id per packed document, 0 for padding (default all 1).
+        """
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention.make_mask(segment_ids, segment_ids)
+        cos, sin = rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        h = constrain(self.embed(tokens), BATCH_LENGTH_EMBED)
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+
+        policy = REMAT[cfg.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, state, unroll=cfg.scan_unroll)
+        return self.norm(h)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """Logits (B, T, vocab) in float32."""
+        logits = self.lm_head(self.hidden_states(tokens, positions, segment_ids), out_dtype=jnp.float32)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def init_abstract(cfg: ModelConfig) -> Llama:
+    """The model with ShapeDtypeStructs in place of arrays: nothing is allocated, whatever its size."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model_or_state) -> int:
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,0 +1,104 @@
+"""Device mesh and the logical-axis rule table -> NamedShardings.
+
+The model annotates parameters and activations with logical names ("embed", "heads", "mlp", ...). This module
+alone turns them into mesh placements, using the rule table from the config (MeshConfig.rules), so that a new
+layout is a config change. The mapping itself is Flax's `logical_to_mesh_axes` (MaxText's semantics: rules are
+tried in order and a mesh axis is used at most once per array).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mellama_jax.config import ConfigError, MeshConfig
+
+
+def _resolve(shape: dict[str, int], total: int, kind: str) -> dict[str, int]:
+    known = math.prod(v for v in shape.values() if v != -1)
+    if -1 in shape.values():
+        if total % known:
+            raise ConfigError(f"mesh.{kind} {shape}: {total} devices do not divide by {known}")
+        return {k: (total // known if v == -1 else v) for k, v in shape.items()}
+    if known != total:
+        raise ConfigError(f"mesh.{kind} {shape} has {known} devices, but {total} are available")
+    return dict(shape)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+    """(ici, dcn) with -1 resolved. dcn spans processes; ici spans the devices of one process."""
+    dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)
+    if -1 in cfg.dcn.values() or dcn_total > 1:
+        dcn = _resolve(cfg.dcn, num_processes, "dcn")
+    else:
+        dcn = dict(cfg.dcn)
+    ici = _resolve(cfg.ici, num_devices // math.prod(dcn.values()), "ici")
+    return ici, dcn
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    num_processes = len({d.process_index for d in devices})
+    ici, dcn = mesh_shape(cfg, len(devices), num_processes)
+    names = tuple(ici)
+    if math.prod(dcn.values()) > 1:
+        array = mesh_utils.create_hybrid_device_mesh(tuple(ici.values()), tuple(dcn.values()), devices,
+                                                     process_is_granule=True)
+    else:
+        array = mesh_utils.create_device_mesh(tuple(ici.values()), devices, allow_split_physical_axes=True)
+    return Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def logical_to_spec(logical: tuple, rules) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(logical), tuple((k, v) for k, v in rules))
+
+
+def _check_divisible(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, logical) -> None:
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            continue
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if dim % ways:
+            raise ConfigError(f"{name}: dimension {dim} (logical {logical}) does not divide over mesh axes {axes} "
+                              f"of size {ways}; change mesh.ici/mesh.rules")
+
+
+def named_sharding(mesh: Mesh, logical: tuple, rules, shape: tuple[int, ...] | None = None,
+                   name: str = "array") -> NamedSharding:
+    spec = logical_to_spec(logical, rules)
+    if shape is not None:
+        _check_divisible(name, shape, spec, mesh, logical)
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for an nnx State (abstract or concrete) from its variables' logical axis names."""
+
+    def one(path, var):
+        logical = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        name = "/".join(str(p.key if hasattr(p, "key") else p) for p in path)
+        return var.replace(named_sharding(mesh, logical, rules, tuple(var.shape), name))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def bytes_per_device(state: Any, shardings: Any) -> int:
+    """The largest per-device footprint of `state` laid out by `shardings` (no allocation)."""
+    leaves = jax.tree.leaves(state)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    total = 0
+    for x, s in zip(leaves, shards, strict=True):
+        total += math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+    return total

@@ -1,0 +1,56 @@
+"""Shared fixtures. Eight simulated CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def hf_tiny_config(num_kv_heads: int, **kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=160, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=num_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
+                rope_theta=10000.0, initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def make_hf_pair(num_kv_heads: int, seed: int, **kw):
+    """A randomly initialised transformers LlamaForCausalLM and our Llama loaded from its weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mellama_jax.convert.hf import config_from_hf, load_hf_state_dict
+
+    torch.manual_seed(seed)
+    hf_cfg = hf_tiny_config(num_kv_heads, **kw)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    cfg = config_from_hf(hf_cfg.to_dict())
+    ours = load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()})
+    return hf, ours, cfg
+
+
+@pytest.fixture(scope="session", params=[4, 2], ids=["mha", "gqa"])
+def hf_pair(request):
+    return make_hf_pair(request.param, seed=request.param)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path():
+    path = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+    if not path.exists():
+        pytest.skip("../shared/data is not present on this machine")
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

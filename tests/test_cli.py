@@ -1,0 +1,26 @@
+"""The command line: `info` computes from abstract shapes; `demo` runs end to end."""
+
+import subprocess
+import sys
+
+from mellama_jax.cli import main
+
+
+def test_info_for_70b_allocates_nothing(capsys):
+    assert main(["info", "--model", "llama2-70b", "mesh.ici.tensor=2"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 68,976,648,192" in out
+    assert "'fsdp': 4, 'tensor': 2" in out
+
+
+def test_info_reports_bad_config(capsys):
+    assert main(["info", "--model", "llama2-70b", "mesh.ici.tensor=3"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_demo_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "demo", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "greedy generation" in result.stdout
+    assert (tmp_path / "tokenizer.model").exists()
