@@ -125,15 +125,75 @@ class MeshConfig:
                                   f"{list(self.ici)}")
 
 
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup and decay. Defaults are Me-LLaMA's continual pretraining."""
+
+    learning_rate: float = 8e-6  # peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-5  # not applied to norm scales (as Hugging Face's Trainer)
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05  # share of the run's steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.0  # final learning rate as a share of the peak
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables
+
+    def validate(self, where: str = "optimizer") -> None:
+        if self.schedule not in _SCHEDULES:
+            raise ConfigError(f"{where}.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        for key in ("warmup_ratio", "min_lr_ratio", "b1", "b2"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{where}.{key} must lie in [0, 1], got {getattr(self, key)}")
+        for key in ("learning_rate", "eps", "weight_decay", "clip_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key} must not be negative, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Shapes of one optimizer step."""
+
+    batch_size: int = 8  # global sequences per optimizer step, all microbatches together
+    seq_len: int = 0  # 0: the model's max_seq_len
+    grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
+    steps: int = 100  # optimizer steps of the run (the schedule's length)
+    z_loss: float = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
+
+    def validate(self, where: str = "train") -> None:
+        for key in ("batch_size", "grad_accum", "steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"{where}: batch_size={self.batch_size} is not a multiple of "
+                              f"grad_accum={self.grad_accum}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.train.seq_len == 0:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, seq_len=self.model.max_seq_len))
+
     def validate(self) -> "Config":
+        if self.train.seq_len <= 0:
+            raise ConfigError(f"train.seq_len must be positive, got {self.train.seq_len}")
         self.model.validate("model")
         self.mesh.validate("mesh")
+        self.optimizer.validate("optimizer")
+        self.train.validate("train")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}")
         return self
 
 
@@ -185,6 +245,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

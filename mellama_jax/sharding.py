@@ -80,9 +80,11 @@ def named_sharding(mesh: Mesh, logical: tuple, rules, shape: tuple[int, ...] | N
 
 
 def state_shardings(state: Any, mesh: Mesh, rules) -> Any:
-    """NamedShardings for an nnx State (abstract or concrete) from its variables' logical axis names."""
+    """NamedShardings for a pytree of nnx Variables (model state, optimizer state) from their logical axes."""
 
     def one(path, var):
+        if not isinstance(var, nnx.Variable):  # e.g. optimizer step counts: replicated
+            return NamedSharding(mesh, PartitionSpec())
         logical = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
         name = "/".join(str(p.key if hasattr(p, "key") else p) for p in path)
         return var.replace(named_sharding(mesh, logical, rules, tuple(var.shape), name))

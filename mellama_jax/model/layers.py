@@ -62,4 +62,7 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather from a table whose hidden dim is whole (the FSDP all-gather every weight gets), so the
+        # partitioner never has to reshard the gathered rows from "embed-sharded" to "batch-sharded".
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)

@@ -1,0 +1,1 @@
+"""Optimizer, the jitted train step, FLOP accounting."""

@@ -1,0 +1,165 @@
+"""One jitted train step: weighted next-token cross-entropy, gradient accumulation in a `lax.scan`, AdamW.
+
+A batch is a dict of (B, T) int arrays:
+  inputs, targets     token ids; targets[t] is the token that should follow inputs[..t]
+  positions           rotary positions, restarting at 0 for each packed document
+  segment_ids         1, 2, ... per packed document, 0 for padding
+  loss_weights        per target token (0 masks prompts, padding and document boundaries)
+The loss is sum(weights * nll) / sum(weights) over the whole global batch, so accumulating N microbatches
+gives exactly the update of one step on the N-times larger batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mellama_jax import sharding
+from mellama_jax.config import Config
+from mellama_jax.model import Llama
+from mellama_jax.train.optimizer import make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_weights")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: nnx.State  # the trainable parameters (all of them, or LoRA adapters)
+    opt_state: optax.OptState
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted sums of cross-entropy and of log(Z)^2 over the tokens of a (micro)batch."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The pieces of a run that do not change between steps: model structure, optimizer, mesh, shardings."""
+
+    cfg: Config
+    mesh: Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    state_shardings: Any
+    frozen_shardings: Any
+    batch_sharding: NamedSharding
+
+    def model(self, params, frozen) -> Llama:
+        return nnx.merge(self.graphdef, params, frozen)
+
+    def shard_batch(self, batch: dict) -> dict:
+        """Place a host-global batch (numpy) on the mesh. Multi-host runs build it from process-local data."""
+        return {k: jax.device_put(jnp.asarray(batch[k], jnp.int32 if k != "loss_weights" else jnp.float32),
+                                  self.batch_sharding) for k in BATCH_KEYS}
+
+
+def plan_trainer(cfg: Config, mesh: Mesh | None = None, trainable=nnx.Param) -> tuple[Trainer, Callable]:
+    """The Trainer and a jitted `init() -> (TrainState, frozen)`, from abstract shapes only (nothing allocated).
+
+    The init is jitted with `out_shardings`, so every device computes only its own shards: a 70B init never
+    materialises a full parameter on one host.
+    """
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+
+    def init():
+        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+        _, params, frozen = nnx.split(model, trainable, ...)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), frozen
+
+    graphdef = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))), trainable, ...)[0]
+    abstract_state, abstract_frozen = jax.eval_shape(init)
+    state_sh = sharding.state_shardings(abstract_state, mesh, rules)
+    frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
+    trainer = Trainer(cfg, mesh, graphdef, tx, schedule, state_sh, frozen_sh,
+                      sharding.batch_sharding(mesh, rules))
+    return trainer, jax.jit(init, out_shardings=(state_sh, frozen_sh))
+
+
+def build_trainer(cfg: Config, mesh: Mesh | None = None, trainable=nnx.Param) -> tuple[Trainer, TrainState, Any]:
+    """Trainer, initial TrainState and frozen state, created directly in their sharded layout."""
+    trainer, init = plan_trainer(cfg, mesh, trainable)
+    with jax.set_mesh(trainer.mesh):
+        state, frozen = init()
+    return trainer, state, frozen
+
+
+def _split_microbatches(batch: dict, n: int, batch_spec: PartitionSpec) -> dict:
+    """(B, T) -> (n, B/n, T) with microbatch i = rows i, i+n, ...: each device keeps its own rows."""
+
+    def split(x):
+        b, t = x.shape
+        x = x.reshape(b // n, n, t).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, PartitionSpec(None, *batch_spec))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_train_step(trainer: Trainer) -> Callable:
+    """`step(state, frozen, batch) -> (state, metrics)`, jitted with the run's shardings; `state` is donated."""
+    cfg, mesh = trainer.cfg, trainer.mesh
+    n_micro, z_weight = cfg.train.grad_accum, cfg.train.z_loss
+    batch_spec = trainer.batch_sharding.spec
+    param_sh = trainer.state_shardings.params
+
+    def step(state: TrainState, frozen, batch: dict):
+        with nn.logical_axis_rules(cfg.mesh.rules):
+            total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
+
+            def micro_grads(params, mb):
+                def loss_fn(params):
+                    model = trainer.model(params, frozen)
+                    logits = model(mb["inputs"], mb["positions"], mb["segment_ids"])
+                    ce, z = token_losses(logits, mb["targets"], mb["loss_weights"])
+                    return (ce + z_weight * z) / total_weight, (ce, z)
+
+                return jax.grad(loss_fn, has_aux=True)(params)
+
+            if n_micro == 1:
+                grads, (ce, z) = micro_grads(state.params, batch)
+            else:
+                def body(carry, mb):
+                    acc, ce_acc, z_acc = carry
+                    g, (ce, z) = micro_grads(state.params, mb)
+                    acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), param_sh)
+                    return (acc, ce_acc + ce, z_acc + z), None
+
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                 _split_microbatches(batch, n_micro, batch_spec))
+            updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = {
+                "loss": ce / total_weight,
+                "z_loss": z / total_weight,
+                "tokens": jnp.sum(batch["loss_weights"]),
+                "grad_norm": optax.global_norm(grads),
+                "learning_rate": trainer.schedule(state.step),
+            }
+            return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = {k: trainer.batch_sharding for k in BATCH_KEYS}
+    jitted = jax.jit(step, in_shardings=(trainer.state_shardings, trainer.frozen_shardings, batch_sh),
+                     out_shardings=(trainer.state_shardings, replicated), donate_argnums=(0,))
+
+    def run(state, frozen, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, frozen, batch)
+
+    run.jitted = jitted
+    return run
