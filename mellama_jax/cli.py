@@ -20,6 +20,54 @@ def _demo(args) -> int:
     return 0
 
 
+def _name_values(items: list[str], what: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: {what} {item!r} is not of the form NAME=VALUE[,VALUE...]")
+        name, values = item.split("=", 1)
+        out.setdefault(name, []).extend(v for v in values.split(",") if v)
+    return out
+
+
+def _prepare_pretrain(args) -> int:
+    from mellama_jax.data.prepare import prepare_pretrain, summarize
+
+    fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
+    manifest = prepare_pretrain(_name_values(args.source, "--source"), args.tokenizer, args.out, fields,
+                                strict=args.strict, threads=args.threads)
+    print(summarize(manifest))
+    print(f"wrote {args.out}/manifest.json (skipped records with file:line: {args.out}/<source>/*.done.json)")
+    return 0
+
+
+def _prepare_instruct(args) -> int:
+    import json
+
+    from mellama_jax.data.instruct import prepare_instruct
+
+    manifest = prepare_instruct(args.inputs, args.tokenizer, args.out, args.seq_len, args.template, args.format,
+                                args.truncation, args.pack, args.strict, not args.no_eos_loss)
+    report = manifest["report"]
+    print(f"{report['documents']:,} examples -> {manifest['rows']:,} rows of <= {manifest['seq_len']} tokens; "
+          f"{manifest['response_tokens']:,} response tokens; {manifest['truncated']:,} truncated; "
+          f"{report['skipped_total']:,} skipped {json.dumps(report['skipped'])}")
+    for line in report["skipped_examples"][:10]:
+        print(f"  skipped {line}")
+    print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def _bench_tokenize(args) -> int:
+    import json
+
+    from mellama_jax.bench.tokenize import bench_tokenize
+
+    result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. mesh.ici.tensor=8")
     info.set_defaults(func=_info)
 
+    prepare = sub.add_parser("prepare", help="tokenise corpora or instruction data into ArrayRecord shards")
+    prep_sub = prepare.add_subparsers(dest="kind", required=True)
+    pre = prep_sub.add_parser("pretrain", help="pretraining corpora (JSONL, .txt, Parquet) -> token shards")
+    pre.add_argument("--source", action="append", required=True,
+                     help="NAME=FILE[,FILE...], repeatable, e.g. biomedical=pubmed.jsonl")
+    pre.add_argument("--fields", action="append", help="NAME=FIELD[,FIELD...] text fields of a source "
+                                                       "(joined by newlines; default: text)")
+    pre.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory holding it")
+    pre.add_argument("--out", required=True)
+    pre.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+    pre.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
+    pre.set_defaults(func=_prepare_pretrain)
+    ins = prep_sub.add_parser("instruct", help="Alpaca / ShareGPT / prompt-response JSON(L) -> examples")
+    ins.add_argument("inputs", nargs="+")
+    ins.add_argument("--tokenizer", required=True)
+    ins.add_argument("--out", required=True)
+    ins.add_argument("--seq-len", type=int, default=4096)
+    ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, or a template YAML file")
+    ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "prompt_response"])
+    ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
+    ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")
+    ins.add_argument("--no-eos-loss", action="store_true", help="do not train on the EOS after each response")
+    ins.add_argument("--strict", action="store_true")
+    ins.set_defaults(func=_prepare_instruct)
+
+    bench = sub.add_parser("bench", help="benchmarks with JSON output")
+    bench_sub = bench.add_subparsers(dest="kind", required=True)
+    btok = bench_sub.add_parser("tokenize", help="`prepare pretrain` vs a single-process SentencePiece loop")
+    btok.add_argument("--corpus", required=True, help="a JSONL/txt/Parquet corpus")
+    btok.add_argument("--tokenizer", required=True)
+    btok.add_argument("--fields", default="text")
+    btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
+    btok.set_defaults(func=_bench_tokenize)
+
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.set_defaults(func=_demo)
@@ -40,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mellama_jax.config import ConfigError
+    from mellama_jax.data.corpus import BadRecord
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, BadRecord) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

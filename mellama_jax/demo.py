@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -22,8 +23,8 @@ SOURCES = ("biomedical", "clinical", "general")
 
 def sample_texts() -> dict[str, list[str]]:
     root = resources.files("mellama_jax") / "demo_data"
-    return {name: [line for line in (root / f"{name}.txt").read_text().splitlines() if line.strip()]
-            for name in SOURCES}
+    return {name: [json.loads(line)["text"] for line in (root / f"{name}.jsonl").read_text().splitlines()
+                   if line.strip()] for name in SOURCES}
 
 
 def run_demo(out: str | Path) -> None:

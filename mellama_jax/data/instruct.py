@@ -1,0 +1,283 @@
+"""Instruction data: read Alpaca / ShareGPT / prompt-response records, render them through a prompt template,
+tokenise with loss weight 1 on response tokens only, truncate or pack, and batch them on Grain.
+
+Each turn is tokenised piece by piece (as Meta's LLaMA-2 chat code does): the rendered user side gets weight 0
+and the assistant's text plus EOS gets weight 1, so the weighted tokens are exactly the tokenised responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from mellama_jax.data.corpus import BadRecord, Report, read_json_records
+from mellama_jax.data.pretrain import read_manifest, shard_batches
+from mellama_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    turns: tuple[tuple[str, str], ...]  # (user, assistant) pairs
+    system: str = ""
+    input: str = ""  # Alpaca's optional context, joined to the first user message by the template
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    name: str
+    preamble: str = ""  # once, before the first turn
+    system_format: str = "{system}\n\n"  # prepended to the first user message when a system prompt exists
+    user_format: str = "{user}"
+    input_format: str = "\n\n{input}"
+    bos_each_turn: bool = False  # LLaMA-2 chat wraps every turn in <s> ... </s>
+
+
+TEMPLATES = {
+    "llama2_chat": Template("llama2_chat", system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+                            user_format="[INST] {user} [/INST]", bos_each_turn=True),
+    "alpaca": Template("alpaca", preamble=("Below is an instruction that describes a task. Write a response that "
+                                           "appropriately completes the request.\n\n"),
+                       user_format="### Instruction:\n{user}\n\n### Response:\n", input_format="\n\n### Input:\n{input}"),
+}
+
+
+def load_template(name_or_path: str) -> Template:
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such template file; built-in templates: {sorted(TEMPLATES)}")
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Template(**{"name": path.stem, **data})
+    except TypeError as e:
+        raise BadRecord(f"{path}: bad template ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+_USER, _ASSISTANT, _SYSTEM = {"human", "user"}, {"gpt", "assistant", "bot", "model"}, {"system"}
+
+
+def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
+    """One record as a Conversation; raises ValueError naming the problem."""
+    if fmt == "auto":
+        fmt = ("sharegpt" if ("conversations" in obj or "messages" in obj) else
+               "alpaca" if "instruction" in obj else "prompt_response" if "prompt" in obj else "unknown")
+
+    def text(key):
+        value = obj.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"missing field: {key!r}")
+        return value
+
+    if fmt == "alpaca":
+        instruction, output = text("instruction"), text("output")
+        extra = obj.get("input") or ""
+        if not isinstance(extra, str):
+            raise ValueError("missing field: 'input' is not a string")
+        turns = ((instruction.strip(), output.strip()),)
+        return _checked(Conversation(turns, input=extra.strip()))
+    if fmt == "prompt_response":
+        return _checked(Conversation(((text("prompt").strip(), text("response").strip()),)))
+    if fmt == "sharegpt":
+        messages = obj.get("conversations", obj.get("messages"))
+        if not isinstance(messages, list):
+            raise ValueError("missing field: 'conversations' is not a list")
+        system, turns, pending = "", [], None
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ValueError(f"invalid message {i}: not an object")
+            role = str(m.get("from", m.get("role", ""))).lower()
+            value = m.get("value", m.get("content"))
+            if not isinstance(value, str):
+                raise ValueError(f"missing field: message {i} has no text")
+            if role in _SYSTEM and i == 0:
+                system = value.strip()
+            elif role in _USER and pending is None:
+                pending = value.strip()
+            elif role in _ASSISTANT and pending is not None:
+                turns.append((pending, value.strip()))
+                pending = None
+            else:
+                raise ValueError(f"invalid conversation: unexpected {role or 'unknown'!r} message at {i}")
+        return _checked(Conversation(tuple(turns), system=system))
+    raise ValueError("unknown format: expected instruction/output, conversations/messages or prompt/response")
+
+
+def _checked(conv: Conversation) -> Conversation:
+    if not conv.turns:
+        raise ValueError("empty text: no complete user/assistant turn")
+    for user, assistant in conv.turns:
+        if not user or not assistant:
+            raise ValueError("empty text: a turn has an empty message")
+    return conv
+
+
+def read_conversations(path: str | Path, report: Report, fmt: str = "auto") -> Iterator[tuple[str, Conversation]]:
+    for where, obj in read_json_records(path, report):
+        # Self-Instruct's layout: one instruction with several (input, output) instances.
+        instances = obj.get("instances") if fmt in ("auto", "alpaca") and "instruction" in obj else None
+        records = ([dict(instance, instruction=obj["instruction"]) if isinstance(instance, dict) else instance
+                    for instance in instances] if isinstance(instances, list) else [obj])
+        for k, record in enumerate(records):
+            here = where if len(records) == 1 else f"{where} instance {k}"
+            try:
+                if not isinstance(record, dict):
+                    raise ValueError("invalid record: an instance is not an object")
+                yield here, parse_record(record, fmt)
+            except ValueError as e:
+                report.skip(here, str(e))
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+def render(conv: Conversation, template: Template, tokenizer: Tokenizer,
+           train_on_eos: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids and loss weights (1 exactly on response tokens, and EOS if train_on_eos)."""
+    ids: list[int] = []
+    weights: list[int] = []
+
+    def add(tokens, weight):
+        ids.extend(tokens)
+        weights.extend([weight] * len(tokens))
+
+    for i, (user, assistant) in enumerate(conv.turns):
+        if i == 0 or template.bos_each_turn:
+            add([tokenizer.bos_id], 0)
+        if i == 0:
+            if conv.input:
+                user = user + template.input_format.format(input=conv.input)
+            if conv.system:
+                user = template.system_format.format(system=conv.system) + user
+        prompt = (template.preamble if i == 0 else "") + template.user_format.format(user=user)
+        add(tokenizer.encode(prompt), 0)
+        add(tokenizer.encode(assistant), 1)
+        add([tokenizer.eos_id], 1 if train_on_eos else 0)
+    return ids, weights
+
+
+# ----------------------------------------------------------------------------------------- prepare
+
+
+def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_dir: str | Path, seq_len: int,
+                     template: str = "llama2_chat", fmt: str = "auto", truncation: str = "truncate",
+                     pack: bool = False, strict: bool = False, train_on_eos: bool = True) -> dict:
+    """Render, tokenise and store examples (or packed rows) as ArrayRecord; returns the manifest.
+
+    Records are int32 arrays of shape (3, n): token ids, loss weights, segment ids (one per example).
+    truncation: "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose
+    response would be cut away entirely is skipped either way. Every skip is counted with its location.
+    """
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer.save(out)
+    tpl = load_template(template)
+    report = Report(strict=strict)
+    truncated = 0
+    examples = []
+    for path in inputs:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such input file")
+        for where, conv in read_conversations(path, report, fmt):
+            ids, weights = render(conv, tpl, tokenizer, train_on_eos)
+            if len(ids) > seq_len:
+                if truncation == "drop":
+                    report.skip(where, f"too long: {len(ids)} tokens > {seq_len}")
+                    continue
+                ids, weights = ids[:seq_len], weights[:seq_len]
+                if not any(weights):
+                    report.skip(where, f"response truncated away: the prompt alone fills {seq_len} tokens")
+                    continue
+                truncated += 1
+            examples.append((ids, weights))
+    if not examples:
+        raise BadRecord(f"{', '.join(map(str, inputs))}: no usable examples ({report.summary()})")
+    rows = _pack(examples, seq_len) if pack else [
+        np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
+    tmp = out / "examples.arrayrecord.tmp"
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    for row in rows:
+        writer.write(row.tobytes())
+    writer.close()
+    tmp.replace(out / "examples.arrayrecord")
+    report.documents = len(examples)
+    report.tokens = sum(len(i) for i, _ in examples)
+    manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": pack,
+                "rows": len(rows), "response_tokens": int(sum(sum(w) for _, w in examples)),
+                "truncated": truncated, "report": report.to_dict(),
+                "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / "manifest.json")
+    return manifest
+
+
+def _pack(examples, seq_len: int) -> list[np.ndarray]:
+    """Greedy, in order: start a new row when the next example does not fit."""
+    rows, ids, weights, segs = [], [], [], []
+    for i, w in examples:
+        if len(ids) + len(i) > seq_len:
+            rows.append(np.stack([ids, weights, segs]).astype(np.int32))
+            ids, weights, segs = [], [], []
+        seg = (segs[-1] + 1) if segs else 1
+        ids, weights, segs = ids + list(i), weights + list(w), segs + [seg] * len(i)
+    rows.append(np.stack([ids, weights, segs]).astype(np.int32))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+class InstructSource:
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if manifest.get("format") != "mellama-instruct-v1":
+            raise BadRecord(f"{directory}/manifest.json: not an instruction dataset")
+        self.seq_len = manifest["seq_len"]
+        self.reader = grain.sources.ArrayRecordDataSource([str(directory / "examples.arrayrecord")])
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.frombuffer(self.reader[index], np.int32).reshape(3, -1)
+
+
+def instruct_example(row: np.ndarray, seq_len: int) -> dict:
+    n = min(row.shape[1], seq_len)
+    ids, w, seg = (np.zeros(seq_len, np.int32) for _ in range(3))
+    ids[:n], w[:n], seg[:n] = row[0, :n], row[1, :n], row[2, :n]
+    positions = np.zeros(seq_len, np.int32)
+    for s in np.unique(seg[seg > 0]):
+        where = np.flatnonzero(seg == s)
+        positions[where] = np.arange(len(where))
+    next_seg = np.roll(seg, -1)
+    weights = ((np.roll(w, -1) > 0) & (seg > 0) & (seg == next_seg)).astype(np.float32)
+    weights[-1] = 0.0
+    return {"inputs": ids, "targets": np.roll(ids, -1), "positions": positions, "segment_ids": seg,
+            "loss_weights": weights}
+
+
+def instruct_batches(directory: str | Path, seq_len: int, global_batch: int, epochs: int, seed: int = 0,
+                     process_index: int = 0, process_count: int = 1, shuffle: bool = True) -> grain.MapDataset:
+    """Epochs of examples, reshuffled each epoch, as this process's part of each global batch."""
+    ds = grain.MapDataset.source(InstructSource(directory))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(epochs).map(lambda row: instruct_example(row, seq_len))
+    return shard_batches(ds, global_batch, process_index, process_count)

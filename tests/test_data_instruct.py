@@ -1,0 +1,126 @@
+"""Instruction data: formats, templates, response-only loss weights, truncation, packing, batches."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mellama_jax.data.corpus import BadRecord, Report
+from mellama_jax.data.instruct import (TEMPLATES, instruct_batches, parse_record, prepare_instruct,
+                                       read_conversations, render)
+from mellama_jax.data.tokenizer import Tokenizer
+from conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def llama_tok(llama2_tokenizer_path):
+    return Tokenizer.load(llama2_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def llama2_tokenizer_path():
+    path = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
+    if not path.exists():
+        pytest.skip("../shared/data is not present on this machine")
+    return path
+
+
+def test_chatdoctor_weights_are_exactly_the_responses(llama_tok):
+    report = Report()
+    path = SHARED_DATA / "chatdoctor" / "chatdoctor5k.json"
+    raw = json.loads(path.read_text())
+    checked = 0
+    for (where, conv), record in zip(read_conversations(path, report), raw):
+        ids, weights = render(conv, TEMPLATES["llama2_chat"], llama_tok)
+        weighted = [t for t, w in zip(ids, weights) if w]
+        assert weighted == llama_tok.encode(record["output"].strip()) + [llama_tok.eos_id], where
+        prompt = llama_tok.decode([t for t, w in zip(ids, weights) if not w])
+        assert prompt.startswith("[INST]") and record["instruction"].strip()[:20] in prompt
+        checked += 1
+        if checked == 300:
+            break
+    assert checked == 300 and not report.skipped
+
+
+def test_multi_turn_weights_every_assistant_turn_and_no_user_turn(llama_tok):
+    conv = parse_record({"messages": [
+        {"role": "system", "content": "You are a careful clinician."},
+        {"role": "user", "content": "I have a cough."}, {"role": "assistant", "content": "For how long?"},
+        {"role": "user", "content": "Two weeks."}, {"role": "assistant", "content": "Please get a chest X-ray."}]})
+    ids, weights = render(conv, TEMPLATES["llama2_chat"], llama_tok)
+    runs, current = [], []
+    for t, w in zip(ids, weights):
+        if w:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    eos = llama_tok.eos_id
+    assert runs == [llama_tok.encode("For how long?") + [eos], llama_tok.encode("Please get a chest X-ray.") + [eos]]
+    assert ids.count(llama_tok.bos_id) == 2  # LLaMA-2 chat: <s>[INST] ... [/INST] answer</s> per turn
+    assert "<<SYS>>\nYou are a careful clinician.\n<</SYS>>" in llama_tok.decode(ids[: weights.index(1)])
+
+
+def test_alpaca_template_and_self_instruct_layout(llama_tok, tmp_path):
+    report = Report()
+    convs = list(read_conversations(SHARED_DATA / "self-instruct" / "seed_tasks.jsonl", report))
+    assert len(convs) >= 175 and not report.skipped
+    conv = parse_record({"instruction": "Name the drug class.", "input": "metformin", "output": "Biguanide."})
+    ids, weights = render(conv, TEMPLATES["alpaca"], llama_tok, train_on_eos=False)
+    text = llama_tok.decode(ids)
+    assert "### Instruction:\nName the drug class.\n\n### Input:\nmetformin\n\n### Response:" in text
+    assert [t for t, w in zip(ids, weights) if w] == llama_tok.encode("Biguanide.")
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"instruction": "x"}, "missing field: 'output'"),
+    ({"prompt": "x", "response": ""}, "empty text"),
+    ({"conversations": [{"from": "gpt", "value": "hi"}]}, "invalid conversation"),
+    ({"conversations": "nope"}, "missing field"),
+    ({"text": "plain"}, "unknown format"),
+])
+def test_bad_records_name_the_problem(record, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_record(record)
+
+
+def test_prepare_counts_skips_and_truncation(tmp_path, llama2_tokenizer_path):
+    path = tmp_path / "mixed.jsonl"
+    long_prompt = "symptom " * 200
+    path.write_text("\n".join([
+        json.dumps({"instruction": "What is fever?", "output": "A raised body temperature."}),
+        "{not json",
+        json.dumps({"instruction": long_prompt, "output": "Rest."}),
+        json.dumps({"instruction": "Explain.", "output": "word " * 100}),
+        json.dumps({"prompt": "Dose?", "response": "500 mg."}),
+    ]) + "\n")
+    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64)
+    assert m["report"]["documents"] == 3 and m["truncated"] == 1
+    assert m["report"]["skipped"] == {"invalid JSON": 1, "response truncated away": 1}
+    assert f"{path}:3: response truncated away" in "\n".join(m["report"]["skipped_examples"])
+    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "drop", seq_len=64, truncation="drop")
+    assert m["report"]["skipped"] == {"invalid JSON": 1, "too long": 2}
+    with pytest.raises(BadRecord, match=f"{path}:2: invalid JSON"):
+        prepare_instruct([path], llama2_tokenizer_path, tmp_path / "strict", seq_len=64, strict=True)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_batches_weight_only_response_targets(tmp_path, llama2_tokenizer_path, llama_tok, pack):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"Question {i} about dosing?", "response": f"Answer number {i} is 5 mg."} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64, pack=pack)
+    assert (m["rows"] < 12) == pack
+    ds = instruct_batches(tmp_path / "out", 64, global_batch=1, epochs=1, seed=0)
+    seen = []
+    for k in range(len(ds)):
+        b = ds[k]
+        for r in range(1):
+            w, t, seg = b["loss_weights"][r], b["targets"][r], b["segment_ids"][r]
+            assert not np.any(w[seg == 0])
+            for s in np.unique(seg[seg > 0]):
+                idx = np.flatnonzero(seg == s)
+                assert (b["positions"][r][idx] == np.arange(len(idx))).all()
+                seen.append(llama_tok.decode(t[idx][w[idx] > 0]))
+    assert sorted(seen) == sorted(r["response"] for r in rows)  # each response once, nothing else weighted
