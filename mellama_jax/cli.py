@@ -16,7 +16,7 @@ def _info(args) -> int:
 def _demo(args) -> int:
     from mellama_jax.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, args.devices)
     return 0
 
 
@@ -68,6 +68,27 @@ def _bench_tokenize(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from mellama_jax.config import load_config
+    from mellama_jax.train.loop import NonFiniteLoss, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0 if result["status"] == "finished" or result["status"].startswith("stopped") else 1
+
+
+def _plot(args) -> int:
+    from mellama_jax.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", help="run config YAML")
     info.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. mesh.ici.tensor=8")
     info.set_defaults(func=_info)
+
+    tr = sub.add_parser("train", help="pretrain, lora or sft, as the config's train.mode says")
+    tr.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/me-llama-13b-pretrain.yaml")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.dir=runs/x train.steps=100")
+    tr.set_defaults(func=_train)
+
+    pl = sub.add_parser("plot", help="PNG loss and throughput curves of a run directory")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=_plot)
 
     prepare = sub.add_parser("prepare", help="tokenise corpora or instruction data into ArrayRecord shards")
     prep_sub = prepare.add_subparsers(dest="kind", required=True)
@@ -115,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -126,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, BadRecord) as e:
+    except (ConfigError, FileNotFoundError, BadRecord, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -75,6 +75,35 @@ class ModelConfig:
             raise ConfigError(f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters: y = x W + (alpha / rank) * dropout(x) A B, with B = 0 at start (PEFT's convention)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    base_dtype: str = "bfloat16"  # storage of the frozen base during LoRA training
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, where: str = "lora") -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"{where}.rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout must lie in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"{where}.targets: unknown {unknown}; choose from {LORA_TARGETS}")
+        if self.base_dtype not in _DTYPES:
+            raise ConfigError(f"{where}.base_dtype must be one of {_DTYPES}, got {self.base_dtype!r}")
+
+
 # Logical axis -> mesh axes, MaxText's LLaMA layout. The first matching mesh axis that is
 # not already used by another dimension of the same array wins; None replicates.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -101,8 +130,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 class MeshConfig:
     """Device mesh. `ici` is the shape within a host (or slice); `dcn` across hosts. -1 = the rest."""
 
-    ici: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
-    dcn: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1})
+    ici: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1},
+                                            metadata={"merge": True})
+    dcn: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1},
+                                            metadata={"merge": True})
     rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
     def validate(self, where: str = "mesh") -> None:
@@ -153,23 +184,63 @@ class OptimizerConfig:
                 raise ConfigError(f"{where}.{key} must not be negative, got {getattr(self, key)}")
 
 
+MODES = ("pretrain", "lora", "sft")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Shapes of one optimizer step."""
+    """What is trained, on batches of what shape, for how long."""
 
+    mode: str = "pretrain"  # pretrain (packed mixture) | lora (adapters on instructions) | sft (full, instructions)
     batch_size: int = 8  # global sequences per optimizer step, all microbatches together
     seq_len: int = 0  # 0: the model's max_seq_len
     grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
-    steps: int = 100  # optimizer steps of the run (the schedule's length)
+    steps: int = 0  # optimizer steps (the schedule's length); 0: from the data and `epochs`
+    epochs: int = 0  # 0: the paper's choice: pretrain 1, lora 3, sft 5 under 10k examples else 3
     z_loss: float = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
+    init_from: str = ""  # parameters to start from: `convert hf-to-jax` output or a run's params/ directory
 
     def validate(self, where: str = "train") -> None:
-        for key in ("batch_size", "grad_accum", "steps"):
+        if self.mode not in MODES:
+            raise ConfigError(f"{where}.mode must be one of {MODES}, got {self.mode!r}")
+        for key in ("batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("steps", "epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key} must not be negative, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"{where}: batch_size={self.batch_size} is not a multiple of "
                               f"grad_accum={self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a directory written by `prepare pretrain` (pretrain) or `prepare instruct` (lora, sft)
+    mixture: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"biomedical": 15.0, "clinical": 1.0, "general": 4.0})
+    holdout_documents: int = 0  # pretrain: documents per source kept out of training for the eval loss
+    eval_path: str = ""  # lora/sft: a separately prepared evaluation set
+    read_threads: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between saves (and one at the end, and one on SIGTERM/SIGINT)
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every step that is a multiple of this; 0: none
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints/, metrics.jsonl, tensorboard/, plots, params/ or adapters/
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when there is an eval split)
+    eval_batches: int = 8
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the device kind (CPU: measured)
+    progress: bool = True
+    plot: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +249,10 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
     seed: int = 0
 
     def __post_init__(self):
@@ -191,6 +266,8 @@ class Config:
         self.mesh.validate("mesh")
         self.optimizer.validate("optimizer")
         self.train.validate("train")
+        if self.train.mode == "lora":
+            self.lora.validate("lora")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}")
@@ -269,8 +346,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     data = dict(data)
     for f in dataclasses.fields(cls):
         # A partial mapping (mesh.ici.tensor=2) updates the default mapping instead of replacing it.
-        if (f.name in data and isinstance(data[f.name], dict) and typing.get_origin(hints[f.name]) is dict
-                and f.default_factory is not dataclasses.MISSING):
+        if f.metadata.get("merge") and isinstance(data.get(f.name), dict):
             data[f.name] = {**f.default_factory(), **data[f.name]}
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)

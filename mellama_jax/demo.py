@@ -1,58 +1,128 @@
-"""The demo: a small end-to-end run on the embedded medical-text sample, needing no downloads."""
+"""The demo: the paper's pipeline in miniature on the CPU, with 8 simulated devices, from files shipped in the
+package (no downloads): tokenizer -> continual pretraining on a 15:1:4 biomedical/clinical/general mixture ->
+LoRA instruction tuning -> merged Hugging Face export -> transformers loads it and answers a question.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from importlib import resources
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from mellama_jax.config import load_model_preset
-from mellama_jax.data.tokenizer import Tokenizer
-from mellama_jax.generate import greedy_generate
-from mellama_jax.model import Llama, count_params
-
 SOURCES = ("biomedical", "clinical", "general")
+QUESTIONS = ("Name the enzyme that statins inhibit.", "What does metformin do in type 2 diabetes?")
+
+
+def _demo_file(name: str) -> Path:
+    return Path(str(resources.files("mellama_jax") / "demo_data" / name))
 
 
 def sample_texts() -> dict[str, list[str]]:
-    root = resources.files("mellama_jax") / "demo_data"
-    return {name: [json.loads(line)["text"] for line in (root / f"{name}.jsonl").read_text().splitlines()
+    return {name: [json.loads(line)["text"] for line in _demo_file(f"{name}.jsonl").read_text().splitlines()
                    if line.strip()] for name in SOURCES}
 
 
-def run_demo(out: str | Path) -> None:
-    out = Path(out)
-    texts = sample_texts()
-    tokenizer = Tokenizer.train([t for lines in texts.values() for t in lines], vocab_size=512)
-    tokenizer.save(out)
-    cfg = dataclasses.replace(load_model_preset("tiny"), vocab_size=tokenizer.vocab_size)
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; model {cfg.name}: "
-          f"{count_params(model):,} parameters; tokenizer: {tokenizer.vocab_size} pieces -> {out}/tokenizer.model")
+def run_demo(out: str | Path, devices: int = 8) -> dict:
+    import jax
 
-    docs = [tokenizer.encode(t, bos=True, eos=True) for t in texts["biomedical"][:4]]
-    width = max(map(len, docs))
-    ids = np.zeros((len(docs), width), np.int32)
-    seg = np.zeros_like(ids)
-    for i, d in enumerate(docs):
-        ids[i, :len(d)], seg[i, :len(d)] = d, 1
-    logits = nnx.jit(lambda m, x, s: m(x, segment_ids=s))(model, jnp.asarray(ids), jnp.asarray(seg))
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    nll = -jnp.take_along_axis(logp, jnp.asarray(ids[:, 1:, None]), -1)[..., 0]
-    weight = jnp.asarray(seg[:, 1:] * seg[:, :-1])
-    loss = float((nll * weight).sum() / weight.sum())
-    print(f"forward: logits {tuple(logits.shape)}, next-token loss {loss:.3f} "
-          f"(untrained: ln(vocab) = {np.log(cfg.vocab_size):.3f})")
+    jax.config.update("jax_num_cpu_devices", devices)  # before anything touches the backend
+    from mellama_jax.config import CONFIG_ROOT, load_config
+    from mellama_jax.data.instruct import prepare_instruct, read_conversations
+    from mellama_jax.data.corpus import Report
+    from mellama_jax.data.prepare import prepare_pretrain, summarize
+    from mellama_jax.data.tokenizer import Tokenizer
+    from mellama_jax.train.loop import train
 
-    prompt = "Metformin lowers"
-    start = time.perf_counter()
-    new = greedy_generate(model, [tokenizer.encode(prompt, bos=True)], max_new_tokens=12, eos_id=tokenizer.eos_id)
-    print(f"greedy generation ({time.perf_counter() - start:.2f}s, untrained weights): "
-          f"{prompt!r} -> {tokenizer.decode(new[0])!r}")
+    started = time.perf_counter()
+    out = Path(out).absolute()
+    if (out / "tokenizer").exists():  # a previous demo's output: start afresh
+        import shutil
+
+        shutil.rmtree(out)
+    print(f"== mellama-jax demo: {jax.device_count()} simulated {jax.devices()[0].platform} devices; output in {out}")
+    instructions = [c for _, c in read_conversations(_demo_file("instructions.jsonl"), Report())]
+    texts = [t for lines in sample_texts().values() for t in lines]
+    texts += [part for c in instructions for turn in c.turns for part in turn]
+    tokenizer_dir = out / "tokenizer"
+    Tokenizer.train(texts, vocab_size=512).save(tokenizer_dir)
+    print(f"1. tokenizer: SentencePiece BPE, 512 pieces -> {tokenizer_dir}/tokenizer.model")
+
+    manifest = prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir,
+                                out / "data" / "pretrain", progress=False)
+    inst = prepare_instruct([_demo_file("instructions.jsonl")], tokenizer_dir, out / "data" / "instruct", 96)
+    print("2. data: " + summarize(manifest).replace("\n", "; ")
+          + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens")
+
+    pre = load_config(CONFIG_ROOT / "tiny-pretrain.yaml", [
+        f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=25", "run.progress=false"])
+    result = train(pre)
+    first, last = _first_last_loss(out / "pretrain")
+    print(f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
+          f"{result['eval_loss']:.2f}; parameters -> {result['export']}")
+
+    lora = load_config(CONFIG_ROOT / "tiny-lora.yaml", [
+        f"data.path={out}/data/instruct", f"run.dir={out}/lora", f"train.init_from={result['export']}",
+        "train.seq_len=96", "train.epochs=100", "optimizer.learning_rate=1e-2", "run.progress=false"])
+    lresult = train(lora)
+    first, last = _first_last_loss(out / "lora")
+    print(f"4. LoRA instruction tuning: {lresult['steps']} steps, response loss {first:.2f} -> {last:.2f}; "
+          f"adapters -> {lresult['export']}")
+
+    hf_dir = _export_merged(lora, result["export"], lresult["export"], tokenizer_dir, out / "hf")
+    print(f"5. export: merged model in Hugging Face format -> {hf_dir}")
+
+    reference = {c.turns[0][0]: c.turns[0][1] for c in instructions}
+    answers = _answer_with_transformers(hf_dir, QUESTIONS)
+    print(f"6. transformers: AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}), greedy:")
+    for question, answer in zip(QUESTIONS, answers):
+        print(f"   Q: {question}\n   A: {answer}\n   (training answer: {reference[question]})")
+    print(f"== done in {time.perf_counter() - started:.0f}s. Curves: {out}/pretrain/loss.png, {out}/lora/loss.png")
+    return {"pretrain": result, "lora": lresult, "hf": str(hf_dir), "answers": answers}
+
+
+def _first_last_loss(run_dir: Path) -> tuple[float, float]:
+    from mellama_jax.plot import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    return losses[0], losses[-1]
+
+
+def load_lora_model(cfg, base_params: str | Path, adapters: str | Path):
+    """The LoRA-trained model in JAX: frozen base from `base_params` plus trained adapters."""
+    from flax import nnx
+
+    from mellama_jax.model import init_abstract
+    from mellama_jax.train.checkpoint import load_params_local
+
+    graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg.model, cfg.lora), nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(base_params, base_abs))
+
+
+def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, out: Path) -> Path:
+    from flax import nnx
+
+    from mellama_jax.convert.export import export_hf, memory_fetch, merged_fetch
+
+    model = load_lora_model(cfg, base_params, adapters)
+    _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)
+    fetch = merged_fetch(memory_fetch(nnx.to_pure_dict(base_state)), memory_fetch(nnx.to_pure_dict(lora_state)),
+                         cfg.lora)
+    return export_hf(fetch, cfg.model, out, tokenizer_dir / "tokenizer.model", dtype="float32")
+
+
+def _answer_with_transformers(hf_dir: Path, questions) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    answers = []
+    for question in questions:
+        inputs = tokenizer(f"[INST] {question} [/INST]", return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=0)
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers

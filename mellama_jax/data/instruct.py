@@ -18,7 +18,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from mellama_jax.data.corpus import BadRecord, Report, read_json_records
-from mellama_jax.data.pretrain import read_manifest, shard_batches
+from mellama_jax.data.pretrain import pad_to_batches, read_manifest, shard_batches
 from mellama_jax.data.tokenizer import Tokenizer
 
 
@@ -274,10 +274,16 @@ def instruct_example(row: np.ndarray, seq_len: int) -> dict:
 
 
 def instruct_batches(directory: str | Path, seq_len: int, global_batch: int, epochs: int, seed: int = 0,
-                     process_index: int = 0, process_count: int = 1, shuffle: bool = True) -> grain.MapDataset:
-    """Epochs of examples, reshuffled each epoch, as this process's part of each global batch."""
+                     process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                     pad: bool = False) -> grain.MapDataset:
+    """Epochs of examples, reshuffled each epoch, as this process's part of each global batch.
+
+    pad: complete the last global batch with padding rows (for evaluation) instead of dropping it.
+    """
     ds = grain.MapDataset.source(InstructSource(directory))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(epochs).map(lambda row: instruct_example(row, seq_len))
+    if pad:
+        ds = pad_to_batches(ds, global_batch)
     return shard_batches(ds, global_batch, process_index, process_count)

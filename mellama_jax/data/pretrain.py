@@ -111,6 +111,20 @@ def to_example(row: dict) -> dict:
             "loss_weights": weights, "source_id": row["source_id"]}
 
 
+def empty_like(example: dict) -> dict:
+    return {k: np.zeros_like(v) for k, v in example.items()}
+
+
+def pad_to_batches(rows: grain.MapDataset, global_batch: int) -> grain.MapDataset:
+    """Append all-padding rows (zero loss weight) up to whole global batches: evaluation sees every row."""
+    n = len(rows)
+    padded = -(-n // global_batch) * global_batch
+    if padded == n:
+        return rows
+    blank = empty_like(rows[0])
+    return grain.MapDataset.range(padded).map(lambda i: rows[i] if i < n else blank)
+
+
 def shard_batches(rows: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} does not divide over {process_count} processes")
@@ -135,3 +149,21 @@ def pretrain_batches(directory: str | Path, weights: dict[str, float], seq_len: 
 def iterate(batches: grain.MapDataset, threads: int = 2, prefetch: int = 4):
     """A checkpointable iterator (`get_state()` / `set_state()`) with background reading."""
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
+
+
+def pretrain_epoch_rows(directory: str | Path, weights: dict[str, float], seq_len: int, seed: int = 0,
+                        holdout_documents: int = 0) -> int:
+    """Rows in one pass over every active source's training documents (what "one epoch" means here)."""
+    return sum(PackedSource(directory, name, seq_len, seed, "train", holdout_documents).rows_per_epoch
+               for name, w in weights.items() if w > 0)
+
+
+def pretrain_eval_batches(directory: str | Path, weights: dict[str, float], seq_len: int, global_batch: int,
+                          seed: int, holdout_documents: int, process_index: int = 0,
+                          process_count: int = 1) -> grain.MapDataset:
+    """One pass over the held-out documents of every active source, in a fixed order."""
+    sources = [PackedSource(directory, name, seq_len, seed, "eval", holdout_documents, i)
+               for i, (name, w) in enumerate(weights.items()) if w > 0]
+    index = [(s, r) for s, src in enumerate(sources) for r in range(src.rows_per_epoch)]
+    rows = grain.MapDataset.source(index).map(lambda sr: to_example(sources[sr[0]][sr[1]]))
+    return shard_batches(pad_to_batches(rows, global_batch), global_batch, process_index, process_count)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mellama_jax.config import ModelConfig
+from mellama_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
 from mellama_jax.model import attention, rope
 from mellama_jax.model.layers import Dense, Embed, RMSNorm, constrain
 
@@ -24,53 +24,59 @@ def _dtypes(cfg: ModelConfig):
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def _dense_kw(cfg: ModelConfig, lora: LoraConfig | None, name: str, rngs: nnx.Rngs) -> dict:
+    kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
+    if lora is not None and name in lora.targets:
+        kw.update(lora_rank=lora.rank, lora_scale=lora.scale, lora_dropout=lora.dropout,
+                  lora_id=LORA_TARGETS.index(name))
+    return kw
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
         D, H, K, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
-        self.wq = Dense((D,), (H, Dh), ("embed", "heads", "head_dim"), **kw)
-        self.wk = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **kw)
-        self.wv = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **kw)
-        self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **kw)
+        self.wq = Dense((D,), (H, Dh), ("embed", "heads", "head_dim"), **_dense_kw(cfg, lora, "wq", rngs))
+        self.wk = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **_dense_kw(cfg, lora, "wk", rngs))
+        self.wv = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **_dense_kw(cfg, lora, "wv", rngs))
+        self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **_dense_kw(cfg, lora, "wo", rngs))
         self.implementation = cfg.attention
 
-    def __call__(self, x, cos, sin, mask):
-        q = checkpoint_name(self.wq(x), "query_proj")
-        k = checkpoint_name(self.wk(x), "key_proj")
-        v = checkpoint_name(self.wv(x), "value_proj")
+    def __call__(self, x, cos, sin, mask, rng=None):
+        q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj")
+        k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj")
+        v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj")
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         out = attention.attend(q, k, v, mask, self.implementation)
         out = checkpoint_name(out, "attention_out")
-        return self.wo(out)
+        return self.wo(out, dropout_rng=rng)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
-        self.w_gate = Dense((D,), (F,), ("embed", "mlp"), **kw)
-        self.w_up = Dense((D,), (F,), ("embed", "mlp"), **kw)
-        self.w_down = Dense((F,), (D,), ("mlp", "embed"), **kw)
+        self.w_gate = Dense((D,), (F,), ("embed", "mlp"), **_dense_kw(cfg, lora, "w_gate", rngs))
+        self.w_up = Dense((D,), (F,), ("embed", "mlp"), **_dense_kw(cfg, lora, "w_up", rngs))
+        self.w_down = Dense((F,), (D,), ("mlp", "embed"), **_dense_kw(cfg, lora, "w_down", rngs))
 
-    def __call__(self, x):
-        h = jax.nn.silu(self.w_gate(x)) * self.w_up(x)
+    def __call__(self, x, rng=None):
+        h = jax.nn.silu(self.w_gate(x, dropout_rng=rng)) * self.w_up(x, dropout_rng=rng)
         h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return self.w_down(h)
+        return self.w_down(h, dropout_rng=rng)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, lora, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, lora, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, rng=None):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, rng)
         h = constrain(h, BATCH_LENGTH_EMBED)
-        out = h + self.mlp(self.mlp_norm(h))
+        out = h + self.mlp(self.mlp_norm(h), rng)
         return constrain(out, BATCH_LENGTH_EMBED)
 
 
@@ -84,33 +90,38 @@ REMAT = {
 }
 
 
-def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+def _stacked_layers(cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs) -> DecoderLayer:
     """cfg.num_layers layers as one module whose parameters carry a leading 'layers' axis."""
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
-        return DecoderLayer(cfg, rngs=rngs)
+        return DecoderLayer(cfg, lora, rngs=rngs)
 
     return make(rngs)
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """LLaMA2; with `lora`, the targeted projections also carry LoRA adapters (nnx.LoRAParam)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         cfg.validate()
+        if lora is not None:
+            lora.validate()
         self.cfg = cfg
         kw = _dtypes(cfg)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw, init_std=cfg.initializer_range, rngs=rngs)
-        self.layers = _stacked_layers(cfg, rngs)
+        self.layers = _stacked_layers(cfg, lora, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.lm_head = Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw,
                              init_std=cfg.initializer_range, rngs=rngs)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None):
+    def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Final-norm hidden states (B, T, D) for token ids (B, T).
 
         positions: (B, T) int, restart at 0 for each packed document (default 0..T-1).
         segment_ids: (B, T) int, one id per packed document, 0 for padding (default all 1).
+        dropout_rng: a key for LoRA dropout (training only); each layer folds in its index.
         """
         cfg = self.cfg
         if positions is None:
@@ -123,24 +134,27 @@ class Llama(nnx.Module):
 
         graphdef, state = nnx.split(self.layers)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+        def body(h, xs):
+            layer_state, index = xs
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng), None
 
         policy = REMAT[cfg.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, state, unroll=cfg.scan_unroll)
+        h, _ = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers)), unroll=cfg.scan_unroll)
         return self.norm(h)
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Logits (B, T, vocab) in float32."""
-        logits = self.lm_head(self.hidden_states(tokens, positions, segment_ids), out_dtype=jnp.float32)
+        logits = self.lm_head(self.hidden_states(tokens, positions, segment_ids, dropout_rng),
+                              out_dtype=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-def init_abstract(cfg: ModelConfig) -> Llama:
+def init_abstract(cfg: ModelConfig, lora: LoraConfig | None = None) -> Llama:
     """The model with ShapeDtypeStructs in place of arrays: nothing is allocated, whatever its size."""
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), lora=lora))
 
 
 def count_params(model_or_state) -> int:

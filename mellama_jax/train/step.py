@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax import nnx
@@ -61,27 +62,43 @@ class Trainer:
         return nnx.merge(self.graphdef, params, frozen)
 
     def shard_batch(self, batch: dict) -> dict:
-        """Place a host-global batch (numpy) on the mesh. Multi-host runs build it from process-local data."""
-        return {k: jax.device_put(jnp.asarray(batch[k], jnp.int32 if k != "loss_weights" else jnp.float32),
-                                  self.batch_sharding) for k in BATCH_KEYS}
+        """This process's rows of the global batch (numpy) -> global arrays on the mesh."""
+        out = {}
+        for k in BATCH_KEYS:
+            local = np.asarray(batch[k], np.float32 if k == "loss_weights" else np.int32)
+            shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+        return out
 
 
-def plan_trainer(cfg: Config, mesh: Mesh | None = None, trainable=nnx.Param) -> tuple[Trainer, Callable]:
+def trainable_filter(cfg: Config):
+    """What the optimizer updates: every parameter, or (lora) only the adapters."""
+    return nnx.LoRAParam if cfg.train.mode == "lora" else nnx.Param
+
+
+def new_model(cfg: Config) -> Llama:
+    return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed), lora=cfg.lora if cfg.train.mode == "lora" else None)
+
+
+def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callable]:
     """The Trainer and a jitted `init() -> (TrainState, frozen)`, from abstract shapes only (nothing allocated).
 
     The init is jitted with `out_shardings`, so every device computes only its own shards: a 70B init never
-    materialises a full parameter on one host.
+    materialises a full parameter on one host. In lora mode the frozen base is stored in `lora.base_dtype`.
     """
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    trainable = trainable_filter(cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1))
+    frozen_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
 
     def init():
-        model = Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
-        _, params, frozen = nnx.split(model, trainable, ...)
+        _, params, frozen = nnx.split(new_model(cfg), trainable, ...)
+        if frozen_dtype is not None:
+            frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), frozen
 
-    graphdef = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))), trainable, ...)[0]
+    graphdef = nnx.split(nnx.eval_shape(lambda: new_model(cfg)), trainable, ...)[0]
     abstract_state, abstract_frozen = jax.eval_shape(init)
     state_sh = sharding.state_shardings(abstract_state, mesh, rules)
     frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
@@ -90,9 +107,9 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None, trainable=nnx.Param) -> 
     return trainer, jax.jit(init, out_shardings=(state_sh, frozen_sh))
 
 
-def build_trainer(cfg: Config, mesh: Mesh | None = None, trainable=nnx.Param) -> tuple[Trainer, TrainState, Any]:
+def build_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, TrainState, Any]:
     """Trainer, initial TrainState and frozen state, created directly in their sharded layout."""
-    trainer, init = plan_trainer(cfg, mesh, trainable)
+    trainer, init = plan_trainer(cfg, mesh)
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
     return trainer, state, frozen
@@ -113,17 +130,21 @@ def make_train_step(trainer: Trainer) -> Callable:
     """`step(state, frozen, batch) -> (state, metrics)`, jitted with the run's shardings; `state` is donated."""
     cfg, mesh = trainer.cfg, trainer.mesh
     n_micro, z_weight = cfg.train.grad_accum, cfg.train.z_loss
+    use_dropout = cfg.train.mode == "lora" and cfg.lora.dropout > 0
     batch_spec = trainer.batch_sharding.spec
     param_sh = trainer.state_shardings.params
 
     def step(state: TrainState, frozen, batch: dict):
         with nn.logical_axis_rules(cfg.mesh.rules):
             total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
+            # Dropout keys depend only on (seed, step, microbatch): a resumed run draws the same masks.
+            step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
 
-            def micro_grads(params, mb):
+            def micro_grads(params, mb, index=0):
                 def loss_fn(params):
                     model = trainer.model(params, frozen)
-                    logits = model(mb["inputs"], mb["positions"], mb["segment_ids"])
+                    rng = jax.random.fold_in(step_key, index) if use_dropout else None
+                    logits = model(mb["inputs"], mb["positions"], mb["segment_ids"], rng)
                     ce, z = token_losses(logits, mb["targets"], mb["loss_weights"])
                     return (ce + z_weight * z) / total_weight, (ce, z)
 
@@ -132,15 +153,17 @@ def make_train_step(trainer: Trainer) -> Callable:
             if n_micro == 1:
                 grads, (ce, z) = micro_grads(state.params, batch)
             else:
-                def body(carry, mb):
+                def body(carry, xs):
                     acc, ce_acc, z_acc = carry
-                    g, (ce, z) = micro_grads(state.params, mb)
+                    mb, index = xs
+                    g, (ce, z) = micro_grads(state.params, mb, index)
                     acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), param_sh)
                     return (acc, ce_acc + ce, z_acc + z), None
 
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                 _split_microbatches(batch, n_micro, batch_spec))
+                                                 (_split_microbatches(batch, n_micro, batch_spec),
+                                                  jnp.arange(n_micro)))
             updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {
@@ -162,4 +185,25 @@ def make_train_step(trainer: Trainer) -> Callable:
             return jitted(state, frozen, batch)
 
     run.jitted = jitted
+    return run
+
+
+def make_eval_step(trainer: Trainer) -> Callable:
+    """`eval(params, frozen, batch) -> (sum of weighted cross-entropy, sum of weights)`, no dropout."""
+    cfg, mesh = trainer.cfg, trainer.mesh
+
+    def evaluate(params, frozen, batch):
+        with nn.logical_axis_rules(cfg.mesh.rules):
+            logits = trainer.model(params, frozen)(batch["inputs"], batch["positions"], batch["segment_ids"])
+            ce, _ = token_losses(logits, batch["targets"], batch["loss_weights"])
+            return ce, jnp.sum(batch["loss_weights"])
+
+    batch_sh = {k: trainer.batch_sharding for k in BATCH_KEYS}
+    jitted = jax.jit(evaluate, in_shardings=(trainer.state_shardings.params, trainer.frozen_shardings, batch_sh),
+                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def run(params, frozen, batch):
+        with jax.set_mesh(mesh):
+            return jitted(params, frozen, batch)
+
     return run

@@ -1,0 +1,75 @@
+"""Orbax checkpoints: the train state and the data iterator saved together; parameter exports.
+
+A run directory holds
+  checkpoints/<step>/state     TrainState (step, trainable parameters, optimizer state), sharded arrays
+  checkpoints/<step>/data      the Grain iterator state of every process
+  checkpoints/<step>/meta      JSON: step, seed, mode, config (what the run was)
+  params/ or adapters/         the final trainable parameters alone (what `init_from` and the converters read)
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash mid-save leaves
+the previous checkpoints usable. Restores go straight into the current mesh's shardings (any layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mellama_jax.config import CheckpointConfig
+
+
+def manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, save_interval_steps=1,
+        enable_async_checkpointing=cfg.async_save, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                 item_names=("state", "data", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=grain.checkpoint.CheckpointSave(iterator),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator) -> tuple[Any, dict]:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                          data=grain.checkpoint.CheckpointRestore(iterator),
+                                                          meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+
+def save_params(path: str | Path, params: nnx.State) -> None:
+    """Parameters alone, as a nested dict of arrays: the format `init_from` and `convert` read."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(path).absolute(), nnx.to_pure_dict(params), force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_params(path: str | Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
+    """Parameters saved by `save_params` (or `convert hf-to-jax`), restored into the given shardings."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no parameter checkpoint here")
+    target = nnx.to_pure_dict(abstract_like(abstract, shardings))
+    try:
+        restored = ocp.StandardCheckpointer().restore(path, target)
+    except Exception as e:  # orbax reports structure/shape mismatches with assorted exception types
+        raise ValueError(f"{path}: cannot restore parameters for this model ({type(e).__name__}: {e})") from None
+    state = jax.tree.map(lambda x: x, abstract)  # a copy with the same Variables
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def load_params_local(path: str | Path, abstract: nnx.State) -> nnx.State:
+    """Parameters onto this host's first device, whatever mesh wrote them (for export and inspection)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return load_params(path, abstract, jax.tree.map(lambda _: device, abstract))
