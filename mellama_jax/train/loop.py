@@ -56,8 +56,9 @@ def build_data(cfg: Config, process_index: int, process_count: int):
                       if d.holdout_documents else None)
     else:
         rows = len(InstructSource(d.path))
-        train = instruct_batches(d.path, t.seq_len, t.batch_size, epochs_for(cfg, rows), cfg.seed, process_index,
-                                 process_count)
+        # An explicit train.steps longer than the epochs runs more (reshuffled) epochs.
+        epochs = max(epochs_for(cfg, rows), -(-t.steps * t.batch_size // rows))
+        train = instruct_batches(d.path, t.seq_len, t.batch_size, epochs, cfg.seed, process_index, process_count)
         evaluation = (instruct_batches(d.eval_path, t.seq_len, t.batch_size, 1, cfg.seed, process_index,
                                        process_count, shuffle=False, pad=True) if d.eval_path else None)
     steps = t.steps or max(1, rows * epochs_for(cfg, rows) // t.batch_size)

@@ -49,6 +49,7 @@ class MetricsLogger:
                  tensorboard: bool = True):
         self.enabled = enabled
         self.file = self.tb = self.bar = None
+        self.total, self.verbose = total_steps, progress
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -58,7 +59,9 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not progress, dynamic_ncols=True)
+        # disable=None: a bar on a terminal only; logs and pipes get one plain line per log step instead.
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=None if progress else True,
+                        dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -69,10 +72,13 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), step)
-        if kind == "train" and self.bar is not None:
-            shown = {k: f"{float(metrics[k]):.4g}" for k in ("loss", "learning_rate", "tokens_per_s", "mfu")
-                     if k in metrics}
-            self.bar.set_postfix(shown, refresh=False)
+        if kind == "train":
+            shown = {k: f"{float(metrics[k]):.4g}" for k in ("loss", "learning_rate", "grad_norm", "tokens_per_s",
+                                                              "step_time_s", "mfu") if k in metrics}
+            if self.bar is not None and not self.bar.disable:
+                self.bar.set_postfix(shown, refresh=False)
+            elif self.verbose:
+                print(f"step {step}/{self.total}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         elif kind == "eval":
             self.message(f"step {step}: eval loss {float(metrics['loss']):.4f}")
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mellama_jax import sharding
-from mellama_jax.config import Config
+from mellama_jax.config import Config, ConfigError
 from mellama_jax.model import Llama
 from mellama_jax.train.optimizer import make_optimizer
 
@@ -88,6 +88,13 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
     """
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.rules
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    ways = batch_sh.mesh.size // batch_sh.shard_shape((batch_sh.mesh.size, 1))[0]
+    if micro % ways:
+        raise ConfigError(f"train: each microbatch has {micro} sequences (batch_size {cfg.train.batch_size} / "
+                          f"grad_accum {cfg.train.grad_accum}), which does not divide over the {ways} batch shards "
+                          f"of mesh {dict(mesh.shape)}")
     trainable = trainable_filter(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1))
     frozen_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
@@ -102,8 +109,7 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
     abstract_state, abstract_frozen = jax.eval_shape(init)
     state_sh = sharding.state_shardings(abstract_state, mesh, rules)
     frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
-    trainer = Trainer(cfg, mesh, graphdef, tx, schedule, state_sh, frozen_sh,
-                      sharding.batch_sharding(mesh, rules))
+    trainer = Trainer(cfg, mesh, graphdef, tx, schedule, state_sh, frozen_sh, batch_sh)
     return trainer, jax.jit(init, out_shardings=(state_sh, frozen_sh))
 
 

@@ -1,0 +1,247 @@
+"""The training run end to end: exact resume after SIGKILL, SIGTERM, another mesh, LoRA, NaN guard, recipes."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mellama_jax.config import CONFIG_ROOT, load_config
+from mellama_jax.data.instruct import prepare_instruct
+from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.demo import SOURCES, _demo_file, sample_texts
+from mellama_jax.train.loop import build_data, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    texts = [t for lines in sample_texts().values() for t in lines]
+    tok = Tokenizer.train(texts, vocab_size=512).save(root / "tok")
+    prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre", progress=False)
+    prepare_instruct([_demo_file("instructions.jsonl")], tok, root / "ins", 64)
+    return root
+
+
+def overrides(data, mode, run_dir, *extra):
+    common = [f"run.dir={run_dir}", "run.progress=false", "run.plot=false", "run.log_every=1",
+              "checkpoint.every=4", "checkpoint.keep_last=10", "train.steps=12"]
+    if mode == "pretrain":
+        return ["train.batch_size=16", "train.grad_accum=2", f"data.path={data}/pre", "data.holdout_documents=1",
+                "run.eval_every=6"] + common + list(extra)
+    return [f"data.path={data}/ins", "lora.base_dtype=float32"] + common + list(extra)
+
+
+CONFIG = {"pretrain": "tiny-pretrain.yaml", "lora": "tiny-lora.yaml"}
+
+
+def losses(run_dir) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def cli(args, **kw):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "mellama_jax.cli", "train"] + args, cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines() if l):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted runs, in this process, per mode."""
+    out = {}
+    for mode in ("pretrain", "lora"):
+        run_dir = tmp_path_factory.mktemp(f"ref-{mode}")
+        extra = [f"train.init_from={data}/pre-params"] if mode == "lora" else []
+        if mode == "lora" and not (data / "pre-params").exists():
+            shutil.copytree(out["pretrain"][0] / "params", data / "pre-params")
+        result = train(load_config(CONFIG_ROOT / CONFIG[mode], overrides(data, mode, run_dir, *extra)))
+        assert result["status"] == "finished"
+        out[mode] = (run_dir, losses(run_dir), extra)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "lora"])
+def test_sigkill_then_resume_is_bit_exact(mode, data, reference, tmp_path):
+    ref_dir, ref_losses, extra = reference[mode]
+    args = ["--config", str(CONFIG_ROOT / CONFIG[mode])] + overrides(data, mode, tmp_path, *extra)
+    proc = cli(args)
+    kill_at = int(np.random.default_rng().integers(6, 12))
+    wait_for_step(tmp_path, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Orbax commits a checkpoint by renaming its temporary directory: only committed ones have a plain name.
+    committed = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert committed, "no checkpoint was committed before the kill"
+    proc = cli(args)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resuming at step {max(committed)}" in output
+    assert losses(tmp_path) == ref_losses  # every step, bit for bit
+    assert len(ref_losses) == 12 and ref_losses[12] < ref_losses[1]
+
+
+def test_lr_schedule_logged_is_closed_form_cosine(reference):
+    cfg = load_config(reference["pretrain"][0] / "config.yaml")
+    records = [json.loads(l) for l in (reference["pretrain"][0] / "metrics.jsonl").read_text().splitlines()]
+    total, peak = cfg.train.steps, cfg.optimizer.learning_rate
+    warmup = round(cfg.optimizer.warmup_ratio * total)
+    for r in (r for r in records if r["kind"] == "train"):
+        k = r["step"] - 1  # the update of step s used the schedule at s - 1
+        expected = (peak * k / warmup if k < warmup else
+                    peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))))
+        assert r["learning_rate"] == pytest.approx(expected, rel=1e-5, abs=1e-12)  # fp32 schedule
+
+
+def test_run_outputs(reference):
+    run_dir = reference["pretrain"][0]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_keys = {"loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "tokens"}
+    assert train_keys <= set(records[0])
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12, 12]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "params").exists() and (run_dir / "summary.json").exists()
+    from mellama_jax.plot import plot_run
+
+    assert all(p.exists() and p.stat().st_size > 1000 for p in plot_run(run_dir))
+
+
+def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    args = ["--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")] + overrides(
+        data, "pretrain", tmp_path, "train.steps=400", "checkpoint.every=1000")
+    proc = cli(args)
+    wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped by SIGTERM" and 3 <= summary["step"] < 400
+    assert (tmp_path / "checkpoints" / str(summary["step"])).exists()
+
+
+def test_resume_on_a_different_mesh(data, tmp_path):
+    first = overrides(data, "pretrain", tmp_path / "a", "checkpoint.every=6", "mesh.ici={data: 1, fsdp: 8, tensor: 1}")
+    train(load_config(CONFIG_ROOT / "tiny-pretrain.yaml", first))
+    ref = losses(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
+    (tmp_path / "b" / "metrics.jsonl").write_text("")
+    second = overrides(data, "pretrain", tmp_path / "b", "checkpoint.every=6", "mesh.ici={data: 2, fsdp: 4, tensor: 1}")
+    train(load_config(CONFIG_ROOT / "tiny-pretrain.yaml", second))
+    resumed = losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(7, 13))
+    for step, loss in resumed.items():
+        assert abs(loss - ref[step]) <= 1e-5
+
+
+def test_lora_trains_only_adapters(data, reference):
+    from mellama_jax.train import checkpoint
+    from mellama_jax.train.step import build_trainer, make_train_step
+
+    cfg = load_config(CONFIG_ROOT / "tiny-lora.yaml", overrides(data, "lora", "/unused", *reference["lora"][2]))
+    cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(**{**cfg.train.__dict__, "steps": 12})})
+    trainer, state, frozen = build_trainer(cfg)
+    frozen = checkpoint.load_params(cfg.train.init_from, frozen, trainer.frozen_shardings)
+    before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(frozen)}
+    train_ds, _, _ = build_data(cfg, 0, 1)
+    step = make_train_step(trainer)
+    first = last = None
+    for k in range(12):
+        state, m = step(state, frozen, trainer.shard_batch(train_ds[k]))
+        first = first if first is not None else float(m["loss"])
+        last = float(m["loss"])
+    assert last < first
+    for p, v in nnx.to_flat_state(frozen):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), before[p])  # base untouched, bit for bit
+    adapter_sizes = sorted(int(v.get_value().size) for _, v in nnx.to_flat_state(state.params))
+    assert all(name in ("lora_a", "lora_b") for path, _ in nnx.to_flat_state(state.params) for name in path[-1:])
+    opt_sizes = sorted(int(x.size) for x in jax.tree.leaves(state.opt_state) if x.size > 1)
+    assert opt_sizes == sorted(adapter_sizes * 2)  # Adam's two moments, adapter-sized, nothing else
+    base = sum(int(v.get_value().size) for _, v in nnx.to_flat_state(frozen))
+    assert sum(adapter_sizes) < 0.2 * base
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    args = ["--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")] + overrides(
+        data, "pretrain", tmp_path, "checkpoint.every=1", "optimizer.learning_rate=1e30",
+        "optimizer.warmup_ratio=0.5", "optimizer.clip_norm=0")
+    proc = cli(args)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, output[-3000:]
+    assert "non-finite loss at step" in output
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    bad = int(output.split("non-finite loss at step ")[1].split()[0])
+    assert steps and max(steps) < bad
+    from mellama_jax.train import checkpoint
+    from mellama_jax.train.step import plan_trainer
+
+    cfg = load_config(tmp_path / "config.yaml")
+    trainer, init = plan_trainer(cfg)
+    with jax.set_mesh(trainer.mesh):
+        state, _ = init()
+    mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
+    restored = mngr.restore(max(steps), args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+        state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(
+            checkpoint.abstract_like(state, trainer.state_shardings))))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
+
+
+def test_sft_epochs_follow_the_paper(data):
+    cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", [f"data.path={data}/ins"])
+    _, _, steps = build_data(cfg, 0, 1)
+    rows = json.loads((data / "ins" / "manifest.json").read_text())["rows"]
+    assert rows < 10_000 and steps == rows * 5 // 8  # under 10k examples: 5 epochs
+
+
+@pytest.mark.parametrize("name, size", [("me-llama-13b-pretrain", "llama2-13b"), ("me-llama-70b-pretrain", "llama2-70b")])
+def test_pretrain_recipes_carry_the_papers_settings(name, size):
+    cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
+    o = cfg.optimizer
+    assert cfg.model.name == size and cfg.model.dtype == "bfloat16" and cfg.train.seq_len == 4096
+    assert (o.learning_rate, o.b1, o.b2, o.weight_decay, o.schedule, o.warmup_ratio) == (
+        8e-6, 0.9, 0.95, 1e-5, "cosine", 0.05)
+    assert cfg.train.grad_accum == 16 and cfg.train.epochs == 1 and cfg.train.mode == "pretrain"
+    assert cfg.data.mixture == {"biomedical": 15, "clinical": 1, "general": 4}
+    ici, dcn = cfg.mesh.ici, cfg.mesh.dcn
+    assert math.prod(ici.values()) == 8 and math.prod(dcn.values()) == 20  # 20 hosts x 8 GPUs
+
+
+@pytest.mark.parametrize("name", ["me-llama-13b-chat-lora", "me-llama-70b-chat-lora"])
+def test_lora_recipes_carry_the_papers_settings(name):
+    cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
+    assert cfg.train.mode == "lora" and cfg.train.epochs == 3
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.weight_decay, cfg.optimizer.warmup_ratio) == (1e-5, 1e-5, 0.01)
+
+
+def test_sft_recipe():
+    cfg = load_config(CONFIG_ROOT / "sft.yaml")
+    assert cfg.train.mode == "sft" and cfg.optimizer.learning_rate == 1e-5 and cfg.train.epochs == 0
