@@ -127,7 +127,7 @@ def train(cfg: Config) -> dict:
         checkpoint.save(mngr, step, state, iterator, dict(meta, step=step))
         saved_step = step
 
-    status = "finished"
+    status, last_eval = "finished", None
     try:
         step = start
         while step < steps:
@@ -146,8 +146,8 @@ def train(cfg: Config) -> dict:
                 log.log(step, host)
                 last_log_time, last_log_step = time.perf_counter(), step
             if eval_ds is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                log.log(step, {"loss": evaluate(eval_fn, trainer, state.params, frozen, eval_ds,
-                                                cfg.run.eval_batches)}, "eval")
+                last_eval = (step, evaluate(eval_fn, trainer, state.params, frozen, eval_ds, cfg.run.eval_batches))
+                log.log(step, {"loss": last_eval[1]}, "eval")
             if step % cfg.checkpoint.every == 0:
                 save(step)
             if _agreed_stop(stop["signal"] is not None, pc):
@@ -159,9 +159,11 @@ def train(cfg: Config) -> dict:
         result = {"status": status, "step": step, "steps": steps, "run_dir": str(run_dir)}
         if step == steps:
             if eval_ds is not None:
-                loss = evaluate(eval_fn, trainer, state.params, frozen, eval_ds, cfg.run.eval_batches)
-                log.log(step, {"loss": loss}, "eval")
-                result["eval_loss"] = loss
+                if last_eval is None or last_eval[0] != step:
+                    last_eval = (step, evaluate(eval_fn, trainer, state.params, frozen, eval_ds,
+                                                cfg.run.eval_batches))
+                    log.log(step, {"loss": last_eval[1]}, "eval")
+                result["eval_loss"] = last_eval[1]
             export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
             checkpoint.save_params(export, state.params)
             result["export"] = str(export)
