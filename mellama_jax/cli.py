@@ -89,6 +89,40 @@ def _plot(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _model_arg(name):
+    if not name:
+        return None
+    from mellama_jax.config import load_model_preset
+
+    return load_model_preset(name)
+
+
+def _convert(args) -> int:
+    import json
+
+    from mellama_jax.convert import api
+
+    if args.direction == "hf-to-jax":
+        print(api.hf_to_jax(args.src, args.dst, args.dtype))
+    elif args.direction == "jax-to-hf":
+        print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
+                            _size(args.shard_size), args.adapters, args.merge))
+    else:
+        report = api.verify(args.src, args.dst, model=_model_arg(args.model))
+        ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
+        print(json.dumps(dict(report, ok=ok), indent=1))
+        return 0 if ok else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG loss and throughput curves of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=_plot)
+
+    conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")
+    conv_sub = conv.add_subparsers(dest="direction", required=True)
+    h2j = conv_sub.add_parser("hf-to-jax", help="HF LLaMA directory (safetensors) -> parameter checkpoint")
+    h2j.add_argument("src")
+    h2j.add_argument("dst")
+    h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="default: keep the checkpoint's dtype (bit-exact round trips)")
+    j2h = conv_sub.add_parser("jax-to-hf", help="parameter checkpoint -> HF directory, or PEFT adapters")
+    j2h.add_argument("src", help="a run's params/, a checkpoint's state/, or hf-to-jax output")
+    j2h.add_argument("dst")
+    j2h.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    j2h.add_argument("--shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    j2h.add_argument("--tokenizer", help="tokenizer.model (default: found beside SRC)")
+    j2h.add_argument("--model", help="model preset or YAML (default: model.yaml or the run's config.yaml)")
+    j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
+    j2h.add_argument("--merge", action="store_true", help="fold the adapters into a full model")
+    ver = conv_sub.add_parser("verify", help="compare transformers and JAX logits on sample prompts")
+    ver.add_argument("src", help="HF directory")
+    ver.add_argument("dst", help="parameter checkpoint")
+    ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
+    ver.add_argument("--max-logit-diff", type=float, default=0.5)
+    ver.add_argument("--max-kl", type=float, default=1e-3)
+    for p in (h2j, j2h, ver):
+        p.set_defaults(func=_convert)
 
     prepare = sub.add_parser("prepare", help="tokenise corpora or instruction data into ArrayRecord shards")
     prep_sub = prepare.add_subparsers(dest="kind", required=True)

@@ -8,7 +8,9 @@ stacked on a leading 'layers' axis. Both conversion directions use `tensor_specs
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from collections.abc import Callable, Mapping
 
 import jax
@@ -128,3 +130,110 @@ def load_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], sour
         array = stacked_from_hf(cfg, tensors.__getitem__, spec, source)
         flat[spec.path] = flat[spec.path].replace(jax.numpy.asarray(array, dtype=dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
+
+
+class HFCheckpoint:
+    """A Hugging Face LLaMA directory, validated against its config.json, read one tensor at a time.
+
+    Pickled weights (.bin/.pth) are refused, never unpickled: they can run arbitrary code when loaded.
+    """
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ConversionError(f"{self.directory}: not a directory")
+        config_path = self.directory / "config.json"
+        if not config_path.exists():
+            raise ConversionError(f"{config_path}: missing (a Hugging Face model directory has config.json)")
+        try:
+            self.hf_config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{config_path}: invalid JSON ({e})") from None
+        try:
+            self.config = config_from_hf(self.hf_config)
+        except KeyError as e:
+            raise ConversionError(f"{config_path}: missing key {e}") from None
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: not a safetensors index ({e})") from None
+        elif (self.directory / "model.safetensors").exists():
+            weight_map = None
+        else:
+            pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ConversionError(f"{self.directory}: only pickled weights ({', '.join(pickles)}); they are "
+                                      "refused because unpickling can run arbitrary code. Convert them to "
+                                      "safetensors first on a trusted machine (save_pretrained(..., "
+                                      "safe_serialization=True)).")
+            raise ConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
+        self._files: dict[str, object] = {}
+        names: dict[str, str] = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        for file in files:
+            path = self.directory / file
+            if not path.exists():
+                raise ConversionError(f"{path}: listed in the index but missing")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise ConversionError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+            self._check_size(path, handle)
+            self._files[file] = handle
+            for name in handle.keys():
+                names[name] = file
+        if weight_map:
+            wrong = [n for n, f in weight_map.items() if names.get(n) != f]
+            if wrong:
+                raise ConversionError(f"{index}: tensor {wrong[0]} is not in the file the index names")
+        self.names = names
+        self._validate()
+
+    @staticmethod
+    def _check_size(path: Path, handle) -> None:
+        """A truncated file: the header promises more bytes than the file has."""
+        import struct
+
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + header_len + end:
+            raise ConversionError(f"{path}: truncated ({path.stat().st_size} bytes, header describes "
+                                  f"{8 + header_len + end})")
+
+    def _validate(self) -> None:
+        cfg = self.config
+        expected = {}
+        for spec in tensor_specs(cfg):
+            for i in (range(cfg.num_layers) if spec.stacked else [None]):
+                expected[spec.hf_name.format(i=i)] = spec.hf_shape
+        missing = sorted(set(expected) - set(self.names))
+        if missing:
+            raise ConversionError(f"{self.directory}: missing tensor {missing[0]}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        unexpected = sorted(n for n in set(self.names) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            raise ConversionError(f"{self.directory}: unexpected tensor {unexpected[0]} for a LLaMA with this "
+                                  "config.json")
+        dtypes = set()
+        for name, shape in expected.items():
+            sl = self._files[self.names[name]].get_slice(name)
+            got = tuple(sl.get_shape())
+            if got != shape:
+                raise ConversionError(f"{self.directory / self.names[name]}: tensor {name} has shape {got}, "
+                                      f"config.json implies {shape}")
+            dtypes.add(sl.get_dtype())
+        if not dtypes <= {"F32", "BF16", "F16"}:
+            raise ConversionError(f"{self.directory}: unsupported tensor dtypes {sorted(dtypes)}")
+        self.dtypes = dtypes
+
+    def get(self, name: str) -> np.ndarray:
+        return self._files[self.names[name]].get_tensor(name)

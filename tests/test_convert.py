@@ -1,0 +1,240 @@
+"""Converters: HF <-> JAX round trips, transformers/PEFT parity, training checkpoints, bad inputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import yaml
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import hf_tiny_config
+from mellama_jax.cli import main
+from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
+from mellama_jax.convert.api import hf_to_jax, jax_to_hf, verify
+from mellama_jax.convert.hf import ConversionError
+from mellama_jax.convert.peft import import_peft
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.demo import sample_texts
+from mellama_jax.generate import greedy_generate
+from mellama_jax.model import Llama, init_abstract
+from mellama_jax.train.checkpoint import load_params_local, save_params
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    texts = [t for lines in sample_texts().values() for t in lines]
+    return Tokenizer.train(texts, vocab_size=512).save(tmp_path_factory.mktemp("tok"))
+
+
+def make_hf_dir(path: Path, kv_heads: int, seed: int, dtype=torch.float32, tokenizer=None, **kw) -> Path:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_tiny_config(kv_heads, vocab_size=512, **kw)).to(dtype).eval()
+    model.save_pretrained(path)
+    if tokenizer:
+        shutil.copyfile(tokenizer, path / "tokenizer.model")
+    return path
+
+
+def all_tensors(directory: Path) -> dict:
+    out = {}
+    for f in directory.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("kv_heads, dtype", [(4, torch.float32), (2, torch.float32), (2, torch.bfloat16)],
+                         ids=["mha-fp32", "gqa-fp32", "gqa-bf16"])
+def test_round_trip_is_bit_exact(tmp_path, tokenizer_file, kv_heads, dtype):
+    src = make_hf_dir(tmp_path / "hf", kv_heads, seed=kv_heads, dtype=dtype, tokenizer=tokenizer_file)
+    hf_to_jax(src, tmp_path / "jax", progress=False)
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    out = jax_to_hf(tmp_path / "jax", tmp_path / "back", dtype=name, shard_bytes=200_000, progress=False)
+    a, b = all_tensors(src), all_tensors(out)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded with an index
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["add_bos_token"] is True and tok_cfg["add_eos_token"] is False
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_heads):
+    src = make_hf_dir(tmp_path / "hf", kv_heads, seed=10 + kv_heads, tokenizer=tokenizer_file)
+    params = hf_to_jax(src, tmp_path / "jax", progress=False)
+    out = jax_to_hf(params, tmp_path / "out", dtype="float32", progress=False)
+    cfg = yaml.safe_load((params / "model.yaml").read_text())
+    graphdef, abstract = nnx.split(init_abstract(type(Config().model)(**cfg)))
+    ours = nnx.merge(graphdef, load_params_local(params, abstract))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(3, 512, (2, 14))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ref - np.asarray(ours(jnp.asarray(ids)))).max() <= 1e-4
+    prompts = [list(ids[0, :5]), list(ids[1, :9])]
+    new = greedy_generate(ours, prompts, 20)
+    for p, row in zip(prompts, new):
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        np.testing.assert_array_equal(row, gen[0, len(p):].numpy())
+    report = verify(out, params)
+    assert report["max_abs_logit_diff"] < 1e-4 and report["mean_kl"] < 1e-9
+
+
+def test_trainer_restores_hf_to_jax_output_sharded(tmp_path, tokenizer_file):
+    src = make_hf_dir(tmp_path / "hf", 2, seed=3)
+    params = hf_to_jax(src, tmp_path / "jax", dtype="float32", progress=False)
+    from mellama_jax.config import load_config
+    from mellama_jax.train import checkpoint
+    from mellama_jax.train.step import build_trainer
+
+    cfg = load_config(None, [f"model={params / 'model.yaml'}", "train.seq_len=16", "train.steps=2",
+                             "mesh.ici={data: 1, fsdp: 4, tensor: 2}"])
+    trainer, state, _ = build_trainer(cfg)
+    loaded = checkpoint.load_params(params, state.params, trainer.state_shardings.params)
+    wq = dict(nnx.to_flat_state(loaded))[("layers", "attn", "wq", "kernel")].get_value()
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    hf_q = load_file(str(src / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(np.asarray(wq)[1].reshape(64, -1).T, hf_q)
+
+
+@pytest.fixture
+def lora_run(tmp_path, tokenizer_file):
+    """A LoRA 'run' directory: base params, adapters with non-zero B, and its config.yaml."""
+    src = make_hf_dir(tmp_path / "hf", 2, seed=5, tokenizer=tokenizer_file)
+    base = hf_to_jax(src, tmp_path / "base", dtype="float32", progress=False)
+    model_cfg = type(Config().model)(**yaml.safe_load((base / "model.yaml").read_text()))
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("wq", "wv", "wo", "w_down"))
+    model = Llama(model_cfg, rngs=nnx.Rngs(1), lora=lora)
+    _, adapters, _ = nnx.split(model, nnx.LoRAParam, ...)
+    rng = np.random.default_rng(2)
+    adapters = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype), adapters)
+    run = tmp_path / "run"
+    save_params(run / "adapters", adapters)
+    cfg = Config(model=model_cfg, lora=lora, train=TrainConfig(mode="lora"))
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    return src, base, run, model_cfg, lora
+
+
+def _jax_lora_logits(base, run, model_cfg, lora, ids):
+    graphdef, ad_abs, base_abs = nnx.split(init_abstract(model_cfg, lora), nnx.LoRAParam, ...)
+    model = nnx.merge(graphdef, load_params_local(run / "adapters", ad_abs), load_params_local(base, base_abs))
+    return np.asarray(model(jnp.asarray(ids)))
+
+
+def test_peft_adapters_and_merged_export_match_jax(lora_run, tmp_path):
+    from peft import PeftModel
+
+    src, base, run, model_cfg, lora = lora_run
+    ids = np.random.default_rng(4).integers(3, 512, (2, 12))
+    ours = _jax_lora_logits(base, run, model_cfg, lora, ids)
+    adapter_dir = jax_to_hf(base, tmp_path / "peft", adapters=run / "adapters", progress=False)
+    assert (adapter_dir / "adapter_config.json").exists()
+    hf_base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = hf_base(torch.tensor(ids)).logits.numpy()
+    peft_model = PeftModel.from_pretrained(hf_base, adapter_dir).eval()
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ref - plain).max() > 1e-2  # the adapters matter
+    assert np.abs(ref - ours).max() <= 1e-4
+    merged = jax_to_hf(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True,
+                       progress=False)
+    with torch.no_grad():
+        ref_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(torch.tensor(ids)).logits
+    assert np.abs(ref_merged.numpy() - ours).max() <= 1e-4
+    # and back: PEFT -> ours gives the same arrays
+    lora2, tree = import_peft(adapter_dir, model_cfg)
+    assert set(lora2.targets) == set(lora.targets) and lora2.rank == 4 and lora2.alpha == 8.0
+    stored = load_params_local(run / "adapters", nnx.split(init_abstract(model_cfg, lora), nnx.LoRAParam, ...)[1])
+    for path, var in nnx.to_flat_state(stored):
+        node = tree
+        for k in path:
+            node = node[k]
+        np.testing.assert_allclose(node, np.asarray(var.get_value()), atol=1e-7)
+
+
+def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path):
+    from mellama_jax.config import load_config
+    from mellama_jax.train import checkpoint
+    from mellama_jax.train.step import build_trainer
+
+    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.steps=2",
+                             "mesh.ici={data: 1, fsdp: 4, tensor: 2}"])
+    trainer, state, _ = build_trainer(cfg)
+    mngr = checkpoint.manager(tmp_path / "run" / "checkpoints", cfg.checkpoint)
+    import orbax.checkpoint as ocp
+
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    out = jax_to_hf(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32",
+                    progress=False)
+    tensors = all_tensors(out)
+    wo = np.asarray(dict(nnx.to_flat_state(state.params))[("layers", "attn", "wo", "kernel")].get_value())
+    np.testing.assert_array_equal(tensors["model.layers.2.self_attn.o_proj.weight"], wo[2].reshape(64, 64).T)
+
+
+def _break_missing(d):
+    t = load_file(str(d / "model.safetensors"))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, str(d / "model.safetensors"))
+    return "missing tensor model.layers.1.mlp.up_proj.weight"
+
+
+def _break_shape(d):
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+    save_file(t, str(d / "model.safetensors"))
+    return "tensor model.layers.0.self_attn.k_proj.weight has shape (8, 64)"
+
+
+def _break_config(d):
+    c = json.loads((d / "config.json").read_text())
+    c["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(c))
+    return "missing tensor model.layers.2."
+
+
+def _break_truncated(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    return "truncated or corrupt"
+
+
+def _break_pickle(d):
+    (d / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
+    return "refused because unpickling can run arbitrary code"
+
+
+@pytest.mark.parametrize("breaker", [_break_missing, _break_shape, _break_config, _break_truncated, _break_pickle],
+                         ids=["missing", "shape", "config", "truncated", "pickle"])
+def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, breaker):
+    src = make_hf_dir(tmp_path / "hf", 2, seed=7)
+    message = breaker(src)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        hf_to_jax(src, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_cli_convert_and_verify(tmp_path, tokenizer_file, capsys):
+    src = make_hf_dir(tmp_path / "hf", 2, seed=8, tokenizer=tokenizer_file)
+    assert main(["convert", "hf-to-jax", str(src), str(tmp_path / "jax")]) == 0
+    assert main(["convert", "jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert main(["convert", "verify", str(tmp_path / "out"), str(tmp_path / "jax")]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 2)[-1])["ok"] is True
+    t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    t["model.norm.weight"] = t["model.norm.weight"] * 3  # a wrong model: verify must fail
+    save_file(t, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["convert", "verify", str(tmp_path / "out"), str(tmp_path / "jax")]) == 1
+    assert main(["convert", "hf-to-jax", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
