@@ -123,6 +123,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _bench_convert(args) -> int:
+    import json
+
+    from mellama_jax.bench.convert import bench_convert
+
+    print(json.dumps(bench_convert(args.layers, args.workdir), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     btok.add_argument("--fields", default="text")
     btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
     btok.set_defaults(func=_bench_tokenize)
+    bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
+    bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
+    bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
+    bconv.set_defaults(func=_bench_convert)
 
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
     demo.add_argument("--out", default="runs/demo", help="output directory")

@@ -51,7 +51,7 @@ def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progre
                 writer.create(spec.path, shape, dt, spec.stacked)
                 for i in (range(cfg.num_layers) if spec.stacked else [None]):
                     tensor = first if i in (0, None) else hf.get(spec.hf_name.format(i=i))
-                    writer.write(spec.path, spec.to_jax(tensor).astype(dt), i)
+                    writer.write(spec.path, spec.to_jax(tensor).astype(dt, copy=False), i)
                     bar.update(1)
                 del first
         extra = {"model.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}

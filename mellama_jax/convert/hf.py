@@ -43,10 +43,21 @@ class TensorSpec:
         return (math.prod(self.shape[self.num_in:]), math.prod(self.shape[:self.num_in]))
 
     def to_jax(self, hf: np.ndarray) -> np.ndarray:
-        return hf.T.reshape(self.shape) if self.num_in else hf
+        return transpose2d(hf).reshape(self.shape) if self.num_in else hf
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        return ours.reshape(self.hf_shape[::-1]).T if self.num_in else ours
+        return transpose2d(ours.reshape(self.hf_shape[::-1])) if self.num_in else ours
+
+
+def transpose2d(array: np.ndarray, block: int = 128) -> np.ndarray:
+    """A contiguous transpose, in row blocks that stay in cache (5x faster than numpy's on 0.5 GB matrices),
+    moving bits as unsigned integers (numpy is slow on ml_dtypes' bfloat16)."""
+    view = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(array.dtype.itemsize)
+    src = array.view(view) if view is not None and array.flags.c_contiguous else array
+    out = np.empty(src.shape[::-1], src.dtype)
+    for i in range(0, src.shape[0], block):
+        out[:, i:i + block] = src[i:i + block].T
+    return out.view(array.dtype) if src is not array else out
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -175,6 +186,7 @@ class HFCheckpoint:
                                       "safe_serialization=True)).")
             raise ConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
         self._files: dict[str, object] = {}
+        self._layout: dict[str, dict] = {}
         names: dict[str, str] = {}
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         for file in files:
@@ -185,7 +197,7 @@ class HFCheckpoint:
                 handle = safe_open(str(path), framework="numpy")
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise ConversionError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
-            self._check_size(path, handle)
+            self._layout[file] = self._read_layout(path)
             self._files[file] = handle
             for name in handle.keys():
                 names[name] = file
@@ -196,18 +208,24 @@ class HFCheckpoint:
         self.names = names
         self._validate()
 
-    @staticmethod
-    def _check_size(path: Path, handle) -> None:
-        """A truncated file: the header promises more bytes than the file has."""
+    def _read_layout(self, path: Path) -> dict:
+        """name -> (start, end, dtype, shape) from the header; a truncated file is an error."""
         import struct
 
+        from mellama_jax.convert.safetensors_stream import DTYPE_NAMES, _np_dtype
+
+        names = {v: k for k, v in DTYPE_NAMES.items()}
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if path.stat().st_size < 8 + header_len + end:
-            raise ConversionError(f"{path}: truncated ({path.stat().st_size} bytes, header describes "
-                                  f"{8 + header_len + end})")
+        base = 8 + header_len
+        layout = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1],
+                      _np_dtype(names[v["dtype"]]) if v["dtype"] in names else None, tuple(v["shape"]))
+                  for k, v in header.items() if k != "__metadata__"}
+        end = max((stop for _, stop, _, _ in layout.values()), default=base)
+        if path.stat().st_size < end:
+            raise ConversionError(f"{path}: truncated ({path.stat().st_size} bytes, header describes {end})")
+        return layout
 
     def _validate(self) -> None:
         cfg = self.config
@@ -236,4 +254,12 @@ class HFCheckpoint:
         self.dtypes = dtypes
 
     def get(self, name: str) -> np.ndarray:
-        return self._files[self.names[name]].get_tensor(name)
+        """One tensor, read with a plain read into fresh memory (a memory map would keep every page read so
+        far resident and make the process's RSS grow to the checkpoint's size)."""
+        file = self.names[name]
+        start, end, dtype, shape = self._layout[file][name]
+        with open(self.directory / file, "rb") as f:
+            f.seek(start)
+            buffer = bytearray(end - start)
+            f.readinto(buffer)
+        return np.frombuffer(buffer, dtype).reshape(shape)

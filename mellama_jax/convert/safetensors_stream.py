@@ -31,10 +31,11 @@ def write_streaming(path: str | Path, tensors: Iterable[tuple[str, tuple[int, ..
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape, dtype in tensors:
-            array = np.ascontiguousarray(np.asarray(fetch(name)).astype(_np_dtype(dtype)))
+            array = np.asarray(fetch(name))
+            array = np.ascontiguousarray(array.astype(_np_dtype(dtype), copy=False))
             if tuple(array.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {name} has shape {array.shape}, expected {tuple(shape)}")
-            f.write(array.tobytes())
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offset
 
 
