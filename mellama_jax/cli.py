@@ -69,6 +69,9 @@ def _bench_tokenize(args) -> int:
 
 
 def _train(args) -> int:
+    from mellama_jax import distributed
+
+    distributed.initialize()  # before anything touches the devices
     from mellama_jax.config import load_config
     from mellama_jax.train.loop import NonFiniteLoss, train
 

@@ -2,8 +2,9 @@
 
 A run directory holds
   checkpoints/<step>/state     TrainState (step, trainable parameters, optimizer state), sharded arrays
-  checkpoints/<step>/data      the Grain iterator state of every process
-  checkpoints/<step>/meta      JSON: step, seed, mode, config (what the run was)
+  checkpoints/<step>/meta      JSON: step, seed, mode, config, and the Grain iterator state. Every process's
+                               iterator is at the same index (its slice of global batch k is its k-th
+                               batch), so one state restores any number of processes (P -> P').
   params/ or adapters/         the final trainable parameters alone (what `init_from` and the converters read)
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoints usable. Restores go straight into the current mesh's shardings (any layout).
@@ -14,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -26,14 +26,13 @@ def manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManag
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, save_interval_steps=1,
         enable_async_checkpointing=cfg.async_save, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_names=("state", "data", "meta"))
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=grain.checkpoint.CheckpointSave(iterator),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+    meta = dict(meta, data_state=iterator.get_state())
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -42,8 +41,8 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator) -> tuple[Any, dict]:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          data=grain.checkpoint.CheckpointRestore(iterator),
                                                           meta=ocp.args.JsonRestore()))
+    iterator.set_state(restored.meta["data_state"])
     return restored.state, restored.meta
 
 

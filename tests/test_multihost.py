@@ -1,0 +1,162 @@
+"""Several JAX processes on this machine (launch/local.sh): same losses as one process, checkpoints that move
+between process counts, a dead process that stops the others, and the cluster launch scripts."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mellama_jax.config import CONFIG_ROOT, load_config
+from mellama_jax.data.instruct import prepare_instruct
+from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.demo import SOURCES, _demo_file, sample_texts
+from mellama_jax.distributed import detect
+from mellama_jax.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHELLCHECK = Path(sys.executable).parent / "shellcheck"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def local(config, overrides, processes=2, devices=4, timeout=600):
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), "-n", str(processes), "-d", str(devices), "-p",
+           str(free_port()), str(config)] + list(overrides)
+    result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mh")
+    texts = [t for lines in sample_texts().values() for t in lines]
+    tok = Tokenizer.train(texts, vocab_size=512).save(root / "tok")
+    prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre", progress=False)
+    prepare_instruct([_demo_file("instructions.jsonl")], tok, root / "ins", 64)
+    return root
+
+
+def common(run_dir, *extra):
+    return [f"run.dir={run_dir}", "run.progress=false", "run.plot=false", "run.log_every=1", "train.steps=10",
+            "checkpoint.every=5", "checkpoint.keep_last=5", "mesh.ici={data: 2, fsdp: -1, tensor: 1}"] + list(extra)
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pre-runs")
+    overrides = [f"data.path={data}/pre", "train.batch_size=16", "train.grad_accum=2"]
+    config = CONFIG_ROOT / "tiny-pretrain.yaml"
+    train(load_config(config, common(root / "one", *overrides)))  # 1 process x 8 devices (this one)
+    local(config, common(root / "two", *overrides))  # 2 processes x 4 devices
+    return root, config, overrides
+
+
+def test_two_processes_match_one_pretrain(pretrain_runs):
+    root, _, _ = pretrain_runs
+    one, two = losses(root / "one"), losses(root / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5, step
+
+
+def test_two_processes_match_one_lora(pretrain_runs, data, tmp_path):
+    root, _, _ = pretrain_runs
+    config = CONFIG_ROOT / "tiny-lora.yaml"
+    overrides = [f"data.path={data}/ins", f"train.init_from={root}/one/params", "lora.base_dtype=float32"]
+    train(load_config(config, common(tmp_path / "one", *overrides)))
+    local(config, common(tmp_path / "two", *overrides))
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5, step
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [("two", "one"), ("one", "two")])
+def test_checkpoints_move_between_process_counts(pretrain_runs, tmp_path, saved_by, resumed_by):
+    root, config, overrides = pretrain_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / saved_by, run)
+    shutil.rmtree(run / "checkpoints" / "10")
+    (run / "metrics.jsonl").write_text("")
+    if resumed_by == "one":
+        train(load_config(config, common(run, *overrides)))
+    else:
+        local(config, common(run, *overrides))
+    resumed, reference = losses(run), losses(root / saved_by)
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    for step, loss in resumed.items():
+        assert abs(loss - reference[step]) <= 1e-5, step
+
+
+def test_a_dead_process_stops_the_others(data, tmp_path):
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(i),
+                   MELLAMA_CPU_DEVICES="4", MELLAMA_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, "-m", "mellama_jax.cli", "train", "--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")]
+        cmd += common(tmp_path, f"data.path={data}/pre", "train.steps=100000", "checkpoint.every=100000",
+                      "train.batch_size=16")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    deadline = time.time() + 300
+    while not ((tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text()) > 0):
+        assert time.time() < deadline and procs[0].poll() is None
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    output, _ = procs[0].communicate(timeout=120)  # bounded: the heartbeat timeout, not forever
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 60
+    assert "another task died" in output or "heartbeat" in output
+
+
+def test_detection_from_the_environment():
+    assert detect({}) == "single"
+    assert detect({"COORDINATOR_ADDRESS": "127.0.0.1:1", "NUM_PROCESSES": "2", "PROCESS_ID": "0"}) == "env"
+    assert detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "20"}) == "slurm"
+    assert detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == "single"
+    assert detect({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
+
+
+def test_launch_scripts_pass_shellcheck_and_dry_run():
+    scripts = sorted((REPO / "launch").iterdir())
+    assert [s.name for s in scripts] == ["local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"]
+    result = subprocess.run([str(SHELLCHECK)] + [str(s) for s in scripts], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    env = dict(os.environ, DRY_RUN="1", NODES="20", WORKERS="4", TPU_NAME="pod", ZONE="z")
+    out = subprocess.run(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "configs/x.yaml", "train.steps=5"],
+                         env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("srun --ntasks-per-node=1") and len(out) == 21
+    assert out[20] == "node 19: SLURM_PROCID=19 SLURM_NTASKS=20 python3 -m mellama_jax.cli train --config " \
+                      "configs/x.yaml train.steps=5"
+    out = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "configs/x.yaml"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "--worker=all" in out[0] and len(out) == 5
+    out = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--dry-run", "-n", "3", "-p", "999",
+                          "configs/x.yaml", "a=1"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2] == ("env COORDINATOR_ADDRESS=127.0.0.1:999 NUM_PROCESSES=3 PROCESS_ID=2 MELLAMA_CPU_DEVICES=4 "
+                      "JAX_PLATFORMS=cpu python3 -m mellama_jax.cli train --config configs/x.yaml a=1")
