@@ -135,6 +135,17 @@ def _bench_convert(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import json
+
+    from mellama_jax.eval.run import evaluate
+
+    summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
+                       args.limit, args.batch_size, args.max_new_tokens)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG loss and throughput curves of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=_plot)
+
+    ev = sub.add_parser("eval", help="a benchmark task (pubmedqa, medqa, medmcqa), the authors' prompts and scoring")
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--data", required=True, help="the dataset's original file (e.g. ori_pqal.json, test.jsonl)")
+    ev.add_argument("--split", help="PubMedQA: the split's id -> label file (test_ground_truth.json)")
+    ev.add_argument("--model", required=True, help="jax: a parameter checkpoint; hf: a Hugging Face directory")
+    ev.add_argument("--backend", choices=["jax", "hf"], default="jax")
+    ev.add_argument("--prompts", required=True, help="the authors' prompt_templates.json")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.set_defaults(func=_eval)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")
     conv_sub = conv.add_subparsers(dest="direction", required=True)

@@ -15,10 +15,12 @@ import numpy as np
 from flax import nnx
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask; the width is rounded up to `multiple` so that varying prompt lengths share
+    a few compiled shapes."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(prompts), width), dtype=np.int32)
     for row, p in enumerate(prompts):
@@ -53,3 +55,72 @@ def greedy_generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens:
     for t in range(P, P + max_new_tokens):
         tokens, mask, done = _greedy_step(graphdef, state, tokens, mask, done, jnp.int32(t), eos, jnp.int32(pad_id))
     return np.asarray(tokens[:, P:])
+
+
+# ------------------------------------------------------------------------------------------ KV-cache decoding
+
+
+def _pick(logits, key, temperature, top_p):
+    """Greedy when temperature == 0; else temperature and nucleus (top-p) sampling."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8))
+def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature, top_p):
+    from mellama_jax.model.llama import init_cache
+
+    model = nnx.merge(graphdef, state)
+    B, P = ids.shape
+    cache = init_cache(model.cfg, B, P + max_new_tokens)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    hidden, cache = model.hidden_states(ids, positions, mask, cache=cache)  # prefill
+    logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
+    out = jnp.zeros((B, max_new_tokens), ids.dtype)
+    next_pos = positions[:, -1] + 1
+    done = jnp.zeros((B,), bool)
+
+    def cond(carry):
+        t, _, _, _, _, done = carry
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        t, logits, cache, out, next_pos, done = carry
+        token = _pick(logits, jax.random.fold_in(key, t), temperature, top_p).astype(ids.dtype)
+        token = jnp.where(done, 0, token)
+        out = out.at[:, t].set(token)
+        done = done | (token == eos_id)
+        hidden, cache = model.hidden_states(token[:, None], next_pos[:, None], jnp.ones((B, 1), mask.dtype),
+                                            cache=cache)
+        logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
+        return t + 1, logits, cache, out, next_pos + 1, done
+
+    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, next_pos, done))
+    return out
+
+
+def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+    """New token ids (B, max_new_tokens) with a preallocated KV cache: one prefill, then one token per step
+    inside a single compiled loop (no recompilation per step). After EOS a row is padded with 0."""
+    ids, mask = left_pad(prompts, 0, multiple=64)
+    graphdef, state = nnx.split(model)
+    out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens,
+                  jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed), float(temperature),
+                  float(top_p))
+    return np.asarray(out)
+
+
+def truncate_at_stop(text: str, stop: list[str] | tuple[str, ...]) -> str:
+    """The text before the first stop sequence (stop sequences are matched on decoded text)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]

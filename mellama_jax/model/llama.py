@@ -41,16 +41,24 @@ class Attention(nnx.Module):
         self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **_dense_kw(cfg, lora, "wo", rngs))
         self.implementation = cfg.attention
 
-    def __call__(self, x, cos, sin, mask, rng=None):
+    def __call__(self, x, cos, sin, mask, rng=None, cache=None):
+        """cache: None, or (k, v, index) with k, v of shape (B, S, K, Dh): the new keys/values are written at
+        `index` and the queries attend over the whole cache (masked by `mask`, (B, T, S)). Returns the output,
+        and the updated (k, v) when a cache is given."""
         q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj")
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj")
         v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj")
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        out = attention.attend(q, k, v, mask, self.implementation)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         out = checkpoint_name(out, "attention_out")
-        return self.wo(out, dropout_rng=rng)
+        out = self.wo(out, dropout_rng=rng)
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -73,11 +81,12 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
         self.mlp = MLP(cfg, lora, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, rng=None):
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask, rng)
-        h = constrain(h, BATCH_LENGTH_EMBED)
-        out = h + self.mlp(self.mlp_norm(h), rng)
-        return constrain(out, BATCH_LENGTH_EMBED)
+    def __call__(self, x, cos, sin, mask, rng=None, cache=None):
+        attn = self.attn(self.attn_norm(x), cos, sin, mask, rng, cache)
+        attn, new_cache = attn if cache is not None else (attn, None)
+        h = constrain(x + attn, BATCH_LENGTH_EMBED)
+        out = constrain(h + self.mlp(self.mlp_norm(h), rng), BATCH_LENGTH_EMBED)
+        return out if cache is None else (out, new_cache)
 
 
 REMAT = {
@@ -116,40 +125,64 @@ class Llama(nnx.Module):
         self.lm_head = Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw,
                              init_std=cfg.initializer_range, rngs=rngs)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
+    def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None, cache=None):
         """Final-norm hidden states (B, T, D) for token ids (B, T).
 
         positions: (B, T) int, restart at 0 for each packed document (default 0..T-1).
         segment_ids: (B, T) int, one id per packed document, 0 for padding (default all 1).
         dropout_rng: a key for LoRA dropout (training only); each layer folds in its index.
+        cache: for decoding, a dict from `init_cache` (keys/values of earlier tokens); the tokens are written
+        at cache["index"] and (hidden states, updated cache) is returned.
         """
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention.make_mask(segment_ids, segment_ids)
+        if cache is None:
+            mask = attention.make_mask(segment_ids, segment_ids)
+        else:
+            index, T = cache["index"], tokens.shape[-1]
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
+                cache["segment_ids"].dtype), index, axis=1)
+            mask = attention.make_mask(segment_ids, kv_segments, q_index=index + jnp.arange(T),
+                                       kv_index=jnp.arange(kv_segments.shape[-1]))
         cos, sin = rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         h = constrain(self.embed(tokens), BATCH_LENGTH_EMBED)
 
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
-            layer_state, index = xs
+            layer_state, index, layer_cache = xs
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng), None
+            layer = nnx.merge(graphdef, layer_state)
+            if layer_cache is None:
+                return layer(h, cos, sin, mask, rng), None
+            return layer(h, cos, sin, mask, rng, (*layer_cache, cache["index"]))
 
         policy = REMAT[cfg.remat]
-        if policy is not None:
+        if policy is not None and cache is None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers)), unroll=cfg.scan_unroll)
-        return self.norm(h)
+        layer_caches = None if cache is None else (cache["k"], cache["v"])
+        h, new = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers), layer_caches), unroll=cfg.scan_unroll)
+        if cache is None:
+            return self.norm(h)
+        updated = dict(k=new[0], v=new[1], segment_ids=kv_segments, index=cache["index"] + tokens.shape[-1])
+        return self.norm(h), updated
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Logits (B, T, vocab) in float32."""
         logits = self.lm_head(self.hidden_states(tokens, positions, segment_ids, dropout_rng),
                               out_dtype=jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache for `length` positions: keys/values per layer, segment ids (0 = empty), write index."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.int32(0)}
 
 
 def init_abstract(cfg: ModelConfig, lora: LoraConfig | None = None) -> Llama:

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's benchmark tasks, prompted with the authors' templates and scored as they scored."""

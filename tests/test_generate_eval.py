@@ -1,0 +1,98 @@
+"""KV-cache decoding against transformers and full recompute; the evaluation tasks and their scoring."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import SHARED_DATA, hf_tiny_config
+from mellama_jax.convert.api import hf_to_jax, jax_to_hf
+from mellama_jax.eval.run import evaluate
+from mellama_jax.eval.scoring import classification_metrics, first_choice
+from mellama_jax.eval.tasks import TASKS, load_templates
+from mellama_jax.generate import generate, greedy_generate, truncate_at_stop
+
+
+def test_kv_cache_matches_full_recompute_and_transformers(hf_pair, rng):
+    hf, ours, cfg = hf_pair
+    prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (6, 2, 10)]
+    cached = generate(ours, prompts, 20)
+    np.testing.assert_array_equal(cached, greedy_generate(ours, prompts, 20))
+    width = max(map(len, prompts))
+    ids = torch.zeros((3, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(cached, ref[:, width:].numpy())
+
+
+def test_sampling_and_eos(hf_pair, rng):
+    _, ours, cfg = hf_pair
+    prompts = [list(rng.integers(3, cfg.vocab_size, 5))]
+    greedy = generate(ours, prompts, 12)
+    np.testing.assert_array_equal(generate(ours, prompts, 12, temperature=1.0, top_p=1e-6, seed=3), greedy)
+    a = generate(ours, prompts, 12, temperature=1.5, seed=1)
+    assert (a == generate(ours, prompts, 12, temperature=1.5, seed=1)).all()
+    assert not (a == generate(ours, prompts, 12, temperature=1.5, seed=2)).all()
+    eos = int(greedy[0, 3])
+    stopped = generate(ours, prompts, 12, eos_id=eos)
+    first = int(np.argmax(greedy[0] == eos))
+    np.testing.assert_array_equal(stopped[0, : first + 1], greedy[0, : first + 1])
+    assert (stopped[0, first + 1:] == 0).all()
+    assert truncate_at_stop("yes. Question: next", ["Question:", "\n\n"]) == "yes. "
+
+
+def test_first_choice_scoring_by_hand():
+    assert first_choice("The answer is B, not A", ["A", "B", "C", "D"]) == "A"  # choice order, as the authors
+    assert first_choice("Yes, it does.", ["yes", "no", "maybe"], lowercase=True) == "yes"
+    assert first_choice("Yes, it does.", ["yes", "no", "maybe"]) is None
+    assert first_choice("unclear", ["yes", "no", "maybe"], lowercase=True) is None
+    m = classification_metrics(["yes", "no", None, "yes"], ["yes", "yes", "no", "maybe"], ["yes", "no", "maybe"])
+    assert m["accuracy"] == 0.25 and m["missing"] == 0.25 and m["examples"] == 4
+    # per class F1: yes: tp=1 fp=1 fn=1 -> 0.5; no: tp=0 -> 0; maybe: 0 -> macro 1/6
+    assert m["macro_f1"] == pytest.approx(0.5 / 3)
+
+
+@pytest.fixture(scope="module")
+def templates():
+    path = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
+    if not path.exists():
+        pytest.skip("../shared/data is not present on this machine")
+    return load_templates(path)
+
+
+def test_tasks_read_the_original_files(templates):
+    examples, choices = TASKS["pubmedqa"].load(SHARED_DATA / "pubmedqa" / "ori_pqal.json", templates,
+                                               SHARED_DATA / "pubmedqa" / "test_ground_truth.json")
+    truth = json.loads((SHARED_DATA / "pubmedqa" / "test_ground_truth.json").read_text())
+    assert len(examples) == 500 and all(truth[e.id] == e.gold for e in examples)
+    assert examples[0].prompt.startswith("As an expert doctor") and examples[0].prompt.endswith("The answer is:\n")
+    examples, choices = TASKS["medqa"].load(SHARED_DATA / "medqa" / "test.jsonl", templates)
+    assert len(examples) == 1273 and choices == ["A", "B", "C", "D", "E"] and "\nA. " in examples[0].prompt
+    examples, _ = TASKS["medmcqa"].load(SHARED_DATA / "medmcqa" / "test.jsonl", templates)
+    assert len(examples) == 2816 and {e.gold for e in examples} <= {"A", "B", "C", "D"}
+
+
+def test_eval_backends_agree(templates, tmp_path):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(hf_tiny_config(2, vocab_size=32000)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
+    params = hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
+    exported = jax_to_hf(params, tmp_path / "hf-out", dtype="float32", progress=False)
+    prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
+    results = {}
+    for backend, model in (("jax", params), ("hf", exported)):
+        results[backend] = evaluate("medqa", SHARED_DATA / "medqa" / "test.jsonl", model, prompts,
+                                    tmp_path / backend, backend, limit=4, batch_size=2, max_new_tokens=6)
+    rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()]
+            for b in results}
+    assert [r["output"] for r in rows["jax"]] == [r["output"] for r in rows["hf"]]
+    assert results["jax"]["accuracy"] == results["hf"]["accuracy"] and results["jax"]["examples"] == 4
+    assert (tmp_path / "jax" / "summary.md").read_text().startswith("| task |")
