@@ -135,6 +135,19 @@ def _bench_convert(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from mellama_jax.eval.run import JaxBackend
+    from mellama_jax.generate import generate, truncate_at_stop
+
+    backend = JaxBackend(args.model, args.tokenizer)
+    tok = backend.tokenizer
+    ids = [tok.encode(p, bos=True) for p in args.prompt]
+    out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed)
+    for prompt, prompt_ids, row in zip(args.prompt, ids, out):
+        print(prompt + truncate_at_stop(backend.continuation(prompt_ids, row), args.stop or []))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -165,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG loss and throughput curves of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=_plot)
+
+    gen = sub.add_parser("generate", help="batched decoding with a KV cache from a parameter checkpoint")
+    gen.add_argument("--model", required=True, help="a parameter checkpoint (hf-to-jax output, a run's params/)")
+    gen.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
+    gen.add_argument("--prompt", action="append", required=True, help="repeatable: one batch of prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="a benchmark task (pubmedqa, medqa, medmcqa), the authors' prompts and scoring")
     ev.add_argument("--task", required=True)

@@ -35,7 +35,14 @@ class JaxBackend:
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         out = generate(self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id)
-        return [self.tokenizer.decode([t for t in row if t != 0]) for row in out]
+        return [self.continuation(p, row) for p, row in zip(ids, out)]
+
+    def continuation(self, prompt_ids: list[int], new_ids) -> str:
+        """The generated text as it reads after the prompt (SentencePiece drops a leading space when the new
+        tokens are decoded alone, so decode the whole sequence and cut the prompt off)."""
+        new = [int(t) for t in new_ids if t != 0]
+        whole, prompt = self.tokenizer.decode(prompt_ids + new), self.tokenizer.decode(prompt_ids)
+        return whole[len(prompt):] if whole.startswith(prompt) else self.tokenizer.decode(new)
 
 
 class HFBackend:
@@ -58,7 +65,14 @@ class HFBackend:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.torch.no_grad():
             out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-        return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = []
+        for prompt_row, row in zip(batch["input_ids"], out):
+            # as JaxBackend.continuation: decode everything, cut the decoded prompt off
+            whole = self.tokenizer.decode(row, skip_special_tokens=True)
+            prompt = self.tokenizer.decode(prompt_row, skip_special_tokens=True)
+            texts.append(whole[len(prompt):] if whole.startswith(prompt) else
+                         self.tokenizer.decode(row[len(prompt_row):], skip_special_tokens=True))
+        return texts
 
 
 def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path, out_dir: str | Path,
