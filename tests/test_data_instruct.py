@@ -12,17 +12,9 @@ from mellama_jax.data.tokenizer import Tokenizer
 from conftest import SHARED_DATA
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_tok(llama2_tokenizer_path):
     return Tokenizer.load(llama2_tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def llama2_tokenizer_path():
-    path = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
-    if not path.exists():
-        pytest.skip("../shared/data is not present on this machine")
-    return path
 
 
 def test_chatdoctor_weights_are_exactly_the_responses(llama_tok):

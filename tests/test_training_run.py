@@ -16,23 +16,14 @@ import pytest
 from flax import nnx
 
 from mellama_jax.config import CONFIG_ROOT, load_config
-from mellama_jax.data.instruct import prepare_instruct
-from mellama_jax.data.prepare import prepare_pretrain
-from mellama_jax.data.tokenizer import Tokenizer
-from mellama_jax.demo import SOURCES, _demo_file, sample_texts
 from mellama_jax.train.loop import build_data, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    texts = [t for lines in sample_texts().values() for t in lines]
-    tok = Tokenizer.train(texts, vocab_size=512).save(root / "tok")
-    prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre", progress=False)
-    prepare_instruct([_demo_file("instructions.jsonl")], tok, root / "ins", 64)
-    return root
+def data(demo_data):
+    return demo_data
 
 
 def overrides(data, mode, run_dir, *extra):

@@ -17,7 +17,7 @@ import numpy as np
 
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import TensorSpec, tensor_specs
-from mellama_jax.convert.safetensors_stream import _np_dtype, write_streaming
+from mellama_jax.convert.safetensors_stream import _np_dtype, atomic_directory, write_streaming
 
 Fetch = Callable[[tuple[str, ...], int | None], np.ndarray]
 
@@ -97,10 +97,7 @@ def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_mod
               dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, progress: bool = False) -> Path:
     """Write a Hugging Face LLaMA directory; returns its path. Nothing is left behind on failure."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         shards = _plan_shards(cfg, dtype, shard_bytes)
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -127,10 +124,4 @@ def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_mod
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=1))
         if tokenizer_model is not None:
             write_tokenizer_files(tokenizer_model, tmp, cfg.max_seq_len)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

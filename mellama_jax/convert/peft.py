@@ -8,7 +8,6 @@ The scale alpha / r is the same convention on both sides.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import ConversionError, TensorSpec, tensor_specs
-from mellama_jax.convert.safetensors_stream import write_streaming
+from mellama_jax.convert.safetensors_stream import atomic_directory, write_streaming
 
 PREFIX = "base_model.model."
 
@@ -33,10 +32,7 @@ def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: st
                 base_model: str = "", dtype: str = "float32") -> Path:
     """fetch(path, layer) gives our lora_a / lora_b arrays; writes a PEFT adapter directory atomically."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         entries = {}
         for spec in _targets(cfg, lora):
             n_in = spec.num_in
@@ -59,12 +55,6 @@ def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: st
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None},
             indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -4,9 +4,11 @@ ever held in memory whole. Format: 8-byte little-endian header size, JSON header
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,20 @@ def _np_dtype(name: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import yaml
-from flax import nnx
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
