@@ -55,7 +55,7 @@ def run_demo(out: str | Path, devices: int = 8) -> dict:
           + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens")
 
     pre = load_config(CONFIG_ROOT / "tiny-pretrain.yaml", [
-        f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=25", "run.progress=false"])
+        f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=50", "run.progress=false"])
     result = train(pre)
     first, last = _first_last_loss(out / "pretrain")
     print(f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
