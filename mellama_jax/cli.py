@@ -114,7 +114,10 @@ def _convert(args) -> int:
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
-        print(api.hf_to_jax(args.src, args.dst, args.dtype))
+        mesh = None
+        if args.mesh:
+            mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=mesh))
     elif args.direction == "jax-to-hf":
         print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
                             _size(args.shard_size), args.adapters, args.merge))
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2j.add_argument("dst")
     h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="default: keep the checkpoint's dtype (bit-exact round trips)")
+    h2j.add_argument("--mesh", help="store pre-sharded for a mesh, e.g. fsdp=8,tensor=2 (default rule table)")
     j2h = conv_sub.add_parser("jax-to-hf", help="parameter checkpoint -> HF directory, or PEFT adapters")
     j2h.add_argument("src", help="a run's params/, a checkpoint's state/, or hf-to-jax output")
     j2h.add_argument("dst")

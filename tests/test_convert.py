@@ -92,7 +92,9 @@ def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_he
 
 def test_trainer_restores_hf_to_jax_output_sharded(tmp_path, tokenizer_file):
     src = make_hf_dir(tmp_path / "hf", 2, seed=3)
-    params = hf_to_jax(src, tmp_path / "jax", dtype="float32", progress=False)
+    params = hf_to_jax(src, tmp_path / "jax", dtype="float32", progress=False, mesh_shape={"fsdp": 4, "tensor": 2})
+    zarray = json.loads((params / "layers.attn.wq.kernel" / ".zarray").read_text())
+    assert zarray["chunks"] == [1, 64 // 4, 4 // 2, 16]  # one chunk per device shard of that mesh, per layer
     from mellama_jax.config import load_config
     from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from mellama_jax.config import ConfigError, LoraConfig, ModelConfig, load_config, to_dict
+from mellama_jax.config import DEFAULT_RULES, ConfigError, LoraConfig, ModelConfig, load_config, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
@@ -30,29 +30,60 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RULES) -> dict:
+    """Per parameter, the shape of one device's shard on a mesh of `mesh_shape` under `rules`: used as the
+    zarr chunk shape, so that restoring on that mesh reads exactly one chunk per shard. Pure arithmetic: the
+    mesh need not exist here (convert for 160 GPUs on a laptop)."""
+    from flax import nnx
+
+    from mellama_jax.model import init_abstract
+    from mellama_jax.sharding import logical_to_spec
+
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(init_abstract(cfg), nnx.Param)):
+        spec = tuple(logical_to_spec(var.get_metadata()["out_sharding"], rules))
+        chunk = []
+        for dim, axes in zip(var.shape, spec + (None,) * (len(var.shape) - len(spec))):
+            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            ways = int(np.prod([mesh_shape.get(a, 1) for a in axes]))
+            if dim % ways:
+                raise ConfigError(f"{'/'.join(path)}: dimension {dim} does not divide over {axes} of size {ways}")
+            chunk.append(dim // ways)
+        out[tuple(path)] = tuple(chunk)
+    return out
+
+
+def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progress: bool = True,
+              mesh_shape: dict[str, int] | None = None) -> Path:
     """A Hugging Face LLaMA directory -> a parameter checkpoint that `train.init_from` restores.
 
     dtype: None keeps the checkpoint's own (so HF -> JAX -> HF is bit-exact); or float32 / bfloat16.
+    mesh_shape: e.g. {"fsdp": 8, "tensor": 2}: store each parameter chunked as that mesh's shards (with the
+    default rule table), so a restore there reads one chunk per device shard. Any mesh can restore it.
     The output also holds model.yaml (our ModelConfig) and tokenizer.model when the source has one.
     """
     hf = HFCheckpoint(src)
     cfg = hf.config
+    chunks = shard_chunks(cfg, mesh_shape) if mesh_shape else {}
     out_dtype = _np_dtype(dtype) if dtype else None
     writer = ParamsWriter(dst)
     try:
         specs = tensor_specs(cfg)
-        total = sum(cfg.num_layers if s.stacked else 1 for s in specs)
-        with tqdm(total=total, unit="tensor", desc="hf-to-jax", disable=not progress) as bar:
+        total = sum(hf.nbytes(name) for name in hf.names)  # bytes read from the source
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-jax", disable=not progress) as bar:
+            done = 0
             for spec in specs:
                 first = hf.get(spec.hf_name.format(i=0))
                 dt = out_dtype or first.dtype
                 shape = ((cfg.num_layers,) if spec.stacked else ()) + spec.shape
-                writer.create(spec.path, shape, dt, spec.stacked)
+                writer.create(spec.path, shape, dt, spec.stacked, chunks.get(spec.path))
                 for i in (range(cfg.num_layers) if spec.stacked else [None]):
                     tensor = first if i in (0, None) else hf.get(spec.hf_name.format(i=i))
-                    writer.write(spec.path, spec.to_jax(tensor).astype(dt, copy=False), i)
-                    bar.update(1)
+                    array = spec.to_jax(tensor).astype(dt, copy=False)
+                    writer.write(spec.path, array, i)
+                    done += 1
+                    bar.update(tensor.nbytes)
+                    bar.set_postfix(tensors=done, refresh=False)
                 del first
         extra = {"model.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
         out = writer.close(extra)

@@ -253,6 +253,10 @@ class HFCheckpoint:
             raise ConversionError(f"{self.directory}: unsupported tensor dtypes {sorted(dtypes)}")
         self.dtypes = dtypes
 
+    def nbytes(self, name: str) -> int:
+        start, end, _, _ = self._layout[self.names[name]][name]
+        return end - start
+
     def get(self, name: str) -> np.ndarray:
         """One tensor, read with a plain read into fresh memory (a memory map would keep every page read so
         far resident and make the process's RSS grow to the checkpoint's size)."""

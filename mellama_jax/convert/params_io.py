@@ -86,8 +86,12 @@ class ParamsWriter:
         self.tree: dict[str, dict] = {}
         self._stores: dict[tuple[str, ...], ts.TensorStore] = {}
 
-    def create(self, path: tuple[str, ...], shape: tuple[int, ...], dtype, layered: bool) -> None:
-        chunks = [1] + list(shape[1:]) if layered else list(shape)
+    def create(self, path: tuple[str, ...], shape: tuple[int, ...], dtype, layered: bool,
+               chunks: tuple[int, ...] | None = None) -> None:
+        """chunks: the zarr chunk shape (default: whole array, one layer at a time for stacked arrays)."""
+        chunks = list(chunks or shape)
+        if layered:
+            chunks[0] = 1
         spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.directory / ".".join(path))},
                 "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
                              "compressor": None, "fill_value": None, "order": "C"}}
