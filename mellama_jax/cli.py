@@ -151,6 +151,15 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from mellama_jax.bench.plan import run
+
+    overrides = list(args.overrides) + ([f"model.preset={args.model}"] if args.model else [])
+    print(run(args.config, overrides, args.devices, [l for l in (args.layouts or "").split(";") if l],
+              args.memory_gb))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -181,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG loss and throughput curves of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=_plot)
+
+    pln = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices: memory per "
+                                      "device for each layout (nothing allocated)")
+    pln.add_argument("--config", help="a recipe YAML")
+    pln.add_argument("--model", help="model preset (overrides the config's)")
+    pln.add_argument("--devices", type=int, required=True, help="simulated devices, e.g. 160")
+    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh)')
+    pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
+    pln.add_argument("overrides", nargs="*")
+    pln.set_defaults(func=_plan)
 
     gen = sub.add_parser("generate", help="batched decoding with a KV cache from a parameter checkpoint")
     gen.add_argument("--model", required=True, help="a parameter checkpoint (hf-to-jax output, a run's params/)")

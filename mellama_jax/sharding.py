@@ -46,6 +46,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tup
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     num_processes = len({d.process_index for d in devices})
+    dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)
+    if num_processes == 1 and dcn_total > 1:
+        # One process standing in for many hosts (planning on simulated devices): fold dcn into ici.
+        dcn = _resolve(cfg.dcn, dcn_total, "dcn")
+        ici = _resolve(cfg.ici, len(devices) // dcn_total, "ici")
+        shape = tuple(ici[a] * dcn[a] for a in ici)
+        array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(array, tuple(ici), axis_types=(AxisType.Auto,) * len(ici))
     ici, dcn = mesh_shape(cfg, len(devices), num_processes)
     names = tuple(ici)
     if math.prod(dcn.values()) > 1:

@@ -1,0 +1,125 @@
+"""`mellama-jax plan`: compile the real train step ahead of time for a layout on a simulated device set, with
+abstract shapes only (nothing allocated), and report XLA's per-device memory beside an analytical estimate.
+
+Run it in a fresh process: it sets the number of simulated CPU devices before JAX starts its backend.
+"""
+
+from __future__ import annotations
+
+
+import json
+import math
+import time
+
+GiB = 2**30
+
+
+def analytical(cfg) -> dict:
+    """Per-device bytes by hand: sharded parameters, fp32 gradients and Adam moments, checkpointed activations."""
+    import jax
+    from flax import nnx
+
+    from mellama_jax import sharding
+    from mellama_jax.model import init_abstract
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    abstract = nnx.state(init_abstract(cfg.model), nnx.Param)
+    shardings = sharding.state_shardings(abstract, mesh, cfg.mesh.rules)
+    params = sharding.bytes_per_device(abstract, shardings)
+    fp32 = sharding.bytes_per_device(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, "float32"), abstract),
+                                     shardings)
+    batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    m = cfg.model
+    micro = cfg.train.batch_size // cfg.train.grad_accum // batch_ways  # sequences per device per microbatch
+    tokens = micro * cfg.train.seq_len
+    act = 2 if m.dtype == "bfloat16" else 4
+    tensor = mesh.shape.get("tensor", 1)
+    residuals = m.num_layers * tokens * m.hidden_size * act  # layer inputs kept for the backward pass
+    layer = tokens * (6 * m.hidden_size + 3 * m.intermediate_size // tensor) * 4 \
+        + 3 * micro * (m.num_heads // tensor) * cfg.train.seq_len ** 2 * 4  # recomputed layer; fp32 scores
+    logits = tokens * m.vocab_size // tensor * 4 * 2
+    # FSDP gathers a layer's weights whole (fp32) and produces its gradient whole before reduce-scattering;
+    # count two layers in flight (compute + prefetch) and one layer gradient.
+    per_layer = (sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) - 2 * m.vocab_size * m.hidden_size
+                 ) / m.num_layers / tensor * 4
+    return {"params": params, "optimizer": 2 * fp32 if cfg.train.mode != "lora" else 0, "gradients": fp32,
+            "activations": residuals + layer + logits, "gathered_layers": int(3 * per_layer)}
+
+
+def plan_layout(cfg) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mellama_jax.train.checkpoint import abstract_like
+    from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
+
+    start = time.perf_counter()
+    trainer, init = plan_trainer(cfg)
+    abs_state, abs_frozen = jax.eval_shape(init)
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    with jax.set_mesh(trainer.mesh):
+        compiled = make_train_step(trainer).jitted.lower(
+            abstract_like(abs_state, trainer.state_shardings), abstract_like(abs_frozen, trainer.frozen_shardings),
+            batch).compile()
+    m = compiled.memory_analysis()
+    xla = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "outputs_not_aliased": max(0, m.output_size_in_bytes - m.alias_size_in_bytes)}
+    xla["total"] = sum(xla.values())
+    return {"mesh": dict(trainer.mesh.shape), "compile_s": time.perf_counter() - start, "xla_bytes": xla,
+            "analytical_bytes": analytical(cfg)}
+
+
+def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gb: float) -> dict:
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
+        if jax.device_count() != devices:
+            raise
+    from mellama_jax.config import load_config
+
+    rows = []
+    for layout in layouts or [""]:
+        extra = []
+        if layout:
+            ici = {k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))}
+            extra = ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}",
+                     "mesh.dcn={data: 1, fsdp: 1, tensor: 1}"]
+        cfg = load_config(config, list(overrides) + extra)
+        try:
+            row = plan_layout(cfg)
+        except Exception as e:  # a layout that cannot be built is a result, not a crash
+            row = {"mesh": layout or "config", "error": f"{type(e).__name__}: {e}"}
+        row["layout"] = layout or "config"
+        if "xla_bytes" in row:
+            row["fits"] = row["xla_bytes"]["total"] <= memory_gb * 1e9
+        rows.append(row)
+    return {"model": cfg.model.name, "devices": devices, "device_memory_gb": memory_gb,
+            "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
+             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gb']} GB", "",
+             "| layout | mesh | XLA args GiB | XLA temp GiB | XLA total GiB | estimate GiB | fits | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["layouts"]:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | - | - | - | - | - | no: {r['error'][:80]} | - |")
+            continue
+        x, a = r["xla_bytes"], r["analytical_bytes"]
+        lines.append(f"| {r['layout']} | {r['mesh']} | {x['arguments'] / GiB:.2f} | {x['temporaries'] / GiB:.2f} | "
+                     f"{x['total'] / GiB:.2f} | {sum(a.values()) / GiB:.2f} | {'yes' if r['fits'] else 'NO'} | "
+                     f"{r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(config, overrides, devices, layouts, memory_gb) -> str:
+    result = plan(config, overrides, devices, layouts, memory_gb)
+    return markdown(result) + "\n\n" + json.dumps(result, indent=1, default=str)
+
+
+
