@@ -129,6 +129,32 @@ def _convert(args) -> int:
     return 0
 
 
+def _bench_mesh(args) -> int:
+    import json
+
+    import jax
+
+    if args.devices:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from mellama_jax.bench.mesh import bench_mesh, markdown
+
+    result = bench_mesh(args.model, args.layouts.split(";"), args.seq, args.batch, args.remat, args.dtype,
+                        args.warmup, args.steps, args.png)
+    print(markdown(result))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_baseline(args) -> int:
+    import json
+
+    from mellama_jax.bench.mesh import bench_baseline
+
+    print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps),
+                     indent=1))
+    return 0
+
+
 def _bench_convert(args) -> int:
     import json
 
@@ -284,6 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     btok.add_argument("--fields", default="text")
     btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
     btok.set_defaults(func=_bench_tokenize)
+    bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
+    bmesh.add_argument("--model", default="bench-60m")
+    bmesh.add_argument("--layouts", default="data=8;fsdp=8;fsdp=4,tensor=2", help='";"-separated ici layouts')
+    bmesh.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0: what is there)")
+    bmesh.add_argument("--seq", type=int, default=256)
+    bmesh.add_argument("--batch", type=int, default=8)
+    bmesh.add_argument("--remat", default="none")
+    bmesh.add_argument("--dtype", default="float32")
+    bmesh.add_argument("--warmup", type=int, default=2)
+    bmesh.add_argument("--steps", type=int, default=5)
+    bmesh.add_argument("--png", help="bar chart output path")
+    bmesh.set_defaults(func=_bench_mesh)
+    bbase = bench_sub.add_parser("baseline", help="our step vs transformers+torch (and PEFT) on the same batch")
+    bbase.add_argument("--model", default="bench-60m")
+    bbase.add_argument("--seq", type=int, default=256)
+    bbase.add_argument("--batch", type=int, default=4)
+    bbase.add_argument("--lora-rank", type=int, default=8)
+    bbase.add_argument("--warmup", type=int, default=2)
+    bbase.add_argument("--steps", type=int, default=5)
+    bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")

@@ -393,6 +393,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
     node = data
     for key in keys[:-1]:
         child = node.setdefault(key, {})
+        if key == "model" and node is data and isinstance(child, str):  # model=NAME, then model.x=...
+            child = node[key] = {"preset": child}
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: cannot set {dotted!r}: {key!r} is not a mapping")
         node = child

@@ -88,15 +88,21 @@ def test_sigkill_then_resume_is_bit_exact(mode, data, reference, tmp_path):
     proc = cli(args)
     kill_at = int(np.random.default_rng().integers(6, 12))
     wait_for_step(tmp_path, kill_at, proc)
+
+    # Orbax commits a checkpoint by renaming its temporary directory: only committed ones have a plain name.
+    def committed():
+        return [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+    deadline = time.time() + 120
+    while not committed() and proc.poll() is None and time.time() < deadline:  # async save still in flight
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # Orbax commits a checkpoint by renaming its temporary directory: only committed ones have a plain name.
-    committed = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert committed, "no checkpoint was committed before the kill"
+    assert committed(), "no checkpoint was committed before the kill"
     proc = cli(args)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
-    assert f"resuming at step {max(committed)}" in output
+    assert f"resuming at step {max(committed())}" in output
     assert losses(tmp_path) == ref_losses  # every step, bit for bit
     assert len(ref_losses) == 12 and ref_losses[12] < ref_losses[1]
 

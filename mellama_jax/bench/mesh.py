@@ -1,0 +1,188 @@
+"""`bench mesh` and `bench baseline`: real train steps per mesh layout, and the same model and batch in
+transformers + torch (and PEFT for LoRA) in the same run, so the ratio is measured side by side."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _time_steps(run_step, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        run_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
+                    devices: list | None = None) -> dict:
+    import jax
+
+    from mellama_jax.sharding import make_mesh
+    from mellama_jax.config import load_config
+    from mellama_jax.train import flops
+    from mellama_jax.train.metrics import measured_matmul_tflops, peak_tflops_per_device
+    from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
+
+    cfg = load_config(None, ["train.steps=1000"] + list(overrides))
+    trainer, init = plan_trainer(cfg, make_mesh(cfg.mesh, devices))
+    with jax.set_mesh(trainer.mesh):
+        state, frozen = init()
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    tokens = np.random.default_rng(seed).integers(3, cfg.model.vocab_size, (B, T + 1))
+    batch = trainer.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                 "positions": np.broadcast_to(np.arange(T), (B, T)), "segment_ids": np.ones((B, T)),
+                                 "loss_weights": np.ones((B, T))})
+    step = make_train_step(trainer)
+    start = time.perf_counter()
+    with jax.set_mesh(trainer.mesh):
+        compiled = step.jitted.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - start
+    box = {"state": state}
+
+    def run():
+        with jax.set_mesh(trainer.mesh):
+            box["state"], metrics = compiled(box["state"], frozen, batch)
+        metrics["loss"].block_until_ready()
+
+    times = _time_steps(run, warmup, steps)
+    median = statistics.median(times)
+    tokens_per_s = B * T / median
+    n = trainer.mesh.size
+    if jax.default_backend() == "cpu":  # simulated devices share the machine's cores: split its peak over the mesh
+        peak, peak_source = measured_matmul_tflops() / n, "cpu (measured fp32 matmul / mesh devices)"
+    else:
+        peak, peak_source = peak_tflops_per_device()
+    tflops = flops.train_flops_per_token(cfg.model, T) * tokens_per_s / n / 1e12
+    mem = compiled.memory_analysis()
+    device_peak = None
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats:
+        device_peak = stats.get("peak_bytes_in_use")
+    return {"mesh": dict(trainer.mesh.shape), "compile_s": compile_s, "step_s_median": median,
+            "step_s_all": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
+            "model_tflops_per_device": tflops, "peak_tflops_per_device": peak, "peak_source": peak_source,
+            "mfu": tflops / peak if peak else None,
+            "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
+            "device_peak_bytes": device_peak}
+
+
+def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmup: int = 2, steps: int = 5,
+                      seed: int = 0) -> dict:
+    """transformers' LlamaForCausalLM (fp32, AdamW) on the same shapes; with lora_rank, PEFT adapters on q/k/v/o."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    hf_cfg = LlamaConfig(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+                         intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
+                         num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
+                         max_position_embeddings=model_cfg.max_seq_len, rms_norm_eps=model_cfg.rms_norm_eps,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(hf_cfg).to(device)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
+                            weight_decay=1e-5)
+    ids = torch.randint(3, model_cfg.vocab_size, (batch, seq), device=device)
+
+    def run():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = _time_steps(run, warmup, steps)
+    median = statistics.median(times)
+    return {"device": device, "threads": torch.get_num_threads(), "step_s_median": median, "step_s_all": times,
+            "tokens_per_s": batch * seq / median}
+
+
+def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
+               warmup: int, steps: int, out: str | Path | None = None) -> dict:
+    rows = []
+    for layout in layouts:
+        ici = {k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))} if layout else {}
+        overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
+                     f"model.dtype={dtype}",
+                     "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}"]
+        try:
+            rows.append(dict(layout=layout, **jax_step_timing(overrides, warmup, steps)))
+        except Exception as e:
+            rows.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
+    result = {"benchmark": "mesh", "model": model, "seq": seq, "batch": batch, "remat": remat, "dtype": dtype,
+              "layouts": rows}
+    if out:
+        _bar_chart(result, Path(out))
+    return result
+
+
+def _bar_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in result["layouts"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([r["layout"] for r in ok], [r["tokens_per_s"] for r in ok])
+    ax.set(ylabel="tokens/s", title=f"{result['model']}: train step throughput per layout")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    lines = ["| layout | compile s | step s | tokens/s | tokens/s/device | TFLOP/s/device | MFU | XLA GiB/device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["layouts"]:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | error: {r['error'][:60]} | | | | | | |")
+            continue
+        lines.append(f"| {r['layout']} | {r['compile_s']:.1f} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s_per_device']:.0f} | {r['model_tflops_per_device']:.3f} | "
+                     f"{(r['mfu'] or 0) * 100:.1f}% | {r['xla_bytes_per_device'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int, steps: int) -> dict:
+    """Ours (one device, fp32) and transformers (+ PEFT when lora_rank) on the same model and batch."""
+    from mellama_jax.config import load_model_preset
+
+    cfg = load_model_preset(model)
+    common = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
+              "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
+    result = {"benchmark": "baseline", "model": model, "seq": seq, "batch": batch}
+    import jax
+
+    one = [jax.devices()[0]]  # one real device: the torch side is one process on the same cores
+    ours = jax_step_timing(common, warmup, steps, devices=one)
+    torch_full = torch_step_timing(cfg, batch, seq, 0, warmup, steps)
+    result["full"] = {"ours": ours, "torch": torch_full, "speedup": ours["tokens_per_s"] / torch_full["tokens_per_s"]}
+    if lora_rank:
+        lora = common + ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}",
+                         "lora.dropout=0.0", "lora.base_dtype=float32"]
+        ours_l = jax_step_timing(lora, warmup, steps, devices=one)
+        torch_l = torch_step_timing(cfg, batch, seq, lora_rank, warmup, steps)
+        result["lora"] = {"ours": ours_l, "torch_peft": torch_l,
+                          "speedup": ours_l["tokens_per_s"] / torch_l["tokens_per_s"]}
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_baseline("bench-60m", 256, 4, 8, 1, 3), indent=1))
