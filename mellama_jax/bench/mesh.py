@@ -61,7 +61,7 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
         peak, peak_source = measured_matmul_tflops() / n, "cpu (measured fp32 matmul / mesh devices)"
     else:
         peak, peak_source = peak_tflops_per_device()
-    tflops = flops.train_flops_per_token(cfg.model, T) * tokens_per_s / n / 1e12
+    tflops = flops.train_flops_per_token(cfg.model, T, cfg.train.mode == "lora") * tokens_per_s / n / 1e12
     mem = compiled.memory_analysis()
     device_peak = None
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None

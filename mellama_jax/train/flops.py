@@ -18,8 +18,10 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + D * V
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    weights = 6.0 * matmul_params(cfg)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:
+    """frozen_weights (LoRA): no weight gradients, so 4 rather than 6 FLOPs per weight per token (adapters,
+    a fraction of a percent of the weights, are not counted)."""
+    weights = (4.0 if frozen_weights else 6.0) * matmul_params(cfg)
     attention = 3.0 * cfg.num_layers * (4.0 * seq_len * cfg.num_heads * cfg.head_dim) / 2.0
     return weights + attention
 

@@ -97,7 +97,7 @@ def train(cfg: Config) -> dict:
 
     step_fn, eval_fn = make_train_step(trainer), make_eval_step(trainer)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len)
+    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mode == "lora")
     peak, peak_source = peak_tflops_per_device(cfg.run.peak_tflops)
     log = MetricsLogger(run_dir, steps, start, main, cfg.run.progress)
     log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
