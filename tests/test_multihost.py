@@ -1,7 +1,6 @@
 """Several JAX processes on this machine (launch/local.sh): same losses as one process, checkpoints that move
 between process counts, a dead process that stops the others, and the cluster launch scripts."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mellama_jax.config import CONFIG_ROOT, load_config
+from train_helpers import logged_losses
 from mellama_jax.distributed import detect
 from mellama_jax.train.loop import train
 
@@ -27,13 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            out[r["step"]] = r["loss"]
-    return out
+losses = logged_losses
 
 
 def local(config, overrides, processes=2, devices=4, timeout=600):

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from mellama_jax.config import CONFIG_ROOT, load_config
+from train_helpers import logged_losses
 from mellama_jax.train.loop import build_data, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +39,7 @@ def overrides(data, mode, run_dir, *extra):
 CONFIG = {"pretrain": "tiny-pretrain.yaml", "lora": "tiny-lora.yaml"}
 
 
-def losses(run_dir) -> dict[int, float]:
-    """The last logged training loss of each step (a resumed run logs the steps after its checkpoint again)."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            out[r["step"]] = r["loss"]
-    return out
+losses = logged_losses
 
 
 def cli(args, **kw):

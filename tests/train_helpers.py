@@ -45,3 +45,16 @@ def run_steps(overrides, batches, devices=None):
 
 def single_device():
     return [jax.devices()[0]]
+
+
+def logged_losses(run_dir) -> dict[int, float]:
+    """The last logged training loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out

@@ -30,7 +30,7 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     from mellama_jax.config import load_config
     from mellama_jax.train import flops
     from mellama_jax.train.metrics import measured_matmul_tflops, peak_tflops_per_device
-    from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
+    from mellama_jax.train.step import make_train_step, plan_trainer
 
     cfg = load_config(None, ["train.steps=1000"] + list(overrides))
     trainer, init = plan_trainer(cfg, make_mesh(cfg.mesh, devices))
