@@ -236,3 +236,21 @@ def test_lora_recipes_carry_the_papers_settings(name):
 def test_sft_recipe():
     cfg = load_config(CONFIG_ROOT / "sft.yaml")
     assert cfg.train.mode == "sft" and cfg.optimizer.learning_rate == 1e-5 and cfg.train.epochs == 0
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_one(data, reference, tmp_path):
+    """What a kill during a save leaves behind: a half-written temporary directory. Orbax commits by renaming
+    it, so the next run must ignore it and resume from the last committed step."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["pretrain"][0], run)
+    partial = run / "checkpoints" / "13.orbax-checkpoint-tmp-1764100000000000"
+    shutil.copytree(run / "checkpoints" / "12", partial)
+    for f in list(partial.rglob("*"))[::2]:
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated files
+    result = train(load_config(CONFIG_ROOT / "tiny-pretrain.yaml",
+                               overrides(data, "pretrain", run, "train.steps=14")))
+    assert result["status"] == "finished" and result["step"] == 14
+    resumed = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in resumed if r["kind"] == "train"]
+    assert steps == list(range(1, 13)) + [13, 14]  # the reference's 12 steps, then only 13 and 14: resumed at 12
