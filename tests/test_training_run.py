@@ -92,11 +92,12 @@ def test_sigkill_then_resume_is_bit_exact(mode, data, reference, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert committed(), "no checkpoint was committed before the kill"
+    at_kill = committed()
+    assert at_kill, "no checkpoint was committed before the kill"
     proc = cli(args)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
-    assert f"resuming at step {max(committed())}" in output
+    assert f"resuming at step {max(at_kill)}" in output
     assert losses(tmp_path) == ref_losses  # every step, bit for bit
     assert len(ref_losses) == 12 and ref_losses[12] < ref_losses[1]
 
