@@ -78,6 +78,17 @@ def read_jsonl(path: str | Path, report: Report) -> Iterator[tuple[str, dict]]:
         yield f"{path}:{number}", obj
 
 
+def read_json_file(path: str | Path, missing: str) -> object:
+    """A whole JSON file; `missing` says what the absent file should have been. Errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRecord(f"{path}: invalid JSON ({e})") from None
+
+
 def read_json_records(path: str | Path, report: Report) -> Iterator[tuple[str, dict]]:
     """A .json file holding a list of objects (as ChatDoctor and Alpaca ship), or JSONL."""
     path = Path(path)

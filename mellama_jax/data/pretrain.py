@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from mellama_jax.data.corpus import BadRecord
+from mellama_jax.data.corpus import BadRecord, read_json_file
 
 
 def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a prepared dataset (run `mellama-jax prepare ...` first)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"{path}: corrupt manifest ({e})") from None
+    return read_json_file(Path(directory) / "manifest.json",
+                          "not a prepared dataset (run `mellama-jax prepare ...` first)")
 
 
 class PackedSource:

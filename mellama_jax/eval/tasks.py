@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mellama_jax.data.corpus import BadRecord, Report, read_jsonl
+from mellama_jax.data.corpus import BadRecord, Report, read_json_file, read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +35,7 @@ class Task:
 
 
 def load_templates(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no prompt templates file (the authors' prompt_templates.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"{path}: invalid JSON ({e})") from None
+    return read_json_file(path, "no prompt templates file (the authors' prompt_templates.json)")
 
 
 def _pubmedqa(path: Path, prompt: str, choices, split) -> list[Example]:
