@@ -114,10 +114,9 @@ def _convert(args) -> int:
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
-        mesh = None
-        if args.mesh:
-            mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
-        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=mesh))
+        from mellama_jax.sharding import parse_layout
+
+        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None))
     elif args.direction == "jax-to-hf":
         print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
                             _size(args.shard_size), args.adapters, args.merge))
@@ -168,10 +167,11 @@ def _generate(args) -> int:
     from mellama_jax.eval.run import JaxBackend
     from mellama_jax.generate import generate, truncate_at_stop
 
-    backend = JaxBackend(args.model, args.tokenizer)
+    backend = JaxBackend(args.model, args.tokenizer, args.mesh)
     tok = backend.tokenizer
     ids = [tok.encode(p, bos=True) for p in args.prompt]
-    out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed)
+    out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed,
+                   backend.mesh, backend.rules)
     for prompt, prompt_ids, row in zip(args.prompt, ids, out):
         print(prompt + truncate_at_stop(backend.continuation(prompt_ids, row), args.stop or []))
     return 0
@@ -192,7 +192,8 @@ def _eval(args) -> int:
     from mellama_jax.eval.run import evaluate
 
     summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
-                       args.limit, args.batch_size, args.max_new_tokens)
+                       args.limit, args.batch_size, args.max_new_tokens, args.fewshot, args.fewshot_data,
+                       args.seed, args.mesh, args.bertscore_model)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -236,19 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    gen.add_argument("--mesh", help='decode sharded over the devices, e.g. "data=4,tensor=2"')
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("eval", help="a benchmark task (pubmedqa, medqa, medmcqa), the authors' prompts and scoring")
-    ev.add_argument("--task", required=True)
-    ev.add_argument("--data", required=True, help="the dataset's original file (e.g. ori_pqal.json, test.jsonl)")
+    ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task)")
+    from mellama_jax.eval.tasks import TASKS  # stdlib only: keeps --help fast
+
+    ev.add_argument("--task", required=True, choices=sorted(TASKS))
+    ev.add_argument("--data", required=True, help="the dataset's original file or folder (docs/evaluation.md)")
     ev.add_argument("--split", help="PubMedQA: the split's id -> label file (test_ground_truth.json)")
     ev.add_argument("--model", required=True, help="jax: a parameter checkpoint; hf: a Hugging Face directory")
     ev.add_argument("--backend", choices=["jax", "hf"], default="jax")
-    ev.add_argument("--prompts", required=True, help="the authors' prompt_templates.json")
+    ev.add_argument("--prompts", help="the authors' prompt_templates.json (needed for all but i2b2 and bionli)")
     ev.add_argument("--out", required=True)
     ev.add_argument("--limit", type=int)
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, help="default: per task (16 for choices ... 256 for summaries)")
+    ev.add_argument("--fewshot", type=int, default=0, help="k demonstrations from --fewshot-data (default 0)")
+    ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
+    ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
+    ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
+    ev.add_argument("--bertscore-model", help="summaries: a local model directory for BERTScore (else skipped)")
     ev.set_defaults(func=_eval)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")

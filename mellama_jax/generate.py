@@ -1,18 +1,20 @@
-"""Greedy decoding by full recompute: one compiled step for any number of new tokens.
+"""Decoding: `generate` (KV cache, one compiled loop, optionally sharded over a mesh like training) and
+`greedy_generate` (full recompute each step: the reference the cached decoder must reproduce).
 
-Each step reruns the whole (fixed-size) buffer through the model, so it is the reference that a KV-cache
-decoder must reproduce; prompts are left-padded and positions come from the attention mask, as in Hugging
-Face's `generate`.
+Prompts are left-padded and positions come from the attention mask, as in Hugging Face's `generate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import nnx
+from jax.sharding import Mesh
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -75,49 +77,85 @@ def _pick(logits, key, temperature, top_p):
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8))
-def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8, 9))
+def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature, top_p, rules):
+    from mellama_jax.model.layers import constrain
     from mellama_jax.model.llama import init_cache
 
-    model = nnx.merge(graphdef, state)
-    B, P = ids.shape
-    cache = init_cache(model.cfg, B, P + max_new_tokens)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    hidden, cache = model.hidden_states(ids, positions, mask, cache=cache)  # prefill
-    logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
-    out = jnp.zeros((B, max_new_tokens), ids.dtype)
-    next_pos = positions[:, -1] + 1
-    done = jnp.zeros((B,), bool)
+    with nn.logical_axis_rules(rules or ()):
+        model = nnx.merge(graphdef, state)
+        B, P = ids.shape
+        cache = init_cache(model.cfg, B, P + max_new_tokens)
+        # the cache follows the batch over data/fsdp and the KV heads over tensor, as training's activations
+        kv_axes = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+        cache.update(k=constrain(cache["k"], kv_axes), v=constrain(cache["v"], kv_axes))
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        hidden, cache = model.hidden_states(ids, positions, mask, cache=cache)  # prefill
+        logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
+        out = jnp.zeros((B, max_new_tokens), ids.dtype)
+        next_pos = positions[:, -1] + 1
+        done = jnp.zeros((B,), bool)
 
-    def cond(carry):
-        t, _, _, _, _, done = carry
-        return (t < max_new_tokens) & ~jnp.all(done)
+        def cond(carry):
+            t, _, _, _, _, done = carry
+            return (t < max_new_tokens) & ~jnp.all(done)
 
-    def body(carry):
-        t, logits, cache, out, next_pos, done = carry
-        token = _pick(logits, jax.random.fold_in(key, t), temperature, top_p).astype(ids.dtype)
-        token = jnp.where(done, 0, token)
-        out = out.at[:, t].set(token)
-        done = done | (token == eos_id)
-        hidden, cache = model.hidden_states(token[:, None], next_pos[:, None], jnp.ones((B, 1), mask.dtype),
-                                            cache=cache)
-        logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
-        return t + 1, logits, cache, out, next_pos + 1, done
+        def body(carry):
+            t, logits, cache, out, next_pos, done = carry
+            token = _pick(logits, jax.random.fold_in(key, t), temperature, top_p).astype(ids.dtype)
+            token = jnp.where(done, 0, token)
+            out = out.at[:, t].set(token)
+            done = done | (token == eos_id)
+            hidden, cache = model.hidden_states(token[:, None], next_pos[:, None], jnp.ones((B, 1), mask.dtype),
+                                                cache=cache)
+            logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
+            return t + 1, logits, cache, out, next_pos + 1, done
 
-    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, next_pos, done))
-    return out
+        _, _, _, out, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), logits, cache, out, next_pos, done))
+        return out
+
+
+def _hashable(rules):
+    """The rule table as nested tuples (YAML gives lists), so that it can be a static argument."""
+    return tuple((name, tuple(v) if isinstance(v, list) else v) for name, v in (rules or ()))
+
+
+def shard_for_decoding(model: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
+    """The model with its parameters laid out on `mesh` by the training rule table."""
+    from mellama_jax.sharding import state_shardings
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
 def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, mesh: Mesh | None = None,
+             rules=None) -> np.ndarray:
     """New token ids (B, max_new_tokens) with a preallocated KV cache: one prefill, then one token per step
-    inside a single compiled loop (no recompilation per step). After EOS a row is padded with 0."""
+    inside a single compiled loop (no recompilation per step). After EOS a row is padded with 0.
+
+    With a mesh (and the config's rule table), the batch is split over the batch axes (padded with copies of
+    the last prompt to a multiple of their size), the cache follows it, and the parameters should already be
+    laid out by `shard_for_decoding`: decoding is sharded as training is.
+    """
+    from mellama_jax.sharding import batch_sharding
+
     ids, mask = left_pad(prompts, 0, multiple=64)
+    n = len(prompts)
     graphdef, state = nnx.split(model)
-    out = _decode(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens,
-                  jnp.int32(-1 if eos_id is None else eos_id), jax.random.key(seed), float(temperature),
-                  float(top_p))
-    return np.asarray(out)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    if mesh is not None:
+        sh = batch_sharding(mesh, rules)
+        ways = mesh.size // sh.shard_shape((mesh.size, 1))[0]
+        extra = -n % ways
+        ids = jnp.concatenate([ids, jnp.repeat(ids[-1:], extra, 0)]) if extra else ids
+        mask = jnp.concatenate([mask, jnp.repeat(mask[-1:], extra, 0)]) if extra else mask
+        ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        out = _decode(graphdef, state, ids, mask, max_new_tokens, jnp.int32(-1 if eos_id is None else eos_id),
+                      jax.random.key(seed), float(temperature), float(top_p),
+                      _hashable(rules) if mesh is not None else None)
+    return np.asarray(out)[:n]
 
 
 def truncate_at_stop(text: str, stop: list[str] | tuple[str, ...]) -> str:

@@ -32,6 +32,14 @@ def _resolve(shape: dict[str, int], total: int, kind: str) -> dict[str, int]:
     return dict(shape)
 
 
+def parse_layout(text: str) -> dict[str, int]:
+    """"fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2} (the command-line form of a mesh layout)."""
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, e.g. fsdp=4,tensor=2") from None
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """(ici, dcn) with -1 resolved. dcn spans processes; ici spans the devices of one process."""
     dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, hf_tiny_config
 from mellama_jax.convert.api import hf_to_jax, jax_to_hf
 from mellama_jax.eval.run import evaluate
 from mellama_jax.eval.scoring import classification_metrics, first_choice
-from mellama_jax.eval.tasks import TASKS, load_templates
+from mellama_jax.eval.tasks import load_task, load_templates, render
 from mellama_jax.generate import generate, greedy_generate, truncate_at_stop
 
 
@@ -68,31 +68,47 @@ def templates():
 
 
 def test_tasks_read_the_original_files(templates):
-    examples, choices = TASKS["pubmedqa"].load(SHARED_DATA / "pubmedqa" / "ori_pqal.json", templates,
-                                               SHARED_DATA / "pubmedqa" / "test_ground_truth.json")
+    _, examples, entry = load_task("pubmedqa", SHARED_DATA / "pubmedqa" / "ori_pqal.json", templates,
+                                   SHARED_DATA / "pubmedqa" / "test_ground_truth.json")
     truth = json.loads((SHARED_DATA / "pubmedqa" / "test_ground_truth.json").read_text())
     assert len(examples) == 500 and all(truth[e.id] == e.gold for e in examples)
-    assert examples[0].prompt.startswith("As an expert doctor") and examples[0].prompt.endswith("The answer is:\n")
-    examples, choices = TASKS["medqa"].load(SHARED_DATA / "medqa" / "test.jsonl", templates)
-    assert len(examples) == 1273 and choices == ["A", "B", "C", "D", "E"] and "\nA. " in examples[0].prompt
-    examples, _ = TASKS["medmcqa"].load(SHARED_DATA / "medmcqa" / "test.jsonl", templates)
+    prompt = render(entry["prompt"], examples[0].fields)
+    assert prompt.startswith("As an expert doctor") and prompt.endswith("The answer is:\n")
+    _, examples, entry = load_task("medqa", SHARED_DATA / "medqa" / "test.jsonl", templates)
+    assert len(examples) == 1273 and entry["choices"] == ["A", "B", "C", "D", "E"]
+    assert "\nA. " in render(entry["prompt"], examples[0].fields)
+    _, examples, _ = load_task("medmcqa", SHARED_DATA / "medmcqa" / "test.jsonl", templates)
     assert len(examples) == 2816 and {e.gold for e in examples} <= {"A", "B", "C", "D"}
 
 
-def test_eval_backends_agree(templates, tmp_path):
+@pytest.fixture(scope="module")
+def real_vocab_checkpoints(templates, tmp_path_factory):
+    """A random tiny model over the LLaMA 2 vocabulary: our checkpoint and its transformers export."""
+    root = tmp_path_factory.mktemp("eval-real")
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_tiny_config(2, vocab_size=32000)).eval()
-    hf.save_pretrained(tmp_path / "hf")
-    shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
-    params = hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
-    exported = jax_to_hf(params, tmp_path / "hf-out", dtype="float32", progress=False)
+    hf.save_pretrained(root / "hf")
+    shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", root / "hf" / "tokenizer.model")
+    params = hf_to_jax(root / "hf", root / "jax", progress=False)
+    return params, jax_to_hf(params, root / "hf-out", dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize("task,data,split", [
+    ("pubmedqa", "pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json"),
+    ("medqa", "medqa/test.jsonl", None),
+    ("medmcqa", "medmcqa/test.jsonl", None),
+])
+def test_eval_backends_agree_on_the_real_files(task, data, split, real_vocab_checkpoints, tmp_path):
+    params, exported = real_vocab_checkpoints
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     results = {}
     for backend, model in (("jax", params), ("hf", exported)):
-        results[backend] = evaluate("medqa", SHARED_DATA / "medqa" / "test.jsonl", model, prompts,
-                                    tmp_path / backend, backend, limit=4, batch_size=2, max_new_tokens=6)
+        results[backend] = evaluate(task, SHARED_DATA / data, model, prompts, tmp_path / backend, backend,
+                                    split=SHARED_DATA / split if split else None, limit=4, batch_size=2,
+                                    max_new_tokens=6)
     rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()]
             for b in results}
     assert [r["output"] for r in rows["jax"]] == [r["output"] for r in rows["hf"]]
+    assert [r["prediction"] for r in rows["jax"]] == [r["prediction"] for r in rows["hf"]]
     assert results["jax"]["accuracy"] == results["hf"]["accuracy"] and results["jax"]["examples"] == 4
     assert (tmp_path / "jax" / "summary.md").read_text().startswith("| task |")

@@ -115,9 +115,11 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
 
 def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
                warmup: int, steps: int, out: str | Path | None = None) -> dict:
+    from mellama_jax.sharding import parse_layout
+
     rows = []
     for layout in layouts:
-        ici = {k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))} if layout else {}
+        ici = parse_layout(layout)
         overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
                      f"model.dtype={dtype}",
                      "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}"]

@@ -80,12 +80,13 @@ def plan(config: str | None, overrides: list[str], devices: int, layouts: list[s
         if jax.device_count() != devices:
             raise
     from mellama_jax.config import load_config
+    from mellama_jax.sharding import parse_layout
 
     rows = []
     for layout in layouts or [""]:
         extra = []
         if layout:
-            ici = {k: int(v) for k, v in (kv.split("=") for kv in layout.split(","))}
+            ici = parse_layout(layout)
             extra = ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}",
                      "mesh.dcn={data: 1, fsdp: 1, tensor: 1}"]
         cfg = load_config(config, list(overrides) + extra)

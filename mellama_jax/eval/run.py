@@ -7,16 +7,22 @@ import dataclasses
 import json
 from pathlib import Path
 
+import random
+import time
+
 from tqdm import tqdm
 
-from mellama_jax.eval.scoring import classification_metrics, first_choice
-from mellama_jax.eval.tasks import TASKS, load_templates
+from mellama_jax.convert.safetensors_stream import atomic_directory
+from mellama_jax.eval.scoring import (classification_metrics, extractive_metrics, first_choice, labels_in,
+                                      multilabel_metrics, ner_metrics, summary_metrics, tags_from_output)
+from mellama_jax.eval.tasks import Example, Task, load_task, load_templates, render
 
 
 class JaxBackend:
     """Our model from a parameter checkpoint (hf-to-jax output or a run's params/), tokenizer beside it."""
 
-    def __init__(self, params: str | Path, tokenizer: str | Path | None = None):
+    def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None):
+        """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does."""
         from flax import nnx
 
         from mellama_jax.convert.api import _find_model_config, _find_tokenizer
@@ -29,12 +35,21 @@ class JaxBackend:
         graphdef, abstract = nnx.split(init_abstract(cfg))
         self.model = nnx.merge(graphdef, load_params_local(params, abstract))
         self.tokenizer = Tokenizer.load(tokenizer or _find_tokenizer(params))
+        self.mesh, self.rules = None, None
+        if mesh:
+            from mellama_jax.config import MeshConfig
+            from mellama_jax.generate import shard_for_decoding
+            from mellama_jax.sharding import make_mesh, parse_layout
+
+            layout = MeshConfig(ici={"data": 1, "fsdp": 1, "tensor": 1, **parse_layout(mesh)})
+            self.mesh, self.rules = make_mesh(layout), layout.rules
+            self.model = shard_for_decoding(self.model, self.mesh, self.rules)
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         from mellama_jax.generate import generate
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate(self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id)
+        out = generate(self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id, mesh=self.mesh, rules=self.rules)
         return [self.continuation(p, row) for p, row in zip(ids, out)]
 
     def continuation(self, prompt_ids: list[int], new_ids) -> str:
@@ -75,29 +90,78 @@ class HFBackend:
         return texts
 
 
-def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path, out_dir: str | Path,
+def few_shot_prefix(task: str, data: str | Path | None, k: int, templates: dict, seed: int = 0,
+                    split: str | Path | None = None) -> str:
+    """k demonstrations drawn (seeded) from a training file: each its rendered prompt and its gold answer."""
+    if k <= 0:
+        return ""
+    if data is None:
+        raise ValueError("few-shot evaluation needs the training split's file (--fewshot-data)")
+    _, pool, entry = load_task(task, data, templates, split)
+    if len(pool) < k:
+        raise ValueError(f"{data}: {len(pool)} examples, fewer than the {k} demonstrations asked for")
+    return "".join(render(entry["prompt"], d.fields) + d.answer + "\n\n" for d in random.Random(seed).sample(pool, k))
+
+
+def score(task: Task, entry: dict, examples: list[Example], outputs: list[str],
+          bertscore_model: str | None = None) -> tuple[list, dict]:
+    """(per-example predictions, metrics) by the task's kind."""
+    golds = [e.gold for e in examples]
+    if task.kind == "choice":
+        predictions = [first_choice(o, entry["choices"], task.lowercase) for o in outputs]
+        return predictions, classification_metrics(predictions, golds, entry["choices"])
+    if task.kind == "multilabel":
+        predictions = [labels_in(o, entry["choices"]) for o in outputs]
+        return predictions, multilabel_metrics(predictions, golds, entry["choices"])
+    if task.kind == "ner":
+        predictions = [tags_from_output(o, e.fields["text"].split(), entry["choices"]) for e, o in zip(examples, outputs)]
+        return predictions, ner_metrics(predictions, golds)
+    if task.kind == "extractive":  # the answer is the first non-empty line (greedy output runs on)
+        predictions = [next((line.strip() for line in o.splitlines() if line.strip()), "") for o in outputs]
+        return predictions, extractive_metrics(predictions, golds)
+    predictions = [o.strip() for o in outputs]
+    return predictions, summary_metrics(predictions, golds, bertscore_model)
+
+
+def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path | None, out_dir: str | Path,
              backend: str = "jax", split: str | Path | None = None, limit: int | None = None,
-             batch_size: int = 8, max_new_tokens: int = 16) -> dict:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; implemented: {sorted(TASKS)}")
-    definition = TASKS[task]
-    examples, choices = definition.load(data, load_templates(prompts), split)
+             batch_size: int = 8, max_new_tokens: int | None = None, fewshot: int = 0,
+             fewshot_data: str | Path | None = None, seed: int = 0, mesh: str | None = None,
+             bertscore_model: str | None = None) -> dict:
+    templates = load_templates(prompts)
+    definition, examples, entry = load_task(task, data, templates, split)
     examples = examples[:limit] if limit else examples
-    runner = JaxBackend(model) if backend == "jax" else HFBackend(model)
-    outputs = []
+    prefix = few_shot_prefix(task, fewshot_data, fewshot, templates, seed)
+    max_new_tokens = max_new_tokens or definition.max_new_tokens
+    runner = JaxBackend(model, mesh=mesh) if backend == "jax" else HFBackend(model)
+    outputs, times = [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=f"{task} ({backend})", unit="batch"):
-        outputs += runner.generate([e.prompt for e in examples[start:start + batch_size]], max_new_tokens)
-    predictions = [first_choice(o, choices, definition.lowercase) for o in outputs]
-    metrics = classification_metrics(predictions, [e.gold for e in examples], choices)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for e, o, p in zip(examples, outputs, predictions):
-            f.write(json.dumps({"id": e.id, "gold": e.gold, "prediction": p, "output": o}) + "\n")
-    summary = {"task": task, "backend": backend, "model": str(model), **metrics}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(
-        "| task | backend | examples | accuracy | macro-F1 | missing |\n|---|---|---|---|---|---|\n"
-        f"| {task} | {backend} | {metrics['examples']} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} "
-        f"| {metrics['missing']:.4f} |\n")
+        began = time.perf_counter()
+        batch = examples[start:start + batch_size]
+        outputs += runner.generate([prefix + render(entry["prompt"], e.fields) for e in batch], max_new_tokens)
+        times.append(time.perf_counter() - began)
+    predictions, metrics = score(definition, entry, examples, outputs, bertscore_model)
+    after_first = len(examples) - min(batch_size, len(examples))
+    summary = {"task": task, "kind": definition.kind, "backend": backend, "model": str(model), "data": str(data),
+               "fewshot": fewshot, "max_new_tokens": max_new_tokens, **metrics,
+               "examples_per_s": len(examples) / sum(times),
+               # the first batch includes JAX's compilation
+               "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
+    with atomic_directory(out_dir) as tmp:
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for e, o, p in zip(examples, outputs, predictions):
+                f.write(json.dumps({"id": e.id, "gold": e.gold, "prediction": p, "output": o}) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        (tmp / "summary.md").write_text(markdown([summary]))
     return summary
+
+
+def markdown(summaries: list[dict]) -> str:
+    """One row per summary, with the metrics of its kind."""
+    skip = {"task", "kind", "backend", "model", "data", "fewshot", "max_new_tokens", "bertscore",
+            "examples_per_s_after_first_batch"}
+    keys = [k for k in summaries[0] if k not in skip]
+    cell = lambda v: "skipped" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    return ("| task | backend | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2) + "\n"
+            + "".join(f"| {s['task']} | {s['backend']} | " + " | ".join(cell(s.get(k)) for k in keys) + " |\n"
+                      for s in summaries))

@@ -1,54 +1,96 @@
-"""Task definitions over each dataset's original local files, rendered with the authors' prompt templates.
+"""The paper's 12 benchmark tasks over each dataset's original local files, rendered with the authors' prompts.
 
-The templates file is the one the Me-LLaMA authors published (a JSON object: dataset -> {prompt, choices, ...});
-users point at their copy with --prompts. Implemented here: PubMedQA, MedQA, MedMCQA (multiple choice).
+The templates are the ones the Me-LLaMA authors published (`prompt_templates.json`: dataset -> {prompt,
+choices, ...}); users point at their copy with --prompts. The authors published none for i2b2 and BioNLI:
+`templates.json` beside this file supplies ours for those two (a user's file takes precedence).
+
+A loader turns one file into `Example`s: the fields its template is filled with, the gold answer in the form
+its scorer wants, and the answer as text (what a few-shot demonstration shows after its prompt).
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import dataclasses
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
-from mellama_jax.data.corpus import BadRecord, Report, read_json_file, read_jsonl
+from mellama_jax.data.corpus import BadRecord, Report, read_json_file, read_json_records
+
+PACKAGE_TEMPLATES = Path(__file__).with_name("templates.json")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
     id: str
-    prompt: str
-    gold: str
+    fields: dict  # template placeholders -> text
+    gold: object  # a label, a list of labels, a list of answers, a list of BIO tags, or a reference text
+    answer: str  # the gold answer as the model should write it
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
     template_key: str
-    lowercase: bool  # PubMedQA's outputs are lower-cased before matching
-
-    def load(self, data: str | Path, templates: dict, split: str | Path | None = None) -> tuple[list[Example], list[str]]:
-        if self.template_key not in templates:
-            raise BadRecord(f"prompt templates have no {self.template_key!r} entry")
-        entry = templates[self.template_key]
-        return LOADERS[self.name](Path(data), entry["prompt"], entry["choices"], split), entry["choices"]
+    kind: str  # choice | multilabel | extractive | ner | summary: picks the scorer
+    loader: Callable[[Path, dict, Path | None], list[Example]]
+    max_new_tokens: int
+    lowercase: bool = False  # PubMedQA's outputs are lower-cased before matching
 
 
-def load_templates(path: str | Path) -> dict:
-    return read_json_file(path, "no prompt templates file (the authors' prompt_templates.json)")
+def load_templates(path: str | Path | None) -> dict:
+    """Our templates (i2b2, BioNLI) overlaid by the user's file, the authors' prompt_templates.json."""
+    templates = json.loads(PACKAGE_TEMPLATES.read_text())
+    if path is not None:
+        user = read_json_file(path, "no prompt templates file (the authors' prompt_templates.json)")
+        if not isinstance(user, dict):
+            raise BadRecord(f"{path}: expected a JSON object dataset -> template")
+        templates.update(user)
+    return templates
 
 
-def _pubmedqa(path: Path, prompt: str, choices, split) -> list[Example]:
-    """ori_pqal.json (PMID -> record); `split` (e.g. test_ground_truth.json) selects and labels a subset."""
-    data = json.loads(path.read_text())
-    ids = list(json.loads(Path(split).read_text())) if split else list(data)
+def render(template: str, fields: dict) -> str:
+    """Fill `{name}` placeholders by plain replacement: templates may contain other braces."""
+    for name, value in fields.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def _need(record: dict, keys: tuple[str, ...], where: str):
+    for key in keys:
+        if record.get(key) not in (None, ""):
+            return record[key]
+    raise BadRecord(f"{where}: missing field (one of {', '.join(keys)})")
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(location, row) from JSONL, a JSON list, CSV or TSV (with a header row)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset file")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            return [(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(rows)]
+    return list(read_json_records(path, Report(strict=True)))
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+
+
+def _pubmedqa(path: Path, entry: dict, split: Path | None) -> list[Example]:
+    """ori_pqal.json (PMID -> record); `split` (e.g. test_ground_truth.json) selects a subset."""
+    data = read_json_file(path, "no PubMedQA file (ori_pqal.json)")
+    ids = list(read_json_file(split, "no split file")) if split else list(data)
     out = []
     for pmid in ids:
         if pmid not in data:
             raise BadRecord(f"{path}: PubMed id {pmid} (from {split}) not found")
         r = data[pmid]
-        context = "\n".join(r["CONTEXTS"])
-        out.append(Example(pmid, prompt.format(context=context, text=r["QUESTION"]), r["final_decision"]))
+        out.append(Example(pmid, {"context": "\n".join(r["CONTEXTS"]), "text": r["QUESTION"]},
+                           r["final_decision"], r["final_decision"]))
     return out
 
 
@@ -63,22 +105,269 @@ def _options(value, where: str) -> dict:
     return value
 
 
-def _multiple_choice(path: Path, prompt: str, choices, split) -> list[Example]:
-    report = Report(strict=True)
+def _multiple_choice(path: Path, entry: dict, split) -> list[Example]:
+    """MedQA / MedMCQA JSONL: question, options {A: ..}, answer_idx."""
     out = []
-    for where, r in read_jsonl(path, report):
+    for where, r in _records(path):
         options = _options(r.get("options"), where)
-        listed = "\n".join(f"{k}. {v}" for k, v in sorted(options.items()))
         gold = r.get("answer_idx")
         if gold not in options:
             raise BadRecord(f"{where}: answer_idx {gold!r} is not one of the options {sorted(options)}")
-        out.append(Example(str(r.get("realidx", where)), prompt.format(text=r["question"], options=listed), gold))
+        listed = "\n".join(f"{k}. {v}" for k, v in sorted(options.items()))
+        out.append(Example(str(r.get("realidx", where)), {"text": r["question"], "options": listed}, gold, gold))
     return out
 
 
-LOADERS = {"pubmedqa": _pubmedqa, "medqa": _multiple_choice, "medmcqa": _multiple_choice}
-TASKS = {
-    "pubmedqa": Task("pubmedqa", "PubmedQA", lowercase=True),
-    "medqa": Task("medqa", "MedQA", lowercase=False),
-    "medmcqa": Task("medmcqa", "MedMCQA", lowercase=False),
-}
+def _labelled(text_of: Callable[[dict, str], str], label_keys: tuple[str, ...], aliases: dict | None = None):
+    """A loader for one-label classification files: the label must be one of the template's choices."""
+
+    def load(path: Path, entry: dict, split) -> list[Example]:
+        out = []
+        for where, r in _records(path):
+            label = str(_need(r, label_keys, where)).strip()
+            label = (aliases or {}).get(label.lower(), label)
+            if label not in entry["choices"]:
+                raise BadRecord(f"{where}: label {label!r} is not one of {entry['choices']}")
+            out.append(Example(str(r.get("pairID") or r.get("id") or r.get("index") or where),
+                               {"text": text_of(r, where)}, label, label))
+        return out
+
+    return load
+
+
+def _nli_text(r: dict, where: str) -> str:
+    premise = _need(r, ("sentence1", "premise", "supp_set"), where)
+    hypothesis = _need(r, ("sentence2", "hypothesis", "conclusion"), where)
+    return f"Premise: {premise}\nHypothesis: {hypothesis}"
+
+
+# MedNLI: mli_{train,dev,test}_v1.jsonl (sentence1, sentence2, gold_label).
+_mednli = _labelled(_nli_text, ("gold_label", "label"))
+# BioNLI (Bastan et al. 2022): premise = the supporting abstract text, hypothesis = a (perturbed) conclusion,
+# label_cat pos/neg; JSONL or CSV.
+_bionli = _labelled(_nli_text, ("label_cat", "gold_label", "label"),
+                    {"pos": "entailment", "neg": "contradiction", "1": "entailment", "0": "contradiction"})
+# DDI 2013 as BLUE distributes it: TSV (index, sentence with @DRUG$ masks, label).
+_ddi = _labelled(lambda r, w: _need(r, ("sentence", "text"), w), ("label",))
+# MTSamples (mtsamples.csv): transcription, medical_specialty.
+_mtsample = _labelled(lambda r, w: _need(r, ("transcription", "text"), w), ("medical_specialty", "label"))
+
+
+# --------------------------------------------------------------------------------------------- multi-label
+
+
+def _hoc(path: Path, entry: dict, split) -> list[Example]:
+    """HoC: TSV/CSV (sentence, labels) or JSONL (text, labels). Labels: a list, names joined by ';' or ',', or
+    BLUE-style index pairs "0_1,1_0,..." (index into the template's topic order, 1 = present)."""
+    topics = entry["choices"]
+    out = []
+    for where, r in _records(path):
+        raw = r.get("labels", r.get("label"))
+        if raw is None:
+            raise BadRecord(f"{where}: missing field (labels)")
+        items = raw if isinstance(raw, list) else [x.strip() for x in re.split(r"[;,]", str(raw)) if x.strip()]
+        if items and all(re.fullmatch(r"\d+_[01]", str(x)) for x in items):
+            items = [topics[int(x.split("_")[0])] for x in items if x.endswith("_1")]
+        unknown = [x for x in items if x not in topics]
+        if unknown:
+            raise BadRecord(f"{where}: labels {unknown} are not HoC topics {topics}")
+        labels = sorted(set(items), key=topics.index)
+        out.append(Example(str(r.get("index") or r.get("id") or where),
+                           {"text": _need(r, ("sentence", "text", "abstract"), where)}, labels, "; ".join(labels)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- extractive QA
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _emrqa(path: Path, entry: dict, split) -> list[Example]:
+    """emrQA's release JSON (data -> paragraphs -> qas; context and question may be lists of lines and
+    paraphrases) or SQuAD-style JSON; also JSONL with context, question, answers."""
+    if path.suffix.lower() == ".jsonl":
+        rows = [(w, r) for w, r in _records(path)]
+        return [Example(str(r.get("id", w)), {"text": _need(r, ("context",), w), "question": _need(r, ("question",), w)},
+                        _answers(r.get("answers"), w), _answers(r.get("answers"), w)[0]) for w, r in rows]
+    data = read_json_file(path, "no emrQA file")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise BadRecord(f"{path}: expected an object with a 'data' list (emrQA / SQuAD layout)")
+    out = []
+    for i, article in enumerate(data["data"]):
+        for j, paragraph in enumerate(article.get("paragraphs", [])):
+            context = paragraph.get("context")
+            context = "\n".join(context) if isinstance(context, list) else context
+            for k, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{path}: data[{i}].paragraphs[{j}].qas[{k}]"
+                if not context:
+                    raise BadRecord(f"{where}: paragraph has no context")
+                answers = _answers(qa.get("answers"), where)
+                out.append(Example(str(qa.get("id", where)), {"text": context, "question": str(_first(qa["question"]))},
+                                   answers, answers[0]))
+    return out
+
+
+def _answers(value, where: str) -> list[str]:
+    texts = [_first(a.get("text")) if isinstance(a, dict) else a for a in (value or [])]
+    texts = [str(t) for t in texts if t]
+    if not texts:
+        raise BadRecord(f"{where}: no answer text")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------- NER
+
+
+def _ner(path: Path, entry: dict, split) -> list[Example]:
+    """i2b2 2010 concepts: a directory with the release's txt/ and concept/ folders (one sentence per line,
+    `c="text" line:tok line:tok||t="type"`), or a CoNLL file (token and BIO tag per line, blank between
+    sentences)."""
+    sentences = _i2b2_dir(path) if path.is_dir() else _conll(path)
+    out = []
+    for where, tokens, tags in sentences:
+        answer = "\n".join(f"{span}: {kind}" for span, kind in entities(tokens, tags)) or "none"
+        out.append(Example(where, {"text": " ".join(tokens)}, tags, answer))
+    return out
+
+
+def entities(tokens: list[str], tags: list[str]) -> list[tuple[str, str]]:
+    """(text, type) of each B-/I- run."""
+    found, current = [], None
+    for token, tag in zip(tokens, tags):
+        if tag.startswith("B-") or (tag.startswith("I-") and (current is None or current[1] != tag[2:])):
+            current = ([token], tag[2:])
+            found.append(current)
+        elif tag.startswith("I-"):
+            current[0].append(token)
+        else:
+            current = None
+    return [(" ".join(words), kind) for words, kind in found]
+
+
+def _conll(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such dataset file")
+    sentences, tokens, tags, start = [], [], [], 1
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
+        if not line.strip():
+            if tokens:
+                sentences.append((f"{path}:{start}", tokens, tags))
+            tokens, tags, start = [], [], number + 1
+            continue
+        parts = line.split()
+        if len(parts) < 2 or not re.fullmatch(r"O|[BI]-\S+", parts[-1]):
+            raise BadRecord(f"{path}:{number}: expected 'token ... BIO-tag', got {line!r}")
+        tokens.append(parts[0])
+        tags.append(parts[-1])
+    return sentences
+
+
+_CONCEPT = re.compile(r'c="(.*)" (\d+):(\d+) (\d+):(\d+)\|\|t="([^"]+)"')
+
+
+def _i2b2_dir(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    if not (path / "txt").is_dir() or not (path / "concept").is_dir():
+        raise BadRecord(f"{path}: expected the i2b2 release layout with txt/ and concept/ folders")
+    sentences = []
+    for txt in sorted((path / "txt").glob("*.txt")):
+        lines = [line.split() for line in txt.read_text(encoding="utf-8").splitlines()]
+        tags = [["O"] * len(tokens) for tokens in lines]
+        con = path / "concept" / (txt.stem + ".con")
+        if not con.exists():
+            raise BadRecord(f"{txt}: no concept file {con}")
+        for number, line in enumerate(con.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            m = _CONCEPT.fullmatch(line.strip())
+            if not m or m[2] != m[4]:
+                raise BadRecord(f"{con}:{number}: not a one-line i2b2 concept: {line!r}")
+            row, first, last = int(m[2]) - 1, int(m[3]), int(m[5])
+            if row >= len(lines) or last >= len(lines[row]) or first > last:
+                raise BadRecord(f"{con}:{number}: offsets {m[2]}:{first}-{last} fall outside {txt.name}")
+            tags[row][first:last + 1] = [f"B-{m[6]}"] + [f"I-{m[6]}"] * (last - first)
+        sentences += [(f"{txt}:{i + 1}", tokens, t) for i, (tokens, t) in enumerate(zip(lines, tags)) if tokens]
+    return sentences
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def _pairs(source_keys: tuple[str, ...], target_keys: tuple[str, ...]):
+    """A loader for (document, reference summary) JSONL/CSV; list-valued fields (Cohan et al.'s PubMed set:
+    article_text, abstract_text with <S> </S> sentence tags) are joined."""
+
+    def text(value) -> str:
+        if isinstance(value, list):
+            return " ".join(" ".join(re.sub(r"</?S>", " ", str(v)).split()) for v in value)
+        return str(value).strip()
+
+    def load(path: Path, entry: dict, split) -> list[Example]:
+        out = []
+        for where, r in _records(path):
+            source, target = text(_need(r, source_keys, where)), text(_need(r, target_keys, where))
+            out.append(Example(str(r.get("article_id") or r.get("pmid") or r.get("id") or where),
+                               {"text": source}, target, target))
+        return out
+
+    return load
+
+
+_SECTION = re.compile(r"^\s*([A-Z][A-Z /&]+):", re.M)
+
+
+def _report_sections(text: str) -> dict[str, str]:
+    """A free-text radiology report's sections (FINDINGS:, IMPRESSION:, ...) by their upper-case headers."""
+    heads = list(_SECTION.finditer(text))
+    return {m[1].strip(): text[m.end(): nxt.start() if nxt else len(text)].strip()
+            for m, nxt in zip(heads, heads[1:] + [None])}
+
+
+def _mimic_cxr(path: Path, entry: dict, split) -> list[Example]:
+    """MIMIC-CXR reports: a directory tree of the release's .txt reports (findings -> impression; reports
+    lacking either section are skipped and counted in the summary), or JSONL with findings, impression."""
+    if not path.is_dir():
+        return _pairs(("findings",), ("impression",))(path, entry, split)
+    out = []
+    for report in sorted(path.rglob("*.txt")):
+        sections = _report_sections(report.read_text(encoding="utf-8", errors="replace"))
+        if sections.get("FINDINGS") and sections.get("IMPRESSION"):
+            out.append(Example(str(report.relative_to(path)), {"text": sections["FINDINGS"]},
+                               sections["IMPRESSION"], sections["IMPRESSION"]))
+    if not out:
+        raise BadRecord(f"{path}: no report with both FINDINGS: and IMPRESSION: sections")
+    return out
+
+
+TASKS = {t.name: t for t in [
+    Task("pubmedqa", "PubmedQA", "choice", _pubmedqa, 16, lowercase=True),
+    Task("medqa", "MedQA", "choice", _multiple_choice, 16),
+    Task("medmcqa", "MedMCQA", "choice", _multiple_choice, 16),
+    Task("mednli", "MedNLI", "choice", _mednli, 16),
+    Task("bionli", "BioNLI", "choice", _bionli, 16),
+    Task("ddi", "DDI2013", "choice", _ddi, 16),
+    Task("mtsample", "MTSample", "choice", _mtsample, 24),
+    Task("hoc", "HoC", "multilabel", _hoc, 64),
+    Task("emrqa", "EmrQA", "extractive", _emrqa, 64),
+    Task("i2b2", "i2b2", "ner", _ner, 128),
+    Task("pubmedsum", "PubmedSumm", "summary", _pairs(("article_text", "article", "text"),
+                                                      ("abstract_text", "abstract", "summary")), 256),
+    Task("pubmed-title", "PubMed_Summ", "summary", _pairs(("abstract",), ("title",)), 48),
+    Task("mimic-cxr", "MIMIC_SUM", "summary", _mimic_cxr, 128),
+]}
+
+
+def load_task(name: str, data: str | Path, templates: dict, split: str | Path | None = None
+              ) -> tuple[Task, list[Example], dict]:
+    """The task, its examples and its template entry."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; implemented: {sorted(TASKS)}")
+    task = TASKS[name]
+    if task.template_key not in templates:
+        raise BadRecord(f"prompt templates have no {task.template_key!r} entry (task {name})")
+    entry = templates[task.template_key]
+    examples = task.loader(Path(data), entry, Path(split) if split else None)
+    if not examples:
+        raise BadRecord(f"{data}: no examples")
+    return task, examples, entry

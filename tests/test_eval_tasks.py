@@ -1,0 +1,268 @@
+"""The benchmark tasks beyond multiple choice: loaders over each dataset's original format, the metrics against
+hand-computed values, few-shot prompts, sharded decoding, and every task end to end with a tiny model."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer, LlamaForCausalLM
+
+from conftest import SHARED_DATA, hf_tiny_config
+from mellama_jax.data.corpus import BadRecord
+from mellama_jax.eval.run import evaluate, few_shot_prefix
+from mellama_jax.eval.scoring import (bertscore, extractive_metrics, labels_in, multilabel_metrics, ner_metrics,
+                                      normalize_answer, summary_metrics, tags_from_output, token_f1)
+from mellama_jax.eval.tasks import entities, load_task, load_templates
+
+# Stand-ins for the authors' templates file (the real one is in ../shared; CI-independent tests use these).
+TEMPLATES = {
+    "MedNLI": {"choices": ["entailment", "contradiction", "neutral"], "prompt": "NLI\nINPUT: {text}\nOUTPUT:\n"},
+    "DDI2013": {"choices": ["DDI-effect", "DDI-mechanism", "DDI-advise", "DDI-false", "DDI-int"],
+                "prompt": "DDI\nINPUT: {text}\nOUTPUT:\n"},
+    "MTSample": {"choices": ["Surgery", "Cosmetic / Plastic Surgery", "Radiology"], "prompt": "MT {text}\nOUTPUT:\n"},
+    "HoC": {"choices": ["sustaining proliferative signaling", "evading growth suppressors", "resisting cell death",
+                        "enabling replicative immortality", "inducing angiogenesis",
+                        "activating invasion and metastasis", "genomic instability and mutation",
+                        "tumor promoting inflammation", "cellular energetics", "avoiding immune destruction"],
+            "prompt": "HoC\nINPUT: {text}\nOUTPUT:\n"},
+    "EmrQA": {"prompt": "Context: {text}\nQuestion {question}\nAnswer:\n"},
+    "PubmedSumm": {"prompt": "Input: {text}\nOutput:\n"},
+    "PubMed_Summ": {"prompt": "Title for: {text}\nOUTPUT:\n"},
+    "MIMIC_SUM": {"prompt": "Impression from: {text}\nOUTPUT:\n"},
+}
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    path = tmp_path_factory.mktemp("templates") / "prompt_templates.json"
+    path.write_text(json.dumps(TEMPLATES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """One small file per dataset, in that dataset's original layout."""
+    d = tmp_path_factory.mktemp("datasets")
+    with open(d / "mli_test_v1.jsonl", "w") as f:
+        for i, label in enumerate(["entailment", "neutral", "contradiction"]):
+            f.write(json.dumps({"sentence1": f"Patient {i} has fever.", "sentence2": "The patient is febrile.",
+                                "gold_label": label, "pairID": f"p{i}"}) + "\n")
+    with open(d / "bionli_test.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["supp_set", "conclusion", "label_cat"])
+        w.writeheader()
+        w.writerow({"supp_set": "Drug X lowered blood pressure.", "conclusion": "X is antihypertensive.",
+                    "label_cat": "pos"})
+        w.writerow({"supp_set": "Drug Y had no effect.", "conclusion": "Y lowers pressure.", "label_cat": "neg"})
+    (d / "ddi_test.tsv").write_text("index\tsentence\tlabel\n"
+                                    "d1\t@DRUG$ increases the levels of @DRUG$.\tDDI-mechanism\n"
+                                    "d2\tAvoid @DRUG$ with @DRUG$.\tDDI-advise\n")
+    with open(d / "mtsamples.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["", "description", "medical_specialty", "sample_name", "transcription", "keywords"])
+        w.writeheader()
+        w.writerow({"": 0, "medical_specialty": " Radiology", "transcription": "CT of the chest was obtained."})
+        w.writerow({"": 1, "medical_specialty": " Surgery", "transcription": "The patient underwent appendectomy."})
+    (d / "hoc_test.tsv").write_text("index\tsentence\tlabels\n"
+                                    "h1\tTumour cells evade apoptosis.\t0_0,1_0,2_1,3_0,4_1,5_0,6_0,7_0,8_0,9_0\n"
+                                    "h2\tNo hallmark here.\t\n")
+    (d / "emrqa.json").write_text(json.dumps({"data": [{"title": "note-1", "paragraphs": [{
+        "note_id": "1", "context": ["Patient was started on aspirin 81 mg daily .", "No known allergies ."],
+        "qas": [{"id": "q1", "question": ["What dose of aspirin was given ?", "Aspirin dose ?"],
+                 "answers": [{"text": "aspirin 81 mg daily", "answer_start": [0, 4]}]}]}]}]}))
+    (d / "i2b2" / "txt").mkdir(parents=True)
+    (d / "i2b2" / "concept").mkdir()
+    (d / "i2b2" / "txt" / "r1.txt").write_text("He has chest pain .\nA CT scan showed no bleed .\n")
+    (d / "i2b2" / "concept" / "r1.con").write_text(
+        'c="chest pain" 1:2 1:3||t="problem"\nc="a ct scan" 2:0 2:2||t="test"\nc="bleed" 2:5 2:5||t="problem"\n')
+    (d / "i2b2.conll").write_text("He O\nhas O\nchest B-problem\npain I-problem\n. O\n\n"
+                                  "A B-test\nCT I-test\nscan I-test\nshowed O\nno O\nbleed B-problem\n. O\n")
+    with open(d / "pubmed_test.jsonl", "w") as f:
+        f.write(json.dumps({"article_id": "PMC1", "article_text": ["We studied mice .", "Mice grew ."],
+                            "abstract_text": ["<S> mice were studied . </S>", "<S> they grew . </S>"]}) + "\n")
+    (d / "cxr" / "p10" / "s1").mkdir(parents=True)
+    (d / "cxr" / "p10" / "s1.txt").write_text(
+        "FINAL REPORT\n EXAMINATION: CHEST PA AND LAT\n FINDINGS: The lungs are clear. No effusion.\n\n"
+        " IMPRESSION: No acute cardiopulmonary process.\n")
+    (d / "cxr" / "p10" / "s2.txt").write_text("FINAL REPORT\n IMPRESSION: Stable.\n")  # no findings: skipped
+    return d
+
+
+def test_loaders_read_the_original_layouts(templates, files):
+    t = load_templates(templates)
+    _, ex, _ = load_task("mednli", files / "mli_test_v1.jsonl", t)
+    assert [e.gold for e in ex] == ["entailment", "neutral", "contradiction"] and ex[0].id == "p0"
+    assert ex[0].fields["text"] == "Premise: Patient 0 has fever.\nHypothesis: The patient is febrile."
+    _, ex, entry = load_task("bionli", files / "bionli_test.csv", t)  # our template, package-supplied
+    assert [e.gold for e in ex] == ["entailment", "contradiction"] and entry["choices"] == ["entailment", "contradiction"]
+    _, ex, _ = load_task("ddi", files / "ddi_test.tsv", t)
+    assert [(e.id, e.gold) for e in ex] == [("d1", "DDI-mechanism"), ("d2", "DDI-advise")]
+    _, ex, _ = load_task("mtsample", files / "mtsamples.csv", t)
+    assert [e.gold for e in ex] == ["Radiology", "Surgery"]
+    _, ex, _ = load_task("hoc", files / "hoc_test.tsv", t)
+    assert ex[0].gold == ["resisting cell death", "inducing angiogenesis"] and ex[1].gold == []
+    assert ex[0].answer == "resisting cell death; inducing angiogenesis"
+    _, ex, _ = load_task("emrqa", files / "emrqa.json", t)
+    assert ex[0].gold == ["aspirin 81 mg daily"] and ex[0].fields["question"] == "What dose of aspirin was given ?"
+    assert ex[0].fields["text"].startswith("Patient was started") and "\nNo known allergies" in ex[0].fields["text"]
+    _, from_dir, _ = load_task("i2b2", files / "i2b2", t)
+    _, from_conll, _ = load_task("i2b2", files / "i2b2.conll", t)
+    assert [e.gold for e in from_dir] == [e.gold for e in from_conll]
+    assert from_dir[1].gold == ["B-test", "I-test", "I-test", "O", "O", "B-problem", "O"]
+    assert from_dir[1].answer == "A CT scan: test\nbleed: problem"
+    _, ex, _ = load_task("pubmedsum", files / "pubmed_test.jsonl", t)
+    assert ex[0].gold == "mice were studied . they grew ." and ex[0].fields["text"] == "We studied mice . Mice grew ."
+    _, ex, _ = load_task("mimic-cxr", files / "cxr", t)
+    assert len(ex) == 1 and ex[0].fields["text"] == "The lungs are clear. No effusion."
+    assert ex[0].gold == "No acute cardiopulmonary process."
+
+
+def test_bad_files_name_the_record(templates, files, tmp_path):
+    t = load_templates(templates)
+    bad = tmp_path / "ddi.tsv"
+    bad.write_text("index\tsentence\tlabel\nd1\ttext\tDDI-effect\nd2\ttext\tDDI-unknown\n")
+    with pytest.raises(BadRecord, match=r"ddi.tsv:3: label 'DDI-unknown'"):
+        load_task("ddi", bad, t)
+    (tmp_path / "i2b2" / "txt").mkdir(parents=True)
+    (tmp_path / "i2b2" / "concept").mkdir()
+    (tmp_path / "i2b2" / "txt" / "a.txt").write_text("one line .\n")
+    (tmp_path / "i2b2" / "concept" / "a.con").write_text('c="x" 1:0 1:0||t="test"\nc="y" 3:0 3:1||t="test"\n')
+    with pytest.raises(BadRecord, match=r"a.con:2: offsets 3:0-1 fall outside a.txt"):
+        load_task("i2b2", tmp_path / "i2b2", t)
+    with pytest.raises(BadRecord, match="no 'HoC' entry"):
+        load_task("hoc", files / "hoc_test.tsv", load_templates(None))
+
+
+def test_metrics_by_hand():
+    labels = ["a", "b", "c"]
+    m = multilabel_metrics([["a"], ["c", "b"], []], [["a", "b"], ["c"], []], labels)
+    # a: tp 1 -> F1 1; b: tp 0 (fp 1, fn 1) -> 0; c: tp 1 -> 1; macro 2/3. Exact sets: only the empty one.
+    assert m["macro_f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(1 / 3)
+    assert m["missing"] == pytest.approx(1 / 3)
+    assert labels_in("Resisting cell death; inducing ANGIOGENESIS", TEMPLATES["HoC"]["choices"]) == [
+        "resisting cell death", "inducing angiogenesis"]
+
+    assert normalize_answer("The  Aspirin, 81mg!") == "aspirin 81mg"
+    assert token_f1("aspirin 81 mg daily", "81 mg aspirin") == pytest.approx(6 / 7)  # P 3/4, R 1
+    m = extractive_metrics(["Aspirin 81 mg.", "nothing"], [["a dose", "aspirin 81 mg"], ["heparin"]])
+    assert m["exact_match"] == 0.5 and m["f1"] == 0.5
+
+    tokens = "He has chest pain and a CT scan".split()
+    out = "chest pain: problem\n- CT scan: test\nfoo: bar\ntreatment: aspirin"
+    assert tags_from_output(out, tokens, ["problem", "test", "treatment"]) == [
+        "O", "O", "B-problem", "I-problem", "O", "O", "B-test", "I-test"]
+    gold = [["O", "O", "B-problem", "I-problem", "O", "B-test", "I-test", "I-test"]]
+    pred = [tags_from_output("chest pain: problem", tokens, ["problem", "test"])]
+    m = ner_metrics(pred, gold)  # 1 of 2 gold entities found, nothing spurious
+    assert (m["entity_precision"], m["entity_recall"]) == (1.0, 0.5) and m["entity_f1"] == pytest.approx(2 / 3)
+    assert entities(tokens, gold[0]) == [("chest pain", "problem"), ("a CT scan", "test")]
+
+    m = summary_metrics(["the cat"], ["the cat sat"])
+    assert m["rouge1"] == pytest.approx(0.8) and m["rouge2"] == pytest.approx(2 / 3)  # P 1, R 2/3; P 1, R 1/2
+    assert m["rougeL"] == pytest.approx(0.8)
+    assert m["bertscore_f1"] is None and m["bertscore"].startswith("skipped")
+
+
+def test_bertscore_with_a_local_model(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran", "on", "mat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt"), model_max_length=512).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    same = bertscore(["the cat sat on the mat"], ["the cat sat on the mat"], str(tmp_path))
+    other = bertscore(["the dog ran"], ["the cat sat on the mat"], str(tmp_path))
+    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-5) and other["bertscore_f1"] < 0.999
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(demo_data, tmp_path_factory):
+    """A random tiny LLaMA with the demo tokenizer: as an HF directory and as our parameter checkpoint."""
+    from mellama_jax.convert.api import hf_to_jax
+
+    root = tmp_path_factory.mktemp("tiny-eval")
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf_tiny_config(2, vocab_size=512)).eval().save_pretrained(root / "hf")
+    shutil.copyfile(demo_data / "tok" / "tokenizer.model", root / "hf" / "tokenizer.model")
+    return root / "hf", hf_to_jax(root / "hf", root / "jax", progress=False)
+
+
+@pytest.mark.parametrize("task,data,keys", [
+    ("mednli", "mli_test_v1.jsonl", {"accuracy", "macro_f1", "missing"}),
+    ("bionli", "bionli_test.csv", {"accuracy", "macro_f1", "missing"}),
+    ("ddi", "ddi_test.tsv", {"accuracy", "macro_f1", "missing"}),
+    ("mtsample", "mtsamples.csv", {"accuracy", "macro_f1", "missing"}),
+    ("hoc", "hoc_test.tsv", {"macro_f1", "accuracy", "missing"}),
+    ("emrqa", "emrqa.json", {"exact_match", "f1"}),
+    ("i2b2", "i2b2", {"entity_f1", "entity_precision", "entity_recall"}),
+    ("pubmedsum", "pubmed_test.jsonl", {"rouge1", "rouge2", "rougeL", "bertscore_f1"}),
+    ("mimic-cxr", "cxr", {"rouge1", "rouge2", "rougeL", "bertscore_f1"}),
+])
+def test_every_task_end_to_end(task, data, keys, tiny_checkpoints, templates, files, tmp_path):
+    _, params = tiny_checkpoints
+    summary = evaluate(task, files / data, params, templates, tmp_path / "out", max_new_tokens=4)
+    assert keys <= set(summary) and summary["examples"] >= 1 and summary["examples_per_s"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["examples"] and all("output" in r and "prediction" in r for r in rows)
+    assert (tmp_path / "out" / "summary.md").read_text().startswith("| task | backend |")
+
+
+def test_few_shot_and_sharded_decoding(tiny_checkpoints, templates, files, tmp_path):
+    _, params = tiny_checkpoints
+    t = load_templates(templates)
+    prefix = few_shot_prefix("mednli", files / "mli_test_v1.jsonl", 2, t, seed=1)
+    assert prefix.count("NLI\nINPUT: Premise:") == 2 and prefix == few_shot_prefix(
+        "mednli", files / "mli_test_v1.jsonl", 2, t, seed=1)
+    shown = [label for label in ("entailment", "neutral", "contradiction") if f"OUTPUT:\n{label}\n\n" in prefix]
+    assert len(shown) == 2  # each demonstration ends with its gold answer
+    with pytest.raises(ValueError, match="fewer than the 5"):
+        few_shot_prefix("mednli", files / "mli_test_v1.jsonl", 5, t)
+    plain = evaluate("hoc", files / "hoc_test.tsv", params, templates, tmp_path / "one", max_new_tokens=6,
+                     fewshot=1, fewshot_data=files / "hoc_test.tsv")
+    sharded = evaluate("hoc", files / "hoc_test.tsv", params, templates, tmp_path / "mesh", max_new_tokens=6,
+                       fewshot=1, fewshot_data=files / "hoc_test.tsv", mesh="data=2,fsdp=2,tensor=2")
+    outputs = {d: [json.loads(l)["output"] for l in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+               for d in ("one", "mesh")}
+    assert outputs["one"] == outputs["mesh"] and plain["macro_f1"] == sharded["macro_f1"]
+
+
+def test_decoding_is_sharded_like_training(hf_pair, rng):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mellama_jax.config import MeshConfig
+    from mellama_jax.generate import _decode, _hashable, generate, left_pad, shard_for_decoding
+    from mellama_jax.sharding import batch_sharding, make_mesh
+
+    _, ours, cfg = hf_pair
+    prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in (6, 2, 10)]  # 3 rows: padded to 4 shards
+    layout = MeshConfig(ici={"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh(layout)
+    sharded = shard_for_decoding(ours, mesh, layout.rules)
+    np.testing.assert_array_equal(generate(sharded, prompts, 12, mesh=mesh, rules=layout.rules),
+                                  generate(ours, prompts, 12))
+    q = nnx.state(sharded)["layers"]["attn"]["wq"]["kernel"]
+    assert q.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    ids, mask = left_pad(prompts + [prompts[0]], 0, 64)
+    sh = batch_sharding(mesh, layout.rules)
+    graphdef, state = nnx.split(sharded)
+    with jax.set_mesh(mesh):
+        compiled = _decode.lower(graphdef, state, jax.device_put(jnp.asarray(ids), sh),
+                                 jax.device_put(jnp.asarray(mask), sh), 12, jnp.int32(-1), jax.random.key(0), 0.0,
+                                 1.0, _hashable(layout.rules)).compile()
+    assert compiled.output_shardings.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+
+
+def test_pubmed_titles_from_real_abstracts(tiny_checkpoints, tmp_path):
+    path = SHARED_DATA / "pubmed-abstracts" / "abstracts.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/data is not present on this machine")
+    hf_dir, params = tiny_checkpoints
+    prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
+    res = {b: evaluate("pubmed-title", path, m, prompts, tmp_path / b, b, limit=4, batch_size=4, max_new_tokens=8)
+           for b, m in (("jax", params), ("hf", hf_dir))}
+    assert res["jax"]["rouge1"] == res["hf"]["rouge1"] and 0.0 <= res["jax"]["rouge1"] <= 1.0
+    first = json.loads((tmp_path / "jax" / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["gold"] == json.loads(path.read_text().splitlines()[0])["title"]
