@@ -163,6 +163,16 @@ def _bench_convert(args) -> int:
     return 0
 
 
+def _bench_decode(args) -> int:
+    import json
+
+    from mellama_jax.bench.decode import bench_decode
+
+    batches = tuple(int(b) for b in args.batches.split(","))
+    print(json.dumps(bench_decode(args.model, batches, args.prompt_len, args.new_tokens, args.repeats), indent=1))
+    return 0
+
+
 def _generate(args) -> int:
     from mellama_jax.eval.run import JaxBackend
     from mellama_jax.generate import generate, truncate_at_stop
@@ -343,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
     bconv.set_defaults(func=_bench_convert)
+    bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
+    bdec.add_argument("--model", default="bench-60m", help="model preset (random weights, shared by both)")
+    bdec.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    bdec.add_argument("--prompt-len", type=int, default=64)
+    bdec.add_argument("--new-tokens", type=int, default=64)
+    bdec.add_argument("--repeats", type=int, default=3)
+    bdec.set_defaults(func=_bench_decode)
 
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
     demo.add_argument("--out", default="runs/demo", help="output directory")

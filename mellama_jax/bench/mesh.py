@@ -81,13 +81,11 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mellama_jax.convert.export import hf_config
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
-                         intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
-                         num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
-                         max_position_embeddings=model_cfg.max_seq_len, rms_norm_eps=model_cfg.rms_norm_eps,
-                         tie_word_embeddings=False)
+    hf_cfg = LlamaConfig(**hf_config(model_cfg, "float32"))
     model = LlamaForCausalLM(hf_cfg).to(device)
     if lora_rank:
         from peft import LoraConfig, get_peft_model

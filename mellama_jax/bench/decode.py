@@ -1,0 +1,56 @@
+"""`bench decode`: tokens/s of our KV-cache decoding beside transformers' `generate` on the same weights,
+the same prompts and the same machine, at several batch sizes (greedy, every row runs to the full length)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), prompt_len: int = 64,
+                 new_tokens: int = 64, repeats: int = 3, seed: int = 0) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mellama_jax.config import load_model_preset
+    from mellama_jax.convert.export import hf_config
+    from mellama_jax.convert.hf import load_hf_state_dict
+    from mellama_jax.generate import generate
+
+    cfg = load_model_preset(model)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()
+    ours = load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(seed)
+    rows = []
+    for batch in batches:
+        prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len))
+        ids = torch.tensor(prompts)
+
+        def ours_run():
+            return generate(ours, prompts.tolist(), new_tokens)
+
+        def hf_run():
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+            return out[:, prompt_len:].numpy()
+
+        row = {"batch": batch}
+        start = time.perf_counter()
+        first = ours_run()  # compiles
+        row["jax_compile_s"] = time.perf_counter() - start
+        hf_tokens = hf_run()
+        for name, run in (("jax", ours_run), ("hf", hf_run)):  # alternate, so that both see the same machine
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            row[f"{name}_tokens_per_s"] = batch * new_tokens / float(np.median(times))
+        row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
+        row["same_tokens"] = bool((first == hf_tokens).all())
+        rows.append(row)
+    return {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "rows": rows}
