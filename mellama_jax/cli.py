@@ -174,7 +174,7 @@ def _bench_decode(args) -> int:
 
 
 def _generate(args) -> int:
-    from mellama_jax.eval.run import JaxBackend
+    from mellama_jax.eval.run import JaxBackend, continuation
     from mellama_jax.generate import generate, truncate_at_stop
 
     backend = JaxBackend(args.model, args.tokenizer, args.mesh)
@@ -183,7 +183,7 @@ def _generate(args) -> int:
     out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed,
                    backend.mesh, backend.rules)
     for prompt, prompt_ids, row in zip(args.prompt, ids, out):
-        print(prompt + truncate_at_stop(backend.continuation(prompt_ids, row), args.stop or []))
+        print(prompt + truncate_at_stop(continuation(tok.decode, prompt_ids, row), args.stop or []))
     return 0
 
 
@@ -203,7 +203,7 @@ def _eval(args) -> int:
 
     summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
                        args.limit, args.batch_size, args.max_new_tokens, args.fewshot, args.fewshot_data,
-                       args.seed, args.mesh, args.bertscore_model)
+                       args.seed, args.mesh, args.bertscore_model, args.hf_tokenizer)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
     ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
+    ev.add_argument("--hf-tokenizer", choices=["sentencepiece", "transformers"], default="sentencepiece",
+                    help="hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer")
     ev.add_argument("--bertscore-model", help="summaries: a local model directory for BERTScore (else skipped)")
     ev.set_defaults(func=_eval)
 

@@ -17,12 +17,25 @@ from flax import nnx
 from jax.sharding import Mesh
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask; the width is rounded up to `multiple` so that varying prompt lengths share
-    a few compiled shapes."""
+def bucket(width: int) -> int:
+    """The padded prompt width: a multiple of 64 up to 256, then the next of 256, 384, 512, 768, 1024, ...
+    (steps of 1.5x and 2x), so that a whole evaluation compiles a handful of shapes and pads at most ~1.5x."""
+    if width <= 256:
+        return max(64, -(-width // 64) * 64)
+    size = 256
+    while size < width:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1,
+             buckets: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ids and mask; the width is rounded up to `multiple`, or to a `bucket` size, so that
+    varying prompt lengths share a few compiled shapes."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = -(-max(len(p) for p in prompts) // multiple) * multiple
+    width = max(len(p) for p in prompts)
+    width = bucket(width) if buckets else -(-width // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(prompts), width), dtype=np.int32)
     for row, p in enumerate(prompts):
@@ -140,7 +153,7 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, e
     """
     from mellama_jax.sharding import batch_sharding
 
-    ids, mask = left_pad(prompts, 0, multiple=64)
+    ids, mask = left_pad(prompts, 0, buckets=True)
     n = len(prompts)
     graphdef, state = nnx.split(model)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-
 import random
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -50,44 +49,58 @@ class JaxBackend:
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         out = generate(self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id, mesh=self.mesh, rules=self.rules)
-        return [self.continuation(p, row) for p, row in zip(ids, out)]
+        return [continuation(self.tokenizer.decode, p, row) for p, row in zip(ids, out)]
 
-    def continuation(self, prompt_ids: list[int], new_ids) -> str:
-        """The generated text as it reads after the prompt (SentencePiece drops a leading space when the new
-        tokens are decoded alone, so decode the whole sequence and cut the prompt off)."""
-        new = [int(t) for t in new_ids if t != 0]
-        whole, prompt = self.tokenizer.decode(prompt_ids + new), self.tokenizer.decode(prompt_ids)
-        return whole[len(prompt):] if whole.startswith(prompt) else self.tokenizer.decode(new)
+
+def continuation(decode, prompt_ids: list[int], new_ids) -> str:
+    """The generated text as it reads after the prompt (SentencePiece drops a leading space when the new tokens
+    are decoded alone, so decode the whole sequence and cut the decoded prompt off)."""
+    new = [int(t) for t in new_ids if t != 0]
+    whole, prompt = decode(list(prompt_ids) + new), decode(list(prompt_ids))
+    return whole[len(prompt):] if whole.startswith(prompt) else decode(new)
 
 
 class HFBackend:
-    """transformers on a Hugging Face directory (e.g. `convert jax-to-hf` output), CPU or CUDA."""
+    """transformers on a Hugging Face directory (e.g. `convert jax-to-hf` output), CPU or CUDA.
 
-    def __init__(self, hf_dir: str | Path):
+    tokenizer="sentencepiece" (default when the directory has tokenizer.model) encodes and decodes with
+    SentencePiece, as training and Meta's reference do; "transformers" uses AutoTokenizer, whose LLaMA tokenizer
+    in transformers 5 splits runs of spaces differently ("a  b": [259, 1609] where SentencePiece gives
+    [29871, 491]), so on such prompts the two backends see different tokens.
+    """
+
+    def __init__(self, hf_dir: str | Path, tokenizer: str = "sentencepiece"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mellama_jax.data.tokenizer import Tokenizer
+
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sp = None
+        if tokenizer == "sentencepiece" and (Path(hf_dir) / "tokenizer.model").exists():
+            self.sp = Tokenizer.load(Path(hf_dir) / "tokenizer.model")
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:  # LLaMA has no pad token; padded positions are masked anyway
-            self.tokenizer.pad_token = self.tokenizer.unk_token
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(self.device).eval()
 
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        if self.sp is not None:
+            return [self.sp.encode(p, bos=True) for p in prompts]
+        return [self.tokenizer(p)["input_ids"] for p in prompts]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids) if self.sp is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        from mellama_jax.generate import left_pad
+
+        encoded = self._encode(prompts)
+        ids, mask = left_pad(encoded, 0)  # LLaMA has no pad token; padded positions are masked
+        ids, mask = (self.torch.tensor(a, dtype=self.torch.long, device=self.device) for a in (ids, mask))
         with self.torch.no_grad():
-            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-        texts = []
-        for prompt_row, row in zip(batch["input_ids"], out):
-            # as JaxBackend.continuation: decode everything, cut the decoded prompt off
-            whole = self.tokenizer.decode(row, skip_special_tokens=True)
-            prompt = self.tokenizer.decode(prompt_row, skip_special_tokens=True)
-            texts.append(whole[len(prompt):] if whole.startswith(prompt) else
-                         self.tokenizer.decode(row[len(prompt_row):], skip_special_tokens=True))
-        return texts
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=0)
+        return [continuation(self._decode, p, row[ids.shape[1]:].tolist()) for p, row in zip(encoded, out)]
 
 
 def few_shot_prefix(task: str, data: str | Path | None, k: int, templates: dict, seed: int = 0,
@@ -127,18 +140,22 @@ def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path
              backend: str = "jax", split: str | Path | None = None, limit: int | None = None,
              batch_size: int = 8, max_new_tokens: int | None = None, fewshot: int = 0,
              fewshot_data: str | Path | None = None, seed: int = 0, mesh: str | None = None,
-             bertscore_model: str | None = None) -> dict:
+             bertscore_model: str | None = None, hf_tokenizer: str = "sentencepiece") -> dict:
     templates = load_templates(prompts)
     definition, examples, entry = load_task(task, data, templates, split)
     examples = examples[:limit] if limit else examples
     prefix = few_shot_prefix(task, fewshot_data, fewshot, templates, seed)
     max_new_tokens = max_new_tokens or definition.max_new_tokens
-    runner = JaxBackend(model, mesh=mesh) if backend == "jax" else HFBackend(model)
-    outputs, times = [], []
-    for start in tqdm(range(0, len(examples), batch_size), desc=f"{task} ({backend})", unit="batch"):
+    runner = JaxBackend(model, mesh=mesh) if backend == "jax" else HFBackend(model, hf_tokenizer)
+    texts = [prefix + render(entry["prompt"], e.fields) for e in examples]
+    # batches of similar length: less padding, and few distinct padded widths (compiled shapes)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outputs, times = [""] * len(texts), []
+    for start in tqdm(range(0, len(order), batch_size), desc=f"{task} ({backend})", unit="batch"):
         began = time.perf_counter()
-        batch = examples[start:start + batch_size]
-        outputs += runner.generate([prefix + render(entry["prompt"], e.fields) for e in batch], max_new_tokens)
+        rows = order[start:start + batch_size]
+        for i, text in zip(rows, runner.generate([texts[i] for i in rows], max_new_tokens)):
+            outputs[i] = text
         times.append(time.perf_counter() - began)
     predictions, metrics = score(definition, entry, examples, outputs, bertscore_model)
     after_first = len(examples) - min(batch_size, len(examples))
