@@ -163,6 +163,25 @@ def _bench_convert(args) -> int:
     return 0
 
 
+def _bench_memory(args) -> int:
+    import json
+
+    from mellama_jax.bench.memory import bench_memory_layouts
+
+    result = bench_memory_layouts(args.model, args.layouts.split(";"), args.seq, args.batch, args.overrides,
+                                  args.devices)
+    print("| layout | planned GiB (XLA, all devices) | measured GiB (RSS growth) | measured / planned |")
+    print("|---|---|---|---|")
+    for r in result["layouts"]:
+        if "error" in r:
+            print(f"| {r['layout']} | error: {r['error'][:80]} | | |")
+        else:
+            print(f"| {r['layout']} | {r['planned_total_bytes'] / 2**30:.2f} | "
+                  f"{r['measured_rss_growth_bytes'] / 2**30:.2f} | {r['ratio_measured_to_planned']:.3f} |")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _bench_decode(args) -> int:
     import json
 
@@ -355,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
     bconv.set_defaults(func=_bench_convert)
+    bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
+    bmem.add_argument("--model", default="bench-60m")
+    bmem.add_argument("--layouts", default="fsdp=8;data=2,fsdp=2,tensor=2;data=8")
+    bmem.add_argument("--seq", type=int, default=256)
+    bmem.add_argument("--batch", type=int, default=8)
+    bmem.add_argument("--devices", type=int, default=8)
+    bmem.add_argument("overrides", nargs="*", help="more config overrides, e.g. train.mode=lora")
+    bmem.set_defaults(func=_bench_memory)
     bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
     bdec.add_argument("--model", default="bench-60m", help="model preset (random weights, shared by both)")
     bdec.add_argument("--batches", default="1,16", help="comma-separated batch sizes")

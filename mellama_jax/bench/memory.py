@@ -1,0 +1,118 @@
+"""`bench memory`: does the planner's per-device memory (XLA's memory analysis of the ahead-of-time compiled
+train step) match what a real step uses? On simulated CPU devices all devices live in this process, so the
+measure is the growth of its resident memory while the state is created and steps run (sampled every
+millisecond), against the planner's total times the number of devices. Run in a fresh process."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    def __init__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3) -> dict:
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:
+        if jax.device_count() != devices:
+            raise
+    if jax.default_backend() != "cpu":
+        raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
+                           "the device's peak_bytes_in_use)")
+    from mellama_jax.bench.plan import plan_layout
+    from mellama_jax.config import load_config
+    from mellama_jax.train.step import make_train_step, plan_trainer
+
+    cfg = load_config(None, ["train.steps=1000"] + list(overrides))
+    planned = plan_layout(cfg)
+    trainer, init = plan_trainer(cfg)
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (B, T + 1))
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.broadcast_to(np.arange(T), (B, T)),
+                  "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
+    step = make_train_step(trainer)
+    with jax.set_mesh(trainer.mesh):  # compile both before the baseline: compilation memory is not the step's
+        abstract = jax.eval_shape(init)
+        init_c = jax.jit(init, out_shardings=(trainer.state_shardings, trainer.frozen_shardings)).lower().compile()
+        from mellama_jax.train.checkpoint import abstract_like
+
+        step_c = step.jitted.lower(abstract_like(abstract[0], trainer.state_shardings),
+                                   abstract_like(abstract[1], trainer.frozen_shardings),
+                                   trainer.shard_batch(host_batch)).compile()
+    gc.collect()
+    baseline = _rss()
+    with _PeakRss() as peak, jax.set_mesh(trainer.mesh):
+        state, frozen = init_c()
+        batch = trainer.shard_batch(host_batch)
+        for _ in range(steps):
+            state, metrics = step_c(state, frozen, batch)
+        jax.block_until_ready(metrics["loss"])
+    measured = peak.peak - baseline
+    planned_total = planned["xla_bytes"]["total"] * trainer.mesh.size
+    return {"mesh": dict(trainer.mesh.shape), "planned_bytes_per_device": planned["xla_bytes"],
+            "planned_total_bytes": planned_total, "measured_rss_growth_bytes": measured,
+            "ratio_measured_to_planned": measured / planned_total}
+
+
+def bench_memory_layouts(model: str, layouts: list[str], seq: int, batch: int, extra: list[str],
+                         devices: int = 8) -> dict:
+    """Each layout in its own fresh process (a clean memory baseline). glibc's hugetlb tunable is dropped
+    there: with transparent huge pages every small allocation rounds resident memory up to 2 MB."""
+    import json
+    import subprocess
+    import sys
+
+    from mellama_jax.sharding import parse_layout
+
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and "hugetlb" not in t)
+    rows = []
+    for layout in layouts:
+        ici = parse_layout(layout)
+        overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
+                     "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}",
+                     *extra]
+        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(devices), *overrides],
+                             env=env, capture_output=True, text=True)
+        if out.returncode:
+            rows.append({"layout": layout, "error": out.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append({"layout": layout, **json.loads(out.stdout.strip().splitlines()[-1])})
+    return {"model": model, "seq": seq, "batch": batch, "devices": devices, "extra": extra, "layouts": rows}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(bench_memory(sys.argv[2:], int(sys.argv[1]))))
