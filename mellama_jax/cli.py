@@ -196,7 +196,7 @@ def _generate(args) -> int:
     from mellama_jax.eval.run import JaxBackend, continuation
     from mellama_jax.generate import generate, truncate_at_stop
 
-    backend = JaxBackend(args.model, args.tokenizer, args.mesh)
+    backend = JaxBackend(args.model, args.tokenizer, args.mesh, args.adapters)
     tok = backend.tokenizer
     ids = [tok.encode(p, bos=True) for p in args.prompt]
     out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed,
@@ -222,7 +222,7 @@ def _eval(args) -> int:
 
     summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
                        args.limit, args.batch_size, args.max_new_tokens, args.fewshot, args.fewshot_data,
-                       args.seed, args.mesh, args.bertscore_model, args.hf_tokenizer)
+                       args.seed, args.mesh, args.bertscore_model, args.hf_tokenizer, args.adapters)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--mesh", help='decode sharded over the devices, e.g. "data=4,tensor=2"')
+    gen.add_argument("--adapters", help="a LoRA run's adapters/ directory (--model is then the base)")
     gen.set_defaults(func=_generate)
 
     ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task)")
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
     ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
+    ev.add_argument("--adapters", help="jax: a LoRA run's adapters/ directory (--model is then the base)")
     ev.add_argument("--hf-tokenizer", choices=["sentencepiece", "transformers"], default="sentencepiece",
                     help="hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer")
     ev.add_argument("--bertscore-model", help="summaries: a local model directory for BERTScore (else skipped)")

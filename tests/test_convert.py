@@ -240,3 +240,16 @@ def test_cli_convert_and_verify(tmp_path, tokenizer_file, capsys):
     save_file(t, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
     assert main(["convert", "verify", str(tmp_path / "out"), str(tmp_path / "jax")]) == 1
     assert main(["convert", "hf-to-jax", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+
+
+def test_decoding_reads_lora_adapters(lora_run, tmp_path):
+    """generate/eval's JAX backend on base + adapters decodes as transformers does on the merged export."""
+    from mellama_jax.eval.run import HFBackend, JaxBackend
+
+    _, base, run, _, _ = lora_run
+    merged = jax_to_hf(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True,
+                       progress=False)
+    prompts = ["the patient was given", "aspirin"]
+    ours = JaxBackend(base, adapters=run / "adapters").generate(prompts, 8)
+    assert ours == HFBackend(merged).generate(prompts, 8)
+    assert ours != JaxBackend(base).generate(prompts, 8)  # the adapters change the output

@@ -20,8 +20,10 @@ from mellama_jax.eval.tasks import Example, Task, load_task, load_templates, ren
 class JaxBackend:
     """Our model from a parameter checkpoint (hf-to-jax output or a run's params/), tokenizer beside it."""
 
-    def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None):
-        """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does."""
+    def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None,
+                 adapters: str | Path | None = None):
+        """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
+        adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
         from flax import nnx
 
         from mellama_jax.convert.api import _find_model_config, _find_tokenizer
@@ -31,8 +33,15 @@ class JaxBackend:
 
         params = Path(params)
         cfg = dataclasses.replace(_find_model_config(params)[0], param_dtype="float32", dtype="float32")
-        graphdef, abstract = nnx.split(init_abstract(cfg))
-        self.model = nnx.merge(graphdef, load_params_local(params, abstract))
+        if adapters is None:
+            graphdef, abstract = nnx.split(init_abstract(cfg))
+            self.model = nnx.merge(graphdef, load_params_local(params, abstract))
+        else:
+            lora = _find_model_config(Path(adapters))[1]
+            if lora is None:
+                raise ValueError(f"{adapters}: the run config above it is not a LoRA run")
+            graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg, lora), nnx.LoRAParam, ...)
+            self.model = nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(params, base_abs))
         self.tokenizer = Tokenizer.load(tokenizer or _find_tokenizer(params))
         self.mesh, self.rules = None, None
         if mesh:
@@ -140,13 +149,15 @@ def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path
              backend: str = "jax", split: str | Path | None = None, limit: int | None = None,
              batch_size: int = 8, max_new_tokens: int | None = None, fewshot: int = 0,
              fewshot_data: str | Path | None = None, seed: int = 0, mesh: str | None = None,
-             bertscore_model: str | None = None, hf_tokenizer: str = "sentencepiece") -> dict:
+             bertscore_model: str | None = None, hf_tokenizer: str = "sentencepiece",
+             adapters: str | Path | None = None) -> dict:
     templates = load_templates(prompts)
     definition, examples, entry = load_task(task, data, templates, split)
     examples = examples[:limit] if limit else examples
     prefix = few_shot_prefix(task, fewshot_data, fewshot, templates, seed)
     max_new_tokens = max_new_tokens or definition.max_new_tokens
-    runner = JaxBackend(model, mesh=mesh) if backend == "jax" else HFBackend(model, hf_tokenizer)
+    runner = (JaxBackend(model, mesh=mesh, adapters=adapters) if backend == "jax"
+              else HFBackend(model, hf_tokenizer))
     texts = [prefix + render(entry["prompt"], e.fields) for e in examples]
     # batches of similar length: less padding, and few distinct padded widths (compiled shapes)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
