@@ -46,9 +46,10 @@ class Attention(nnx.Module):
         self.implementation = cfg.attention
 
     def __call__(self, x, batch_length, cos, sin, mask, rng=None, cache=None):
-        """x: flat (B*T, D) with batch_length = (B, T). cache: None, or (k, v, index) with k, v of shape
-        (B, S, K, Dh): the new keys/values are written at `index` and the queries attend over the whole cache
-        (masked by `mask`, (B, T, S)). Returns the output (B*T, D), and the updated (k, v) with a cache."""
+        """x: flat (B*T, D) with batch_length = (B, T). cache: None, or (k, v, layer, index) with k, v the
+        whole model's cache, (layers, B, S, K, Dh): this layer's new keys/values are written at [layer, :, index]
+        (in place: only the new tokens are written) and the queries attend over the layer's whole cache (masked
+        by `mask`, (B, T, S)). Returns the output (B*T, D), and the updated (k, v) with a cache."""
         q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj").reshape(*batch_length, *self.wk.kernel.shape[-2:])
         v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
@@ -56,13 +57,16 @@ class Attention(nnx.Module):
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         if cache is not None:
-            k_cache, v_cache, index = cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+            k_all, v_all, layer, index = cache
+            start = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
         out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
         out = checkpoint_name(out, "attention_out")
         out = self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
-        return out if cache is None else (out, (k, v))
+        return out if cache is None else (out, (k_all, v_all))
 
 
 class MLP(nnx.Module):
@@ -160,21 +164,29 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
-            layer_state, index, layer_cache = xs
+            layer_state, index = xs
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-            layer = nnx.merge(graphdef, layer_state)
-            if layer_cache is None:
-                return layer(h, cos, sin, mask, rng), None
-            return layer(h, cos, sin, mask, rng, (*layer_cache, cache["index"]))
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng), None
 
-        policy = REMAT[cfg.remat]
-        if policy is not None and cache is None:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        layer_caches = None if cache is None else (cache["k"], cache["v"])
-        h, new = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers), layer_caches), unroll=cfg.scan_unroll)
+        def body_cached(carry, xs):
+            # the whole cache rides in the carry, so each layer writes only its new tokens into it, in place;
+            # as a scanned output it would be rebuilt (copied) for every token decoded
+            h, k_all, v_all = carry
+            layer_state, index = xs
+            layer = nnx.merge(graphdef, layer_state)
+            h, (k_all, v_all) = layer(h, cos, sin, mask, None, (k_all, v_all, index, cache["index"]))
+            return (h, k_all, v_all), None
+
+        layers = (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
         if cache is None:
+            policy = REMAT[cfg.remat]
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            h, _ = jax.lax.scan(body, h, layers, unroll=cfg.scan_unroll)
             return self.norm(h)
-        updated = dict(k=new[0], v=new[1], segment_ids=kv_segments, index=cache["index"] + tokens.shape[-1])
+        (h, k_all, v_all), _ = jax.lax.scan(body_cached, (h, cache["k"], cache["v"]), layers,
+                                            unroll=cfg.scan_unroll)
+        updated = dict(k=k_all, v=v_all, segment_ids=kv_segments, index=cache["index"] + tokens.shape[-1])
         return self.norm(h), updated
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
