@@ -71,6 +71,8 @@ def files(tmp_path_factory):
         "note_id": "1", "context": ["Patient was started on aspirin 81 mg daily .", "No known allergies ."],
         "qas": [{"id": "q1", "question": ["What dose of aspirin was given ?", "Aspirin dose ?"],
                  "answers": [{"text": "aspirin 81 mg daily", "answer_start": [0, 4]}]}]}]}]}))
+    (d / "emrqa.jsonl").write_text(json.dumps({"id": "q2", "context": "BP 120/80 .", "question": "BP ?",
+                                               "answers": [{"text": "120/80"}, "BP 120/80"]}) + "\n")
     (d / "i2b2" / "txt").mkdir(parents=True)
     (d / "i2b2" / "concept").mkdir()
     (d / "i2b2" / "txt" / "r1.txt").write_text("He has chest pain .\nA CT scan showed no bleed .\n")
@@ -106,6 +108,8 @@ def test_loaders_read_the_original_layouts(templates, files):
     _, ex, _ = load_task("emrqa", files / "emrqa.json", t)
     assert ex[0].gold == ["aspirin 81 mg daily"] and ex[0].fields["question"] == "What dose of aspirin was given ?"
     assert ex[0].fields["text"].startswith("Patient was started") and "\nNo known allergies" in ex[0].fields["text"]
+    _, ex, _ = load_task("emrqa", files / "emrqa.jsonl", t)
+    assert ex[0].gold == ["120/80", "BP 120/80"] and ex[0].answer == "120/80" and ex[0].fields["question"] == "BP ?"
     _, from_dir, _ = load_task("i2b2", files / "i2b2", t)
     _, from_conll, _ = load_task("i2b2", files / "i2b2.conll", t)
     assert [e.gold for e in from_dir] == [e.gold for e in from_conll]

@@ -86,10 +86,11 @@ class HFBackend:
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.sp = None
+        self.sp = self.tokenizer = None
         if tokenizer == "sentencepiece" and (Path(hf_dir) / "tokenizer.model").exists():
             self.sp = Tokenizer.load(Path(hf_dir) / "tokenizer.model")
-        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(self.device).eval()
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:

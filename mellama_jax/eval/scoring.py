@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score
@@ -153,8 +154,6 @@ def summary_metrics(predictions: list[str], references: list[str], bertscore_mod
 
 def bertscore(predictions: list[str], references: list[str], model: str | None) -> dict:
     """BERTScore F1 with a local model directory; skipped (never zero) when there is none."""
-    from pathlib import Path
-
     if not model or not Path(model).is_dir():
         why = "no local BERTScore model given (--bertscore-model DIR)" if not model else f"{model} is not a directory"
         return {"bertscore_f1": None, "bertscore": f"skipped: {why}"}

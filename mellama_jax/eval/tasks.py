@@ -188,9 +188,13 @@ def _emrqa(path: Path, entry: dict, split) -> list[Example]:
     """emrQA's release JSON (data -> paragraphs -> qas; context and question may be lists of lines and
     paraphrases) or SQuAD-style JSON; also JSONL with context, question, answers."""
     if path.suffix.lower() == ".jsonl":
-        rows = [(w, r) for w, r in _records(path)]
-        return [Example(str(r.get("id", w)), {"text": _need(r, ("context",), w), "question": _need(r, ("question",), w)},
-                        _answers(r.get("answers"), w), _answers(r.get("answers"), w)[0]) for w, r in rows]
+        out = []
+        for where, r in _records(path):
+            answers = _answers(r.get("answers"), where)
+            out.append(Example(str(r.get("id", where)), {"text": _need(r, ("context",), where),
+                                                         "question": _need(r, ("question",), where)},
+                               answers, answers[0]))
+        return out
     data = read_json_file(path, "no emrQA file")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise BadRecord(f"{path}: expected an object with a 'data' list (emrQA / SQuAD layout)")
