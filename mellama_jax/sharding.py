@@ -40,6 +40,14 @@ def parse_layout(text: str) -> dict[str, int]:
         raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, e.g. fsdp=4,tensor=2") from None
 
 
+def layout_overrides(text: str) -> list[str]:
+    """Config overrides that put one process's devices into the layout "fsdp=4,tensor=2" (unnamed axes: 1)."""
+    ici = parse_layout(text)
+    axes = ("data", "fsdp", "tensor")
+    return ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in axes) + "}",
+            "mesh.dcn={" + ", ".join(f"{a}: 1" for a in axes) + "}"]
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tuple[dict[str, int], dict[str, int]]:
     """(ici, dcn) with -1 resolved. dcn spans processes; ici spans the devices of one process."""
     dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)

@@ -10,8 +10,6 @@ import os
 import threading
 import time
 
-import numpy as np
-
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -49,23 +47,20 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3) -> dict
     if jax.default_backend() != "cpu":
         raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
                            "the device's peak_bytes_in_use)")
+    from mellama_jax.bench.mesh import synthetic_batch
     from mellama_jax.bench.plan import plan_layout
     from mellama_jax.config import load_config
+    from mellama_jax.train.checkpoint import abstract_like
     from mellama_jax.train.step import make_train_step, plan_trainer
 
     cfg = load_config(None, ["train.steps=1000"] + list(overrides))
-    planned = plan_layout(cfg)
+    planned = plan_layout(cfg)  # the planner's own path (abstract shapes), which is what is being checked
     trainer, init = plan_trainer(cfg)
-    B, T = cfg.train.batch_size, cfg.train.seq_len
-    tokens = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (B, T + 1))
-    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.broadcast_to(np.arange(T), (B, T)),
-                  "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
+    host_batch = synthetic_batch(cfg)
     step = make_train_step(trainer)
     with jax.set_mesh(trainer.mesh):  # compile both before the baseline: compilation memory is not the step's
         abstract = jax.eval_shape(init)
         init_c = jax.jit(init, out_shardings=(trainer.state_shardings, trainer.frozen_shardings)).lower().compile()
-        from mellama_jax.train.checkpoint import abstract_like
-
         step_c = step.jitted.lower(abstract_like(abstract[0], trainer.state_shardings),
                                    abstract_like(abstract[1], trainer.frozen_shardings),
                                    trainer.shard_batch(host_batch)).compile()
@@ -93,15 +88,13 @@ def bench_memory_layouts(model: str, layouts: list[str], seq: int, batch: int, e
     import subprocess
     import sys
 
-    from mellama_jax.sharding import parse_layout
+    from mellama_jax.sharding import layout_overrides
 
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     rows = []
     for layout in layouts:
-        ici = parse_layout(layout)
         overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
-                     "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}",
-                     *extra]
+                     *layout_overrides(layout), *extra]
         out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(devices), *overrides],
                              env=env, capture_output=True, text=True)
         if out.returncode:

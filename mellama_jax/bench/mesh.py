@@ -22,6 +22,14 @@ def _time_steps(run_step, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def synthetic_batch(cfg, seed: int = 0) -> dict:
+    """A host batch of random tokens in the train step's layout (one unpacked document per row)."""
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    tokens = np.random.default_rng(seed).integers(3, cfg.model.vocab_size, (B, T + 1))
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.broadcast_to(np.arange(T), (B, T)),
+            "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
+
+
 def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
                     devices: list | None = None) -> dict:
     import jax
@@ -37,10 +45,7 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    tokens = np.random.default_rng(seed).integers(3, cfg.model.vocab_size, (B, T + 1))
-    batch = trainer.shard_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                 "positions": np.broadcast_to(np.arange(T), (B, T)), "segment_ids": np.ones((B, T)),
-                                 "loss_weights": np.ones((B, T))})
+    batch = trainer.shard_batch(synthetic_batch(cfg, seed))
     step = make_train_step(trainer)
     start = time.perf_counter()
     with jax.set_mesh(trainer.mesh):
@@ -113,14 +118,12 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
 
 def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
                warmup: int, steps: int, out: str | Path | None = None) -> dict:
-    from mellama_jax.sharding import parse_layout
+    from mellama_jax.sharding import layout_overrides
 
     rows = []
     for layout in layouts:
-        ici = parse_layout(layout)
         overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
-                     f"model.dtype={dtype}",
-                     "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}"]
+                     f"model.dtype={dtype}", *layout_overrides(layout)]
         try:
             rows.append(dict(layout=layout, **jax_step_timing(overrides, warmup, steps)))
         except Exception as e:

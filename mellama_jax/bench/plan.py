@@ -80,15 +80,11 @@ def plan(config: str | None, overrides: list[str], devices: int, layouts: list[s
         if jax.device_count() != devices:
             raise
     from mellama_jax.config import load_config
-    from mellama_jax.sharding import parse_layout
+    from mellama_jax.sharding import layout_overrides
 
     rows = []
     for layout in layouts or [""]:
-        extra = []
-        if layout:
-            ici = parse_layout(layout)
-            extra = ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in ("data", "fsdp", "tensor")) + "}",
-                     "mesh.dcn={data: 1, fsdp: 1, tensor: 1}"]
+        extra = layout_overrides(layout) if layout else []
         cfg = load_config(config, list(overrides) + extra)
         try:
             row = plan_layout(cfg)
