@@ -138,9 +138,19 @@ def _bench_mesh(args) -> int:
     from mellama_jax.bench.mesh import bench_mesh, markdown
 
     result = bench_mesh(args.model, args.layouts.split(";"), args.seq, args.batch, args.remat, args.dtype,
-                        args.warmup, args.steps, args.png)
+                        args.warmup, args.steps, args.png, args.overrides)
     print(markdown(result))
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_attention(args) -> int:
+    import json
+
+    from mellama_jax.bench.attention import bench_attention
+
+    print(json.dumps(bench_attention(args.impls.split(","), args.batch, args.seq, args.heads, args.kv_heads,
+                                     args.head_dim, args.dtype, args.docs, args.steps), indent=1))
     return 0
 
 
@@ -149,8 +159,8 @@ def _bench_baseline(args) -> int:
 
     from mellama_jax.bench.mesh import bench_baseline
 
-    print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps),
-                     indent=1))
+    print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
+                                    args.dtype, args.overrides, args.sides), indent=1))
     return 0
 
 
@@ -363,7 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh.add_argument("--warmup", type=int, default=2)
     bmesh.add_argument("--steps", type=int, default=5)
     bmesh.add_argument("--png", help="bar chart output path")
+    bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
     bmesh.set_defaults(func=_bench_mesh)
+    batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")
+    batt.add_argument("--impls", default="xla,dot_product,cudnn,cudnn_causal")
+    batt.add_argument("--batch", type=int, default=1)
+    batt.add_argument("--seq", type=int, default=4096)
+    batt.add_argument("--heads", type=int, default=32)
+    batt.add_argument("--kv-heads", type=int, default=32)
+    batt.add_argument("--head-dim", type=int, default=128)
+    batt.add_argument("--dtype", default="bfloat16")
+    batt.add_argument("--docs", type=int, default=1, help="packed documents per row")
+    batt.add_argument("--steps", type=int, default=10)
+    batt.set_defaults(func=_bench_attention)
     bbase = bench_sub.add_parser("baseline", help="our step vs transformers+torch (and PEFT) on the same batch")
     bbase.add_argument("--model", default="bench-60m")
     bbase.add_argument("--seq", type=int, default=256)
@@ -371,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     bbase.add_argument("--lora-rank", type=int, default=8)
     bbase.add_argument("--warmup", type=int, default=2)
     bbase.add_argument("--steps", type=int, default=5)
+    bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
+    bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
+                       help="one side only (on a GPU, run each in its own process)")
+    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8")
     bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION = ("xla", "dot_product")
+_ATTENTION = ("xla", "dot_product", "cudnn", "cudnn_causal", "auto")  # model/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 
 
@@ -47,7 +47,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     param_dtype: str = "float32"  # storage of parameters (and master weights)
     dtype: str = "float32"  # computation; recipes set bfloat16 for training
-    attention: str = "xla"  # "xla" (reference einsum) | "dot_product" (jax.nn.dot_product_attention, cuDNN on GPU)
+    # "xla" (reference einsum) | "dot_product" (jax.nn.dot_product_attention's XLA path) | "cudnn" (flash
+    # attention, GPU) | "cudnn_causal" (flash, causal mask only) | "auto" (cudnn on GPU, else xla)
+    attention: str = "xla"
     remat: str = "none"  # activation checkpointing policy per layer, see REMAT_POLICIES
     scan_unroll: int = 1  # layers per scan iteration; >1 trades compile time for speed
 

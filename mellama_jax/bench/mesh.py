@@ -81,8 +81,11 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
 
 
 def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmup: int = 2, steps: int = 5,
-                      seed: int = 0) -> dict:
-    """transformers' LlamaForCausalLM (fp32, AdamW) on the same shapes; with lora_rank, PEFT adapters on q/k/v/o."""
+                      seed: int = 0, dtype: str = "float32") -> dict:
+    """transformers' LlamaForCausalLM (fp32 weights, AdamW) on the same shapes; with lora_rank, PEFT adapters on
+    q/k/v/o; dtype bfloat16 runs it under autocast (bf16 compute over fp32 master weights, as our recipes do)."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,7 +94,8 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     hf_cfg = LlamaConfig(**hf_config(model_cfg, "float32"))
-    model = LlamaForCausalLM(hf_cfg).to(device)
+    with torch.device(device):  # initialised where it runs: a 7B-width CPU init would take longer than the steps
+        model = LlamaForCausalLM(hf_cfg)
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -101,9 +105,12 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
                             weight_decay=1e-5)
     ids = torch.randint(3, model_cfg.vocab_size, (batch, seq), device=device)
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
 
     def run():
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,24 +119,27 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
 
     times = _time_steps(run, warmup, steps)
     median = statistics.median(times)
-    return {"device": device, "threads": torch.get_num_threads(), "step_s_median": median, "step_s_all": times,
-            "tokens_per_s": batch * seq / median}
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {"device": device, "threads": torch.get_num_threads(), "dtype": dtype, "step_s_median": median,
+            "step_s_all": times, "tokens_per_s": batch * seq / median, "device_peak_bytes": peak}
 
 
 def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
-               warmup: int, steps: int, out: str | Path | None = None) -> dict:
+               warmup: int, steps: int, out: str | Path | None = None, overrides: list[str] = ()) -> dict:
     from mellama_jax.sharding import layout_overrides
 
     rows = []
     for layout in layouts:
-        overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
-                     f"model.dtype={dtype}", *layout_overrides(layout)]
+        row_overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
+                     f"model.dtype={dtype}", *layout_overrides(layout), *overrides]
         try:
-            rows.append(dict(layout=layout, **jax_step_timing(overrides, warmup, steps)))
+            rows.append(dict(layout=layout, **jax_step_timing(row_overrides, warmup, steps)))
         except Exception as e:
             rows.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
+    import jax
+
     result = {"benchmark": "mesh", "model": model, "seq": seq, "batch": batch, "remat": remat, "dtype": dtype,
-              "layouts": rows}
+              "overrides": list(overrides), "device": jax.devices()[0].device_kind, "layouts": rows}
     if out:
         _bar_chart(result, Path(out))
     return result
@@ -163,29 +173,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int, steps: int) -> dict:
-    """Ours (one device, fp32) and transformers (+ PEFT when lora_rank) on the same model and batch."""
-    from mellama_jax.config import load_model_preset
-
-    cfg = load_model_preset(model)
-    common = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
-              "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
-    result = {"benchmark": "baseline", "model": model, "seq": seq, "batch": batch}
+def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int, steps: int,
+                   dtype: str = "float32", overrides: list[str] = (), sides: str = "both") -> dict:
+    """Ours (one device) and transformers (+ PEFT when lora_rank) on the same model and batch. sides "ours" or
+    "torch" runs one of them: on a GPU each needs its own process, as JAX keeps the memory it has used."""
     import jax
 
-    one = [jax.devices()[0]]  # one real device: the torch side is one process on the same cores
-    ours = jax_step_timing(common, warmup, steps, devices=one)
-    torch_full = torch_step_timing(cfg, batch, seq, 0, warmup, steps)
-    result["full"] = {"ours": ours, "torch": torch_full, "speedup": ours["tokens_per_s"] / torch_full["tokens_per_s"]}
-    if lora_rank:
-        lora = common + ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}",
-                         "lora.dropout=0.0", "lora.base_dtype=float32"]
-        ours_l = jax_step_timing(lora, warmup, steps, devices=one)
-        torch_l = torch_step_timing(cfg, batch, seq, lora_rank, warmup, steps)
-        result["lora"] = {"ours": ours_l, "torch_peft": torch_l,
-                          "speedup": ours_l["tokens_per_s"] / torch_l["tokens_per_s"]}
-    return result
+    from mellama_jax.config import load_config
 
+    common = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.dtype={dtype}",
+              "mesh.ici={data: 1, fsdp: 1, tensor: 1}", *overrides]
+    cfg = load_config(None, common).model
+    result = {"benchmark": "baseline", "model": model, "seq": seq, "batch": batch, "dtype": dtype,
+              "overrides": list(overrides), "device": jax.devices()[0].device_kind}
+    one = [jax.devices()[0]]  # one real device: the torch side is one process on the same cores
+    lora = ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}", "lora.dropout=0.0",
+            "lora.base_dtype=float32"]
+    for mode, rank, extra in [("full", 0, []), ("lora", lora_rank, lora)][:2 if lora_rank else 1]:
+        row = {}
+        if sides in ("both", "ours"):
+            row["ours"] = jax_step_timing(common + extra, warmup, steps, devices=one)
+        if sides in ("both", "torch"):
+            row["torch"] = torch_step_timing(cfg, batch, seq, rank, warmup, steps, dtype=dtype)
+        if len(row) == 2:
+            row["speedup"] = row["ours"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+        result[mode] = row
+    return result
 
 if __name__ == "__main__":
     print(json.dumps(bench_baseline("bench-60m", 256, 4, 8, 1, 3), indent=1))

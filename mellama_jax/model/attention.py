@@ -1,7 +1,11 @@
-"""Attention kernels: an XLA reference and `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs).
+"""Attention kernels: an XLA reference, `jax.nn.dot_product_attention`'s XLA path, and cuDNN flash attention.
 
-Both take q of shape (B, T, H, D) and k, v of shape (B, S, K, D) with H a multiple of K (grouped-query
+All take q of shape (B, T, H, D) and k, v of shape (B, S, K, D) with H a multiple of K (grouped-query
 attention without materialising repeated keys) and a boolean mask (B, T, S): True where a query may attend.
+
+`causal=True` says the mask is causal with queries and keys at the same positions (training, scoring), which
+lets cuDNN skip the masked half of the score matrix. Decoding against a KV cache passes False and runs the XLA
+reference: it is memory-bound, and its one-token queries are not what the flash kernels are built for.
 """
 
 import jax
@@ -23,7 +27,7 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
     return causal & same_segment
 
 
-def xla_attention(q, k, v, mask):
+def xla_attention(q, k, v, mask, causal=False):
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)
@@ -35,12 +39,36 @@ def xla_attention(q, k, v, mask):
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 
-def dot_product_attention(q, k, v, mask):
+def dot_product_attention(q, k, v, mask, causal=False):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
-IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention}
+def cudnn_attention(q, k, v, mask, causal=True):
+    """cuDNN's fused flash attention (GPU, bf16/fp16). The causal structure is the kernel's own; the mask also
+    rides along as an additive bias (B, 1, T, S), which keeps packed documents apart at the price of reading it
+    (and of a bias gradient cuDNN always computes)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
 
 
-def attend(q, k, v, mask, implementation: str = "xla"):
-    return IMPLEMENTATIONS[implementation](q, k, v, mask)
+def cudnn_causal_attention(q, k, v, mask, causal=True):
+    """cuDNN flash attention with the causal mask alone: no bias, so the fastest, but packed documents see each
+    other (as in transformers' Trainer on concatenated text): for unpacked data, or where that is acceptable."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention,
+                   "cudnn_causal": cudnn_causal_attention}
+
+
+def resolve(implementation: str) -> str:
+    """'auto': cuDNN flash attention on GPUs (segment-aware), the XLA reference elsewhere."""
+    if implementation == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return implementation
+
+
+def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False):
+    name = resolve(implementation)
+    if name.startswith("cudnn") and not causal:
+        name = "xla"
+    return IMPLEMENTATIONS[name](q, k, v, mask, causal)

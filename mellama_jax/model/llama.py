@@ -63,7 +63,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, cache is None)
         out = checkpoint_name(out, "attention_out")
         out = self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
         return out if cache is None else (out, (k_all, v_all))

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One-GPU benchmark: software versions, the bf16 matmul ceiling, attention kernels (time and error), our train
+# step at LLaMA2-7B width and 4096 context (as many layers as fit) with its MFU, and transformers + torch on the
+# same GPU. Each measurement is its own process with its own time limit, so an out-of-memory row costs only that
+# row; everything is appended to OUTDIR/log.txt as it happens.
+#
+#   launch/bench_gpu.sh OUTDIR [PART]     PART 1: the headline rows, 2: the variants, all (default): both
+#   SMOKE=1: tiny shapes, to check the script on a CPU.
+#   If our package fails its smoke step under the installed flax and .whl/ holds wheels (flax 0.12.8, what we
+#   test with), they are installed to /tmp/site and the smoke step is retried with them.
+set -u
+OUTDIR=${1:-bench-gpu}
+PART=${2:-all}
+mkdir -p "$OUTDIR"
+LOG=$OUTDIR/log.txt
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  MODEL=tiny SEQ=64 LAYERS=2 ATT=xla BIG=4 SMALL=2 HEADS=4 HD=16 LIMIT=120
+else
+  MODEL=llama2-7b SEQ=4096 LAYERS=8 ATT=cudnn BIG=4 SMALL=2 HEADS=32 HD=128 LIMIT=150
+fi
+
+step() {  # step NAME LIMIT_S COMMAND...: run, log, and say how it ended
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "===== $name: $*" >>"$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "===== $name: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$LOG"
+}
+CLI=("$PY" -m mellama_jax.cli)
+
+step versions 60 "$PY" -c "
+import jax, flax, optax, sys
+print(sys.version); print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
+print(jax.devices())
+try:
+    import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)
+except Exception as e: print('torch/transformers:', e)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >>"$LOG"
+smoke() { step smoke 90 "${CLI[@]}" bench mesh --model tiny --layouts data=1 --seq 64 --batch 2 --warmup 1 --steps 1 \
+  --dtype bfloat16 model.attention=xla; }  # the package itself; cuDNN is the attention step's
+if ! smoke | grep -q "rc=0" && [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+  smoke
+fi
+
+if [ "$PART" != 2 ]; then
+# the bf16 matmul ceiling on this device (8192^3, median of 20), beside the datasheet peak
+step matmul 60 "$PY" -c "
+import time, statistics, jax, jax.numpy as jnp
+n = 512 if jax.default_backend() == 'cpu' else 8192
+a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
+f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+f(a, b).block_until_ready(); ts = []
+for _ in range(20):
+    s = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - s)
+print('MATMUL_BF16_TFLOPS', 2 * n**3 / statistics.median(ts) / 1e12)"
+
+# attention: forward + backward at 4096 context, one document per row
+step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" --head-dim "$HD"
+fi
+
+mesh() {  # mesh NAME BATCH REMAT OVERRIDES... (XLA_FLAGS from the caller's MESH_XLA_FLAGS)
+  local name=$1 batch=$2 remat=$3
+  shift 3
+  step "$name" "$LIMIT" env XLA_FLAGS="${MESH_XLA_FLAGS:-}" "${CLI[@]}" bench mesh --model "$MODEL" --layouts data=1 --seq "$SEQ" --batch "$batch" \
+    --remat "$remat" --dtype bfloat16 --warmup 2 --steps 5 "model.num_layers=$LAYERS" "model.attention=$ATT" "$@"
+}
+if [ "$PART" != 2 ]; then
+mesh "mesh-b$BIG" "$BIG" none
+mesh "mesh-b$SMALL" "$SMALL" none
+step "torch-b$SMALL" "$LIMIT" "${CLI[@]}" bench baseline --model "$MODEL" --seq "$SEQ" --batch "$SMALL" --lora-rank 0 \
+  --dtype bfloat16 --sides torch --warmup 2 --steps 5 "model.num_layers=$LAYERS"
+fi
+if [ "$PART" != 1 ]; then
+# packed documents: cudnn (segments as a bias) and cudnn_causal (ignores them; its error shows it) against xla
+step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" --head-dim "$HD" \
+  --docs 4 --impls xla,cudnn,cudnn_causal
+mesh "mesh-b$BIG-causal-only" "$BIG" none model.attention=cudnn_causal
+mesh "mesh-b$BIG-2x-layers-remat" "$BIG" full "model.num_layers=$((2 * LAYERS))"
+MESH_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false mesh "mesh-b$BIG-no-triton-gemm" "$BIG" none
+fi
+grep -h "^MATMUL_BF16\|^| \|\"tokens_per_s\"\|\"mfu\"\|\"device_peak_bytes\"\|\"fwd_bwd_ms\"\|\"impl\"\|\"error\"" "$LOG"

@@ -1,0 +1,59 @@
+"""`bench attention`: forward + backward of each attention implementation on one device, with its error
+against the float32 XLA reference on the same inputs (packed documents included), and TFLOP/s."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+
+def bench_attention(impls: list[str], batch: int, seq: int, heads: int, kv_heads: int, head_dim: int,
+                    dtype: str = "bfloat16", docs: int = 1, steps: int = 10, seed: int = 0) -> dict:
+    """docs > 1 packs that many equal documents per row (segment ids 1..docs), which cudnn_causal ignores by
+    design: its error is then reported, not hidden."""
+    import jax
+    import jax.numpy as jnp
+
+    from mellama_jax.model import attention
+
+    rng = np.random.default_rng(seed)
+    shapes = {"q": (batch, seq, heads, head_dim), "k": (batch, seq, kv_heads, head_dim),
+              "v": (batch, seq, kv_heads, head_dim), "g": (batch, seq, heads, head_dim)}
+    x = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
+    seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(1, docs + 1), -(-seq // docs))[:seq], (batch, seq)))
+    mask = attention.make_mask(seg, seg)
+
+    def fwd_bwd(name, dt):
+        def loss(q, k, v):
+            return jnp.sum(attention.attend(q, k, v, mask, name, causal=True).astype(jnp.float32) * x["g"])
+
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        return f, [x[n].astype(dt) for n in "qkv"]
+
+    f_ref, args_ref = fwd_bwd("xla", jnp.float32)
+    _, ref_grads = f_ref(*args_ref)
+    # model FLOPs as MaxText counts them: QK^T and PV, causal half, forward + backward = 3 x forward
+    flops = 3 * 4 * batch * seq * seq * heads * head_dim / 2
+    rows = []
+    for name in impls:
+        try:
+            f, args = fwd_bwd(name, jnp.dtype(dtype))
+            start = time.perf_counter()
+            out = jax.block_until_ready(f(*args))
+            compile_s = time.perf_counter() - start
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                times.append(time.perf_counter() - start)
+            errors = {f"rel_err_d{n}": float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+                      for n, g, r in zip("qkv", out[1], ref_grads)}
+            median = statistics.median(times)
+            rows.append({"impl": name, "compile_s": compile_s, "fwd_bwd_ms": median * 1e3,
+                         "tflops": flops / median / 1e12, **errors})
+        except Exception as e:  # an implementation the backend lacks (cuDNN on CPU) is reported, not fatal
+            rows.append({"impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return {"benchmark": "attention", "device": jax.devices()[0].device_kind, "batch": batch, "seq": seq,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype, "docs": docs, "rows": rows}
