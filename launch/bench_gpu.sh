@@ -4,13 +4,14 @@
 # same GPU. Each measurement is its own process with its own time limit, so an out-of-memory row costs only that
 # row; everything is appended to OUTDIR/log.txt as it happens.
 #
-#   launch/bench_gpu.sh OUTDIR [PART]     PART 1: the headline rows, 2: the variants, all (default): both
+#   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed mesh mesh-small torch-small
+#                                          causal-only layers-remat no-triton-gemm accum2 (default: all)
 #   SMOKE=1: tiny shapes, to check the script on a CPU.
 #   If our package fails its smoke step under the installed flax and .whl/ holds wheels (flax 0.12.8, what we
 #   test with), they are installed to /tmp/site and the smoke step is retried with them.
 set -u
 OUTDIR=${1:-bench-gpu}
-PART=${2:-all}
+STEPS=("${@:2}")
 mkdir -p "$OUTDIR"
 LOG=$OUTDIR/log.txt
 PY=${PYTHON:-python3}
@@ -50,9 +51,10 @@ if ! smoke | grep -q "rc=0" && [ -d .whl ]; then
   smoke
 fi
 
-if [ "$PART" != 2 ]; then
+want() { [ ${#STEPS[@]} -eq 0 ] || [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+
 # the bf16 matmul ceiling on this device (8192^3, median of 20), beside the datasheet peak
-step matmul 60 "$PY" -c "
+want matmul && step matmul 60 "$PY" -c "
 import time, statistics, jax, jax.numpy as jnp
 n = 512 if jax.default_backend() == 'cpu' else 8192
 a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
@@ -62,28 +64,29 @@ for _ in range(20):
     s = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - s)
 print('MATMUL_BF16_TFLOPS', 2 * n**3 / statistics.median(ts) / 1e12)"
 
-# attention: forward + backward at 4096 context, one document per row
-step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" --head-dim "$HD"
-fi
+# attention: forward + backward at 4096 context, one document per row; then four packed documents per row:
+# cudnn (segments as a bias) and cudnn_causal (ignores them; its error shows it) against xla
+want attention && step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" \
+  --head-dim "$HD"
+want attention-packed && step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
+  --kv-heads "$HEADS" --head-dim "$HD" --docs 4 --impls xla,cudnn,cudnn_causal
 
 mesh() {  # mesh NAME BATCH REMAT OVERRIDES... (XLA_FLAGS from the caller's MESH_XLA_FLAGS)
   local name=$1 batch=$2 remat=$3
   shift 3
-  step "$name" "$LIMIT" env XLA_FLAGS="${MESH_XLA_FLAGS:-}" "${CLI[@]}" bench mesh --model "$MODEL" --layouts data=1 --seq "$SEQ" --batch "$batch" \
-    --remat "$remat" --dtype bfloat16 --warmup 2 --steps 5 "model.num_layers=$LAYERS" "model.attention=$ATT" "$@"
+  want "$name" || return 0
+  step "$name" "$LIMIT" env XLA_FLAGS="${MESH_XLA_FLAGS:-}" "${CLI[@]}" bench mesh --model "$MODEL" --layouts data=1 \
+    --seq "$SEQ" --batch "$batch" --remat "$remat" --dtype bfloat16 --warmup 2 --steps 5 "model.num_layers=$LAYERS" \
+    "model.attention=$ATT" "$@"
 }
-if [ "$PART" != 2 ]; then
-mesh "mesh-b$BIG" "$BIG" none
-mesh "mesh-b$SMALL" "$SMALL" none
-step "torch-b$SMALL" "$LIMIT" "${CLI[@]}" bench baseline --model "$MODEL" --seq "$SEQ" --batch "$SMALL" --lora-rank 0 \
-  --dtype bfloat16 --sides torch --warmup 2 --steps 5 "model.num_layers=$LAYERS"
-fi
-if [ "$PART" != 1 ]; then
-# packed documents: cudnn (segments as a bias) and cudnn_causal (ignores them; its error shows it) against xla
-step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" --head-dim "$HD" \
-  --docs 4 --impls xla,cudnn,cudnn_causal
-mesh "mesh-b$BIG-causal-only" "$BIG" none model.attention=cudnn_causal
-mesh "mesh-b$BIG-2x-layers-remat" "$BIG" full "model.num_layers=$((2 * LAYERS))"
-MESH_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false mesh "mesh-b$BIG-no-triton-gemm" "$BIG" none
-fi
+# the headline row, with a device trace and the optimized HLO (summarise with `bench trace`)
+mesh mesh "$BIG" none --profile "$OUTDIR/prof"
+mesh mesh-small "$SMALL" none
+want torch-small && step torch-small "$LIMIT" "${CLI[@]}" bench baseline --model "$MODEL" --seq "$SEQ" --batch "$SMALL" \
+  --lora-rank 0 --dtype bfloat16 --sides torch --warmup 2 --steps 5 "model.num_layers=$LAYERS"
+mesh causal-only "$BIG" none model.attention=cudnn_causal
+mesh layers-remat "$BIG" full "model.num_layers=$((2 * LAYERS))"
+MESH_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false mesh no-triton-gemm "$BIG" none
+# twice the batch in two microbatches: one optimizer update per 2 x BIG sequences
+mesh accum2 "$((2 * BIG))" none train.grad_accum=2
 grep -h "^MATMUL_BF16\|^| \|\"tokens_per_s\"\|\"mfu\"\|\"device_peak_bytes\"\|\"fwd_bwd_ms\"\|\"impl\"\|\"error\"" "$LOG"

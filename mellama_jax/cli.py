@@ -138,7 +138,7 @@ def _bench_mesh(args) -> int:
     from mellama_jax.bench.mesh import bench_mesh, markdown
 
     result = bench_mesh(args.model, args.layouts.split(";"), args.seq, args.batch, args.remat, args.dtype,
-                        args.warmup, args.steps, args.png, args.overrides)
+                        args.warmup, args.steps, args.png, args.overrides, args.profile)
     print(markdown(result))
     print(json.dumps(result, indent=1))
     return 0
@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh.add_argument("--warmup", type=int, default=2)
     bmesh.add_argument("--steps", type=int, default=5)
     bmesh.add_argument("--png", help="bar chart output path")
+    bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
     bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
     bmesh.set_defaults(func=_bench_mesh)
     batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")

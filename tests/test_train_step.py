@@ -1,6 +1,9 @@
 """The sharded train step on 8 simulated CPU devices: layouts agree, accumulation is exact, masks work."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -159,3 +162,48 @@ def test_70b_init_is_sharded_at_creation():
     per_device = compiled.memory_analysis().output_size_in_bytes
     whole = 68_976_648_192 * 4 * 3  # fp32 parameters, mu and nu
     assert whole / 8 <= per_device < whole / 8 * 1.001
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
+    """(lhs, rhs) dtypes of every dot_general in a jaxpr, sub-jaxprs (scan, remat, custom_vjp) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_operand_dtypes(inner)
+    return found
+
+
+def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch):
+    """In bf16 compute every matmul of forward and backward multiplies bf16 by bf16 (fp32 accumulation) on an
+    accelerator: none is promoted to fp32, which on an H100 had turned the backward pass into TF32 and doubled the
+    step time. On the CPU the gradients' operands are fp32 copies (XLA CPU lacks some bf16 dots): the jitted
+    gradients run, are fp32 for the fp32 master weights, and are close to the fp32 model's."""
+    from mellama_jax.model import Llama, layers
+
+    cfg = dataclasses.replace(load_model_preset("tiny-gqa"), dtype="bfloat16", remat="full")
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 9)))
+
+    def nll(graphdef, params):
+        logits = nnx.merge(graphdef, params)(ids[:, :-1]).astype(jnp.float32)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).mean()
+
+    def loss(params):
+        return nll(graphdef, params)
+
+    on_cpu = jax.jit(jax.grad(loss))(params)
+    assert {x.dtype for x in jax.tree.leaves(on_cpu)} == {jnp.dtype(jnp.float32)}  # fp32 master weights' grads
+    graphdef32, params32 = nnx.split(Llama(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0)))
+    fp32 = jax.grad(lambda p: nll(graphdef32, p))(params32)
+    for a, b in zip(jax.tree.leaves(on_cpu), jax.tree.leaves(fp32)):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05
+    monkeypatch.setattr(layers, "gradient_operand_dtype", jnp.dtype)  # as on a GPU/TPU
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert len(dots) >= 3 * (7 + 2) + 3  # forward and both gradients of 7 projections and 2 attention products
+    assert set(dots) == {("bfloat16", "bfloat16")}, dots

@@ -30,8 +30,28 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
             "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
 
 
+def _profile(run, compiled, out_dir: str | Path, steps: int = 2) -> None:
+    """A device trace of `steps` more steps (Perfetto JSON: `bench trace` summarises it) and the optimized HLO,
+    which maps kernel names back to the model's operations."""
+    import gzip
+    import shutil
+    import tempfile
+
+    import jax
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                run()
+        shutil.copy(next(Path(tmp).rglob("perfetto_trace.json.gz")), out / "trace.json.gz")
+    with gzip.open(out / "hlo.txt.gz", "wt") as f:
+        f.write(compiled.as_text())
+
+
 def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
-                    devices: list | None = None) -> dict:
+                    devices: list | None = None, profile_dir: str | Path | None = None) -> dict:
     import jax
 
     from mellama_jax.sharding import make_mesh
@@ -59,6 +79,8 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
         metrics["loss"].block_until_ready()
 
     times = _time_steps(run, warmup, steps)
+    if profile_dir:
+        _profile(run, compiled, profile_dir)
     median = statistics.median(times)
     tokens_per_s = B * T / median
     n = trainer.mesh.size
@@ -125,7 +147,9 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
 
 
 def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
-               warmup: int, steps: int, out: str | Path | None = None, overrides: list[str] = ()) -> dict:
+               warmup: int, steps: int, out: str | Path | None = None, overrides: list[str] = (),
+               profile: str | Path | None = None) -> dict:
+    """profile: a folder; each layout's trace and HLO go to a subfolder named after it."""
     from mellama_jax.sharding import layout_overrides
 
     rows = []
@@ -133,7 +157,8 @@ def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str,
         row_overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
                      f"model.dtype={dtype}", *layout_overrides(layout), *overrides]
         try:
-            rows.append(dict(layout=layout, **jax_step_timing(row_overrides, warmup, steps)))
+            where = Path(profile) / layout.replace("=", "").replace(",", "_") if profile else None
+            rows.append(dict(layout=layout, **jax_step_timing(row_overrides, warmup, steps, profile_dir=where)))
         except Exception as e:
             rows.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
     import jax

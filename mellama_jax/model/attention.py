@@ -8,8 +8,12 @@ lets cuDNN skip the masked half of the score matrix. Decoding against a KV cache
 reference: it is memory-bound, and its one-token queries are not what the flash kernels are built for.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from mellama_jax.model import layers
 
 
 def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
@@ -27,15 +31,37 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
     return causal & same_segment
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32(spec, a, b):
+    """einsum accumulated (and returned) in fp32, whose gradients are einsums on the operands' own dtype: the
+    fp32 cotangent is cast down first, or XLA would promote the bf16 operand and run the backward in fp32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+    return _einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, residuals, ct):
+    a, b = residuals
+    dtype = layers.gradient_operand_dtype(jnp.result_type(a, b))
+    _, vjp = jax.vjp(functools.partial(jnp.einsum, spec), a.astype(dtype), b.astype(dtype))
+    da, db = vjp(ct.astype(dtype))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def xla_attention(q, k, v, mask, causal=False):
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = _einsum_f32("btkgd,bskd->bkgts", q, k)
     scores = scores * (D ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = _einsum_f32("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 

@@ -4,12 +4,14 @@ Every parameter is an `nnx.Param` whose `out_sharding` metadata holds *logical* 
 mesh axes happens outside the model (mellama_jax/sharding.py), so model code never names a mesh axis.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def param(rngs: nnx.Rngs | None, init, shape: tuple[int, ...], dtype, axes: tuple) -> nnx.Param:
@@ -23,6 +25,51 @@ def param(rngs: nnx.Rngs | None, init, shape: tuple[int, ...], dtype, axes: tupl
 def constrain(x: jax.Array, axes: tuple) -> jax.Array:
     """Sharding hint by logical names; a no-op unless the caller set a mesh and a rule table."""
     return nn.with_logical_constraint(x, axes)
+
+
+def _contracting(x_ndim: int, n: int) -> tuple:
+    """dot_general dims contracting x's trailing n dims with w's leading n dims."""
+    return ((tuple(range(x_ndim - n, x_ndim)), tuple(range(n))), ((), ()))
+
+
+def gradient_operand_dtype(dtype):
+    """The operand dtype of gradient matmuls. XLA's CPU backend cannot run some bf16 x bf16 -> f32 dots (those with
+    transposed operands fall to its generic dot, which lacks the type pair); there the gradients multiply fp32
+    copies of the same bf16 values (exact, so the result differs only in summation order)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul(x, w, n: int, dtype, out_dtype):
+    """x (..., in...) @ w (in..., out...) over n `in` dims: operands in `dtype`, fp32 accumulation, out_dtype out.
+
+    The gradients are matmuls on `dtype` operands as well, accumulated in fp32, with w's gradient returned in
+    w's own dtype (fp32 master weights get an fp32 gradient, never rounded to bf16). Left to autodiff, the
+    transpose of a bf16 dot with an fp32 result multiplies the fp32 cotangent by the bf16 operand, which XLA
+    promotes to an fp32 matmul: on an H100 the whole backward pass ran as TF32 (docs/benchmarks.md).
+    """
+    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), _contracting(x.ndim, n),
+                               preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _matmul_fwd(x, w, n, dtype, out_dtype):
+    return matmul(x, w, n, dtype, out_dtype), (x, w)
+
+
+def _matmul_bwd(n, dtype, out_dtype, residuals, ct):
+    x, w = residuals
+    batch, out = x.ndim - n, w.ndim - n
+    dtype = gradient_operand_dtype(dtype)
+    ct, xc, wc = ct.astype(dtype), x.astype(dtype), w.astype(dtype)
+    # dx[b, i] = sum_o ct[b, o] w[i, o];  dw[i, o] = sum_b x[b, i] ct[b, o]
+    dx = jax.lax.dot_general(ct, wc, ((tuple(range(batch, batch + out)), tuple(range(n, n + out))), ((), ())),
+                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(xc, ct, ((tuple(range(batch)), tuple(range(batch))), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nnx.Module):
@@ -53,22 +100,21 @@ class Dense(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def _contract(self, x, w, n):
-        dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-        return jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), dims,
-                                   preferred_element_type=jnp.float32)
-
     def __call__(self, x: jax.Array, out_dtype=None, dropout_rng: jax.Array | None = None) -> jax.Array:
-        y = self._contract(x, self.kernel[...], self.num_in)
-        if self.lora_a is not None:
-            xa = x
-            if dropout_rng is not None and self.lora_dropout > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout,
-                                            x.shape)
-                xa = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
-            low = self._contract(xa, self.lora_a[...], self.num_in)
-            y = y + self.lora_scale * self._contract(low, self.lora_b[...], 1)
-        return y.astype(out_dtype or self.dtype)
+        out_dtype = jnp.dtype(out_dtype or self.dtype)
+        x = x.astype(self.dtype)
+        if self.lora_a is None:  # named, so that the "dots" remat policies can save it (see llama.REMAT)
+            return checkpoint_name(matmul(x, self.kernel[...], self.num_in, self.dtype, out_dtype), "dense")
+        f32 = jnp.dtype(jnp.float32)
+        y = matmul(x, self.kernel[...], self.num_in, self.dtype, f32)
+        xa = x
+        if dropout_rng is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout,
+                                        x.shape)
+            xa = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
+        low = matmul(xa, self.lora_a[...], self.num_in, self.dtype, f32)
+        y = y + self.lora_scale * matmul(low, self.lora_b[...], 1, self.dtype, f32)
+        return checkpoint_name(y.astype(out_dtype), "dense")
 
 
 class RMSNorm(nnx.Module):

@@ -100,12 +100,16 @@ class DecoderLayer(nnx.Module):
         return out if cache is None else (out, new_cache)
 
 
+_POLICIES = jax.checkpoint_policies
+# Projections are custom-VJP matmuls (layers.matmul) that the dot policies cannot see inside: their outputs are
+# named "dense" and saved by name.
 REMAT = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "qkv_proj": jax.checkpoint_policies.save_only_these_names(
+    "full": _POLICIES.nothing_saveable,
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.checkpoint_dots, _POLICIES.save_only_these_names("dense")),
+    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
+                                                       _POLICIES.save_only_these_names("dense")),
+    "qkv_proj": _POLICIES.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attention_out"),
 }
 
