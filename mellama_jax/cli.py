@@ -144,6 +144,17 @@ def _bench_mesh(args) -> int:
     return 0
 
 
+def _bench_trace(args) -> int:
+    import json
+
+    from mellama_jax.bench.trace import markdown, summarize
+
+    summary = summarize(args.trace, args.steps, args.top)
+    print(markdown(summary))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def _bench_attention(args) -> int:
     import json
 
@@ -376,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
     bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
     bmesh.set_defaults(func=_bench_mesh)
+    btr = bench_sub.add_parser("trace", help="device time per step by kernel category, from `bench mesh --profile`")
+    btr.add_argument("trace", help="trace.json.gz written by bench mesh --profile")
+    btr.add_argument("--steps", type=int, default=2, help="steps the trace holds (bench mesh --profile: 2)")
+    btr.add_argument("--top", type=int, default=15)
+    btr.set_defaults(func=_bench_trace)
     batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")
     batt.add_argument("--impls", default="xla,dot_product,cudnn,cudnn_causal")
     batt.add_argument("--batch", type=int, default=1)

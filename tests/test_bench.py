@@ -45,3 +45,34 @@ def test_planner_memory_matches_a_real_step():
 
     result = bench_memory_layouts("bench-60m", ["fsdp=8"], 256, 8, [])
     assert 0.85 < result["layouts"][0]["ratio_measured_to_planned"] < 1.15
+
+
+def test_bench_trace_sums_device_kernels_by_category(tmp_path):
+    import gzip
+    import json
+
+    from mellama_jax.bench.trace import markdown, summarize
+
+    def kernel(name, ts, dur, pid=1):
+        return {"ph": "X", "pid": pid, "tid": 7, "ts": ts, "dur": dur, "name": name}
+
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
+              kernel("nvjet_sm90_tss_256x128", 0, 3000), kernel("gemm_fusion_dot_16", 3000, 1000),
+              kernel("sm90_xmma_gemm_f32f32_tf32f32_f32_nt", 4000, 2000),
+              kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 6000, 1500),
+              kernel("memcpy128", 7500, 500), kernel("loop_add_fusion_4", 8000, 2000),
+              kernel("host work", 0, 99000, pid=9)]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = summarize(path, steps=2)
+    assert s["kernel_ms_per_step"] == pytest.approx(5.0) and s["span_ms_per_step"] == pytest.approx(5.0)
+    ms = {k: v["ms"] for k, v in s["categories"].items()}
+    assert ms == pytest.approx({"matmul": 2.0, "matmul (fp32/tf32)": 1.0, "attention": 0.75, "copy": 0.25,
+                                "elementwise and reductions": 1.0})
+    assert s["top"][0]["kernel"] == "nvjet_sm90_tss_256x128" and "| matmul | 2.0 | 40% |" in markdown(s)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events[1:2] + events[-1:]}, f)
+    with pytest.raises(ValueError, match="no device kernels"):
+        summarize(path)
