@@ -8,7 +8,6 @@ lets cuDNN skip the masked half of the score matrix. Decoding against a KV cache
 reference: it is memory-bound, and its one-token queries are not what the flash kernels are built for.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,38 +30,52 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
     return causal & same_segment
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_f32(spec, a, b):
-    """einsum accumulated (and returned) in fp32, whose gradients are einsums on the operands' own dtype: the
-    fp32 cotangent is cast down first, or XLA would promote the bf16 operand and run the backward in fp32."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+def _softmax_attention(q, k, v, mask):
+    """Head-major core: q (B, K, G, T, D) pre-scaled, k/v (B, K, S, D), mask (B, 1, 1, T, S) -> out (B, K, G, T, D)
+    and the probabilities (B, K, G, T, S). Scores and softmax in fp32; products on the operands' dtype."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), probs
 
 
-def _einsum_f32_fwd(spec, a, b):
-    return _einsum_f32(spec, a, b), (a, b)
+@jax.custom_vjp
+def _attention_core(q, k, v, mask):
+    return _softmax_attention(q, k, v, mask)[0]
 
 
-def _einsum_f32_bwd(spec, residuals, ct):
-    a, b = residuals
-    dtype = layers.gradient_operand_dtype(jnp.result_type(a, b))
-    _, vjp = jax.vjp(functools.partial(jnp.einsum, spec), a.astype(dtype), b.astype(dtype))
-    da, db = vjp(ct.astype(dtype))
-    return da.astype(a.dtype), db.astype(b.dtype)
+def _attention_core_fwd(q, k, v, mask):
+    out, probs = _softmax_attention(q, k, v, mask)
+    return out, (q, k, v, mask, out, probs)
 
 
-_einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+def _attention_core_bwd(residuals, d_out):
+    """Softmax backward as flash attention writes it: dS = P * (dP - rowsum(dO * O)), a (T, D) reduction in place
+    of a (T, S) one; every product a plain batched matmul (fused into one with the softmax backward, XLA's CPU
+    matmuls ran 3x slower), on the operands' dtype with fp32 accumulation."""
+    q, k, v, mask, out, probs = residuals
+    dtype = layers.gradient_operand_dtype(q.dtype)
+    q, k, v, d_out_c = (x.astype(dtype) for x in (q, k, v, d_out))
+    f32 = jnp.float32
+    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_c, v, preferred_element_type=f32)
+    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - row)).astype(dtype)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q, preferred_element_type=f32)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dtype), d_out_c, preferred_element_type=f32)
+    return dq.astype(out.dtype), dk.astype(out.dtype), dv.astype(out.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 def xla_attention(q, k, v, mask, causal=False):
     B, T, H, D = q.shape
     K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, D)
-    scores = _einsum_f32("btkgd,bskd->bkgts", q, k)
-    scores = scores * (D ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = _einsum_f32("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, D).astype(q.dtype)
+    qh = (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = _attention_core(qh, kh, vh, mask[:, None, None])
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def dot_product_attention(q, k, v, mask, causal=False):
