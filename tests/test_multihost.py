@@ -129,7 +129,7 @@ def test_detection_from_the_environment():
 
 def test_launch_scripts_pass_shellcheck_and_dry_run():
     scripts = sorted((REPO / "launch").iterdir())
-    assert [s.name for s in scripts] == ["local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"]
+    assert [s.name for s in scripts] == ["bench_gpu.sh", "local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"]
     result = subprocess.run([str(SHELLCHECK)] + [str(s) for s in scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     env = dict(os.environ, DRY_RUN="1", NODES="20", WORKERS="4", TPU_NAME="pod", ZONE="z")
@@ -145,3 +145,15 @@ def test_launch_scripts_pass_shellcheck_and_dry_run():
                           "configs/x.yaml", "a=1"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[2] == ("env COORDINATOR_ADDRESS=127.0.0.1:999 NUM_PROCESSES=3 PROCESS_ID=2 MELLAMA_CPU_DEVICES=4 "
                       "JAX_PLATFORMS=cpu python3 -m mellama_jax.cli train --config configs/x.yaml a=1")
+
+
+def test_gpu_benchmark_script_runs_its_steps_on_a_cpu(tmp_path):
+    """launch/bench_gpu.sh (what a lent GPU runs) in its SMOKE mode: tiny shapes, the headline row with its trace."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on the GPU machine
+    env.update(SMOKE="1", PYTHON=sys.executable)
+    out = subprocess.run(["bash", str(REPO / "launch" / "bench_gpu.sh"), str(tmp_path), "mesh"], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert "===== versions: rc=0" in out and "===== mesh: rc=0" in out
+    log = (tmp_path / "log.txt").read_text()
+    assert '"tokens_per_s"' in log and "error" not in log
+    assert {p.name for p in (tmp_path / "prof" / "data1").iterdir()} == {"trace.json.gz", "hlo.txt.gz"}
