@@ -154,8 +154,8 @@ def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str,
 
     rows = []
     for layout in layouts:
-        row_overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.remat={remat}",
-                     f"model.dtype={dtype}", *layout_overrides(layout), *overrides]
+        row_overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
+                         f"model.remat={remat}", f"model.dtype={dtype}", *layout_overrides(layout), *overrides]
         try:
             where = Path(profile) / layout.replace("=", "").replace(",", "_") if profile else None
             rows.append(dict(layout=layout, **jax_step_timing(row_overrides, warmup, steps, profile_dir=where)))
