@@ -4,9 +4,12 @@
 # same GPU. Each measurement is its own process with its own time limit, so an out-of-memory row costs only that
 # row; everything is appended to OUTDIR/log.txt as it happens.
 #
-#   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed mesh mesh-small torch-small
-#                                          causal-only layers-remat no-triton-gemm accum2 (default: all)
+#   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed attention-old mesh-old mesh
+#                                          mesh-unroll causal-unroll mesh-small torch-small causal-only
+#                                          layers-remat no-triton-gemm accum2 (default: all)
 #   SMOKE=1: tiny shapes, to check the script on a CPU.
+#   OLD=DIR: attention-old and mesh-old run on the package in DIR (an earlier checkout, e.g. from `git archive`),
+#   paired with the current one on the same machine.
 #   If our package fails its smoke step under the installed flax and .whl/ holds wheels (flax 0.12.8, what we
 #   test with), they are installed to /tmp/site and the smoke step is retried with them.
 set -u
@@ -39,6 +42,8 @@ step versions 60 "$PY" -c "
 import jax, flax, optax, sys
 print(sys.version); print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
 print(jax.devices())
+from mellama_jax.model import attention
+print('cudnn bias-gradient hook present:', hasattr(attention._cudnn_module, 'should_export_dbias'))
 try:
     import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)
 except Exception as e: print('torch/transformers:', e)"
@@ -71,6 +76,12 @@ want attention && step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --h
 want attention-packed && step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
   --kv-heads "$HEADS" --head-dim "$HD" --docs 4 --impls xla,cudnn,cudnn_causal
 
+# a command prefix that runs in the package at OLD (from inside it: `python -m` puts the working directory first)
+# shellcheck disable=SC2016
+IN_OLD=(bash -c 'cd "$1" && shift && exec "$@"' _ "${OLD:-}" env PYTHONPATH="${PYTHONPATH/#"$PWD"/"${OLD:-}"}")
+[ -n "${OLD:-}" ] && want attention-old && step attention-old 90 "${IN_OLD[@]}" "${CLI[@]}" bench attention --seq "$SEQ" \
+  --heads "$HEADS" --kv-heads "$HEADS" --head-dim "$HD" --docs 4 --impls xla,cudnn
+
 mesh() {  # mesh NAME BATCH REMAT OVERRIDES... (XLA_FLAGS from the caller's MESH_XLA_FLAGS)
   local name=$1 batch=$2 remat=$3
   shift 3
@@ -80,7 +91,15 @@ mesh() {  # mesh NAME BATCH REMAT OVERRIDES... (XLA_FLAGS from the caller's MESH
     "model.attention=$ATT" "$@"
 }
 # the headline row, with a device trace and the optimized HLO (summarise with `bench trace`)
+if [ -n "${OLD:-}" ] && want mesh-old; then
+  step mesh-old "$LIMIT" "${IN_OLD[@]}" "${CLI[@]}" bench mesh --model "$MODEL" \
+    --layouts data=1 --seq "$SEQ" --batch "$BIG" --remat none --dtype bfloat16 --warmup 2 --steps 5 \
+    "model.num_layers=$LAYERS" "model.attention=$ATT"
+fi
 mesh mesh "$BIG" none --profile "$OUTDIR/prof"
+# the layers unrolled: no per-layer slices of the stacked weights, no stacked residuals to fill and copy
+mesh mesh-unroll "$BIG" none "model.scan_unroll=$LAYERS" --profile "$OUTDIR/prof-unroll"
+mesh causal-unroll "$BIG" none "model.scan_unroll=$LAYERS" model.attention=cudnn_causal
 mesh mesh-small "$SMALL" none
 want torch-small && step torch-small "$LIMIT" "${CLI[@]}" bench baseline --model "$MODEL" --seq "$SEQ" --batch "$SMALL" \
   --lora-rank 0 --dtype bfloat16 --sides torch --warmup 2 --steps 5 "model.num_layers=$LAYERS"

@@ -9,10 +9,17 @@ reference: it is memory-bound, and its one-token queries are not what the flash 
 """
 
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
 from mellama_jax.model import layers
+
+try:  # JAX's cuDNN attention module: private, so only a hook is borrowed from it, and only if it is there
+    from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
+except ImportError:  # pragma: no cover - a JAX without it
+    _cudnn_module = None
 
 
 def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
@@ -82,11 +89,29 @@ def dot_product_attention(q, k, v, mask, causal=False):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
+@contextlib.contextmanager
+def _without_bias_gradient():
+    """cuDNN's attention computes the gradient of its bias whenever JAX's `should_export_dbias` says so, and
+    JAX says so for every bias. Our bias is the document mask, a constant: its gradient, a (B, 1, T, S) sum over
+    heads, is pure waste and doubled the backward kernel's time on an H100 (docs/benchmarks.md). The hook is read
+    once, while the forward is traced; the backward gets the answer as a static argument."""
+    hook = getattr(_cudnn_module, "should_export_dbias", None)
+    if hook is None:
+        yield
+        return
+    _cudnn_module.should_export_dbias = lambda *args: False
+    try:
+        yield
+    finally:
+        _cudnn_module.should_export_dbias = hook
+
+
 def cudnn_attention(q, k, v, mask, causal=True):
     """cuDNN's fused flash attention (GPU, bf16/fp16). The causal structure is the kernel's own; the mask also
-    rides along as an additive bias (B, 1, T, S), which keeps packed documents apart at the price of reading it
-    (and of a bias gradient cuDNN always computes)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
+    rides along as an additive bias (B, 1, T, S), which keeps packed documents apart at the price of reading it.
+    The mask is not differentiated, so cuDNN is told not to compute the bias gradient."""
+    with _without_bias_gradient():
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
 
 
 def cudnn_causal_attention(q, k, v, mask, causal=True):

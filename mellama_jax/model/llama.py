@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mellama_jax.config import LORA_TARGETS, LoraConfig, ModelConfig
 from mellama_jax.model import attention, rope
-from mellama_jax.model.layers import Dense, Embed, RMSNorm, constrain
+from mellama_jax.model.layers import Dense, Embed, RMSNorm, constrain, swiglu
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 # Inside a layer and for the head, activations are flat (B*T, D) rows: XLA's CPU backend runs the projections
@@ -77,7 +77,7 @@ class MLP(nnx.Module):
         self.w_down = Dense((F,), (D,), ("mlp", "embed"), **_dense_kw(cfg, lora, "w_down", rngs))
 
     def __call__(self, x, rng=None):
-        h = jax.nn.silu(self.w_gate(x, dropout_rng=rng)) * self.w_up(x, dropout_rng=rng)
+        h = swiglu(self.w_gate(x, dropout_rng=rng), self.w_up(x, dropout_rng=rng))
         h = constrain(h, ("activation_batch", "activation_mlp"))
         return self.w_down(h, dropout_rng=rng)
 
