@@ -4,9 +4,9 @@
 # same GPU. Each measurement is its own process with its own time limit, so an out-of-memory row costs only that
 # row; everything is appended to OUTDIR/log.txt as it happens.
 #
-#   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed attention-old mesh-old mesh
-#                                          mesh-unroll causal-unroll mesh-small torch-small causal-only
-#                                          layers-remat no-triton-gemm accum2 (default: all)
+#   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed attention-overflow
+#                                          attention-old mesh-old mesh mesh-scan causal-only mesh-small
+#                                          torch-small layers-remat no-triton-gemm accum2 (default: all)
 #   SMOKE=1: tiny shapes, to check the script on a CPU.
 #   OLD=DIR: attention-old and mesh-old run on the package in DIR (an earlier checkout, e.g. from `git archive`),
 #   paired with the current one on the same machine.
@@ -43,7 +43,8 @@ import jax, flax, optax, sys
 print(sys.version); print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
 print(jax.devices())
 from mellama_jax.model import attention
-print('cudnn bias-gradient hook present:', hasattr(attention._cudnn_module, 'should_export_dbias'))
+import inspect
+print('cudnn packed-layout API:', inspect.signature(attention._cudnn_module.dot_product_attention))
 try:
     import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)
 except Exception as e: print('torch/transformers:', e)"
@@ -70,11 +71,14 @@ for _ in range(20):
 print('MATMUL_BF16_TFLOPS', 2 * n**3 / statistics.median(ts) / 1e12)"
 
 # attention: forward + backward at 4096 context, one document per row; then four packed documents per row:
-# cudnn (segments as a bias) and cudnn_causal (ignores them; its error shows it) against xla
+# cudnn (cuDNN's packed layout) and cudnn_causal (ignores them; its error shows it) against xla; then 40 documents,
+# more than the packed layout's default room (32): cudnn falls back to the document mask as a bias
 want attention && step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" \
   --head-dim "$HD"
 want attention-packed && step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
   --kv-heads "$HEADS" --head-dim "$HD" --docs 4 --impls xla,cudnn,cudnn_causal
+want attention-overflow && step attention-overflow 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
+  --kv-heads "$HEADS" --head-dim "$HD" --docs 40 --impls xla,cudnn
 
 # a command prefix that runs in the package at OLD (from inside it: `python -m` puts the working directory first)
 # shellcheck disable=SC2016
@@ -88,7 +92,7 @@ mesh() {  # mesh NAME BATCH REMAT OVERRIDES... (XLA_FLAGS from the caller's MESH
   want "$name" || return 0
   step "$name" "$LIMIT" env XLA_FLAGS="${MESH_XLA_FLAGS:-}" "${CLI[@]}" bench mesh --model "$MODEL" --layouts data=1 \
     --seq "$SEQ" --batch "$batch" --remat "$remat" --dtype bfloat16 --warmup 2 --steps 5 "model.num_layers=$LAYERS" \
-    "model.attention=$ATT" "$@"
+    "model.attention=$ATT" "model.scan_unroll=$LAYERS" "$@"
 }
 # the headline row, with a device trace and the optimized HLO (summarise with `bench trace`)
 if [ -n "${OLD:-}" ] && want mesh-old; then
@@ -96,10 +100,9 @@ if [ -n "${OLD:-}" ] && want mesh-old; then
     --layouts data=1 --seq "$SEQ" --batch "$BIG" --remat none --dtype bfloat16 --warmup 2 --steps 5 \
     "model.num_layers=$LAYERS" "model.attention=$ATT"
 fi
+# (layers unrolled, scan_unroll = layers: no per-layer slices of the stacked weights, no stacked residuals)
 mesh mesh "$BIG" none --profile "$OUTDIR/prof"
-# the layers unrolled: no per-layer slices of the stacked weights, no stacked residuals to fill and copy
-mesh mesh-unroll "$BIG" none "model.scan_unroll=$LAYERS" --profile "$OUTDIR/prof-unroll"
-mesh causal-unroll "$BIG" none "model.scan_unroll=$LAYERS" model.attention=cudnn_causal
+mesh mesh-scan "$BIG" none model.scan_unroll=1
 mesh mesh-small "$SMALL" none
 want torch-small && step torch-small "$LIMIT" "${CLI[@]}" bench baseline --model "$MODEL" --seq "$SEQ" --batch "$SMALL" \
   --lora-rank 0 --dtype bfloat16 --sides torch --warmup 2 --steps 5 "model.num_layers=$LAYERS"

@@ -50,6 +50,9 @@ class ModelConfig:
     # "xla" (reference einsum) | "dot_product" (jax.nn.dot_product_attention's XLA path) | "cudnn" (flash
     # attention, GPU) | "cudnn_causal" (flash, causal mask only) | "auto" (cudnn on GPU, else xla)
     attention: str = "xla"
+    # cudnn: documents per row that its packed layout has room for; a batch with a fuller row takes the
+    # (exact, slower) masked kernel instead
+    max_segments: int = 32
     remat: str = "none"  # activation checkpointing policy per layer, see REMAT_POLICIES
     scan_unroll: int = 1  # layers per scan iteration; >1 trades compile time for speed
 
@@ -59,7 +62,7 @@ class ModelConfig:
 
     def validate(self, where: str = "model") -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "max_seq_len", "scan_unroll")
+                    "head_dim", "max_seq_len", "scan_unroll", "max_segments")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")

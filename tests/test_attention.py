@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import pytest
 import numpy as np
@@ -120,3 +121,28 @@ def test_bench_attention_reports_errors_against_the_reference():
     xla, dot, cudnn = result["rows"]
     assert xla["rel_err_dq"] == 0 and dot["rel_err_dk"] < 1e-5 and dot["fwd_bwd_ms"] > 0
     assert "cuDNN" in cudnn["error"]  # no GPU here: reported as a row, not raised
+
+
+def test_packed_layout_by_hand(rng):
+    """cuDNN's packed layout from segment ids: runs of equal ids (documents, and the padding at a row's end),
+    lengths and offsets -1 past the last run, and `fits` false once a row has more runs than room. The mask the
+    layout describes (causal within each run) is the boolean mask."""
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    packed = attention.packed_layout(seg, 4)
+    np.testing.assert_array_equal(packed.lengths, [[3, 2, 1, 2], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(packed.offsets, [[0, 3, 5, 6, 8], [0, 8, -1, -1, -1]])
+    assert bool(packed.fits)
+    assert not bool(attention.packed_layout(seg, 3).fits)
+    np.testing.assert_array_equal(packed.mask, attention.make_mask(seg, seg))
+
+    seg = np.cumsum(rng.random((3, 64)) < 0.1, axis=1) + 1
+    seg[0, 50:] = 0  # a padded row
+    packed = attention.packed_layout(jnp.asarray(seg), 16)
+    for b in range(3):
+        runs = [r for r in packed.lengths[b] if r >= 0]
+        assert sum(runs) == 64 and packed.offsets[b][len(runs)] == 64
+        run_of = np.repeat(np.arange(len(runs)), runs)
+        described = (run_of[:, None] == run_of[None, :]) & np.tri(64, dtype=bool)
+        np.testing.assert_array_equal(described, packed.mask[b])
+    for name, kind in (("cudnn", attention.Packed), ("xla", jax.Array), ("cudnn_causal", jax.Array)):
+        assert isinstance(attention.build_mask(jnp.asarray(seg), name, 16), kind)

@@ -2,6 +2,9 @@
 
 All take q of shape (B, T, H, D) and k, v of shape (B, S, K, D) with H a multiple of K (grouped-query
 attention without materialising repeated keys) and a boolean mask (B, T, S): True where a query may attend.
+`cudnn` may instead get a `Packed` mask (see `build_mask`): the documents of each row as cuDNN's packed layout
+(segment lengths and offsets), with the boolean mask beside it for rows that hold more documents than it has room
+for.
 
 `causal=True` says the mask is causal with queries and keys at the same positions (training, scoring), which
 lets cuDNN skip the masked half of the score matrix. Decoding against a KV cache passes False and runs the XLA
@@ -9,14 +12,14 @@ reference: it is memory-bound, and its one-token queries are not what the flash 
 """
 
 
-import contextlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mellama_jax.model import layers
 
-try:  # JAX's cuDNN attention module: private, so only a hook is borrowed from it, and only if it is there
+try:  # JAX's cuDNN attention, whose packed layout (documents as segment offsets) jax.nn does not expose
     from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
 except ImportError:  # pragma: no cover - a JAX without it
     _cudnn_module = None
@@ -35,6 +38,38 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
     causal = q_index[..., :, None] >= kv_index[..., None, :]
     same_segment = q_segment_ids[..., :, None] == kv_segment_ids[..., None, :]
     return causal & same_segment
+
+
+class Packed(NamedTuple):
+    """The documents of each row as runs of equal segment ids, in cuDNN's packed layout: `lengths` (B, M) and
+    `offsets` (B, M + 1), -1 past a row's last run; `fits` says every row has at most M runs. `mask` is the
+    boolean mask, for when one does not."""
+    mask: jax.Array
+    lengths: jax.Array
+    offsets: jax.Array
+    fits: jax.Array
+
+
+def packed_layout(segment_ids: jnp.ndarray, max_segments: int) -> Packed:
+    """Runs of equal ids (documents, and the padding at a row's end) as (lengths, offsets, fits)."""
+    B, T = segment_ids.shape
+    M = max_segments
+    new_run = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1  # (B, T): which run each token is in
+    runs = run[:, -1] + 1
+    lengths = jnp.sum(run[:, :, None] == jnp.arange(M, dtype=jnp.int32), axis=1, dtype=jnp.int32)
+    offsets = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(lengths, axis=1, dtype=jnp.int32)], axis=1)
+    lengths = jnp.where(jnp.arange(M) < runs[:, None], lengths, -1)
+    offsets = jnp.where(jnp.arange(M + 1) <= runs[:, None], offsets, -1)
+    return Packed(make_mask(segment_ids, segment_ids), lengths, offsets, jnp.all(runs <= M))
+
+
+def build_mask(segment_ids: jnp.ndarray, implementation: str, max_segments: int):
+    """What `implementation` takes for causal attention over these documents: the packed layout for cudnn, the
+    boolean mask for the others."""
+    if resolve(implementation) == "cudnn":
+        return packed_layout(segment_ids, max_segments)
+    return make_mask(segment_ids, segment_ids)
 
 
 def _softmax_attention(q, k, v, mask):
@@ -89,29 +124,30 @@ def dot_product_attention(q, k, v, mask, causal=False):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
-@contextlib.contextmanager
-def _without_bias_gradient():
-    """cuDNN's attention computes the gradient of its bias whenever JAX's `should_export_dbias` says so, and
-    JAX says so for every bias. Our bias is the document mask, a constant: its gradient, a (B, 1, T, S) sum over
-    heads, is pure waste and doubled the backward kernel's time on an H100 (docs/benchmarks.md). The hook is read
-    once, while the forward is traced; the backward gets the answer as a static argument."""
-    hook = getattr(_cudnn_module, "should_export_dbias", None)
-    if hook is None:
-        yield
-        return
-    _cudnn_module.should_export_dbias = lambda *args: False
-    try:
-        yield
-    finally:
-        _cudnn_module.should_export_dbias = hook
+def _cudnn_biased(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
+
+
+def _cudnn_packed(q, k, v, packed: Packed):
+    fa = _cudnn_module
+    return fa.dot_product_attention(q, k, v, q_seqlen=packed.lengths, kv_seqlen=packed.lengths,
+                                    q_offsets=packed.offsets, kv_offsets=packed.offsets,
+                                    scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL)
 
 
 def cudnn_attention(q, k, v, mask, causal=True):
-    """cuDNN's fused flash attention (GPU, bf16/fp16). The causal structure is the kernel's own; the mask also
-    rides along as an additive bias (B, 1, T, S), which keeps packed documents apart at the price of reading it.
-    The mask is not differentiated, so cuDNN is told not to compute the bias gradient."""
-    with _without_bias_gradient():
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation="cudnn")
+    """cuDNN's fused flash attention (GPU, bf16/fp16), causal within each document.
+
+    With a `Packed` mask, each row's documents go to cuDNN as its packed layout (segment lengths and offsets):
+    causal attention within each, nothing across, and no mask to read. A batch with a row of more documents than
+    the layout has room for (model.max_segments) takes the other branch of a `lax.cond`: the boolean mask as an
+    additive bias (B, 1, T, S), which is exact for any number of documents but reads the bias and computes its
+    gradient, which made the backward kernel twice as slow on an H100 (docs/benchmarks.md)."""
+    if not isinstance(mask, Packed):
+        return _cudnn_biased(q, k, v, mask)
+    if _cudnn_module is None or not hasattr(_cudnn_module, "MaskType"):  # pragma: no cover - other JAX
+        return _cudnn_biased(q, k, v, mask.mask)
+    return jax.lax.cond(mask.fits, _cudnn_packed, lambda q, k, v, m: _cudnn_biased(q, k, v, m.mask), q, k, v, mask)
 
 
 def cudnn_causal_attention(q, k, v, mask, causal=True):
@@ -135,4 +171,6 @@ def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False):
     name = resolve(implementation)
     if name.startswith("cudnn") and not causal:
         name = "xla"
+    if isinstance(mask, Packed) and name != "cudnn":
+        mask = mask.mask
     return IMPLEMENTATIONS[name](q, k, v, mask, causal)

@@ -155,7 +155,7 @@ class Llama(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if cache is None:
-            mask = attention.make_mask(segment_ids, segment_ids)
+            mask = attention.build_mask(segment_ids, cfg.attention, cfg.max_segments)
         else:
             index, T = cache["index"], tokens.shape[-1]
             kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
