@@ -70,12 +70,12 @@ for _ in range(20):
     s = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - s)
 print('MATMUL_BF16_TFLOPS', 2 * n**3 / statistics.median(ts) / 1e12)"
 
-# attention: forward + backward at 4096 context, one document per row; then four packed documents per row:
+# attention: forward + backward at 4096 context, one document per row; then two rows of four packed documents:
 # cudnn (cuDNN's packed layout) and cudnn_causal (ignores them; its error shows it) against xla; then 40 documents,
 # more than the packed layout's default room (32): cudnn falls back to the document mask as a bias
 want attention && step attention 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" --kv-heads "$HEADS" \
   --head-dim "$HD"
-want attention-packed && step attention-packed 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
+want attention-packed && step attention-packed 90 "${CLI[@]}" bench attention --batch 2 --seq "$SEQ" --heads "$HEADS" \
   --kv-heads "$HEADS" --head-dim "$HD" --docs 4 --impls xla,cudnn,cudnn_causal
 want attention-overflow && step attention-overflow 90 "${CLI[@]}" bench attention --seq "$SEQ" --heads "$HEADS" \
   --kv-heads "$HEADS" --head-dim "$HD" --docs 40 --impls xla,cudnn

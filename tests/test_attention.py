@@ -125,12 +125,13 @@ def test_bench_attention_reports_errors_against_the_reference():
 
 def test_packed_layout_by_hand(rng):
     """cuDNN's packed layout from segment ids: runs of equal ids (documents, and the padding at a row's end),
-    lengths and offsets -1 past the last run, and `fits` false once a row has more runs than room. The mask the
+    lengths and start offsets, -1 past the last run (the convention of JAX's cuDNN attention, whose own
+    example is offsets [[0, 1, 2, -1], [0, 1, -1, -1]] for rows of 3 and 2 one-token segments), and `fits` false once a row has more runs than room. The mask the
     layout describes (causal within each run) is the boolean mask."""
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     packed = attention.packed_layout(seg, 4)
     np.testing.assert_array_equal(packed.lengths, [[3, 2, 1, 2], [8, -1, -1, -1]])
-    np.testing.assert_array_equal(packed.offsets, [[0, 3, 5, 6, 8], [0, 8, -1, -1, -1]])
+    np.testing.assert_array_equal(packed.offsets, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1]])
     assert bool(packed.fits)
     assert not bool(attention.packed_layout(seg, 3).fits)
     np.testing.assert_array_equal(packed.mask, attention.make_mask(seg, seg))
@@ -140,9 +141,30 @@ def test_packed_layout_by_hand(rng):
     packed = attention.packed_layout(jnp.asarray(seg), 16)
     for b in range(3):
         runs = [r for r in packed.lengths[b] if r >= 0]
-        assert sum(runs) == 64 and packed.offsets[b][len(runs)] == 64
+        starts = [o for o in packed.offsets[b] if o >= 0]
+        assert sum(runs) == 64 and starts == list(np.cumsum([0] + runs[:-1]))
         run_of = np.repeat(np.arange(len(runs)), runs)
         described = (run_of[:, None] == run_of[None, :]) & np.tri(64, dtype=bool)
         np.testing.assert_array_equal(described, packed.mask[b])
     for name, kind in (("cudnn", attention.Packed), ("xla", jax.Array), ("cudnn_causal", jax.Array)):
         assert isinstance(attention.build_mask(jnp.asarray(seg), name, 16), kind)
+
+
+def test_packed_layout_as_cudnn_receives_it():
+    """Through JAX's own conversion (what runs before the cuDNN call): one list of segments over the whole
+    batch, each starting where the one before it ends (a row with one document and rows of several alike)."""
+    fix = getattr(attention._cudnn_module, "_fix_seqlen_offsets", None)
+    if fix is None:
+        pytest.skip("this JAX has no _fix_seqlen_offsets to check against")
+    for seg in ([[1] * 8, [1] * 8, [1] * 8], [[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 2, 2, 2, 2, 2, 2], [5] * 8]):
+        seg = jnp.asarray(seg)
+        B, T, N, H = seg.shape[0], seg.shape[1], 2, 4
+        packed = attention.packed_layout(seg, 4)
+        q = jnp.zeros((B, T, N, H))
+        lengths, _, offsets, _ = fix(packed.lengths, packed.lengths, packed.offsets, packed.offsets, q, q)
+        lengths, offsets = np.asarray(lengths).ravel(), np.asarray(offsets).ravel() // (N * H)
+        flat = np.asarray(seg).ravel()
+        runs = np.diff(np.flatnonzero(np.r_[True, (flat[1:] != flat[:-1]) | (np.arange(1, B * T) % T == 0), True]))
+        n = len(runs)
+        np.testing.assert_array_equal(lengths[:n], runs)
+        np.testing.assert_array_equal(offsets[:n + 1], np.r_[0, np.cumsum(runs)])

@@ -42,7 +42,7 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
 
 class Packed(NamedTuple):
     """The documents of each row as runs of equal segment ids, in cuDNN's packed layout: `lengths` (B, M) and
-    `offsets` (B, M + 1), -1 past a row's last run; `fits` says every row has at most M runs. `mask` is the
+    start `offsets` (B, M + 1), -1 past a row's last run; `fits` says every row has at most M runs. `mask` is the
     boolean mask, for when one does not."""
     mask: jax.Array
     lengths: jax.Array
@@ -60,7 +60,8 @@ def packed_layout(segment_ids: jnp.ndarray, max_segments: int) -> Packed:
     lengths = jnp.sum(run[:, :, None] == jnp.arange(M, dtype=jnp.int32), axis=1, dtype=jnp.int32)
     offsets = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(lengths, axis=1, dtype=jnp.int32)], axis=1)
     lengths = jnp.where(jnp.arange(M) < runs[:, None], lengths, -1)
-    offsets = jnp.where(jnp.arange(M + 1) <= runs[:, None], offsets, -1)
+    # starts only: JAX joins the rows' runs into one list and ends it with the batch's total length itself
+    offsets = jnp.where(jnp.arange(M + 1) < runs[:, None], offsets, -1)
     return Packed(make_mask(segment_ids, segment_ids), lengths, offsets, jnp.all(runs <= M))
 
 
