@@ -207,3 +207,21 @@ def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch):
     dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     assert len(dots) >= 3 * (7 + 2) + 3  # forward and both gradients of 7 projections and 2 attention products
     assert set(dots) == {("bfloat16", "bfloat16")}, dots
+
+
+def test_step_reports_documents_per_row(batches):
+    """The most documents in any row of the global batch (runs of equal segment ids, padding included): what
+    cudnn attention weighs against model.max_segments. Rows sharded over 8 devices; one row made to hold six."""
+    from mellama_jax import sharding
+    from mellama_jax.train.step import build_trainer, make_train_step
+    from train_helpers import TINY
+
+    batch = {k: np.array(v) for k, v in batches[0].items()}
+    batch["segment_ids"][5] = np.repeat([1, 2, 3, 4, 5, 0], [3, 3, 2, 3, 3, 2])
+    seg = batch["segment_ids"]
+    by_hand = max(1 + int(np.sum(row[1:] != row[:-1])) for row in seg)
+    assert by_hand == 6
+    cfg = load_config(None, TINY + ["mesh.ici={data: 8, fsdp: 1, tensor: 1}"])
+    trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    _, metrics = make_train_step(trainer)(state, frozen, trainer.shard_batch(batch))
+    assert int(metrics["documents_per_row_max"]) == 6

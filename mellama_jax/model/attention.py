@@ -50,12 +50,23 @@ class Packed(NamedTuple):
     fits: jax.Array
 
 
+def _run_index(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    new_run = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                              axis=1)
+    return jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1
+
+
+def documents_per_row(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """(B,): runs of equal segment ids per row (documents, and the padding at a row's end, as cudnn counts them
+    against model.max_segments)."""
+    return _run_index(segment_ids)[:, -1] + 1
+
+
 def packed_layout(segment_ids: jnp.ndarray, max_segments: int) -> Packed:
     """Runs of equal ids (documents, and the padding at a row's end) as (lengths, offsets, fits)."""
     B, T = segment_ids.shape
     M = max_segments
-    new_run = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    run = jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1  # (B, T): which run each token is in
+    run = _run_index(segment_ids)  # (B, T): which run each token is in
     runs = run[:, -1] + 1
     lengths = jnp.sum(run[:, :, None] == jnp.arange(M, dtype=jnp.int32), axis=1, dtype=jnp.int32)
     offsets = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(lengths, axis=1, dtype=jnp.int32)], axis=1)

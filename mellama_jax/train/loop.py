@@ -22,6 +22,7 @@ from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
 from mellama_jax.data.instruct import InstructSource, instruct_batches
 from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches)
+from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.metrics import MetricsLogger, peak_tflops_per_device
 from mellama_jax.train.step import make_eval_step, make_train_step, plan_trainer
@@ -120,6 +121,15 @@ def train(cfg: Config) -> dict:
                                     f"(step {mngr.latest_step()}) is untouched")
         pending.clear()
 
+    warn = {"documents": attention.resolve(cfg.model.attention) == "cudnn"}  # said once per run
+
+    def warn_documents(step, documents):
+        if warn["documents"] and documents > cfg.model.max_segments:
+            warn["documents"] = False
+            log.message(f"step {step}: a row holds {int(documents)} documents, more than model.max_segments="
+                        f"{cfg.model.max_segments}: such batches take cuDNN's masked attention kernel, ~10% slower "
+                        f"per step at 7B (docs/benchmarks.md); a larger max_segments avoids that")
+
     def save(step):
         nonlocal saved_step
         check_finite()
@@ -143,6 +153,7 @@ def train(cfg: Config) -> dict:
                 host.update(tokens_per_s=rate, step_time_s=elapsed / (step - last_log_step),
                             mfu=flops_per_token * rate / (peak * 1e12 * jax.device_count()) if peak else 0.0)
                 log.log(step, host)
+                warn_documents(step, host["documents_per_row_max"])
                 last_log_time, last_log_step = time.perf_counter(), step
             if eval_ds is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 last_eval = (step, evaluate(eval_fn, trainer, state.params, frozen, eval_ds, cfg.run.eval_batches))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, ConfigError
-from mellama_jax.model import Llama
+from mellama_jax.model import Llama, attention
 from mellama_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_weights")
@@ -178,6 +178,8 @@ def make_train_step(trainer: Trainer) -> Callable:
                 "tokens": jnp.sum(batch["loss_weights"]),
                 "grad_norm": optax.global_norm(grads),
                 "learning_rate": trainer.schedule(state.step),
+                # above model.max_segments, cudnn attention takes its slower masked kernel (the loop says so)
+                "documents_per_row_max": jnp.max(attention.documents_per_row(batch["segment_ids"])),
             }
             return TrainState(state.step + 1, params, opt_state), metrics
 
