@@ -168,3 +168,51 @@ def test_packed_layout_as_cudnn_receives_it():
         n = len(runs)
         np.testing.assert_array_equal(lengths[:n], runs)
         np.testing.assert_array_equal(offsets[:n + 1], np.r_[0, np.cumsum(runs)])
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_cudnn_plumbing_with_stand_in_kernels(monkeypatch, rng, remat):
+    """What a model set to `cudnn` does around the two cuDNN kernels, on CPU: the packed layout built once, carried
+    through the scanned (and rematerialised) layers, and the `lax.cond` that picks the packed kernel while every row
+    fits max_segments and the masked one otherwise. The kernels are stood in for by the XLA reference, the packed
+    one fed a mask rebuilt from the lengths and offsets alone, so a wrong layout shows as a wrong loss. Loss and
+    gradients equal the xla model's; the branch that ran is recorded by a host callback."""
+    ran = []
+
+    def packed_stand_in(q, k, v, packed):
+        jax.debug.callback(lambda _: ran.append("packed"), 0)
+        T = q.shape[1]
+        t = jnp.arange(T)[None, :, None]
+        starts, lengths = packed.offsets[:, None, :-1], packed.lengths[:, None, :]
+        member = (t >= starts) & (t < starts + lengths) & (lengths > 0)  # (B, T, M): token t in run m
+        run = jnp.where(member.any(-1), jnp.argmax(member, -1), -1)
+        mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0) & jnp.tri(T, dtype=bool)
+        return attention.xla_attention(q, k, v, mask)
+
+    def masked_stand_in(q, k, v, mask):
+        jax.debug.callback(lambda _: ran.append("masked"), 0)
+        return attention.xla_attention(q, k, v, mask)
+
+    monkeypatch.setattr(attention, "_cudnn_packed", packed_stand_in)
+    monkeypatch.setattr(attention, "_cudnn_biased", masked_stand_in)
+    base = dataclasses.replace(load_model_preset("tiny-gqa"), remat=remat)
+    ids = jnp.asarray(rng.integers(3, base.vocab_size, (3, 24)))
+    runs = np.array([[8, 8, 8, 0], [5, 7, 9, 3], [24, 0, 0, 0]])  # documents per row; 0s: none
+    seg = np.concatenate([np.repeat(np.arange(1, 5), r) for r in runs]).reshape(3, 24)
+    seg[1, -3:] = 0  # the last run of row 1 is padding
+    pos = np.concatenate([np.concatenate([np.arange(n) for n in r if n]) for r in runs]).reshape(3, 24)
+
+    def loss_and_grads(cfg, seg):
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.mean(m(ids, jnp.asarray(pos), jnp.asarray(seg)) ** 2)
+        return nnx.value_and_grad(loss)(model)
+
+    for max_segments, seg_in, expect in ((4, seg, "packed"), (3, seg, "masked")):
+        ran.clear()
+        ref_loss, ref_grads = loss_and_grads(dataclasses.replace(base, attention="xla"), seg_in)
+        loss, grads = loss_and_grads(dataclasses.replace(base, attention="cudnn", max_segments=max_segments), seg_in)
+        jax.effects_barrier()
+        assert set(ran) == {expect}, (max_segments, ran)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
