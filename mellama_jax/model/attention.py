@@ -43,11 +43,16 @@ def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
 class Packed(NamedTuple):
     """The documents of each row as runs of equal segment ids, in cuDNN's packed layout: `lengths` (B, M) and
     start `offsets` (B, M + 1), -1 past a row's last run; `fits` says every row has at most M runs. `mask` is the
-    boolean mask, for when one does not."""
-    mask: jax.Array
+    boolean mask, for when one does not: built from the segment ids where it is used, so the usual packed path
+    never computes or keeps it."""
+    segment_ids: jax.Array
     lengths: jax.Array
     offsets: jax.Array
     fits: jax.Array
+
+    @property
+    def mask(self) -> jax.Array:
+        return make_mask(self.segment_ids, self.segment_ids)
 
 
 def _run_index(segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -73,7 +78,7 @@ def packed_layout(segment_ids: jnp.ndarray, max_segments: int) -> Packed:
     lengths = jnp.where(jnp.arange(M) < runs[:, None], lengths, -1)
     # starts only: JAX joins the rows' runs into one list and ends it with the batch's total length itself
     offsets = jnp.where(jnp.arange(M + 1) < runs[:, None], offsets, -1)
-    return Packed(make_mask(segment_ids, segment_ids), lengths, offsets, jnp.all(runs <= M))
+    return Packed(segment_ids, lengths, offsets, jnp.all(runs <= M))
 
 
 def build_mask(segment_ids: jnp.ndarray, implementation: str, max_segments: int):
@@ -141,10 +146,9 @@ def _cudnn_biased(q, k, v, mask):
 
 
 def _cudnn_packed(q, k, v, packed: Packed):
-    fa = _cudnn_module
-    return fa.dot_product_attention(q, k, v, q_seqlen=packed.lengths, kv_seqlen=packed.lengths,
-                                    q_offsets=packed.offsets, kv_offsets=packed.offsets,
-                                    scale=q.shape[-1] ** -0.5, mask_type=fa.MaskType.PADDING_CAUSAL)
+    return _cudnn_module.dot_product_attention(
+        q, k, v, q_seqlen=packed.lengths, kv_seqlen=packed.lengths, q_offsets=packed.offsets,
+        kv_offsets=packed.offsets, scale=q.shape[-1] ** -0.5, mask_type=_cudnn_module.MaskType.PADDING_CAUSAL)
 
 
 def cudnn_attention(q, k, v, mask, causal=True):
