@@ -3,7 +3,6 @@ and write predictions.jsonl, summary.json and summary.md."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mellama_jax.convert.safetensors_stream import atomic_directory
+from mellama_jax.artifacts import atomic_output, load_model, require_tokenizer
 from mellama_jax.eval.scoring import (classification_metrics, extractive_metrics, first_choice, labels_in,
                                       multilabel_metrics, ner_metrics, summary_metrics, tags_from_output)
 from mellama_jax.eval.tasks import Example, Task, load_task, load_templates, render
@@ -24,25 +23,10 @@ class JaxBackend:
                  adapters: str | Path | None = None):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
-        from flax import nnx
-
-        from mellama_jax.convert.api import _find_model_config, _find_tokenizer
         from mellama_jax.data.tokenizer import Tokenizer
-        from mellama_jax.model import init_abstract
-        from mellama_jax.train.checkpoint import load_params_local
 
-        params = Path(params)
-        cfg = dataclasses.replace(_find_model_config(params)[0], param_dtype="float32", dtype="float32")
-        if adapters is None:
-            graphdef, abstract = nnx.split(init_abstract(cfg))
-            self.model = nnx.merge(graphdef, load_params_local(params, abstract))
-        else:
-            lora = _find_model_config(Path(adapters))[1]
-            if lora is None:
-                raise ValueError(f"{adapters}: the run config above it is not a LoRA run")
-            graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg, lora), nnx.LoRAParam, ...)
-            self.model = nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(params, base_abs))
-        self.tokenizer = Tokenizer.load(tokenizer or _find_tokenizer(params))
+        self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
+        self.model = load_model(params, adapters)
         self.mesh, self.rules = None, None
         if mesh:
             from mellama_jax.config import MeshConfig
@@ -176,7 +160,7 @@ def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path
                "examples_per_s": len(examples) / sum(times),
                # the first batch includes JAX's compilation
                "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_output(out_dir, "eval", inputs=[data]) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for e, o, p in zip(examples, outputs, predictions):
                 f.write(json.dumps({"id": e.id, "gold": e.gold, "prediction": p, "output": o}) + "\n")
