@@ -171,7 +171,7 @@ def _bench_baseline(args) -> int:
     from mellama_jax.bench.mesh import bench_baseline
 
     print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
-                                    args.dtype, args.overrides, args.sides), indent=1))
+                                    args.dtype, args.overrides, args.sides, tuple(args.modes.split(","))), indent=1))
     return 0
 
 
@@ -413,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
-    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8")
+    bbase.add_argument("--modes", default="full,lora", help="rows to run: full, lora or both (default)")
+    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8 "
+                                                    "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
