@@ -154,17 +154,17 @@ def find_model_config(params: str | Path) -> tuple[ModelConfig, LoraConfig | Non
 
 
 def find_tokenizer(params: str | Path) -> Path | None:
-    """tokenizer.model beside the parameters, in the run folder above them, or in the run's training data."""
+    """tokenizer.model in the parameter folder, else in the run folder it belongs to (the one holding its
+    config.yaml), else in that run's training data (data.path)."""
     params = Path(params)
-    for folder in (params, *list(params.parents)[:3]):
-        if (folder / "tokenizer.model").exists():
-            return folder / "tokenizer.model"
+    if (params / "tokenizer.model").exists():
+        return params / "tokenizer.model"
     for candidate in _configs_above(params):
         if candidate.exists():
+            if (candidate.parent / "tokenizer.model").exists():
+                return candidate.parent / "tokenizer.model"
             data_dir = Path(load_config(candidate).data.path)
-            if (data_dir / "tokenizer.model").exists():
-                return data_dir / "tokenizer.model"
-            break
+            return data_dir / "tokenizer.model" if (data_dir / "tokenizer.model").exists() else None
     return None
 
 

@@ -46,6 +46,17 @@ def _size(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    """'1,16' -> (1, 16): comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _info(args) -> int:
     from mellama_jax.info import describe
 
@@ -159,7 +170,7 @@ def _convert(args) -> int:
         print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
                             args.shard_size, args.adapters, args.merge, overwrite=args.overwrite))
     else:
-        report = api.verify(args.src, args.dst, model=_model_arg(args.model))
+        report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
         ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
         print(json.dumps(dict(report, ok=ok), indent=1))
         return 0 if ok else 1
@@ -254,8 +265,8 @@ def _bench_decode(args) -> int:
 
     from mellama_jax.bench.decode import bench_decode
 
-    batches = tuple(int(b) for b in args.batches.split(","))
-    print(json.dumps(bench_decode(args.model, batches, args.prompt_len, args.new_tokens, args.repeats), indent=1))
+    print(json.dumps(bench_decode(args.model, args.batches, args.prompt_len, args.new_tokens, args.repeats),
+                     indent=1))
     return 0
 
 
@@ -294,8 +305,15 @@ def _eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the option and the problem) and exit code 2, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
+    parser = _Parser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="JAX backend and devices; parameters and per-device memory of a model "
@@ -383,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("src", help="HF directory")
     ver.add_argument("dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
+    ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
     ver.add_argument("--max-logit-diff", type=float, default=0.5)
     ver.add_argument("--max-kl", type=float, default=1e-3)
     for p in (h2j, j2h, ver):
@@ -479,10 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     bmem.set_defaults(func=_bench_memory)
     bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
     bdec.add_argument("--model", default="bench-60m", help="model preset (random weights, shared by both)")
-    bdec.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    bdec.add_argument("--prompt-len", type=int, default=64)
-    bdec.add_argument("--new-tokens", type=int, default=64)
-    bdec.add_argument("--repeats", type=int, default=3)
+    bdec.add_argument("--batches", type=_positive_list, default=(1, 16), help="comma-separated batch sizes")
+    bdec.add_argument("--prompt-len", type=POSITIVE, default=64)
+    bdec.add_argument("--new-tokens", type=POSITIVE, default=64)
+    bdec.add_argument("--repeats", type=POSITIVE, default=3)
     bdec.set_defaults(func=_bench_decode)
 
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")

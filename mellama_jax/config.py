@@ -441,8 +441,21 @@ def _resolve_model(data: dict, where: str) -> dict:
     return data
 
 
+def recipe_path(name: str | Path) -> Path:
+    """A config file, or the name of a recipe shipped with the package (`me-llama-13b-pretrain`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    shipped = CONFIG_ROOT / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = sorted(p.stem for p in CONFIG_ROOT.glob("*.yaml"))
+    raise ConfigError(f"{name}: no such config file, nor a shipped recipe (known: {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or the defaults) with `a.b=value` overrides applied on top."""
+    """Config from a YAML file or shipped recipe name (or the defaults) with `a.b=value` overrides on top."""
+    path = recipe_path(path) if path else None
     where = str(path) if path else "<defaults>"
     data = read_yaml(path) if path else {}
     if isinstance(data.get("model"), str):  # so that model.x=... overrides can refine a preset name

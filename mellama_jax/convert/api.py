@@ -140,8 +140,10 @@ SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
                   "Question: Which enzyme do statins inhibit? Answer:")
 
 
-def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model: ModelConfig | None = None) -> dict:
-    """Logits of transformers (CPU, fp32) and of our model (JAX) on sample prompts: max |diff| and mean KL."""
+def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model: ModelConfig | None = None,
+           adapters: str | Path | None = None) -> dict:
+    """Logits of transformers (CPU, fp32) and of our model (JAX; with `adapters`, the LoRA run's adapters over
+    `params`) on sample prompts: max |diff| and mean KL."""
     import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,7 +159,7 @@ def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model
         raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
                               f"{cfg.vocab_size}: not this model's tokenizer")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ours = load_model(params, model=cfg)
+    ours = load_model(params, adapters, model=cfg)
     max_diff, kls = 0.0, []
     for prompt in prompts:
         ids = tok.encode(prompt, bos=True)
