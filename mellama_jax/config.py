@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
-# Where `configs/` lives: next to the package in a source checkout, or set MELLAMA_CONFIGS.
-CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+# Presets and recipes ship inside the package (importlib.resources finds them in a wheel or a checkout, where
+# the top-level configs/ links here); MELLAMA_CONFIGS points at another folder of the same layout.
+CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS") or str(resources.files("mellama_jax") / "configs"))
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION = ("xla", "dot_product", "cudnn", "cudnn_causal", "auto")  # model/attention.py
@@ -385,12 +387,16 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_model_preset(name: str) -> ModelConfig:
-    """A model preset by name (`llama2-70b`) or YAML path."""
-    path = preset_path(name)
+def model_config_from_file(path: str | Path) -> ModelConfig:
+    """A ModelConfig from a YAML file of its keys (a preset, or the model.yaml that conversions write)."""
     cfg = _build(ModelConfig, read_yaml(path), str(path))
     cfg.validate(str(path))
     return cfg
+
+
+def load_model_preset(name: str) -> ModelConfig:
+    """A model preset by name (`llama2-70b`) or YAML path."""
+    return model_config_from_file(preset_path(name))
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mellama_jax.convert.safetensors_stream import atomic_directory
+from mellama_jax.artifacts import atomic_output
 from mellama_jax.eval.ner_html import ner_metrics, spans
 from mellama_jax.eval.scoring import (METRIC_NOTES, classification_metrics, extractive_metrics, first_choice,
                                       labels_in, multilabel_metrics, single_choice, summary_metrics)
@@ -75,9 +75,10 @@ def summarize(task: Task, metrics: dict, run: dict) -> dict:
     return {"task": task.name, "kind": task.kind, "rule": rule_of(task), **run, **metrics, "notes": notes(metrics)}
 
 
-def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dict) -> None:
-    """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically."""
-    with atomic_directory(out_dir) as tmp:
+def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dict, inputs=()) -> None:
+    """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically, into a new
+    (or empty) folder that overlaps none of the inputs (artifacts.atomic_output)."""
+    with atomic_output(out_dir, "eval", inputs=inputs) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for row, p in zip(rows, predictions):
                 f.write(json.dumps({**row, "prediction": p}) + "\n")

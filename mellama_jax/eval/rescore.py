@@ -68,5 +68,6 @@ def rescore(task: str, predictions: str | Path, out_dir: str | Path, bertscore_m
     rows = read_predictions(predictions, definition)
     scored, metrics = score_rows(definition, rows, bertscore_model)
     summary = summarize(definition, metrics, {"backend": "rescored", "predictions": str(predictions)})
-    write(out_dir, [{k: v for k, v in r.items() if k != "prediction"} for r in rows], scored, summary)
+    write(out_dir, [{k: v for k, v in r.items() if k != "prediction"} for r in rows], scored, summary,
+          inputs=[predictions])
     return summary

@@ -4,13 +4,13 @@ summary.json and summary.md (report.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from mellama_jax.artifacts import load_model, require_tokenizer
 from mellama_jax.eval.report import make_rows, score_rows, summarize, write
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render
 
@@ -22,25 +22,10 @@ class JaxBackend:
                  adapters: str | Path | None = None):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
-        from flax import nnx
-
-        from mellama_jax.convert.api import _find_model_config, _find_tokenizer
         from mellama_jax.data.tokenizer import Tokenizer
-        from mellama_jax.model import init_abstract
-        from mellama_jax.train.checkpoint import load_params_local
 
-        params = Path(params)
-        cfg = dataclasses.replace(_find_model_config(params)[0], param_dtype="float32", dtype="float32")
-        if adapters is None:
-            graphdef, abstract = nnx.split(init_abstract(cfg))
-            self.model = nnx.merge(graphdef, load_params_local(params, abstract))
-        else:
-            lora = _find_model_config(Path(adapters))[1]
-            if lora is None:
-                raise ValueError(f"{adapters}: the run config above it is not a LoRA run")
-            graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg, lora), nnx.LoRAParam, ...)
-            self.model = nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(params, base_abs))
-        self.tokenizer = Tokenizer.load(tokenizer or _find_tokenizer(params))
+        self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
+        self.model = load_model(params, adapters)
         self.mesh, self.rules = None, None
         if mesh:
             from mellama_jax.config import MeshConfig
@@ -156,5 +141,5 @@ def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path
              # the first batch includes JAX's compilation
              "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
     summary = {**summarize(definition, metrics, run), **speed}
-    write(out_dir, rows, predictions, summary)
+    write(out_dir, rows, predictions, summary, inputs=[data, split, fewshot_data])
     return summary

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
@@ -25,6 +24,7 @@ from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch
 from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.metrics import MetricsLogger, peak_tflops_per_device
+from mellama_jax.train.run_dir import check_run_dir, write_run_files
 from mellama_jax.train.step import make_eval_step, make_train_step, plan_trainer
 
 
@@ -65,21 +65,15 @@ def build_data(cfg: Config, process_index: int, process_count: int):
     return train, evaluation, steps
 
 
-def _write_yaml(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-
-
 def train(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     pi, pc = jax.process_index(), jax.process_count()
     main = pi == 0
     train_ds, eval_ds, steps = build_data(cfg, pi, pc)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    check_run_dir(cfg)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_yaml(run_dir / "config.yaml", to_dict(cfg))
+        write_run_files(cfg)
 
     mesh = sharding.make_mesh(cfg.mesh)
     trainer, init = plan_trainer(cfg, mesh)
