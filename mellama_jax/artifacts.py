@@ -149,8 +149,8 @@ def find_model_config(params: str | Path) -> tuple[ModelConfig, LoraConfig | Non
         if candidate.exists():
             cfg = load_config(candidate)
             return cfg.model, (cfg.lora if cfg.train.mode == "lora" else None)
-    raise ConfigError(f"{params}: no model.yaml in it and no run config.yaml above it; pass --model "
-                      "(a preset name or a model YAML)")
+    raise ConfigError(f"{params}: not a parameter folder of ours (no model.yaml in it, no run config.yaml above "
+                      "it); convert jax-to-hf also takes --model PRESET")
 
 
 def find_tokenizer(params: str | Path) -> Path | None:

@@ -6,6 +6,46 @@ import argparse
 import sys
 
 
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open), else a usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
+
+
+def _size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '1.5GiB' or a plain integer."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            upper, scale = upper[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        value = int(float(upper) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def _info(args) -> int:
     from mellama_jax.info import describe
 
@@ -21,10 +61,12 @@ def _demo(args) -> int:
 
 
 def _name_values(items: list[str], what: str) -> dict[str, list[str]]:
+    from mellama_jax.config import ConfigError
+
     out: dict[str, list[str]] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: {what} {item!r} is not of the form NAME=VALUE[,VALUE...]")
+            raise ConfigError(f"{what} {item!r} is not of the form NAME=VALUE[,VALUE...]")
         name, values = item.split("=", 1)
         out.setdefault(name, []).extend(v for v in values.split(",") if v)
     return out
@@ -92,14 +134,6 @@ def _plot(args) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
 def _model_arg(name):
     if not name:
         return None
@@ -111,15 +145,19 @@ def _model_arg(name):
 def _convert(args) -> int:
     import json
 
+    from mellama_jax.config import ConfigError
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
         from mellama_jax.sharding import parse_layout
 
-        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None))
+        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None,
+                            overwrite=args.overwrite))
     elif args.direction == "jax-to-hf":
+        if args.merge and not args.adapters:
+            raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
         print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
-                            _size(args.shard_size), args.adapters, args.merge))
+                            args.shard_size, args.adapters, args.merge, overwrite=args.overwrite))
     else:
         report = api.verify(args.src, args.dst, model=_model_arg(args.model))
         ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
@@ -141,6 +179,14 @@ def _bench_mesh(args) -> int:
                         args.warmup, args.steps, args.png, args.overrides, args.profile)
     print(markdown(result))
     print(json.dumps(result, indent=1))
+    return _all_failed(result["layouts"])
+
+
+def _all_failed(rows: list[dict]) -> int:
+    """Exit status 1 when no layout could be built (each row says why), 0 otherwise."""
+    if rows and all("error" in r for r in rows):
+        print(f"error: every layout failed (first: {rows[0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,7 +217,7 @@ def _bench_baseline(args) -> int:
     from mellama_jax.bench.mesh import bench_baseline
 
     print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
-                                    args.dtype, args.overrides, args.sides), indent=1))
+                                    args.dtype, args.overrides, args.sides, tuple(args.modes.split(","))), indent=1))
     return 0
 
 
@@ -281,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "device for each layout (nothing allocated)")
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
-    pln.add_argument("--devices", type=int, required=True, help="simulated devices, e.g. 160")
+    pln.add_argument("--devices", type=POSITIVE, required=True, help="simulated devices, e.g. 160")
     pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh)')
     pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
     pln.add_argument("overrides", nargs="*")
@@ -291,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a parameter checkpoint (hf-to-jax output, a run's params/)")
     gen.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
     gen.add_argument("--prompt", action="append", required=True, help="repeatable: one batch of prompts")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    gen.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--mesh", help='decode sharded over the devices, e.g. "data=4,tensor=2"')
@@ -313,10 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=["jax", "hf"], default="jax")
     ev.add_argument("--prompts", help="the authors' prompt_templates.json (needed for all but i2b2 and bionli)")
     ev.add_argument("--out", required=True)
-    ev.add_argument("--limit", type=int)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, help="default 256 for every task, as the authors' harness")
-    ev.add_argument("--fewshot", type=int, default=0, help="k demonstrations from --fewshot-data (default 0)")
+    ev.add_argument("--limit", type=POSITIVE, help="the first N examples")
+    ev.add_argument("--batch-size", type=POSITIVE, default=8)
+    ev.add_argument("--max-new-tokens", type=POSITIVE, help="default 256 for every task, as the authors' harness")
+    ev.add_argument("--fewshot", type=NON_NEGATIVE, default=0, help="k demonstrations from --fewshot-data (default 0)")
     ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
     ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
@@ -344,11 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="default: keep the checkpoint's dtype (bit-exact round trips)")
     h2j.add_argument("--mesh", help="store pre-sharded for a mesh, e.g. fsdp=8,tensor=2 (default rule table)")
+    h2j.add_argument("--overwrite", action="store_true", help="replace an earlier hf-to-jax output at DST")
     j2h = conv_sub.add_parser("jax-to-hf", help="parameter checkpoint -> HF directory, or PEFT adapters")
     j2h.add_argument("src", help="a run's params/, a checkpoint's state/, or hf-to-jax output")
     j2h.add_argument("dst")
     j2h.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    j2h.add_argument("--shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    j2h.add_argument("--shard-size", type=_size, default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    j2h.add_argument("--overwrite", action="store_true", help="replace an earlier jax-to-hf output at DST")
     j2h.add_argument("--tokenizer", help="tokenizer.model (default: found beside SRC)")
     j2h.add_argument("--model", help="model preset or YAML (default: model.yaml or the run's config.yaml)")
     j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
@@ -371,14 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(joined by newlines; default: text)")
     pre.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory holding it")
     pre.add_argument("--out", required=True)
-    pre.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+    pre.add_argument("--threads", type=POSITIVE, default=None, help="encoding threads (default: all cores)")
     pre.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     pre.set_defaults(func=_prepare_pretrain)
     ins = prep_sub.add_parser("instruct", help="Alpaca / ShareGPT / prompt-response JSON(L) -> examples")
     ins.add_argument("inputs", nargs="+")
     ins.add_argument("--tokenizer", required=True)
     ins.add_argument("--out", required=True)
-    ins.add_argument("--seq-len", type=int, default=4096)
+    ins.add_argument("--seq-len", type=POSITIVE, default=4096)
     ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, or a template YAML file")
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
@@ -398,13 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
     bmesh.add_argument("--model", default="bench-60m")
     bmesh.add_argument("--layouts", default="data=8;fsdp=8;fsdp=4,tensor=2", help='";"-separated ici layouts')
-    bmesh.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0: what is there)")
-    bmesh.add_argument("--seq", type=int, default=256)
-    bmesh.add_argument("--batch", type=int, default=8)
+    bmesh.add_argument("--devices", type=NON_NEGATIVE, default=0, help="simulated CPU devices (0: what is there)")
+    bmesh.add_argument("--seq", type=POSITIVE, default=256)
+    bmesh.add_argument("--batch", type=POSITIVE, default=8)
     bmesh.add_argument("--remat", default="none")
     bmesh.add_argument("--dtype", default="float32")
-    bmesh.add_argument("--warmup", type=int, default=2)
-    bmesh.add_argument("--steps", type=int, default=5)
+    bmesh.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+    bmesh.add_argument("--steps", type=POSITIVE, default=5)
     bmesh.add_argument("--png", help="bar chart output path")
     bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
     bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
@@ -435,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
-    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8")
+    bbase.add_argument("--modes", default="full,lora", help="rows to run: full, lora or both (default)")
+    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8 "
+                                                    "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
@@ -465,18 +515,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Usage and input errors end as one line on stderr and exit code 2; anything else is a bug, reported by a
+    one-line summary and then its traceback (exit code 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "score"]:
+    if argv[:2] == ["eval", "score"]:  # its own parser: `eval`'s options stay as they were
         argv = ["eval-score", *argv[2:]]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse: one line and exit code 2 for bad options
     from mellama_jax.config import ConfigError
     from mellama_jax.data.corpus import BadRecord
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, BadRecord, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, BadRecord, ValueError) as e:
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import traceback
+
+        print(f"error: internal error, please report it: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -447,10 +447,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = read_yaml(path) if path else {}
     if isinstance(data.get("model"), str):  # so that model.x=... overrides can refine a preset name
         data["model"] = {"preset": data["model"]}
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         _set_dotted(data, key, value, where)
-    data = _resolve_model(data, where)
-    return _build(Config, data, where).validate()
+    try:
+        return _build(Config, _resolve_model(data, where), where).validate()
+    except ConfigError as e:
+        raise _blame_override(e, where, [k for k, _ in parsed]) from None
+
+
+def _blame_override(error: ConfigError, where: str, keys: list[str]) -> ConfigError:
+    """An error about a key that an override set names the override, not the YAML file it was applied to."""
+    message = str(error)
+    for key in reversed(keys):  # the last override of a key is the one that counts
+        parent, _, leaf = key.rpartition(".")
+        if key in message or (parent and f"{parent}:" in message and (repr(leaf) in message or f" {leaf}=" in message)):
+            return ConfigError(f"override {key}: " + message.replace(f"{where}.", "").replace(f"{where}: ", ""))
+    return error
 
 
 def to_dict(cfg: Any) -> Any:
