@@ -57,6 +57,13 @@ def _positive_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _request(cls, args):
+    """A command's typed request from its parsed options (each option's dest is the field's name)."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _info(args) -> int:
     from mellama_jax.info import describe
 
@@ -296,12 +303,19 @@ def _plan(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from mellama_jax.eval.run import evaluate
+    from mellama_jax.eval.run import EvalRequest, evaluate
 
-    summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
-                       args.limit, args.batch_size, args.max_new_tokens, args.fewshot, args.fewshot_data,
-                       args.seed, args.mesh, args.bertscore_model, args.hf_tokenizer, args.adapters)
+    summary = evaluate(_request(EvalRequest, args))
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _eval_score(args) -> int:
+    import json
+
+    from mellama_jax.eval.rescore import rescore
+
+    print(json.dumps(rescore(args.task, args.predictions, args.out, args.bertscore_model), indent=1))
     return 0
 
 
@@ -355,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapters", help="a LoRA run's adapters/ directory (--model is then the base)")
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task)")
+    ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task); "
+                                     "`eval score` re-scores a predictions.jsonl without a model",
+                        epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: "
+                               "score an earlier run's outputs again (see `eval score --help`)")
     from mellama_jax.eval.tasks import TASKS  # stdlib only: keeps --help fast
 
     ev.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -367,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True)
     ev.add_argument("--limit", type=POSITIVE, help="the first N examples")
     ev.add_argument("--batch-size", type=POSITIVE, default=8)
-    ev.add_argument("--max-new-tokens", type=POSITIVE, help="default: per task (16 for choices ... 256 for summaries)")
+    ev.add_argument("--max-new-tokens", type=POSITIVE, help="default 256 for every task, as the authors' harness")
     ev.add_argument("--fewshot", type=NON_NEGATIVE, default=0, help="k demonstrations from --fewshot-data (default 0)")
     ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
@@ -375,8 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapters", help="jax: a LoRA run's adapters/ directory (--model is then the base)")
     ev.add_argument("--hf-tokenizer", choices=["sentencepiece", "transformers"], default="sentencepiece",
                     help="hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer")
-    ev.add_argument("--bertscore-model", help="summaries: a local model directory for BERTScore (else skipped)")
+    bert_help = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
+                 "skipped; another model is reported under its own name)")
+    ev.add_argument("--tokenizer", help="jax: tokenizer.model (default: found with the parameters)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier eval output at --out")
+    ev.add_argument("--bertscore-model", help=bert_help)
     ev.set_defaults(func=_eval)
+    # `eval score ...` is rewritten to `eval-score ...` in main(): `eval`'s own options stay as they were
+    evs = sub.add_parser("eval-score", prog="mellama-jax eval score",
+                         help="`eval score`: re-score an eval run's predictions.jsonl, no model")
+    evs.add_argument("--task", required=True, choices=sorted(TASKS))
+    evs.add_argument("--predictions", required=True, help="a predictions.jsonl that `eval` wrote")
+    evs.add_argument("--out", required=True, help="folder for the new predictions.jsonl, summary.json, summary.md")
+    evs.add_argument("--bertscore-model", help=bert_help)
+    evs.set_defaults(func=_eval_score)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")
     conv_sub = conv.add_subparsers(dest="direction", required=True)
@@ -514,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Usage and input errors end as one line on stderr and exit code 2; anything else is a bug, reported by a
     one-line summary and then its traceback (exit code 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "score"]:  # its own parser: `eval`'s options stay as they were
+        argv = ["eval-score", *argv[2:]]
     args = build_parser().parse_args(argv)  # argparse: one line and exit code 2 for bad options
     from mellama_jax.config import ConfigError
     from mellama_jax.data.corpus import BadRecord
