@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Each builds .venv on first use.
 PYTHON ?= python3
+PYTEST_FLAGS ?= -rs
 VENV ?= .venv
 BIN := $(VENV)/bin
 # XLA on CPU page-faults fresh buffers every step; these glibc malloc settings keep freed memory mapped.
@@ -20,10 +21,10 @@ demo: $(BIN)/.installed
 	$(BIN)/mellama-jax demo --out runs/demo
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
 
 test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_FLAGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/mellama-jax bench convert

@@ -6,7 +6,8 @@
 #
 #   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed attention-overflow
 #                                          attention-old mesh-old mesh mesh-scan causal-only mesh-small
-#                                          torch-small layers-remat no-triton-gemm accum2 (default: all)
+#                                          torch-small layers-remat no-triton-gemm accum2 lora13b-ours
+#                                          lora13b-peft pre7b-ours pre7b-torch (default: all)
 #   SMOKE=1: tiny shapes, to check the script on a CPU.
 #   OLD=DIR: attention-old and mesh-old run on the package in DIR (an earlier checkout, e.g. from `git archive`),
 #   paired with the current one on the same machine.
@@ -111,4 +112,21 @@ mesh layers-remat "$BIG" full "model.num_layers=$((2 * LAYERS))"
 MESH_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false mesh no-triton-gemm "$BIG" none
 # twice the batch in two microbatches: one optimizer update per 2 x BIG sequences
 mesh accum2 "$((2 * BIG))" none train.grad_accum=2
+# the paper's stages at real depth (issue: performance at real depth), each side in its own process:
+# (a) Me-LLaMA 13B-chat LoRA: 40 layers, 4096 tokens, the recipe's rank 8 / alpha 16 on all seven projections,
+#     bf16 frozen base, full remat (the recipe's), against PEFT + transformers with gradient checkpointing;
+# (b) LLaMA2-7B continual pretraining at 32 layers: fp32 master weights and Adam, full remat, against torch.
+if [ "${SMOKE:-0}" = 1 ]; then M13=tiny M7=tiny DEPTH_SEQ=64; else M13=llama2-13b M7=llama2-7b DEPTH_SEQ=4096; fi
+LORA13=(lora.targets=[wq,wk,wv,wo,w_gate,w_up,w_down] lora.alpha=16 lora.base_dtype=bfloat16 model.remat=full)
+depth() {  # depth NAME MODEL MODES SIDE OVERRIDES...
+  local name=$1 model=$2 modes=$3 side=$4
+  shift 4
+  want "$name" && step "$name" "${DEPTH_LIMIT:-170}" "${CLI[@]}" bench baseline --model "$model" --seq "$DEPTH_SEQ" \
+    --batch "${DEPTH_BATCH:-4}" --lora-rank 8 --dtype bfloat16 --modes "$modes" --sides "$side" --warmup 1 --steps 3 "$@"
+}
+depth lora13b-ours "$M13" lora ours "${LORA13[@]}" "model.attention=$ATT"
+depth lora13b-peft "$M13" lora torch "${LORA13[@]}"
+depth pre7b-ours "$M7" full ours model.remat=full "model.attention=$ATT"
+depth pre7b-torch "$M7" full torch model.remat=full
+
 grep -h "^MATMUL_BF16\|^| \|\"tokens_per_s\"\|\"mfu\"\|\"device_peak_bytes\"\|\"fwd_bwd_ms\"\|\"impl\"\|\"error\"" "$LOG"

@@ -6,6 +6,64 @@ import argparse
 import sys
 
 
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open), else a usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _number(int, 1), _number(int, 0)
+
+
+def _size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '1.5GiB' or a plain integer."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            upper, scale = upper[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        value = int(float(upper) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB or 500MB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _positive_list(text: str) -> tuple[int, ...]:
+    """'1,16' -> (1, 16): comma-separated positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _request(cls, args):
+    """A command's typed request from its parsed options (each option's dest is the field's name)."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _info(args) -> int:
     from mellama_jax.info import describe
 
@@ -21,10 +79,12 @@ def _demo(args) -> int:
 
 
 def _name_values(items: list[str], what: str) -> dict[str, list[str]]:
+    from mellama_jax.config import ConfigError
+
     out: dict[str, list[str]] = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: {what} {item!r} is not of the form NAME=VALUE[,VALUE...]")
+            raise ConfigError(f"{what} {item!r} is not of the form NAME=VALUE[,VALUE...]")
         name, values = item.split("=", 1)
         out.setdefault(name, []).extend(v for v in values.split(",") if v)
     return out
@@ -92,14 +152,6 @@ def _plot(args) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
-
-
 def _model_arg(name):
     if not name:
         return None
@@ -111,17 +163,21 @@ def _model_arg(name):
 def _convert(args) -> int:
     import json
 
+    from mellama_jax.config import ConfigError
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
         from mellama_jax.sharding import parse_layout
 
-        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None))
+        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None,
+                            overwrite=args.overwrite))
     elif args.direction == "jax-to-hf":
+        if args.merge and not args.adapters:
+            raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
         print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
-                            _size(args.shard_size), args.adapters, args.merge))
+                            args.shard_size, args.adapters, args.merge, overwrite=args.overwrite))
     else:
-        report = api.verify(args.src, args.dst, model=_model_arg(args.model))
+        report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
         ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
         print(json.dumps(dict(report, ok=ok), indent=1))
         return 0 if ok else 1
@@ -141,6 +197,14 @@ def _bench_mesh(args) -> int:
                         args.warmup, args.steps, args.png, args.overrides, args.profile)
     print(markdown(result))
     print(json.dumps(result, indent=1))
+    return _all_failed(result["layouts"])
+
+
+def _all_failed(rows: list[dict]) -> int:
+    """Exit status 1 when no layout could be built (each row says why), 0 otherwise."""
+    if rows and all("error" in r for r in rows):
+        print(f"error: every layout failed (first: {rows[0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,7 +235,7 @@ def _bench_baseline(args) -> int:
     from mellama_jax.bench.mesh import bench_baseline
 
     print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
-                                    args.dtype, args.overrides, args.sides), indent=1))
+                                    args.dtype, args.overrides, args.sides, tuple(args.modes.split(","))), indent=1))
     return 0
 
 
@@ -208,8 +272,8 @@ def _bench_decode(args) -> int:
 
     from mellama_jax.bench.decode import bench_decode
 
-    batches = tuple(int(b) for b in args.batches.split(","))
-    print(json.dumps(bench_decode(args.model, batches, args.prompt_len, args.new_tokens, args.repeats), indent=1))
+    print(json.dumps(bench_decode(args.model, args.batches, args.prompt_len, args.new_tokens, args.repeats),
+                     indent=1))
     return 0
 
 
@@ -239,17 +303,31 @@ def _plan(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from mellama_jax.eval.run import evaluate
+    from mellama_jax.eval.run import EvalRequest, evaluate
 
-    summary = evaluate(args.task, args.data, args.model, args.prompts, args.out, args.backend, args.split,
-                       args.limit, args.batch_size, args.max_new_tokens, args.fewshot, args.fewshot_data,
-                       args.seed, args.mesh, args.bertscore_model, args.hf_tokenizer, args.adapters)
+    summary = evaluate(_request(EvalRequest, args))
     print(json.dumps(summary, indent=1))
     return 0
 
 
+def _eval_score(args) -> int:
+    import json
+
+    from mellama_jax.eval.rescore import rescore
+
+    print(json.dumps(rescore(args.task, args.predictions, args.out, args.bertscore_model), indent=1))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the option and the problem) and exit code 2, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mellama-jax", description=__doc__)
+    parser = _Parser(prog="mellama-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="JAX backend and devices; parameters and per-device memory of a model "
@@ -272,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "device for each layout (nothing allocated)")
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
-    pln.add_argument("--devices", type=int, required=True, help="simulated devices, e.g. 160")
+    pln.add_argument("--devices", type=POSITIVE, required=True, help="simulated devices, e.g. 160")
     pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh)')
     pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
     pln.add_argument("overrides", nargs="*")
@@ -282,16 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a parameter checkpoint (hf-to-jax output, a run's params/)")
     gen.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
     gen.add_argument("--prompt", action="append", required=True, help="repeatable: one batch of prompts")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    gen.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0, help="in (0, 1]")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--mesh", help='decode sharded over the devices, e.g. "data=4,tensor=2"')
     gen.add_argument("--adapters", help="a LoRA run's adapters/ directory (--model is then the base)")
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task)")
+    ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task); "
+                                     "`eval score` re-scores a predictions.jsonl without a model",
+                        epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: "
+                               "score an earlier run's outputs again (see `eval score --help`)")
     from mellama_jax.eval.tasks import TASKS  # stdlib only: keeps --help fast
 
     ev.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -301,18 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", choices=["jax", "hf"], default="jax")
     ev.add_argument("--prompts", help="the authors' prompt_templates.json (needed for all but i2b2 and bionli)")
     ev.add_argument("--out", required=True)
-    ev.add_argument("--limit", type=int)
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-new-tokens", type=int, help="default: per task (16 for choices ... 256 for summaries)")
-    ev.add_argument("--fewshot", type=int, default=0, help="k demonstrations from --fewshot-data (default 0)")
+    ev.add_argument("--limit", type=POSITIVE, help="the first N examples")
+    ev.add_argument("--batch-size", type=POSITIVE, default=8)
+    ev.add_argument("--max-new-tokens", type=POSITIVE, help="default 256 for every task, as the authors' harness")
+    ev.add_argument("--fewshot", type=NON_NEGATIVE, default=0, help="k demonstrations from --fewshot-data (default 0)")
     ev.add_argument("--fewshot-data", help="the training split's file, same format as --data")
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
     ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
     ev.add_argument("--adapters", help="jax: a LoRA run's adapters/ directory (--model is then the base)")
     ev.add_argument("--hf-tokenizer", choices=["sentencepiece", "transformers"], default="sentencepiece",
                     help="hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer")
-    ev.add_argument("--bertscore-model", help="summaries: a local model directory for BERTScore (else skipped)")
+    bert_help = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
+                 "skipped; another model is reported under its own name)")
+    ev.add_argument("--tokenizer", help="jax: tokenizer.model (default: found with the parameters)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an earlier eval output at --out")
+    ev.add_argument("--bertscore-model", help=bert_help)
     ev.set_defaults(func=_eval)
+    # `eval score ...` is rewritten to `eval-score ...` in main(): `eval`'s own options stay as they were
+    evs = sub.add_parser("eval-score", prog="mellama-jax eval score",
+                         help="`eval score`: re-score an eval run's predictions.jsonl, no model")
+    evs.add_argument("--task", required=True, choices=sorted(TASKS))
+    evs.add_argument("--predictions", required=True, help="a predictions.jsonl that `eval` wrote")
+    evs.add_argument("--out", required=True, help="folder for the new predictions.jsonl, summary.json, summary.md")
+    evs.add_argument("--bertscore-model", help=bert_help)
+    evs.set_defaults(func=_eval_score)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")
     conv_sub = conv.add_subparsers(dest="direction", required=True)
@@ -322,11 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     h2j.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                      help="default: keep the checkpoint's dtype (bit-exact round trips)")
     h2j.add_argument("--mesh", help="store pre-sharded for a mesh, e.g. fsdp=8,tensor=2 (default rule table)")
+    h2j.add_argument("--overwrite", action="store_true", help="replace an earlier hf-to-jax output at DST")
     j2h = conv_sub.add_parser("jax-to-hf", help="parameter checkpoint -> HF directory, or PEFT adapters")
     j2h.add_argument("src", help="a run's params/, a checkpoint's state/, or hf-to-jax output")
     j2h.add_argument("dst")
     j2h.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    j2h.add_argument("--shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    j2h.add_argument("--shard-size", type=_size, default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    j2h.add_argument("--overwrite", action="store_true", help="replace an earlier jax-to-hf output at DST")
     j2h.add_argument("--tokenizer", help="tokenizer.model (default: found beside SRC)")
     j2h.add_argument("--model", help="model preset or YAML (default: model.yaml or the run's config.yaml)")
     j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
@@ -335,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("src", help="HF directory")
     ver.add_argument("dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
+    ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
     ver.add_argument("--max-logit-diff", type=float, default=0.5)
     ver.add_argument("--max-kl", type=float, default=1e-3)
     for p in (h2j, j2h, ver):
@@ -349,14 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(joined by newlines; default: text)")
     pre.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory holding it")
     pre.add_argument("--out", required=True)
-    pre.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+    pre.add_argument("--threads", type=POSITIVE, default=None, help="encoding threads (default: all cores)")
     pre.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     pre.set_defaults(func=_prepare_pretrain)
     ins = prep_sub.add_parser("instruct", help="Alpaca / ShareGPT / prompt-response JSON(L) -> examples")
     ins.add_argument("inputs", nargs="+")
     ins.add_argument("--tokenizer", required=True)
     ins.add_argument("--out", required=True)
-    ins.add_argument("--seq-len", type=int, default=4096)
+    ins.add_argument("--seq-len", type=POSITIVE, default=4096)
     ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, or a template YAML file")
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
@@ -376,13 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
     bmesh.add_argument("--model", default="bench-60m")
     bmesh.add_argument("--layouts", default="data=8;fsdp=8;fsdp=4,tensor=2", help='";"-separated ici layouts')
-    bmesh.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0: what is there)")
-    bmesh.add_argument("--seq", type=int, default=256)
-    bmesh.add_argument("--batch", type=int, default=8)
+    bmesh.add_argument("--devices", type=NON_NEGATIVE, default=0, help="simulated CPU devices (0: what is there)")
+    bmesh.add_argument("--seq", type=POSITIVE, default=256)
+    bmesh.add_argument("--batch", type=POSITIVE, default=8)
     bmesh.add_argument("--remat", default="none")
     bmesh.add_argument("--dtype", default="float32")
-    bmesh.add_argument("--warmup", type=int, default=2)
-    bmesh.add_argument("--steps", type=int, default=5)
+    bmesh.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+    bmesh.add_argument("--steps", type=POSITIVE, default=5)
     bmesh.add_argument("--png", help="bar chart output path")
     bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
     bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
@@ -413,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
-    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8")
+    bbase.add_argument("--modes", default="full,lora", help="rows to run: full, lora or both (default)")
+    bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8 "
+                                                    "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
     bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
@@ -429,10 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     bmem.set_defaults(func=_bench_memory)
     bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
     bdec.add_argument("--model", default="bench-60m", help="model preset (random weights, shared by both)")
-    bdec.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    bdec.add_argument("--prompt-len", type=int, default=64)
-    bdec.add_argument("--new-tokens", type=int, default=64)
-    bdec.add_argument("--repeats", type=int, default=3)
+    bdec.add_argument("--batches", type=_positive_list, default=(1, 16), help="comma-separated batch sizes")
+    bdec.add_argument("--prompt-len", type=POSITIVE, default=64)
+    bdec.add_argument("--new-tokens", type=POSITIVE, default=64)
+    bdec.add_argument("--repeats", type=POSITIVE, default=3)
     bdec.set_defaults(func=_bench_decode)
 
     demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
@@ -443,15 +541,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Usage and input errors end as one line on stderr and exit code 2; anything else is a bug, reported by a
+    one-line summary and then its traceback (exit code 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "score"]:  # its own parser: `eval`'s options stay as they were
+        argv = ["eval-score", *argv[2:]]
+    args = build_parser().parse_args(argv)  # argparse: one line and exit code 2 for bad options
     from mellama_jax.config import ConfigError
     from mellama_jax.data.corpus import BadRecord
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, BadRecord, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, BadRecord, ValueError) as e:
+        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        import traceback
+
+        print(f"error: internal error, please report it: {type(e).__name__}: {e}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
-# Where `configs/` lives: next to the package in a source checkout, or set MELLAMA_CONFIGS.
-CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+# Presets and recipes ship inside the package (importlib.resources finds them in a wheel or a checkout, where
+# the top-level configs/ links here); MELLAMA_CONFIGS points at another folder of the same layout.
+CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS") or str(resources.files("mellama_jax") / "configs"))
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION = ("xla", "dot_product", "cudnn", "cudnn_causal", "auto")  # model/attention.py
@@ -385,12 +387,16 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def load_model_preset(name: str) -> ModelConfig:
-    """A model preset by name (`llama2-70b`) or YAML path."""
-    path = preset_path(name)
+def model_config_from_file(path: str | Path) -> ModelConfig:
+    """A ModelConfig from a YAML file of its keys (a preset, or the model.yaml that conversions write)."""
     cfg = _build(ModelConfig, read_yaml(path), str(path))
     cfg.validate(str(path))
     return cfg
+
+
+def load_model_preset(name: str) -> ModelConfig:
+    """A model preset by name (`llama2-70b`) or YAML path."""
+    return model_config_from_file(preset_path(name))
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
@@ -435,16 +441,42 @@ def _resolve_model(data: dict, where: str) -> dict:
     return data
 
 
+def recipe_path(name: str | Path) -> Path:
+    """A config file, or the name of a recipe shipped with the package (`me-llama-13b-pretrain`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    shipped = CONFIG_ROOT / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = sorted(p.stem for p in CONFIG_ROOT.glob("*.yaml"))
+    raise ConfigError(f"{name}: no such config file, nor a shipped recipe (known: {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Config from a YAML file (or the defaults) with `a.b=value` overrides applied on top."""
+    """Config from a YAML file or shipped recipe name (or the defaults) with `a.b=value` overrides on top."""
+    path = recipe_path(path) if path else None
     where = str(path) if path else "<defaults>"
     data = read_yaml(path) if path else {}
     if isinstance(data.get("model"), str):  # so that model.x=... overrides can refine a preset name
         data["model"] = {"preset": data["model"]}
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         _set_dotted(data, key, value, where)
-    data = _resolve_model(data, where)
-    return _build(Config, data, where).validate()
+    try:
+        return _build(Config, _resolve_model(data, where), where).validate()
+    except ConfigError as e:
+        raise _blame_override(e, where, [k for k, _ in parsed]) from None
+
+
+def _blame_override(error: ConfigError, where: str, keys: list[str]) -> ConfigError:
+    """An error about a key that an override set names the override, not the YAML file it was applied to."""
+    message = str(error)
+    for key in reversed(keys):  # the last override of a key is the one that counts
+        parent, _, leaf = key.rpartition(".")
+        if key in message or (parent and f"{parent}:" in message and (repr(leaf) in message or f" {leaf}=" in message)):
+            return ConfigError(f"override {key}: " + message.replace(f"{where}.", "").replace(f"{where}: ", ""))
+    return error
 
 
 def to_dict(cfg: Any) -> Any:

@@ -6,6 +6,7 @@ LoRA instruction tuning -> merged Hugging Face export -> transformers loads it a
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,23 @@ def run_demo(out: str | Path, devices: int = 8) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)  # before anything touches the backend
+    from mellama_jax.artifacts import MARKER, check_destination
+
+    started = time.perf_counter()
+    out = check_destination(out, "demo", overwrite=True)  # a previous demo's output is replaced, nothing else
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"kind": "demo"}))
+    try:
+        return _run(out, started)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no partial demo output survives a failure
+        raise
+
+
+def _run(out: Path, started: float) -> dict:
+    import jax
+
     from mellama_jax.config import CONFIG_ROOT, load_config
     from mellama_jax.data.instruct import prepare_instruct, read_conversations
     from mellama_jax.data.corpus import Report
@@ -34,12 +52,6 @@ def run_demo(out: str | Path, devices: int = 8) -> dict:
     from mellama_jax.data.tokenizer import Tokenizer
     from mellama_jax.train.loop import train
 
-    started = time.perf_counter()
-    out = Path(out).absolute()
-    if (out / "tokenizer").exists():  # a previous demo's output: start afresh
-        import shutil
-
-        shutil.rmtree(out)
     print(f"== mellama-jax demo: {jax.device_count()} simulated {jax.devices()[0].platform} devices; output in {out}")
     instructions = [c for _, c in read_conversations(_demo_file("instructions.jsonl"), Report())]
     texts = [t for lines in sample_texts().values() for t in lines]
@@ -88,23 +100,13 @@ def _first_last_loss(run_dir: Path) -> tuple[float, float]:
     return losses[0], losses[-1]
 
 
-def load_lora_model(cfg, base_params: str | Path, adapters: str | Path):
-    """The LoRA-trained model in JAX: frozen base from `base_params` plus trained adapters."""
-    from flax import nnx
-
-    from mellama_jax.model import init_abstract
-    from mellama_jax.train.checkpoint import load_params_local
-
-    graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg.model, cfg.lora), nnx.LoRAParam, ...)
-    return nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(base_params, base_abs))
-
-
 def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, out: Path) -> Path:
     from flax import nnx
 
+    from mellama_jax.artifacts import load_model
     from mellama_jax.convert.export import export_hf, memory_fetch, merged_fetch
 
-    model = load_lora_model(cfg, base_params, adapters)
+    model = load_model(base_params, adapters, dtype=cfg.model.param_dtype)
     _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)
     fetch = merged_fetch(memory_fetch(nnx.to_pure_dict(base_state)), memory_fetch(nnx.to_pure_dict(lora_state)),
                          cfg.lora)

@@ -103,7 +103,7 @@ def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature
         kv_axes = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "head_dim")
         cache.update(k=constrain(cache["k"], kv_axes), v=constrain(cache["v"], kv_axes))
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        hidden, cache = model.hidden_states(ids, positions, mask, cache=cache)  # prefill
+        hidden, cache = model.decode_hidden_states(ids, cache, positions, mask)  # prefill
         logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
         out = jnp.zeros((B, max_new_tokens), ids.dtype)
         next_pos = positions[:, -1] + 1
@@ -119,8 +119,8 @@ def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature
             token = jnp.where(done, 0, token)
             out = out.at[:, t].set(token)
             done = done | (token == eos_id)
-            hidden, cache = model.hidden_states(token[:, None], next_pos[:, None], jnp.ones((B, 1), mask.dtype),
-                                                cache=cache)
+            hidden, cache = model.decode_hidden_states(token[:, None], cache, next_pos[:, None],
+                                                       jnp.ones((B, 1), mask.dtype))
             logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
             return t + 1, logits, cache, out, next_pos + 1, done
 

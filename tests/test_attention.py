@@ -4,9 +4,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import pytest
 import numpy as np
+import pytest
 from flax import nnx
+
+from conftest import skip_unless_ci
 
 from mellama_jax.config import load_model_preset
 from mellama_jax.model import Llama, attention
@@ -155,7 +157,7 @@ def test_packed_layout_as_cudnn_receives_it():
     batch, each starting where the one before it ends (a row with one document and rows of several alike)."""
     fix = getattr(attention._cudnn_module, "_fix_seqlen_offsets", None)
     if fix is None:
-        pytest.skip("this JAX has no _fix_seqlen_offsets to check against")
+        skip_unless_ci(f"jax {jax.__version__} has no _fix_seqlen_offsets to check against")
     for seg in ([[1] * 8, [1] * 8, [1] * 8], [[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 2, 2, 2, 2, 2, 2], [5] * 8]):
         seg = jnp.asarray(seg)
         B, T, N, H = seg.shape[0], seg.shape[1], 2, 4
@@ -216,3 +218,15 @@ def test_cudnn_plumbing_with_stand_in_kernels(monkeypatch, rng, remat):
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_cudnn_packed_fallback_warns_once(monkeypatch):
+    """A JAX whose private cuDNN module moved: the run goes on (masked kernel) but says so, once."""
+    attention._warn_packed_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="falls back to the masked kernel"):
+        attention._warn_packed_fallback()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention._warn_packed_fallback()  # cached: silent the second time

@@ -165,7 +165,7 @@ def test_peft_adapters_and_merged_export_match_jax(lora_run, tmp_path):
         np.testing.assert_allclose(node, np.asarray(var.get_value()), atol=1e-7)
 
 
-def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path):
+def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path, tokenizer_file):
     from mellama_jax.config import load_config
     from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer
@@ -179,6 +179,7 @@ def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path):
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     mngr.wait_until_finished()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    shutil.copyfile(tokenizer_file, tmp_path / "run" / "tokenizer.model")  # as a run carries it
     out = jax_to_hf(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32",
                     progress=False)
     tensors = all_tensors(out)

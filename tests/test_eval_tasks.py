@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer, LlamaForCausalLM
 
-from conftest import SHARED_DATA, hf_tiny_config
+from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from mellama_jax.data.corpus import BadRecord
-from mellama_jax.eval.run import evaluate, few_shot_prefix
-from mellama_jax.eval.scoring import (bertscore, extractive_metrics, labels_in, multilabel_metrics, ner_metrics,
-                                      normalize_answer, summary_metrics, tags_from_output, token_f1)
-from mellama_jax.eval.tasks import entities, load_task, load_templates
+from mellama_jax.eval.rescore import rescore
+from mellama_jax.eval.run import EvalRequest, evaluate, few_shot_prefix
+from mellama_jax.eval.scoring import bertscore, bertscore_identity, summary_metrics
+from mellama_jax.eval.tasks import load_task, load_templates
 
 # Stand-ins for the authors' templates file (the real one is in ../shared; CI-independent tests use these).
 TEMPLATES = {
@@ -95,7 +95,8 @@ def test_loaders_read_the_original_layouts(templates, files):
     t = load_templates(templates)
     _, ex, _ = load_task("mednli", files / "mli_test_v1.jsonl", t)
     assert [e.gold for e in ex] == ["entailment", "neutral", "contradiction"] and ex[0].id == "p0"
-    assert ex[0].fields["text"] == "Premise: Patient 0 has fever.\nHypothesis: The patient is febrile."
+    # the authors' MedNLI input (preprocess_instruct.py): "[PRE] " + sentence1 + " [HYP] " + sentence2
+    assert ex[0].fields["text"] == "[PRE] Patient 0 has fever. [HYP] The patient is febrile."
     _, ex, entry = load_task("bionli", files / "bionli_test.csv", t)  # our template, package-supplied
     assert [e.gold for e in ex] == ["entailment", "contradiction"] and entry["choices"] == ["entailment", "contradiction"]
     _, ex, _ = load_task("ddi", files / "ddi_test.tsv", t)
@@ -103,8 +104,10 @@ def test_loaders_read_the_original_layouts(templates, files):
     _, ex, _ = load_task("mtsample", files / "mtsamples.csv", t)
     assert [e.gold for e in ex] == ["Radiology", "Surgery"]
     _, ex, _ = load_task("hoc", files / "hoc_test.tsv", t)
-    assert ex[0].gold == ["resisting cell death", "inducing angiogenesis"] and ex[1].gold == []
-    assert ex[0].answer == "resisting cell death; inducing angiogenesis"
+    # BLUE numbers HoC labels by its own alphabetical list (BLUE_Benchmark blue/eval_hoc.py LABELS):
+    # 2 = cellular energetics, 4 = evading growth suppressors. Gold kept in the template's order.
+    assert ex[0].gold == ["evading growth suppressors", "cellular energetics"] and ex[1].gold == []
+    assert ex[0].answer == "evading growth suppressors; cellular energetics"
     _, ex, _ = load_task("emrqa", files / "emrqa.json", t)
     assert ex[0].gold == ["aspirin 81 mg daily"] and ex[0].fields["question"] == "What dose of aspirin was given ?"
     assert ex[0].fields["text"].startswith("Patient was started") and "\nNo known allergies" in ex[0].fields["text"]
@@ -113,8 +116,9 @@ def test_loaders_read_the_original_layouts(templates, files):
     _, from_dir, _ = load_task("i2b2", files / "i2b2", t)
     _, from_conll, _ = load_task("i2b2", files / "i2b2.conll", t)
     assert [e.gold for e in from_dir] == [e.gold for e in from_conll]
-    assert from_dir[1].gold == ["B-test", "I-test", "I-test", "O", "O", "B-problem", "O"]
-    assert from_dir[1].answer == "A CT scan: test\nbleed: problem"
+    # the gold as the authors' NER scorer reads it: the sentence with concepts in <span class="type">
+    assert from_dir[1].gold == '<span class="test">A CT scan</span> showed no <span class="problem">bleed</span> .'
+    assert from_dir[1].answer == from_dir[1].gold
     _, ex, _ = load_task("pubmedsum", files / "pubmed_test.jsonl", t)
     assert ex[0].gold == "mice were studied . they grew ." and ex[0].fields["text"] == "We studied mice . Mice grew ."
     _, ex, _ = load_task("mimic-cxr", files / "cxr", t)
@@ -138,46 +142,46 @@ def test_bad_files_name_the_record(templates, files, tmp_path):
         load_task("hoc", files / "hoc_test.tsv", load_templates(None))
 
 
-def test_metrics_by_hand():
-    labels = ["a", "b", "c"]
-    m = multilabel_metrics([["a"], ["c", "b"], []], [["a", "b"], ["c"], []], labels)
-    # a: tp 1 -> F1 1; b: tp 0 (fp 1, fn 1) -> 0; c: tp 1 -> 1; macro 2/3. Exact sets: only the empty one.
-    assert m["macro_f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(1 / 3)
-    assert m["missing"] == pytest.approx(1 / 3)
-    assert labels_in("Resisting cell death; inducing ANGIOGENESIS", TEMPLATES["HoC"]["choices"]) == [
-        "resisting cell death", "inducing angiogenesis"]
+def _tiny_bert(path, words, layers):
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(path / "vocab.txt"), model_max_length=512).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(path)
+    return path
 
-    assert normalize_answer("The  Aspirin, 81mg!") == "aspirin 81mg"
-    assert token_f1("aspirin 81 mg daily", "81 mg aspirin") == pytest.approx(6 / 7)  # P 3/4, R 1
-    m = extractive_metrics(["Aspirin 81 mg.", "nothing"], [["a dose", "aspirin 81 mg"], ["heparin"]])
-    assert m["exact_match"] == 0.5 and m["f1"] == 0.5
 
-    tokens = "He has chest pain and a CT scan".split()
-    out = "chest pain: problem\n- CT scan: test\nfoo: bar\ntreatment: aspirin"
-    assert tags_from_output(out, tokens, ["problem", "test", "treatment"]) == [
-        "O", "O", "B-problem", "I-problem", "O", "O", "B-test", "I-test"]
-    gold = [["O", "O", "B-problem", "I-problem", "O", "B-test", "I-test", "I-test"]]
-    pred = [tags_from_output("chest pain: problem", tokens, ["problem", "test"])]
-    m = ner_metrics(pred, gold)  # 1 of 2 gold entities found, nothing spurious
-    assert (m["entity_precision"], m["entity_recall"]) == (1.0, 0.5) and m["entity_f1"] == pytest.approx(2 / 3)
-    assert entities(tokens, gold[0]) == [("chest pain", "problem"), ("a CT scan", "test")]
-
-    m = summary_metrics(["the cat"], ["the cat sat"])
-    assert m["rouge1"] == pytest.approx(0.8) and m["rouge2"] == pytest.approx(2 / 3)  # P 1, R 2/3; P 1, R 1/2
-    assert m["rougeL"] == pytest.approx(0.8)
-    assert m["bertscore_f1"] is None and m["bertscore"].startswith("skipped")
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran", "on", "mat"]
 
 
 def test_bertscore_with_a_local_model(tmp_path):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "dog", "ran", "on", "mat"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(tmp_path / "vocab.txt"), model_max_length=512).save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path)
-    same = bertscore(["the cat sat on the mat"], ["the cat sat on the mat"], str(tmp_path))
-    other = bertscore(["the dog ran"], ["the cat sat on the mat"], str(tmp_path))
-    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-5) and other["bertscore_f1"] < 0.999
+    model = _tiny_bert(tmp_path / "tiny-bert", WORDS, 2)
+    same = bertscore(["the cat sat on the mat"], ["the cat sat on the mat"], str(model))
+    other = bertscore(["the dog ran"], ["the cat sat on the mat"], str(model))
+    # not the paper's model: reported under its own name, never as the paper's bertscore_f1
+    assert "bertscore_f1" not in same and same["bertscore_f1[tiny-bert]"] == pytest.approx(1.0, abs=1e-5)
+    assert other["bertscore_f1[tiny-bert]"] < 0.999 and other["bertscore"].startswith("tiny-bert at layer 2")
+    m = summary_metrics(["the cat"], ["the cat sat"])
+    assert m["bertscore_f1"] is None and m["bertscore"].startswith("skipped")
+
+
+def test_bertscore_uses_layer_9_of_the_papers_model(tmp_path):
+    """bert-base-multilingual-cased (recognised by its architecture: BERT, 119,547 pieces, 12 layers) is scored at
+    bert-score's default layer for that name, 9, as evaluate's bertscore did for the authors."""
+    from bert_score import score
+    from transformers import AutoConfig
+
+    assert bertscore_identity(BertConfig(vocab_size=119547, num_hidden_layers=12), "anywhere") == (None, 9)
+    assert bertscore_identity(BertConfig(vocab_size=30522, num_hidden_layers=24), "/m/roberta-large") == (
+        "roberta-large", 17)  # bert-score's own layer for that name
+    assert bertscore_identity(BertConfig(num_hidden_layers=3), "/m/mine") == ("mine", 3)
+    model = _tiny_bert(tmp_path / "mbert", WORDS + [f"w{i}" for i in range(119547 - len(WORDS))], 12)
+    assert bertscore_identity(AutoConfig.from_pretrained(model), model) == (None, 9)
+    preds, refs = ["the dog ran on the mat"], ["the cat sat on the mat"]
+    got = bertscore(preds, refs, str(model))
+    at = {layer: float(score(preds, refs, model_type=str(model), num_layers=layer)[2].mean()) for layer in (9, 12)}
+    assert got["bertscore_f1"] == pytest.approx(at[9], abs=1e-6) and at[9] != pytest.approx(at[12], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -192,40 +196,49 @@ def tiny_checkpoints(demo_data, tmp_path_factory):
     return root / "hf", hf_to_jax(root / "hf", root / "jax", progress=False)
 
 
+def rows_text(out_dir):
+    return (out_dir / "predictions.jsonl").read_text()
+
+
 @pytest.mark.parametrize("task,data,keys", [
     ("mednli", "mli_test_v1.jsonl", {"accuracy", "macro_f1", "missing"}),
     ("bionli", "bionli_test.csv", {"accuracy", "macro_f1", "missing"}),
     ("ddi", "ddi_test.tsv", {"accuracy", "macro_f1", "missing"}),
     ("mtsample", "mtsamples.csv", {"accuracy", "macro_f1", "missing"}),
-    ("hoc", "hoc_test.tsv", {"macro_f1", "accuracy", "missing"}),
-    ("emrqa", "emrqa.json", {"exact_match", "f1"}),
+    ("hoc", "hoc_test.tsv", {"macro_f1", "exact_set_accuracy", "missing"}),
+    ("emrqa", "emrqa.json", {"exact_match", "f1", "squad_exact_match", "squad_f1"}),
     ("i2b2", "i2b2", {"entity_f1", "entity_precision", "entity_recall"}),
     ("pubmedsum", "pubmed_test.jsonl", {"rouge1", "rouge2", "rougeL", "bertscore_f1"}),
     ("mimic-cxr", "cxr", {"rouge1", "rouge2", "rougeL", "bertscore_f1"}),
 ])
 def test_every_task_end_to_end(task, data, keys, tiny_checkpoints, templates, files, tmp_path):
     _, params = tiny_checkpoints
-    summary = evaluate(task, files / data, params, templates, tmp_path / "out", max_new_tokens=4)
+    summary = evaluate(EvalRequest(task, files / data, params, tmp_path / "out", templates, max_new_tokens=4))
     assert keys <= set(summary) and summary["examples"] >= 1 and summary["examples_per_s"] > 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == summary["examples"] and all("output" in r and "prediction" in r for r in rows)
     assert (tmp_path / "out" / "summary.md").read_text().startswith("| task | backend |")
+    again = rescore(task, tmp_path / "out" / "predictions.jsonl", tmp_path / "again")  # no model
+    assert again == {**{k: summary[k] for k in again if k not in ("backend", "predictions")},
+                     "backend": "rescored", "predictions": str(tmp_path / "out" / "predictions.jsonl")}
+    assert (tmp_path / "again" / "predictions.jsonl").read_text() == rows_text(tmp_path / "out")
 
 
 def test_few_shot_and_sharded_decoding(tiny_checkpoints, templates, files, tmp_path):
     _, params = tiny_checkpoints
     t = load_templates(templates)
     prefix = few_shot_prefix("mednli", files / "mli_test_v1.jsonl", 2, t, seed=1)
-    assert prefix.count("NLI\nINPUT: Premise:") == 2 and prefix == few_shot_prefix(
+    assert prefix.count("NLI\nINPUT: [PRE] ") == 2 and prefix == few_shot_prefix(
         "mednli", files / "mli_test_v1.jsonl", 2, t, seed=1)
     shown = [label for label in ("entailment", "neutral", "contradiction") if f"OUTPUT:\n{label}\n\n" in prefix]
     assert len(shown) == 2  # each demonstration ends with its gold answer
     with pytest.raises(ValueError, match="fewer than the 5"):
         few_shot_prefix("mednli", files / "mli_test_v1.jsonl", 5, t)
-    plain = evaluate("hoc", files / "hoc_test.tsv", params, templates, tmp_path / "one", max_new_tokens=6,
-                     fewshot=1, fewshot_data=files / "hoc_test.tsv")
-    sharded = evaluate("hoc", files / "hoc_test.tsv", params, templates, tmp_path / "mesh", max_new_tokens=6,
-                       fewshot=1, fewshot_data=files / "hoc_test.tsv", mesh="data=2,fsdp=2,tensor=2")
+    plain = evaluate(EvalRequest("hoc", files / "hoc_test.tsv", params, tmp_path / "one", templates,
+                                 max_new_tokens=6, fewshot=1, fewshot_data=files / "hoc_test.tsv"))
+    sharded = evaluate(EvalRequest("hoc", files / "hoc_test.tsv", params, tmp_path / "mesh", templates,
+                                   max_new_tokens=6, fewshot=1, fewshot_data=files / "hoc_test.tsv",
+                                   mesh="data=2,fsdp=2,tensor=2"))
     outputs = {d: [json.loads(l)["output"] for l in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
                for d in ("one", "mesh")}
     assert outputs["one"] == outputs["mesh"] and plain["macro_f1"] == sharded["macro_f1"]
@@ -260,13 +273,11 @@ def test_decoding_is_sharded_like_training(hf_pair, rng):
 
 
 def test_pubmed_titles_from_real_abstracts(tiny_checkpoints, tmp_path):
-    path = SHARED_DATA / "pubmed-abstracts" / "abstracts.jsonl"
-    if not path.exists():
-        pytest.skip("../shared/data is not present on this machine")
+    path = shared_data("pubmed-abstracts", "abstracts.jsonl")
     hf_dir, params = tiny_checkpoints
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
-    res = {b: evaluate("pubmed-title", path, m, prompts, tmp_path / b, b, limit=4, batch_size=4, max_new_tokens=8)
-           for b, m in (("jax", params), ("hf", hf_dir))}
+    res = {b: evaluate(EvalRequest("pubmed-title", path, m, tmp_path / b, prompts, b, limit=4, batch_size=4,
+                                   max_new_tokens=8)) for b, m in (("jax", params), ("hf", hf_dir))}
     assert res["jax"]["rouge1"] == res["hf"]["rouge1"] and 0.0 <= res["jax"]["rouge1"] <= 1.0
     first = json.loads((tmp_path / "jax" / "predictions.jsonl").read_text().splitlines()[0])
     assert first["gold"] == json.loads(path.read_text().splitlines()[0])["title"]

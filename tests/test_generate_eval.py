@@ -1,6 +1,7 @@
 """KV-cache decoding against transformers and full recompute; the evaluation tasks and their scoring."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -8,11 +9,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import SHARED_DATA, hf_tiny_config
+from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from mellama_jax.convert.api import hf_to_jax, jax_to_hf
-from mellama_jax.eval.run import evaluate
+from mellama_jax.cli import main
+from mellama_jax.eval.rescore import rescore
+from mellama_jax.eval.run import EvalRequest, evaluate
 from mellama_jax.eval.scoring import classification_metrics, first_choice
-from mellama_jax.eval.tasks import load_task, load_templates, render
+from mellama_jax.eval.tasks import exam_question, load_task, load_templates, render
 from mellama_jax.generate import generate, greedy_generate, truncate_at_stop
 
 
@@ -49,11 +52,12 @@ def test_sampling_and_eos(hf_pair, rng):
 
 
 def test_first_choice_scoring_by_hand():
-    assert first_choice("The answer is B, not A", ["A", "B", "C", "D"]) == "A"  # choice order, as the authors
-    assert first_choice("Yes, it does.", ["yes", "no", "maybe"], lowercase=True) == "yes"
-    assert first_choice("Yes, it does.", ["yes", "no", "maybe"]) is None
-    assert first_choice("unclear", ["yes", "no", "maybe"], lowercase=True) is None
-    m = classification_metrics(["yes", "no", None, "yes"], ["yes", "yes", "no", "maybe"], ["yes", "no", "maybe"])
+    # the authors' Classification: first choice in choice order; lower-cased unless the task turns it off
+    assert first_choice("The answer is B, not A", ["A", "B", "C", "D"], lowercase=False) == "A"
+    assert first_choice("Yes, it does.", ["yes", "no", "maybe"]) == "yes"  # lower-casing is the default
+    assert first_choice("Yes, it does.", ["yes", "no", "maybe"], lowercase=False) is None
+    assert first_choice("unclear", ["yes", "no", "maybe"]) is None
+    m = classification_metrics(["yes", "no", None, "yes"], ["yes", "yes", "no", "maybe"])
     assert m["accuracy"] == 0.25 and m["missing"] == 0.25 and m["examples"] == 4
     # per class F1: yes: tp=1 fp=1 fn=1 -> 0.5; no: tp=0 -> 0; maybe: 0 -> macro 1/6
     assert m["macro_f1"] == pytest.approx(0.5 / 3)
@@ -61,10 +65,7 @@ def test_first_choice_scoring_by_hand():
 
 @pytest.fixture(scope="module")
 def templates():
-    path = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
-    if not path.exists():
-        pytest.skip("../shared/data is not present on this machine")
-    return load_templates(path)
+    return load_templates(shared_data("me-llama-prompts", "prompt_templates.json"))
 
 
 def test_tasks_read_the_original_files(templates):
@@ -77,8 +78,14 @@ def test_tasks_read_the_original_files(templates):
     _, examples, entry = load_task("medqa", SHARED_DATA / "medqa" / "test.jsonl", templates)
     assert len(examples) == 1273 and entry["choices"] == ["A", "B", "C", "D", "E"]
     assert "\nA. " in render(entry["prompt"], examples[0].fields)
+    # the authors append "?" to a question ending in neither "?" nor ".": 87 MedQA, 1,840 MedMCQA questions
+    raw = [json.loads(line)["question"] for line in (SHARED_DATA / "medqa" / "test.jsonl").read_text().splitlines()]
+    assert [e.fields["text"] for e in examples] == [exam_question(q) for q in raw]
+    assert sum(e.fields["text"] != q for e, q in zip(examples, raw)) == 87
     _, examples, _ = load_task("medmcqa", SHARED_DATA / "medmcqa" / "test.jsonl", templates)
     assert len(examples) == 2816 and {e.gold for e in examples} <= {"A", "B", "C", "D"}
+    raw = [json.loads(line)["question"] for line in (SHARED_DATA / "medmcqa" / "test.jsonl").read_text().splitlines()]
+    assert sum(e.fields["text"] == q + "?" for e, q in zip(examples, raw)) == 1840
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +110,55 @@ def test_eval_backends_agree_on_the_real_files(task, data, split, real_vocab_che
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     results = {}
     for backend, model in (("jax", params), ("hf", exported)):
-        results[backend] = evaluate(task, SHARED_DATA / data, model, prompts, tmp_path / backend, backend,
-                                    split=SHARED_DATA / split if split else None, limit=4, batch_size=2,
-                                    max_new_tokens=6)
+        results[backend] = evaluate(EvalRequest(task, SHARED_DATA / data, model, tmp_path / backend, prompts,
+                                                backend, split=SHARED_DATA / split if split else None, limit=4,
+                                                batch_size=2, max_new_tokens=6))
     rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()]
             for b in results}
     assert [r["output"] for r in rows["jax"]] == [r["output"] for r in rows["hf"]]
     assert [r["prediction"] for r in rows["jax"]] == [r["prediction"] for r in rows["hf"]]
     assert results["jax"]["accuracy"] == results["hf"]["accuracy"] and results["jax"]["examples"] == 4
     assert (tmp_path / "jax" / "summary.md").read_text().startswith("| task |")
+    # `eval score` on the written predictions, without the model, gives the same summary
+    assert main(["eval", "score", "--task", task, "--predictions", str(tmp_path / "jax" / "predictions.jsonl"),
+                 "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert {k: v for k, v in again.items() if k not in ("backend", "predictions")} == {
+        k: results["jax"][k] for k in again if k not in ("backend", "predictions")}
+    assert again["notes"]["macro_f1"].startswith("scikit-learn macro F1 over the labels present")
+
+
+def test_eval_defaults_to_the_harness_generation_length(real_vocab_checkpoints, tmp_path):
+    """The authors' harness: greedy, up to 256 new tokens, no stop sequence but EOS."""
+    params, _ = real_vocab_checkpoints
+    summary = evaluate(EvalRequest("medqa", SHARED_DATA / "medqa" / "test.jsonl", params, tmp_path / "out",
+                                   SHARED_DATA / "me-llama-prompts" / "prompt_templates.json", limit=1))
+    assert summary["max_new_tokens"] == 256
+    from mellama_jax.data.tokenizer import Tokenizer
+
+    output = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())["output"]
+    tokens = Tokenizer.load(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model").encode(output, bos=False)
+    # a random model rarely says EOS: about 256 tokens (re-encoding decoded text need not give the same pieces),
+    # far past the 16-128 that tasks were cut at before
+    assert 200 < len(tokens) < 320
+
+
+def _row(**change):
+    row = {"task": "medqa", "id": "1", "gold": "A", "choices": ["A", "B", "C", "D", "E"], "output": "A"}
+    return json.dumps({**row, **change})
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([_row(), "{not json"], r"predictions.jsonl:2: not JSON"),
+    ([_row(), _row(), _row().replace(', "output": "A"', "")], r"predictions.jsonl:3: missing field 'output'"),
+    ([_row(task="medqa-5")], r"predictions.jsonl:1: unknown task 'medqa-5'"),
+    ([_row(task="pubmedqa")], r"predictions.jsonl:1: a 'pubmedqa' row, but --task is 'medqa'"),
+    ([_row(gold="F")], r"predictions.jsonl:1: gold 'F' is not among the choices"),
+])
+def test_bad_predictions_file_gets_one_line_and_writes_nothing(lines, message, tmp_path, capsys):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code = main(["eval", "score", "--task", "medqa", "--predictions", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # nothing written

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, shared_data
 from mellama_jax.config import CONFIG_ROOT, load_config
 from mellama_jax.data.instruct import prepare_instruct
 from mellama_jax.data.prepare import prepare_pretrain
@@ -23,9 +23,7 @@ def eval_curve(run_dir):
 
 
 def test_real_data_held_out_loss_goes_down(tmp_path):
-    tok = SHARED_DATA / "llama2-tokenizer"
-    if not tok.exists():
-        pytest.skip("../shared/data is not present on this machine")
+    tok = shared_data("llama2-tokenizer")
     prepare_pretrain({"biomedical": [SHARED_DATA / "pubmed-abstracts" / "abstracts.jsonl"]}, tok, tmp_path / "pre",
                      {"biomedical": ("title", "abstract")}, progress=False)
     common = ["model.vocab_size=32000", "model.hidden_size=128", "model.intermediate_size=352",

@@ -100,31 +100,41 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
             "device_peak_bytes": device_peak}
 
 
-def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmup: int = 2, steps: int = 5,
-                      seed: int = 0, dtype: str = "float32") -> dict:
-    """transformers' LlamaForCausalLM (fp32 weights, AdamW) on the same shapes; with lora_rank, PEFT adapters on
-    q/k/v/o; dtype bfloat16 runs it under autocast (bf16 compute over fp32 master weights, as our recipes do)."""
+def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype: str = "float32") -> dict:
+    """transformers' LlamaForCausalLM on the same shapes as our config `cfg` (AdamW). Full training keeps fp32
+    weights; train.mode=lora puts PEFT adapters with cfg.lora's rank, alpha and targets on a base stored in
+    lora.base_dtype. dtype bfloat16 runs under autocast (bf16 compute over fp32 weights, as our recipes do);
+    model.remat other than none turns on gradient checkpointing."""
     import contextlib
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mellama_jax.convert.export import hf_config
+    from mellama_jax.convert.peft import HF_TO_OURS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(**hf_config(model_cfg, "float32"))
+    batch, seq, lora = cfg.train.batch_size, cfg.train.seq_len, cfg.train.mode == "lora"
+    hf_cfg = LlamaConfig(**hf_config(cfg.model, "float32"))
+    base_dtype = getattr(torch, cfg.lora.base_dtype) if lora else torch.float32
     with torch.device(device):  # initialised where it runs: a 7B-width CPU init would take longer than the steps
-        model = LlamaForCausalLM(hf_cfg)
-    if lora_rank:
+        model = LlamaForCausalLM(hf_cfg).to(base_dtype)
+    if cfg.model.remat != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        ours_to_hf = {v: k for k, v in HF_TO_OURS.items()}
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                                 target_modules=[ours_to_hf[t] for t in cfg.lora.targets]))
+        for p in model.parameters():  # adapters train in fp32 over the bf16 base, as ours do
+            if p.requires_grad:
+                p.data = p.data.float()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
                             weight_decay=1e-5)
-    ids = torch.randint(3, model_cfg.vocab_size, (batch, seq), device=device)
+    ids = torch.randint(3, cfg.model.vocab_size, (batch, seq), device=device)
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
 
@@ -141,7 +151,8 @@ def torch_step_timing(model_cfg, batch: int, seq: int, lora_rank: int = 0, warmu
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"device": device, "threads": torch.get_num_threads(), "dtype": dtype, "step_s_median": median,
-            "step_s_all": times, "tokens_per_s": batch * seq / median, "device_peak_bytes": peak}
+            "step_s_all": times, "tokens_per_s": batch * seq / median, "device_peak_bytes": peak,
+            "gradient_checkpointing": cfg.model.remat != "none"}
 
 
 def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
@@ -197,27 +208,34 @@ def markdown(result: dict) -> str:
 
 
 def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int, steps: int,
-                   dtype: str = "float32", overrides: list[str] = (), sides: str = "both") -> dict:
-    """Ours (one device) and transformers (+ PEFT when lora_rank) on the same model and batch. sides "ours" or
-    "torch" runs one of them: on a GPU each needs its own process, as JAX keeps the memory it has used."""
+                   dtype: str = "float32", overrides: list[str] = (), sides: str = "both",
+                   modes: tuple[str, ...] = ("full", "lora")) -> dict:
+    """Ours (one device) and transformers (+ PEFT for lora) on the same model and batch. sides "ours" or
+    "torch" runs one of them: on a GPU each needs its own process, as JAX keeps the memory it has used.
+    The LoRA row's defaults (rank lora_rank, alpha 2 x rank, no dropout, fp32 base on q/k/v/o) yield to
+    `overrides` such as lora.targets=[...] or lora.base_dtype=bfloat16, on both sides."""
     import jax
 
     from mellama_jax.config import load_config
 
     common = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.dtype={dtype}",
-              "mesh.ici={data: 1, fsdp: 1, tensor: 1}", *overrides]
-    cfg = load_config(None, common).model
+              "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
+    lora = ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}", "lora.dropout=0.0",
+            "lora.base_dtype=float32"]
     result = {"benchmark": "baseline", "model": model, "seq": seq, "batch": batch, "dtype": dtype,
               "overrides": list(overrides), "device": jax.devices()[0].device_kind}
     one = [jax.devices()[0]]  # one real device: the torch side is one process on the same cores
-    lora = ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}", "lora.dropout=0.0",
-            "lora.base_dtype=float32"]
-    for mode, rank, extra in [("full", 0, []), ("lora", lora_rank, lora)][:2 if lora_rank else 1]:
+    rows = {"full": [], "lora": lora if lora_rank else None}
+    for mode in modes:
+        if rows.get(mode) is None:
+            continue
+        settings = common + rows[mode] + list(overrides)
         row = {}
         if sides in ("both", "ours"):
-            row["ours"] = jax_step_timing(common + extra, warmup, steps, devices=one)
+            row["ours"] = jax_step_timing(settings, warmup, steps, devices=one)
         if sides in ("both", "torch"):
-            row["torch"] = torch_step_timing(cfg, batch, seq, rank, warmup, steps, dtype=dtype)
+            row["torch"] = torch_step_timing(load_config(None, ["train.steps=1"] + settings), warmup, steps,
+                                             dtype=dtype)
         if len(row) == 2:
             row["speedup"] = row["ours"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
         result[mode] = row

@@ -5,7 +5,6 @@ Both directions stream: one tensor (one layer of a stacked parameter) is in memo
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -13,22 +12,13 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from mellama_jax.config import DEFAULT_RULES, ConfigError, LoraConfig, ModelConfig, load_config, to_dict
+from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, load_model, np_dtype,
+                                   require_tokenizer)
+from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
 from mellama_jax.convert.peft import export_peft
-
-DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
-
 
 def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RULES) -> dict:
     """Per parameter, the shape of one device's shard on a mesh of `mesh_shape` under `rules`: used as the
@@ -54,20 +44,21 @@ def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RUL
 
 
 def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progress: bool = True,
-              mesh_shape: dict[str, int] | None = None) -> Path:
+              mesh_shape: dict[str, int] | None = None, overwrite: bool = False) -> Path:
     """A Hugging Face LLaMA directory -> a parameter checkpoint that `train.init_from` restores.
 
     dtype: None keeps the checkpoint's own (so HF -> JAX -> HF is bit-exact); or float32 / bfloat16.
     mesh_shape: e.g. {"fsdp": 8, "tensor": 2}: store each parameter chunked as that mesh's shards (with the
     default rule table), so a restore there reads one chunk per device shard. Any mesh can restore it.
     The output also holds model.yaml (our ModelConfig) and tokenizer.model when the source has one.
+    `dst` follows artifacts' destination rule.
     """
     hf = HFCheckpoint(src)
     cfg = hf.config
     chunks = shard_chunks(cfg, mesh_shape) if mesh_shape else {}
-    out_dtype = _np_dtype(dtype) if dtype else None
-    writer = ParamsWriter(dst)
-    try:
+    out_dtype = np_dtype(dtype) if dtype else None
+    with atomic_output(dst, "params", overwrite, inputs=[src]) as tmp:
+        writer = ParamsWriter(tmp)
         specs = tensor_specs(cfg)
         total = sum(hf.nbytes(name) for name in hf.names)  # bytes read from the source
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-jax", disable=not progress) as bar:
@@ -85,70 +76,63 @@ def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progre
                     bar.update(tensor.nbytes)
                     bar.set_postfix(tensors=done, refresh=False)
                 del first
-        extra = {"model.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
-        out = writer.close(extra)
-    except BaseException:
-        writer.abort()
-        raise
-    tokenizer = Path(src) / "tokenizer.model"
-    if tokenizer.exists():
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
-    return out
-
-
-def _find_model_config(src: Path) -> tuple[ModelConfig, LoraConfig | None]:
-    """model.yaml beside the parameters (hf-to-jax), or the run's config.yaml (a training run's export)."""
-    for candidate in (src / "model.yaml", src.parent / "config.yaml", src.parent.parent / "config.yaml",
-                      src.parent.parent.parent / "config.yaml"):
-        if candidate.exists():
-            data = yaml.safe_load(candidate.read_text())
-            if candidate.name == "model.yaml":
-                return ModelConfig(**data), None
-            cfg = load_config(candidate)
-            return cfg.model, (cfg.lora if cfg.train.mode == "lora" else None)
-    raise ConfigError(f"{src}: no model.yaml here and no run config.yaml above it; pass --model PRESET")
-
-
-def _find_tokenizer(src: Path) -> Path | None:
-    for candidate in (src / "tokenizer.model", src.parent / "tokenizer.model"):
-        if candidate.exists():
-            return candidate
-    return None
+        writer.close({"model.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)})
+        tokenizer = Path(src) / "tokenizer.model"
+        if tokenizer.exists():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return Path(dst)
 
 
 def jax_to_hf(src: str | Path, dst: str | Path, model: ModelConfig | None = None,
               tokenizer: str | Path | None = None, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9,
-              adapters: str | Path | None = None, merge: bool = False, progress: bool = True) -> Path:
+              adapters: str | Path | None = None, merge: bool = False, progress: bool = True,
+              overwrite: bool = False) -> Path:
     """A parameter checkpoint (a run's params/, a training checkpoint's state/, or hf-to-jax output) -> HF.
 
     adapters: a LoRA run's adapters/ directory. With merge=True the result is one full model with
     W + scale * A @ B; otherwise `dst` receives a PEFT adapter directory and `src` is not written.
+    A full model needs a tokenizer (given, or found with the parameters: artifacts.find_tokenizer).
     """
     src = Path(src)
+    cfg = model or find_model_config(src)[0]
     reader = ParamsReader(src)
-    cfg = model or _find_model_config(src)[0]
     fetch = reader.read
     _check_params(reader, cfg)
+    inputs = [src, adapters]
     if adapters is not None:
         areader = ParamsReader(adapters)
-        lora = _find_model_config(Path(adapters))[1]
-        if lora is None:
-            raise ConfigError(f"{adapters}: its run config is not a lora run")
+        lora = adapters_config(adapters)
+        _check_adapters(areader, cfg, lora)
         if not merge:
-            return export_peft(areader.read, cfg, lora, dst, dtype="float32")
+            return export_peft(areader.read, cfg, lora, dst, dtype="float32", overwrite=overwrite, inputs=inputs)
         fetch = merged_fetch(reader.read, areader.read, lora)
-    tok = Path(tokenizer) if tokenizer else _find_tokenizer(src)
-    return export_hf(fetch, cfg, dst, tok, dtype=dtype, shard_bytes=shard_bytes, progress=progress)
+    tok = require_tokenizer(src, tokenizer)
+    return export_hf(fetch, cfg, dst, tok, dtype=dtype, shard_bytes=shard_bytes, progress=progress,
+                     overwrite=overwrite, inputs=inputs)
+
+
+def _check_shapes(reader: ParamsReader, expected: dict, what: str) -> None:
+    for path, shape in expected.items():
+        if path not in reader.names:
+            raise ConversionError(f"{reader.directory}: missing {what} {'/'.join(path)}")
+        if reader.shape(path) != shape:
+            raise ConversionError(f"{reader.directory}: {what} {'/'.join(path)} has shape {reader.shape(path)}, "
+                                  f"the model config implies {shape} (another model size?)")
 
 
 def _check_params(reader: ParamsReader, cfg: ModelConfig) -> None:
-    for spec in tensor_specs(cfg):
-        shape = ((cfg.num_layers,) if spec.stacked else ()) + spec.shape
-        if spec.path not in reader.names:
-            raise ConversionError(f"{reader.directory}: missing parameter {'/'.join(spec.path)}")
-        if reader.shape(spec.path) != shape:
-            raise ConversionError(f"{reader.directory}: parameter {'/'.join(spec.path)} has shape "
-                                  f"{reader.shape(spec.path)}, the model config implies {shape}")
+    _check_shapes(reader, {s.path: ((cfg.num_layers,) if s.stacked else ()) + s.shape for s in tensor_specs(cfg)},
+                  "parameter")
+
+
+def _check_adapters(reader: ParamsReader, cfg: ModelConfig, lora) -> None:
+    expected = {}
+    for s in tensor_specs(cfg):
+        if s.stacked and s.num_in and s.path[-2] in lora.targets:
+            ins, outs = s.shape[: s.num_in], s.shape[s.num_in:]
+            expected[s.path[:-1] + ("lora_a",)] = (cfg.num_layers, *ins, lora.rank)
+            expected[s.path[:-1] + ("lora_b",)] = (cfg.num_layers, lora.rank, *outs)
+    _check_shapes(reader, expected, "adapter")
 
 
 SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
@@ -156,26 +140,26 @@ SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
                   "Question: Which enzyme do statins inhibit? Answer:")
 
 
-def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model: ModelConfig | None = None) -> dict:
-    """Logits of transformers (CPU, fp32) and of our model (JAX) on sample prompts: max |diff| and mean KL."""
+def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model: ModelConfig | None = None,
+           adapters: str | Path | None = None) -> dict:
+    """Logits of transformers (CPU, fp32) and of our model (JAX; with `adapters`, the LoRA run's adapters over
+    `params`) on sample prompts: max |diff| and mean KL."""
     import jax.numpy as jnp
     import torch
-    from flax import nnx
     from transformers import AutoModelForCausalLM
 
     from mellama_jax.data.tokenizer import Tokenizer
-    from mellama_jax.model import init_abstract
-    from mellama_jax.train.checkpoint import load_params_local
 
     hf_dir, params = Path(hf_dir), Path(params)
-    cfg = dataclasses.replace(model or _find_model_config(params)[0], param_dtype="float32", dtype="float32")
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
+    cfg = model or find_model_config(params)[0]
     tok = Tokenizer.load(hf_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
                               f"{cfg.vocab_size}: not this model's tokenizer")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    graphdef, abstract = nnx.split(init_abstract(cfg))
-    ours = nnx.merge(graphdef, load_params_local(params, abstract))
+    ours = load_model(params, adapters, model=cfg)
     max_diff, kls = 0.0, []
     for prompt in prompts:
         ids = tok.encode(prompt, bos=True)

@@ -17,7 +17,8 @@ import numpy as np
 
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import TensorSpec, tensor_specs
-from mellama_jax.convert.safetensors_stream import _np_dtype, atomic_directory, write_streaming
+from mellama_jax.artifacts import atomic_output, np_dtype
+from mellama_jax.convert.safetensors_stream import write_streaming
 
 Fetch = Callable[[tuple[str, ...], int | None], np.ndarray]
 
@@ -74,7 +75,7 @@ def merged_fetch(base: Fetch, adapters: Fetch, lora: LoraConfig) -> Fetch:
 
 
 def _plan_shards(cfg: ModelConfig, dtype: str, shard_bytes: int) -> list[list[tuple[str, TensorSpec, int | None]]]:
-    itemsize = np.dtype(_np_dtype(dtype)).itemsize
+    itemsize = np_dtype(dtype).itemsize
     order = []
     specs = tensor_specs(cfg)
     order.append(("model.embed_tokens.weight", specs[0], None))
@@ -94,10 +95,12 @@ def _plan_shards(cfg: ModelConfig, dtype: str, shard_bytes: int) -> list[list[tu
 
 
 def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_model: str | Path | None = None,
-              dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, progress: bool = False) -> Path:
-    """Write a Hugging Face LLaMA directory; returns its path. Nothing is left behind on failure."""
+              dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9, progress: bool = False,
+              overwrite: bool = False, inputs=()) -> Path:
+    """Write a Hugging Face LLaMA directory; returns its path. Nothing is left behind on failure; `out_dir`
+    follows artifacts' destination rule (`inputs`: folders it must not overlap)."""
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_output(out, "hf-model", overwrite, inputs) as tmp:
         shards = _plan_shards(cfg, dtype, shard_bytes)
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])

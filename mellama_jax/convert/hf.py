@@ -212,7 +212,8 @@ class HFCheckpoint:
         """name -> (start, end, dtype, shape) from the header; a truncated file is an error."""
         import struct
 
-        from mellama_jax.convert.safetensors_stream import DTYPE_NAMES, _np_dtype
+        from mellama_jax.artifacts import np_dtype
+        from mellama_jax.convert.safetensors_stream import DTYPE_NAMES
 
         names = {v: k for k, v in DTYPE_NAMES.items()}
         with open(path, "rb") as f:
@@ -220,7 +221,7 @@ class HFCheckpoint:
             header = json.loads(f.read(header_len))
         base = 8 + header_len
         layout = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1],
-                      _np_dtype(names[v["dtype"]]) if v["dtype"] in names else None, tuple(v["shape"]))
+                      np_dtype(names[v["dtype"]]) if v["dtype"] in names else None, tuple(v["shape"]))
                   for k, v in header.items() if k != "__metadata__"}
         end = max((stop for _, stop, _, _ in layout.values()), default=base)
         if path.stat().st_size < end:

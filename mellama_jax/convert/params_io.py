@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +75,11 @@ class ParamsReader:
 
 
 class ParamsWriter:
-    """Write parameters tensor by tensor (stacked ones layer by layer); `close()` commits by renaming."""
+    """Write parameters tensor by tensor (stacked ones layer by layer) into a fresh folder."""
 
     def __init__(self, directory: str | Path):
-        self.final = Path(directory).absolute()
-        self.directory = self.final.with_name(self.final.name + ".tmp-convert")
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True)
+        """directory: an empty folder to fill (artifacts.atomic_output's, which commits it)."""
+        self.directory = Path(directory).absolute()
         self.tree: dict[str, dict] = {}
         self._stores: dict[tuple[str, ...], ts.TensorStore] = {}
 
@@ -103,33 +100,15 @@ class ParamsWriter:
     def write(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:
         # Synchronous on purpose: overlapping the next tensor's read with this write was ~10% faster but
         # raised peak RSS past the bound (two tensors in flight plus allocator fragmentation).
-        self._wait()
         store = self._stores[path]
         store = store if layer is None else store[layer]
         store.write(array).result()
 
-    def _wait(self) -> None:
-        if getattr(self, "_pending", None) is not None:
-            self._pending.result()
-            self._pending = None
-
     def close(self, extra_files: dict[str, str] | None = None) -> Path:
-        self._wait()
         meta = {"tree_metadata": self.tree, "use_ocdbt": False, "use_zarr3": False,
                 "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
         (self.directory / "_METADATA").write_text(json.dumps(meta))
         for name, text in (extra_files or {}).items():
             (self.directory / name).write_text(text)
         self._stores.clear()
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        self.directory.rename(self.final)
-        return self.final
-
-    def abort(self) -> None:
-        try:
-            self._wait()
-        except Exception:
-            pass
-        self._stores.clear()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        return self.directory

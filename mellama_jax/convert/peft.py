@@ -15,7 +15,8 @@ import numpy as np
 
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import ConversionError, TensorSpec, tensor_specs
-from mellama_jax.convert.safetensors_stream import atomic_directory, write_streaming
+from mellama_jax.artifacts import atomic_output
+from mellama_jax.convert.safetensors_stream import write_streaming
 
 PREFIX = "base_model.model."
 
@@ -29,13 +30,13 @@ def _module(spec: TensorSpec) -> str:
 
 
 def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: str | Path,
-                base_model: str = "", dtype: str = "float32") -> Path:
-    """fetch(path, layer) gives our lora_a / lora_b arrays; writes a PEFT adapter directory atomically."""
+                base_model: str = "", dtype: str = "float32", overwrite: bool = False, inputs=()) -> Path:
+    """fetch(path, layer) gives our lora_a / lora_b arrays; writes a PEFT adapter directory atomically
+    (artifacts' destination rule)."""
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_output(out, "peft-adapter", overwrite, inputs) as tmp:
         entries = {}
         for spec in _targets(cfg, lora):
-            n_in = spec.num_in
             fan_in, fan_out = spec.hf_shape[1], spec.hf_shape[0]
             for i in range(cfg.num_layers):
                 module = PREFIX + _module(spec).format(i=i)
@@ -43,7 +44,6 @@ def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: st
                                                       lambda a: a.reshape(-1, lora.rank).T)
                 entries[module + ".lora_B.weight"] = ((fan_out, lora.rank), spec.path[:-1] + ("lora_b",), i,
                                                       lambda b: b.reshape(lora.rank, -1).T)
-            del n_in
         write_streaming(tmp / "adapter_model.safetensors",
                         [(name, shape, dtype) for name, (shape, *_ ) in entries.items()],
                         lambda name: entries[name][3](np.asarray(fetch(entries[name][1], entries[name][2]))),

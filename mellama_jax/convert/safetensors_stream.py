@@ -4,14 +4,14 @@ ever held in memory whole. Format: 8-byte little-endian header size, JSON header
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+from mellama_jax.artifacts import np_dtype
 
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32", "int64": "I64"}
 
@@ -22,7 +22,7 @@ def write_streaming(path: str | Path, tensors: Iterable[tuple[str, tuple[int, ..
     tensors = list(tensors)
     header, offset = {}, 0
     for name, shape, dtype in tensors:
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_np_dtype(dtype)).itemsize
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype(dtype)).itemsize
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
@@ -34,33 +34,8 @@ def write_streaming(path: str | Path, tensors: Iterable[tuple[str, tuple[int, ..
         f.write(raw)
         for name, shape, dtype in tensors:
             array = np.asarray(fetch(name))
-            array = np.ascontiguousarray(array.astype(_np_dtype(dtype), copy=False))
+            array = np.ascontiguousarray(array.astype(np_dtype(dtype), copy=False))
             if tuple(array.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {name} has shape {array.shape}, expected {tuple(shape)}")
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offset
-
-
-def _np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to fill; on success it replaces `out`, on failure it is removed."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,20 +1,19 @@
-"""`mellama-jax eval`: generate greedily for every example (JAX with a KV cache, or transformers), score,
-and write predictions.jsonl, summary.json and summary.md."""
+"""`mellama-jax eval`: generate greedily for every example (JAX with a KV cache, or transformers), as the
+authors' harness did (up to 256 new tokens, no stop sequence but EOS), score, and write predictions.jsonl,
+summary.json and summary.md (report.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mellama_jax.convert.safetensors_stream import atomic_directory
-from mellama_jax.eval.scoring import (classification_metrics, extractive_metrics, first_choice, labels_in,
-                                      multilabel_metrics, ner_metrics, summary_metrics, tags_from_output)
-from mellama_jax.eval.tasks import Example, Task, load_task, load_templates, render
+from mellama_jax.artifacts import check_destination, load_model, require_tokenizer
+from mellama_jax.eval.report import make_rows, score_rows, summarize, write
+from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render
 
 
 class JaxBackend:
@@ -24,25 +23,10 @@ class JaxBackend:
                  adapters: str | Path | None = None):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
-        from flax import nnx
-
-        from mellama_jax.convert.api import _find_model_config, _find_tokenizer
         from mellama_jax.data.tokenizer import Tokenizer
-        from mellama_jax.model import init_abstract
-        from mellama_jax.train.checkpoint import load_params_local
 
-        params = Path(params)
-        cfg = dataclasses.replace(_find_model_config(params)[0], param_dtype="float32", dtype="float32")
-        if adapters is None:
-            graphdef, abstract = nnx.split(init_abstract(cfg))
-            self.model = nnx.merge(graphdef, load_params_local(params, abstract))
-        else:
-            lora = _find_model_config(Path(adapters))[1]
-            if lora is None:
-                raise ValueError(f"{adapters}: the run config above it is not a LoRA run")
-            graphdef, lora_abs, base_abs = nnx.split(init_abstract(cfg, lora), nnx.LoRAParam, ...)
-            self.model = nnx.merge(graphdef, load_params_local(adapters, lora_abs), load_params_local(params, base_abs))
-        self.tokenizer = Tokenizer.load(tokenizer or _find_tokenizer(params))
+        self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
+        self.model = load_model(params, adapters)
         self.mesh, self.rules = None, None
         if mesh:
             from mellama_jax.config import MeshConfig
@@ -126,71 +110,65 @@ def few_shot_prefix(task: str, data: str | Path | None, k: int, templates: dict,
     return "".join(render(entry["prompt"], d.fields) + d.answer + "\n\n" for d in random.Random(seed).sample(pool, k))
 
 
-def score(task: Task, entry: dict, examples: list[Example], outputs: list[str],
-          bertscore_model: str | None = None) -> tuple[list, dict]:
-    """(per-example predictions, metrics) by the task's kind."""
-    golds = [e.gold for e in examples]
-    if task.kind == "choice":
-        predictions = [first_choice(o, entry["choices"], task.lowercase) for o in outputs]
-        return predictions, classification_metrics(predictions, golds, entry["choices"])
-    if task.kind == "multilabel":
-        predictions = [labels_in(o, entry["choices"]) for o in outputs]
-        return predictions, multilabel_metrics(predictions, golds, entry["choices"])
-    if task.kind == "ner":
-        predictions = [tags_from_output(o, e.fields["text"].split(), entry["choices"]) for e, o in zip(examples, outputs)]
-        return predictions, ner_metrics(predictions, golds)
-    if task.kind == "extractive":  # the answer is the first non-empty line (greedy output runs on)
-        predictions = [next((line.strip() for line in o.splitlines() if line.strip()), "") for o in outputs]
-        return predictions, extractive_metrics(predictions, golds)
-    predictions = [o.strip() for o in outputs]
-    return predictions, summary_metrics(predictions, golds, bertscore_model)
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    """One `eval` run: what `mellama-jax eval` parses, and what `evaluate` takes."""
+
+    task: str
+    data: str | Path  # the dataset's original file or folder
+    model: str | Path  # jax: a parameter folder; hf: a Hugging Face folder
+    out: str | Path
+    prompts: str | Path | None = None  # the authors' prompt_templates.json
+    backend: str = "jax"
+    split: str | Path | None = None  # PubMedQA's id -> label file
+    limit: int | None = None  # the first N examples
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # default: the harness's 256
+    fewshot: int = 0
+    fewshot_data: str | Path | None = None
+    seed: int = 0  # which few-shot demonstrations are drawn
+    mesh: str | None = None  # jax: decode sharded over the devices
+    bertscore_model: str | None = None
+    hf_tokenizer: str = "sentencepiece"
+    adapters: str | Path | None = None  # jax: a LoRA run's adapters/ over `model`
+    tokenizer: str | Path | None = None  # jax: default, the one found with the parameters
+    overwrite: bool = False  # replace an earlier eval output at `out`
 
 
-def evaluate(task: str, data: str | Path, model: str | Path, prompts: str | Path | None, out_dir: str | Path,
-             backend: str = "jax", split: str | Path | None = None, limit: int | None = None,
-             batch_size: int = 8, max_new_tokens: int | None = None, fewshot: int = 0,
-             fewshot_data: str | Path | None = None, seed: int = 0, mesh: str | None = None,
-             bertscore_model: str | None = None, hf_tokenizer: str = "sentencepiece",
-             adapters: str | Path | None = None) -> dict:
-    templates = load_templates(prompts)
-    definition, examples, entry = load_task(task, data, templates, split)
-    examples = examples[:limit] if limit else examples
-    prefix = few_shot_prefix(task, fewshot_data, fewshot, templates, seed)
-    max_new_tokens = max_new_tokens or definition.max_new_tokens
-    runner = (JaxBackend(model, mesh=mesh, adapters=adapters) if backend == "jax"
-              else HFBackend(model, hf_tokenizer))
+def evaluate(r: EvalRequest) -> dict:
+    inputs = [r.data, r.split, r.fewshot_data]
+    check_destination(r.out, "eval", r.overwrite, inputs)  # before hours of decoding, not after
+    templates = load_templates(r.prompts)
+    definition, examples, entry = load_task(r.task, r.data, templates, r.split)
+    examples = examples[:r.limit] if r.limit else examples
+    prefix = few_shot_prefix(r.task, r.fewshot_data, r.fewshot, templates, r.seed)
+    max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
+    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters) if r.backend == "jax"
+              else HFBackend(r.model, r.hf_tokenizer))
     texts = [prefix + render(entry["prompt"], e.fields) for e in examples]
-    # batches of similar length: less padding, and few distinct padded widths (compiled shapes)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    outputs, times = [""] * len(texts), []
-    for start in tqdm(range(0, len(order), batch_size), desc=f"{task} ({backend})", unit="batch"):
-        began = time.perf_counter()
-        rows = order[start:start + batch_size]
-        for i, text in zip(rows, runner.generate([texts[i] for i in rows], max_new_tokens)):
-            outputs[i] = text
-        times.append(time.perf_counter() - began)
-    predictions, metrics = score(definition, entry, examples, outputs, bertscore_model)
-    after_first = len(examples) - min(batch_size, len(examples))
-    summary = {"task": task, "kind": definition.kind, "backend": backend, "model": str(model), "data": str(data),
-               "fewshot": fewshot, "max_new_tokens": max_new_tokens, **metrics,
-               "examples_per_s": len(examples) / sum(times),
-               # the first batch includes JAX's compilation
-               "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
-    with atomic_directory(out_dir) as tmp:
-        with open(tmp / "predictions.jsonl", "w") as f:
-            for e, o, p in zip(examples, outputs, predictions):
-                f.write(json.dumps({"id": e.id, "gold": e.gold, "prediction": p, "output": o}) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        (tmp / "summary.md").write_text(markdown([summary]))
+    outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
+    rows = make_rows(definition, examples, outputs, entry.get("choices"))
+    predictions, metrics = score_rows(definition, rows, r.bertscore_model)
+    after_first = len(examples) - min(r.batch_size, len(examples))
+    run = {"backend": r.backend, "model": str(r.model), "data": str(r.data), "fewshot": r.fewshot,
+           "max_new_tokens": max_new_tokens}
+    speed = {"examples_per_s": len(examples) / sum(times),
+             # the first batch includes JAX's compilation
+             "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
+    summary = {**summarize(definition, metrics, run), **speed}
+    write(r.out, rows, predictions, summary, inputs=inputs, overwrite=r.overwrite)
     return summary
 
 
-def markdown(summaries: list[dict]) -> str:
-    """One row per summary, with the metrics of its kind."""
-    skip = {"task", "kind", "backend", "model", "data", "fewshot", "max_new_tokens", "bertscore",
-            "examples_per_s_after_first_batch"}
-    keys = [k for k in summaries[0] if k not in skip]
-    cell = lambda v: "skipped" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    return ("| task | backend | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2) + "\n"
-            + "".join(f"| {s['task']} | {s['backend']} | " + " | ".join(cell(s.get(k)) for k in keys) + " |\n"
-                      for s in summaries))
+def _generate_all(runner, texts: list[str], batch_size: int, max_new_tokens: int, desc: str):
+    """Outputs in the order of `texts`, and seconds per batch. Batches of similar length: less padding, and
+    few distinct padded widths (compiled shapes)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    outputs, times = [""] * len(texts), []
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        began = time.perf_counter()
+        batch = order[start:start + batch_size]
+        for i, text in zip(batch, runner.generate([texts[i] for i in batch], max_new_tokens)):
+            outputs[i] = text
+        times.append(time.perf_counter() - began)
+    return outputs, times

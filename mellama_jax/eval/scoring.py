@@ -1,14 +1,9 @@
-"""Scoring as the Me-LLaMA evaluation scored, with the metric libraries doing the arithmetic.
+"""Scoring by the Me-LLaMA authors' rules (BIDS-Xu-Lab/Me-LLaMA @ 08c893f2, src/tasks/vital_measure.py), with
+the metric libraries doing the arithmetic. docs/evaluation.md lists, per task, the rule and the authors' class
+it follows. i2b2's HTML scoring is in ner_html.py.
 
-- choice: the prediction is the first choice (in the task's choice order) whose string occurs in the output,
-  lower-cased for PubMedQA; accuracy, macro-F1 over the choices (scikit-learn), and "missing" (no choice
-  found; counted as wrong).
-- multilabel (HoC): each label is predicted when its string occurs in the output; label-wise macro-F1.
-- extractive (EmrQA): SQuAD-normalised exact match and token F1, best over the gold answers.
-- ner (i2b2): the output's "text: type" lines mapped back onto the sentence's tokens as BIO tags, then
-  entity-level precision/recall/F1 (seqeval).
-- summary: ROUGE-1/2/L F-measure (rouge-score, stemmed); BERTScore F1 when its model is available locally,
-  otherwise reported as skipped.
+Where the authors' rule is a quirk, its number is the paper-comparable headline and a standard metric is
+reported beside it under its own name (METRIC_NOTES says which is which).
 """
 
 from __future__ import annotations
@@ -21,24 +16,27 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
+MISSING = "missing"  # the authors' prediction when no choice is found; counted wrong, never a label
 
-def first_choice(output: str, choices: list[str], lowercase: bool = False) -> str | None:
-    text = output.lower() if lowercase else output
-    for choice in choices:
-        if (choice.lower() if lowercase else choice) in text:
-            return choice
-    return None
-
-
-def classification_metrics(predictions: list[str | None], golds: list[str], choices: list[str]) -> dict:
-    n = _count(golds)
-    preds = [p if p is not None else "<missing>" for p in predictions]
-    return {
-        "accuracy": sum(p == g for p, g in zip(preds, golds)) / n,
-        "macro_f1": float(f1_score(golds, preds, labels=choices, average="macro", zero_division=0)),
-        "missing": sum(p is None for p in predictions) / n,
-        "examples": n,
-    }
+METRIC_NOTES = {
+    "accuracy": "share of examples whose prediction equals the gold (Me-LLaMA rule; paper-comparable)",
+    "macro_f1": "scikit-learn macro F1 over the labels present in the gold answers (Me-LLaMA; paper-comparable)",
+    "weighted_f1": "scikit-learn weighted F1 over the gold labels (the authors' 'f1')",
+    "missing": "share of outputs in which the rule found no answer (counted wrong)",
+    "first_match_accuracy": "standard: the first choice found (case-sensitive), without DDI's exactly-one rule",
+    "first_match_macro_f1": "standard: macro F1 of the first-match predictions, over the gold labels",
+    "label_f1": "per label: binary F1 of the label's presence (Me-LLaMA HoC)",
+    "exact_set_accuracy": "share of examples whose predicted label set equals the gold set",
+    "exact_match": "Me-LLaMA NormQA: normalised output equals the normalised gold (paper-comparable)",
+    "f1": "Me-LLaMA NormQA: set-overlap F1 of characters, whole output vs gold (paper-comparable quirk)",
+    "squad_exact_match": "standard: SQuAD exact match of the whole output, best over the gold answers",
+    "squad_f1": "standard: SQuAD token F1 of the whole output, best over the gold answers",
+    "entity_f1": "seqeval entity F1 after HTML spans are aligned to the gold's tokens (Me-LLaMA NER)",
+    "rouge1": "ROUGE-1 F, rouge-score without stemming, mean over examples",
+    "rouge2": "ROUGE-2 F, rouge-score without stemming, mean over examples",
+    "rougeL": "ROUGE-L F, rouge-score without stemming, mean over examples",
+    "bertscore_f1": "BERTScore F1 with bert-base-multilingual-cased at layer 9, no idf, no rescaling (paper's)",
+}
 
 
 def _count(golds) -> int:
@@ -47,113 +45,143 @@ def _count(golds) -> int:
     return len(golds)
 
 
-# ------------------------------------------------------------------------------------------ multi-label
+# ------------------------------------------------------------------------------------------ multiple choice
+
+
+def first_choice(output: str, choices: list[str], lowercase: bool = True) -> str | None:
+    """The first choice, in choice order, whose string occurs in the output; output and choices lower-cased
+    unless the task turns it off (the authors' Classification.LOWER_CASE, False only for MedQA/MedMCQA)."""
+    text = output.strip().lower() if lowercase else output.strip()
+    return next((c for c in choices if (c.lower() if lowercase else c) in text), None)
+
+
+def single_choice(output: str, choices: list[str]) -> str | None:
+    """DDI's rule: case-sensitive, and an answer only when exactly one choice string occurs in the output."""
+    found = [c for c in choices if c in output.strip()]
+    return found[0] if len(found) == 1 else None
+
+
+def classification_metrics(predictions: list[str | None], golds: list[str]) -> dict:
+    """Accuracy, and F1 averaged over the labels present in the gold answers (the authors pass
+    labels=set(golds) to scikit-learn): a choice that is never the gold answer adds no zero to the mean."""
+    n = _count(golds)
+    preds = [MISSING if p is None else p for p in predictions]
+    labels = sorted(set(golds))
+    f1 = {avg: float(f1_score(golds, preds, labels=labels, average=avg, zero_division=0))
+          for avg in ("macro", "weighted")}
+    return {"accuracy": sum(p == g for p, g in zip(preds, golds)) / n, "macro_f1": f1["macro"],
+            "weighted_f1": f1["weighted"], "missing": sum(p is None for p in predictions) / n, "examples": n}
+
+
+# ------------------------------------------------------------------------------------------- multi-label
 
 
 def labels_in(output: str, labels: list[str]) -> list[str]:
-    text = output.lower()
-    return [label for label in labels if label.lower() in text]
+    """HoC: each label whose exact (case-sensitive) string occurs in the output."""
+    text = output.strip()
+    return [label for label in labels if label in text]
 
 
 def multilabel_metrics(predictions: list[list[str]], golds: list[list[str]], labels: list[str]) -> dict:
+    """Macro F1 over all labels (presence per label, as the authors' HoC scorer) and each label's binary F1."""
     n = _count(golds)
     truth = np.array([[label in g for label in labels] for g in golds])
     pred = np.array([[label in p for label in labels] for p in predictions])
-    return {
-        "macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
-        "accuracy": float(np.mean(np.all(truth == pred, axis=1))),  # exact set match
-        "missing": sum(not p for p in predictions) / n,
-        "examples": n,
-    }
+    per_label = f1_score(truth, pred, average=None, zero_division=0)
+    return {"macro_f1": float(np.mean(per_label)),
+            "exact_set_accuracy": float(np.mean(np.all(truth == pred, axis=1))),
+            "missing": sum(not p for p in predictions) / n,
+            "label_f1": {label: float(f) for label, f in zip(labels, per_label)}, "examples": n}
 
 
 # ---------------------------------------------------------------------------------------- extractive QA
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+def normqa_normalize(text: str) -> str:
+    """The authors' NormQA normalisation: lower case, punctuation dropped, and every remaining character
+    separated by a space (their punctuation step joins characters with spaces), so tokens are characters."""
+    kept = [ch for ch in text.lower() if ch not in string.punctuation]
+    return " ".join(" ".join(kept).split())
 
 
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+def normqa_f1(output: str, gold: str) -> float:
+    """NormQA F1: the *set* of shared tokens (characters) over the token counts of each side."""
+    pred, ref = normqa_normalize(output).split(), normqa_normalize(gold).split()
     if not pred or not ref:
         return float(pred == ref)
+    common = len(set(pred) & set(ref))
     if common == 0:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
 
 
-def extractive_metrics(predictions: list[str], golds: list[list[str]]) -> dict:
+def squad_normalize(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    pred, ref = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def extractive_metrics(outputs: list[str], golds: list[list[str]]) -> dict:
+    """The authors' NormQA on the whole output against the (first) gold answer, and SQuAD's EM/F1 beside it."""
     n = _count(golds)
-    em = [max(normalize_answer(p) == normalize_answer(g) for g in gs) for p, gs in zip(predictions, golds)]
-    f1 = [max(token_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
-    return {"exact_match": sum(em) / n, "f1": sum(f1) / n, "examples": n}
-
-
-# -------------------------------------------------------------------------------------------------- NER
-
-
-def _clean(text: str) -> str:
-    return text.strip().strip("'\"`*-•").strip()
-
-
-def tags_from_output(output: str, tokens: list[str], types: list[str]) -> list[str]:
-    """BIO tags for `tokens` from lines "entity text: type" (also "type: entity text"). Each entity is placed
-    at its first case-insensitive token match that is not yet tagged; lines naming no known type, or text
-    not in the sentence, are ignored (they cost recall, as a missed entity does)."""
-    by_name = {t.lower(): t for t in types}
-    lowered = [t.lower() for t in tokens]
-    tags = ["O"] * len(tokens)
-    for line in output.splitlines():
-        if ":" not in line:
-            continue
-        left, right = (_clean(x) for x in line.rsplit(":", 1))
-        if right.lower() in by_name:
-            span, kind = left, by_name[right.lower()]
-        elif left.lower() in by_name:
-            span, kind = right, by_name[left.lower()]
-        else:
-            continue
-        words = span.lower().split()
-        for start in range(len(tokens) - len(words) + 1 if words else 0):
-            if lowered[start:start + len(words)] == words and all(t == "O" for t in tags[start:start + len(words)]):
-                tags[start:start + len(words)] = [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1)
-                break
-    return tags
-
-
-def ner_metrics(predicted_tags: list[list[str]], gold_tags: list[list[str]]) -> dict:
-    from seqeval.metrics import f1_score as entity_f1
-    from seqeval.metrics import precision_score, recall_score
-
-    n = _count(gold_tags)
-    return {"entity_f1": float(entity_f1(gold_tags, predicted_tags, zero_division=0)),
-            "entity_precision": float(precision_score(gold_tags, predicted_tags, zero_division=0)),
-            "entity_recall": float(recall_score(gold_tags, predicted_tags, zero_division=0)),
-            "examples": n}
+    em = [normqa_normalize(o) == normqa_normalize(gs[0]) for o, gs in zip(outputs, golds)]
+    f1 = [normqa_f1(o, gs[0]) for o, gs in zip(outputs, golds)]
+    squad_em = [max(squad_normalize(o) == squad_normalize(g) for g in gs) for o, gs in zip(outputs, golds)]
+    squad = [max(squad_f1(o, g) for g in gs) for o, gs in zip(outputs, golds)]
+    return {"exact_match": sum(em) / n, "f1": sum(f1) / n,
+            "squad_exact_match": sum(squad_em) / n, "squad_f1": sum(squad) / n, "examples": n}
 
 
 # ---------------------------------------------------------------------------------------------- summaries
 
 
-def summary_metrics(predictions: list[str], references: list[str], bertscore_model: str | None = None) -> dict:
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """ROUGE-1/2/L F as the `evaluate` library computes them: rouge-score's tokenizer, no stemming. evaluate
+    reports the median of 1000 unseeded bootstrap means; we report the mean itself (what that estimates)."""
     from rouge_score import rouge_scorer
 
-    n = _count(references)
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    out = {name: float(np.mean([s[name].fmeasure for s in scores])) for name in ("rouge1", "rouge2", "rougeL")}
-    out.update(bertscore(predictions, references, bertscore_model))
-    out["examples"] = n
-    return out
+    return {name: float(np.mean([s[name].fmeasure for s in scores])) for name in ("rouge1", "rouge2", "rougeL")}
+
+
+def summary_metrics(predictions: list[str], references: list[str], bertscore_model: str | None = None) -> dict:
+    n = _count(references)
+    return {**rouge(predictions, references), **bertscore(predictions, references, bertscore_model), "examples": n}
+
+
+PAPER_BERTSCORE = "bert-base-multilingual-cased"
+
+
+def bertscore_identity(config, model_dir: str | Path) -> tuple[str | None, int]:
+    """(name, layer) of a local BERTScore model: the paper's bert-base-multilingual-cased (recognised by its
+    architecture: BERT, 119,547-piece vocabulary, 12 layers) gets bert-score's default layer for it (9) and
+    name None; any other model is named by its directory and scored at bert-score's layer for that name, else
+    its last layer."""
+    from bert_score.utils import model2layers
+
+    if (getattr(config, "model_type", None) == "bert" and getattr(config, "vocab_size", None) == 119547
+            and getattr(config, "num_hidden_layers", None) == 12):
+        return None, model2layers[PAPER_BERTSCORE]
+    name = Path(model_dir).resolve().name
+    return name, model2layers.get(name, config.num_hidden_layers)
 
 
 def bertscore(predictions: list[str], references: list[str], model: str | None) -> dict:
-    """BERTScore F1 with a local model directory; skipped (never zero) when there is none."""
+    """BERTScore F1 (no idf, no baseline rescaling) with a local model directory; skipped (never zero) when
+    there is none. A model other than the paper's is reported under its own key, bertscore_f1[NAME]."""
     if not model or not Path(model).is_dir():
         why = "no local BERTScore model given (--bertscore-model DIR)" if not model else f"{model} is not a directory"
         return {"bertscore_f1": None, "bertscore": f"skipped: {why}"}
@@ -162,6 +190,8 @@ def bertscore(predictions: list[str], references: list[str], model: str | None) 
         from transformers import AutoConfig
     except ImportError as e:
         return {"bertscore_f1": None, "bertscore": f"skipped: {e}"}
-    layers = AutoConfig.from_pretrained(model).num_hidden_layers
-    _, _, f1 = score(predictions, references, model_type=str(model), num_layers=layers, verbose=False)
-    return {"bertscore_f1": float(f1.mean()), "bertscore": f"{model} (layer {layers})"}
+    name, layer = bertscore_identity(AutoConfig.from_pretrained(model), model)
+    _, _, f1 = score(predictions, references, model_type=str(model), num_layers=layer, idf=False,
+                     rescale_with_baseline=False, verbose=False)
+    key = "bertscore_f1" if name is None else f"bertscore_f1[{name}]"
+    return {key: float(f1.mean()), "bertscore": f"{name or PAPER_BERTSCORE} at layer {layer} ({model})"}

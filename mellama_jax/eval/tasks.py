@@ -4,8 +4,9 @@ The templates are the ones the Me-LLaMA authors published (`prompt_templates.jso
 choices, ...}); users point at their copy with --prompts. The authors published none for i2b2 and BioNLI:
 `templates.json` beside this file supplies ours for those two (a user's file takes precedence).
 
-A loader turns one file into `Example`s: the fields its template is filled with, the gold answer in the form
-its scorer wants, and the answer as text (what a few-shot demonstration shows after its prompt).
+A loader turns one file into `Example`s: the fields its template is filled with (formatted as the authors'
+src/preprocess_instruct.py formats each dataset), the gold answer in the form its scorer wants, and the answer
+as text (what a few-shot demonstration shows after its prompt).
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ class Task:
     template_key: str
     kind: str  # choice | multilabel | extractive | ner | summary: picks the scorer
     loader: Callable[[Path, dict, Path | None], list[Example]]
-    max_new_tokens: int
-    lowercase: bool = False  # PubMedQA's outputs are lower-cased before matching
+    # choice tasks (the authors' Classification): output, gold and choices are lower-cased unless turned off
+    lowercase: bool = True
+    exactly_one: bool = False  # DDI: an answer only when exactly one choice occurs (case-sensitive)
+
+
+# The authors' harness decodes greedily up to 256 new tokens for every task, stopping only at EOS.
+HARNESS_MAX_NEW_TOKENS = 256
 
 
 def load_templates(path: str | Path | None) -> dict:
@@ -105,6 +111,11 @@ def _options(value, where: str) -> dict:
     return value
 
 
+def exam_question(question: str) -> str:
+    """MedQA/MedMCQA questions as the authors formatted them: "?" appended unless they end in "?" or "."."""
+    return question if question.endswith(("?", ".")) else question + "?"
+
+
 def _multiple_choice(path: Path, entry: dict, split) -> list[Example]:
     """MedQA / MedMCQA JSONL: question, options {A: ..}, answer_idx."""
     out = []
@@ -114,7 +125,8 @@ def _multiple_choice(path: Path, entry: dict, split) -> list[Example]:
         if gold not in options:
             raise BadRecord(f"{where}: answer_idx {gold!r} is not one of the options {sorted(options)}")
         listed = "\n".join(f"{k}. {v}" for k, v in sorted(options.items()))
-        out.append(Example(str(r.get("realidx", where)), {"text": r["question"], "options": listed}, gold, gold))
+        fields = {"text": exam_question(r["question"]), "options": listed}
+        out.append(Example(str(r.get("realidx", where)), fields, gold, gold))
     return out
 
 
@@ -136,9 +148,10 @@ def _labelled(text_of: Callable[[dict, str], str], label_keys: tuple[str, ...], 
 
 
 def _nli_text(r: dict, where: str) -> str:
+    """The authors' MedNLI input: "[PRE] premise [HYP] hypothesis" (BioNLI, ours, is written the same way)."""
     premise = _need(r, ("sentence1", "premise", "supp_set"), where)
     hypothesis = _need(r, ("sentence2", "hypothesis", "conclusion"), where)
-    return f"Premise: {premise}\nHypothesis: {hypothesis}"
+    return f"[PRE] {premise} [HYP] {hypothesis}"
 
 
 # MedNLI: mli_{train,dev,test}_v1.jsonl (sentence1, sentence2, gold_label).
@@ -149,16 +162,24 @@ _bionli = _labelled(_nli_text, ("label_cat", "gold_label", "label"),
                     {"pos": "entailment", "neg": "contradiction", "1": "entailment", "0": "contradiction"})
 # DDI 2013 as BLUE distributes it: TSV (index, sentence with @DRUG$ masks, label).
 _ddi = _labelled(lambda r, w: _need(r, ("sentence", "text"), w), ("label",))
-# MTSamples (mtsamples.csv): transcription, medical_specialty.
-_mtsample = _labelled(lambda r, w: _need(r, ("transcription", "text"), w), ("medical_specialty", "label"))
+# MTSamples (mtsamples.csv): transcription (stripped, as the authors' input), medical_specialty.
+_mtsample = _labelled(lambda r, w: str(_need(r, ("transcription", "text"), w)).strip(), ("medical_specialty", "label"))
 
 
 # --------------------------------------------------------------------------------------------- multi-label
 
 
+# BLUE's own HoC label order (ncbi-nlp/BLUE_Benchmark, blue/eval_hoc.py LABELS): alphabetical. Its TSVs
+# number labels by this list ("0_1" = activating invasion and metastasis present), not by the template's order.
+BLUE_HOC_LABELS = ("activating invasion and metastasis", "avoiding immune destruction", "cellular energetics",
+                   "enabling replicative immortality", "evading growth suppressors",
+                   "genomic instability and mutation", "inducing angiogenesis", "resisting cell death",
+                   "sustaining proliferative signaling", "tumor promoting inflammation")
+
+
 def _hoc(path: Path, entry: dict, split) -> list[Example]:
     """HoC: TSV/CSV (sentence, labels) or JSONL (text, labels). Labels: a list, names joined by ';' or ',', or
-    BLUE-style index pairs "0_1,1_0,..." (index into the template's topic order, 1 = present)."""
+    BLUE's index pairs "0_1,1_0,..." (index into BLUE_HOC_LABELS, 1 = present)."""
     topics = entry["choices"]
     out = []
     for where, r in _records(path):
@@ -167,7 +188,7 @@ def _hoc(path: Path, entry: dict, split) -> list[Example]:
             raise BadRecord(f"{where}: missing field (labels)")
         items = raw if isinstance(raw, list) else [x.strip() for x in re.split(r"[;,]", str(raw)) if x.strip()]
         if items and all(re.fullmatch(r"\d+_[01]", str(x)) for x in items):
-            items = [topics[int(x.split("_")[0])] for x in items if x.endswith("_1")]
+            items = [BLUE_HOC_LABELS[int(x.split("_")[0])] for x in items if x.endswith("_1")]
         unknown = [x for x in items if x not in topics]
         if unknown:
             raise BadRecord(f"{where}: labels {unknown} are not HoC topics {topics}")
@@ -191,8 +212,8 @@ def _emrqa(path: Path, entry: dict, split) -> list[Example]:
         out = []
         for where, r in _records(path):
             answers = _answers(r.get("answers"), where)
-            out.append(Example(str(r.get("id", where)), {"text": _need(r, ("context",), where),
-                                                         "question": _need(r, ("question",), where)},
+            out.append(Example(str(r.get("id", where)), {"text": str(_need(r, ("context",), where)).strip(),
+                                                         "question": str(_need(r, ("question",), where)).strip()},
                                answers, answers[0]))
         return out
     data = read_json_file(path, "no emrQA file")
@@ -208,8 +229,8 @@ def _emrqa(path: Path, entry: dict, split) -> list[Example]:
                 if not context:
                     raise BadRecord(f"{where}: paragraph has no context")
                 answers = _answers(qa.get("answers"), where)
-                out.append(Example(str(qa.get("id", where)), {"text": context, "question": str(_first(qa["question"]))},
-                                   answers, answers[0]))
+                fields = {"text": context.strip(), "question": str(_first(qa["question"])).strip()}
+                out.append(Example(str(qa.get("id", where)), fields, answers, answers[0]))
     return out
 
 
@@ -227,27 +248,15 @@ def _answers(value, where: str) -> list[str]:
 def _ner(path: Path, entry: dict, split) -> list[Example]:
     """i2b2 2010 concepts: a directory with the release's txt/ and concept/ folders (one sentence per line,
     `c="text" line:tok line:tok||t="type"`), or a CoNLL file (token and BIO tag per line, blank between
-    sentences)."""
+    sentences). The gold is the sentence as HTML with `<span class="type">` concepts, as the authors scored."""
+    from mellama_jax.eval.ner_html import gold_html
+
     sentences = _i2b2_dir(path) if path.is_dir() else _conll(path)
     out = []
     for where, tokens, tags in sentences:
-        answer = "\n".join(f"{span}: {kind}" for span, kind in entities(tokens, tags)) or "none"
-        out.append(Example(where, {"text": " ".join(tokens)}, tags, answer))
+        tagged = gold_html(tokens, tags)
+        out.append(Example(where, {"text": " ".join(tokens)}, tagged, tagged))
     return out
-
-
-def entities(tokens: list[str], tags: list[str]) -> list[tuple[str, str]]:
-    """(text, type) of each B-/I- run."""
-    found, current = [], None
-    for token, tag in zip(tokens, tags):
-        if tag.startswith("B-") or (tag.startswith("I-") and (current is None or current[1] != tag[2:])):
-            current = ([token], tag[2:])
-            found.append(current)
-        elif tag.startswith("I-"):
-            current[0].append(token)
-        else:
-            current = None
-    return [(" ".join(words), kind) for words, kind in found]
 
 
 def _conll(path: Path) -> list[tuple[str, list[str], list[str]]]:
@@ -345,20 +354,20 @@ def _mimic_cxr(path: Path, entry: dict, split) -> list[Example]:
 
 
 TASKS = {t.name: t for t in [
-    Task("pubmedqa", "PubmedQA", "choice", _pubmedqa, 16, lowercase=True),
-    Task("medqa", "MedQA", "choice", _multiple_choice, 16),
-    Task("medmcqa", "MedMCQA", "choice", _multiple_choice, 16),
-    Task("mednli", "MedNLI", "choice", _mednli, 16),
-    Task("bionli", "BioNLI", "choice", _bionli, 16),
-    Task("ddi", "DDI2013", "choice", _ddi, 16),
-    Task("mtsample", "MTSample", "choice", _mtsample, 24),
-    Task("hoc", "HoC", "multilabel", _hoc, 64),
-    Task("emrqa", "EmrQA", "extractive", _emrqa, 64),
-    Task("i2b2", "i2b2", "ner", _ner, 128),
-    Task("pubmedsum", "PubmedSumm", "summary", _pairs(("article_text", "article", "text"),
-                                                      ("abstract_text", "abstract", "summary")), 256),
-    Task("pubmed-title", "PubMed_Summ", "summary", _pairs(("abstract",), ("title",)), 48),
-    Task("mimic-cxr", "MIMIC_SUM", "summary", _mimic_cxr, 128),
+    Task("pubmedqa", "PubmedQA", "choice", _pubmedqa),
+    Task("medqa", "MedQA", "choice", _multiple_choice, lowercase=False),
+    Task("medmcqa", "MedMCQA", "choice", _multiple_choice, lowercase=False),
+    Task("mednli", "MedNLI", "choice", _mednli),
+    Task("bionli", "BioNLI", "choice", _bionli),
+    Task("ddi", "DDI2013", "choice", _ddi, lowercase=False, exactly_one=True),
+    Task("mtsample", "MTSample", "choice", _mtsample),
+    Task("hoc", "HoC", "multilabel", _hoc),
+    Task("emrqa", "EmrQA", "extractive", _emrqa),
+    Task("i2b2", "i2b2", "ner", _ner),
+    Task("pubmedsum", "PubmedSumm", "summary", _pairs(("article_text", "src", "article", "text"),
+                                                      ("abstract_text", "tgt", "abstract", "summary"))),
+    Task("pubmed-title", "PubMed_Summ", "summary", _pairs(("abstract",), ("title",))),
+    Task("mimic-cxr", "MIMIC_SUM", "summary", _mimic_cxr),
 ]}
 
 

@@ -45,28 +45,36 @@ class Attention(nnx.Module):
         self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **_dense_kw(cfg, lora, "wo", rngs))
         self.implementation = cfg.attention
 
-    def __call__(self, x, batch_length, cos, sin, mask, rng=None, cache=None):
-        """x: flat (B*T, D) with batch_length = (B, T). cache: None, or (k, v, layer, index) with k, v the
-        whole model's cache, (layers, B, S, K, Dh): this layer's new keys/values are written at [layer, :, index]
-        (in place: only the new tokens are written) and the queries attend over the layer's whole cache (masked
-        by `mask`, (B, T, S)). Returns the output (B*T, D), and the updated (k, v) with a cache."""
+    def _qkv(self, x, batch_length, cos, sin, rng):
         q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj").reshape(*batch_length, *self.wk.kernel.shape[-2:])
         v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-        if cache is not None:
-            k_all, v_all, layer, index = cache
-            start = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, cache is None)
+        return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+
+    def _out(self, q, k, v, mask, causal, rng):
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, causal)
         out = checkpoint_name(out, "attention_out")
-        out = self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
-        return out if cache is None else (out, (k_all, v_all))
+        return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
+
+    def __call__(self, x, batch_length, cos, sin, mask, rng=None):
+        """Training and scoring: x flat (B*T, D) with batch_length = (B, T); returns (B*T, D)."""
+        q, k, v = self._qkv(x, batch_length, cos, sin, rng)
+        return self._out(q, k, v, mask, True, rng)
+
+    def decode(self, x, batch_length, cos, sin, mask, cache):
+        """Decoding: cache = (k, v, layer, index) with k, v the whole model's cache (layers, B, S, K, Dh). This
+        layer's new keys/values are written at [layer, :, index] (in place: only the new tokens) and the queries
+        attend over the layer's whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
+        q, k, v = self._qkv(x, batch_length, cos, sin, None)
+        k_all, v_all, layer, index = cache
+        start = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+        return self._out(q, k, v, mask, False, None), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -89,15 +97,21 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **_dtypes(cfg))
         self.mlp = MLP(cfg, lora, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, rng=None, cache=None):
+    def _mlp_block(self, x, attn, shape, rng):
+        h = constrain(x + attn, FLAT_EMBED)
+        out = constrain(h + self.mlp(self.mlp_norm(h), rng), FLAT_EMBED).reshape(shape)
+        return constrain(out, BATCH_LENGTH_EMBED)
+
+    def __call__(self, x, cos, sin, mask, rng=None):
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # flat rows (batch-major, so batch sharding carries over)
-        attn = self.attn(self.attn_norm(x), (B, T), cos, sin, mask, rng, cache)
-        attn, new_cache = attn if cache is not None else (attn, None)
-        h = constrain(x + attn, FLAT_EMBED)
-        out = constrain(h + self.mlp(self.mlp_norm(h), rng), FLAT_EMBED).reshape(B, T, D)
-        out = constrain(out, BATCH_LENGTH_EMBED)
-        return out if cache is None else (out, new_cache)
+        return self._mlp_block(x, self.attn(self.attn_norm(x), (B, T), cos, sin, mask, rng), (B, T, D), rng)
+
+    def decode(self, x, cos, sin, mask, cache):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
+        attn, new_cache = self.attn.decode(self.attn_norm(x), (B, T), cos, sin, mask, cache)
+        return self._mlp_block(x, attn, (B, T, D), None), new_cache
 
 
 _POLICIES = jax.checkpoint_policies
@@ -140,31 +154,24 @@ class Llama(nnx.Module):
         self.lm_head = Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw,
                              init_std=cfg.initializer_range, rngs=rngs)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None, cache=None):
-        """Final-norm hidden states (B, T, D) for token ids (B, T).
-
-        positions: (B, T) int, restart at 0 for each packed document (default 0..T-1).
-        segment_ids: (B, T) int, one id per packed document, 0 for padding (default all 1).
-        dropout_rng: a key for LoRA dropout (training only); each layer folds in its index.
-        cache: for decoding, a dict from `init_cache` (keys/values of earlier tokens); the tokens are written
-        at cache["index"] and (hidden states, updated cache) is returned.
-        """
-        cfg = self.cfg
+    def _inputs(self, tokens, positions, segment_ids):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        if cache is None:
-            mask = attention.build_mask(segment_ids, cfg.attention, cfg.max_segments)
-        else:
-            index, T = cache["index"], tokens.shape[-1]
-            kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
-                cache["segment_ids"].dtype), index, axis=1)
-            mask = attention.make_mask(segment_ids, kv_segments, q_index=index + jnp.arange(T),
-                                       kv_index=jnp.arange(kv_segments.shape[-1]))
-        cos, sin = rope.cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        h = constrain(self.embed(tokens), BATCH_LENGTH_EMBED)
+        cos, sin = rope.cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return segment_ids, cos, sin, constrain(self.embed(tokens), BATCH_LENGTH_EMBED)
 
+    def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
+        """Training and scoring: final-norm hidden states (B, T, D) for token ids (B, T).
+
+        positions: (B, T) int, restart at 0 for each packed document (default 0..T-1).
+        segment_ids: (B, T) int, one id per packed document, 0 for padding (default all 1).
+        dropout_rng: a key for LoRA dropout (training only); each layer folds in its index.
+        """
+        cfg = self.cfg
+        segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
+        mask = attention.build_mask(segment_ids, cfg.attention, cfg.max_segments)
         graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
@@ -172,26 +179,37 @@ class Llama(nnx.Module):
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
             return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng), None
 
-        def body_cached(carry, xs):
+        policy = REMAT[cfg.remat]
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)), unroll=cfg.scan_unroll)
+        return self.norm(h)
+
+    def decode_hidden_states(self, tokens, cache, positions=None, segment_ids=None):
+        """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
+        over everything cached before them; returns (final-norm hidden states (B, T, D), the updated cache)."""
+        cfg = self.cfg
+        segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
+        index, T = cache["index"], tokens.shape[-1]
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
+            cache["segment_ids"].dtype), index, axis=1)
+        mask = attention.make_mask(segment_ids, kv_segments, q_index=index + jnp.arange(T),
+                                   kv_index=jnp.arange(kv_segments.shape[-1]))
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
             # the whole cache rides in the carry, so each layer writes only its new tokens into it, in place;
             # as a scanned output it would be rebuilt (copied) for every token decoded
             h, k_all, v_all = carry
-            layer_state, index = xs
-            layer = nnx.merge(graphdef, layer_state)
-            h, (k_all, v_all) = layer(h, cos, sin, mask, None, (k_all, v_all, index, cache["index"]))
+            layer_state, layer = xs
+            h, (k_all, v_all) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, mask,
+                                                                        (k_all, v_all, layer, index))
             return (h, k_all, v_all), None
 
-        layers = (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
-        if cache is None:
-            policy = REMAT[cfg.remat]
-            if policy is not None:
-                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            h, _ = jax.lax.scan(body, h, layers, unroll=cfg.scan_unroll)
-            return self.norm(h)
-        (h, k_all, v_all), _ = jax.lax.scan(body_cached, (h, cache["k"], cache["v"]), layers,
+        (h, k_all, v_all), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]),
+                                            (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)),
                                             unroll=cfg.scan_unroll)
-        updated = dict(k=k_all, v=v_all, segment_ids=kv_segments, index=cache["index"] + tokens.shape[-1])
-        return self.norm(h), updated
+        return self.norm(h), dict(k=k_all, v=v_all, segment_ids=kv_segments, index=index + T)
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Logits (B, T, vocab) in float32."""

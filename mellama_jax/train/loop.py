@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import jax
-import yaml
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
@@ -27,6 +26,7 @@ from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
                                      NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves, run_hooks)
 from mellama_jax.train.metrics import MetricsLogger
+from mellama_jax.train.run_dir import check_run_dir, write_run_files
 from mellama_jax.train.step import make_eval_step, make_train_step, plan_trainer
 
 __all__ = ["NonFiniteLoss", "build_data", "run_steps", "train"]
@@ -65,12 +65,6 @@ def build_data(cfg: Config, process_index: int, process_count: int):
     return train, evaluation, steps
 
 
-def _write_yaml(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-
-
 def run_steps(step_fn, state, frozen, batches, start: int, steps: int, hooks, stop=lambda: False):
     """Steps start+1 .. steps of `state, metrics = step_fn(state, frozen, batch)`, the due hooks after each;
     stops early after the step at which `stop()` turns true. Returns (state, steps done, stopped early)."""
@@ -91,9 +85,9 @@ def train(cfg: Config) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     train_ds, eval_ds, steps = build_data(cfg, pi, pc)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    check_run_dir(cfg)
     if pi == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_yaml(run_dir / "config.yaml", to_dict(cfg))
+        write_run_files(cfg)
     trainer, state, frozen = _initial_state(cfg)
     iterator = iterate(train_ds, cfg.data.read_threads)
     mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)

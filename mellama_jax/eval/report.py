@@ -1,0 +1,105 @@
+"""Prediction rows -> metrics -> predictions.jsonl, summary.json and summary.md; shared by `eval` (rows from a
+model's outputs) and `eval score` (rows read back from a predictions.jsonl, no model).
+
+A row keeps everything its score needs: task, id, gold, the raw output, and for choice and multi-label tasks
+the choices in their order (the authors' scorers read the choices from each document too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mellama_jax.artifacts import atomic_output
+from mellama_jax.eval.ner_html import ner_metrics, spans
+from mellama_jax.eval.scoring import (METRIC_NOTES, classification_metrics, extractive_metrics, first_choice,
+                                      labels_in, multilabel_metrics, single_choice, summary_metrics)
+from mellama_jax.eval.tasks import Task
+
+WITH_CHOICES = ("choice", "multilabel")
+
+
+def make_rows(task: Task, examples, outputs: list[str], choices: list[str] | None) -> list[dict]:
+    extra = {"choices": list(choices)} if task.kind in WITH_CHOICES else {}
+    return [{"task": task.name, "id": e.id, "gold": e.gold, **extra, "output": o} for e, o in zip(examples, outputs)]
+
+
+def rule_of(task: Task) -> str:
+    """The task's scoring rule in one line, and the authors' class in vital_measure.py it follows."""
+    if task.kind == "choice":
+        if task.exactly_one:
+            return "an answer only when exactly one choice occurs in the output, case-sensitive (DDI2013)"
+        case = "lower-cased output and choices" if task.lowercase else "case kept (MedQA, MedMCQA)"
+        return f"first choice, in choice order, found in the output; {case} (Classification)"
+    return {"multilabel": "each label whose exact, case-sensitive string occurs in the output (HoC)",
+            "extractive": "NormQA: whole output vs gold, normalised; character-set F1 (EmrQA, NormQA)",
+            "ner": "HTML concept spans aligned to the gold's words; seqeval entities (NER)",
+            "summary": "ROUGE-1/2/L without stemming; BERTScore (AbstractiveSummarization)"}[task.kind]
+
+
+def _choice_metrics(task: Task, rows: list[dict]) -> tuple[list, dict]:
+    outputs, golds = [r["output"] for r in rows], [r["gold"] for r in rows]
+    if not task.exactly_one:
+        predictions = [first_choice(o, r["choices"], task.lowercase) for o, r in zip(outputs, rows)]
+        return predictions, classification_metrics(predictions, golds)
+    predictions = [single_choice(o, r["choices"]) for o, r in zip(outputs, rows)]
+    metrics = classification_metrics(predictions, golds)
+    first = classification_metrics([first_choice(o, r["choices"], False) for o, r in zip(outputs, rows)], golds)
+    metrics.update(first_match_accuracy=first["accuracy"], first_match_macro_f1=first["macro_f1"])
+    return predictions, metrics
+
+
+def score_rows(task: Task, rows: list[dict], bertscore_model: str | None = None) -> tuple[list, dict]:
+    """(per-row predictions, metrics) by the task's kind."""
+    if task.kind == "choice":
+        return _choice_metrics(task, rows)
+    outputs, golds = [r["output"] for r in rows], [r["gold"] for r in rows]
+    if task.kind == "multilabel":
+        predictions = [labels_in(o, r["choices"]) for o, r in zip(outputs, rows)]
+        return predictions, multilabel_metrics(predictions, golds, rows[0]["choices"])
+    if task.kind == "extractive":
+        return [o.strip() for o in outputs], extractive_metrics(outputs, golds)
+    if task.kind == "ner":
+        return [spans(o) for o in outputs], ner_metrics(outputs, golds)
+    return [o.strip() for o in outputs], summary_metrics(outputs, golds, bertscore_model)
+
+
+def notes(metrics: dict) -> dict:
+    out = {k: METRIC_NOTES[k] for k in metrics if k in METRIC_NOTES}
+    out.update({k: "BERTScore F1 with a model other than the paper's bert-base-multilingual-cased: not comparable"
+                for k in metrics if k.startswith("bertscore_f1[")})
+    return out
+
+
+def summarize(task: Task, metrics: dict, run: dict) -> dict:
+    return {"task": task.name, "kind": task.kind, "rule": rule_of(task), **run, **metrics, "notes": notes(metrics)}
+
+
+def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dict, inputs=(),
+          overwrite: bool = False) -> None:
+    """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically, into a new
+    (or empty) folder, or over an earlier eval output with `overwrite`, overlapping none of the inputs
+    (artifacts.atomic_output)."""
+    with atomic_output(out_dir, "eval", overwrite, inputs) as tmp:
+        with open(tmp / "predictions.jsonl", "w") as f:
+            for row, p in zip(rows, predictions):
+                f.write(json.dumps({**row, "prediction": p}) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        (tmp / "summary.md").write_text(markdown([summary]))
+
+
+RUN_KEYS = {"task", "kind", "rule", "backend", "model", "data", "predictions", "fewshot", "max_new_tokens",
+            "bertscore", "examples_per_s_after_first_batch", "notes"}
+
+
+def markdown(summaries: list[dict]) -> str:
+    """One row per summary with the metrics of its kind, then what each metric is."""
+    keys = [k for k, v in summaries[0].items() if k not in RUN_KEYS and not isinstance(v, dict)]
+    cell = lambda v: "skipped" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    table = ("| task | backend | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2) + "\n"
+             + "".join(f"| {s['task']} | {s.get('backend', '-')} | " + " | ".join(cell(s.get(k)) for k in keys)
+                       + " |\n" for s in summaries))
+    described = {k: v for s in summaries for k, v in s.get("notes", {}).items()}
+    rules = sorted({f"- {s['task']}: {s['rule']}" for s in summaries if "rule" in s})
+    return (table + ("\n" + "\n".join(rules) + "\n" if rules else "")
+            + "".join(f"- `{k}`: {v}\n" for k, v in described.items()))
