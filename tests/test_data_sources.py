@@ -348,3 +348,14 @@ def test_other_sources_into_the_same_folder_need_overwrite(tmp_path, tok):
     with pytest.raises(OutputError, match="files this command did not write"):
         prepare_pretrain(other, tok, tmp_path / "mine", overwrite=True, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+
+
+def test_slurm_array_example_runs_one_share_per_task():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "prepare_array.sbatch"
+    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "SHARDS": "3", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == 3 and all(line.endswith(f"--num-shards 3 --shard-index {i} ") for i, line in enumerate(out))
+    assert "subset=PubMed+Central" in out[0] and "NOTEEVENTS.csv.gz" in out[0]
