@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory holding it")
     pre.add_argument("--out", required=True)
     pre.add_argument("--workers", type=int, default=None, help="processes, one unit (file) each at a time "
-                                                               "(default: all cores)")
+                                                               "(default: all cores; 1 under 16 MB of input)")
     pre.add_argument("--threads", type=int, default=None, help="encoding threads per process (default: cores "
                                                                "/ processes)")
     pre.add_argument("--num-shards", type=int, default=1, help="hosts sharing the work (by input file)")

@@ -38,7 +38,10 @@ from mellama_jax.data.sources import Unit, assign, parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
 
 KIND = "prepare-pretrain"
-CHUNK = 1024  # documents per encode call
+CHUNK = 1024  # documents per encode call at most
+CHUNK_CHARS = 1 << 20  # and about this much text: ids come back as Python ints (~36 bytes a token), so a
+#                        chunk counted in documents alone grows with the documents (PMC articles: ~50k chars)
+SMALL = 16 << 20  # input bytes below which starting worker processes (~1 s) costs more than it saves
 _SHARD_FILE = re.compile(r"\d{5}-.*\.(arrayrecord|lengths\.npy|done\.json)")
 
 
@@ -70,14 +73,15 @@ def _encode_into(texts, tmp: Path, tokenizer: Tokenizer, threads: int) -> array.
             lengths.append(len(ids))
 
     try:
-        pending, batch = None, []
+        pending, batch, chars = None, [], 0
         for _, text in texts:
             batch.append(text)
-            if len(batch) == CHUNK:
+            chars += len(text)
+            if len(batch) == CHUNK or chars >= CHUNK_CHARS:
                 future = pool.submit(encode, batch)
                 if pending:
                     write(pending)
-                pending, batch = future, []
+                pending, batch, chars = future, [], 0
         if pending:
             write(pending)
         if batch:
@@ -173,8 +177,8 @@ def _inputs(plan: dict) -> dict:
 def open_destination(out: Path, plan: dict, overwrite: bool, inputs) -> list[Path]:
     """Check `out` (new, or an earlier prepare of the same sources, or with `overwrite` of other ones) and
     clear what the plan no longer lists; returns the folders this call creates (removed again on failure)."""
-    if not out.exists() or not any(out.iterdir()):
-        check_destination(out, KIND, False, inputs)
+    if not out.is_dir() or not any(out.iterdir()):
+        check_destination(out, KIND, False, inputs)  # (a file there is refused)
         created = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
         return created
@@ -238,7 +242,8 @@ def prepare_pretrain(sources: dict[str, list], tokenizer_path: str | Path, out_d
         todo = sorted((units[i] for i in assign(units, num_shards)[shard_index]
                        if _is_done(out, plan["units"][i]) is None), key=lambda u: -u.size)
         cores = os.cpu_count() or 1
-        workers = max(1, min(workers or cores, len(todo)))
+        workers = workers or (cores if sum(u.size for u in todo) >= SMALL else 1)
+        workers = max(1, min(workers, len(todo)))
         with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc="tokenising",
                   disable=not progress) as bar:
             for unit, report in run_units(todo, tokenizer, out, strict, workers, threads or max(1, cores // workers)):
