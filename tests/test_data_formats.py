@@ -73,7 +73,8 @@ def test_failed_prepare_instruct_leaves_nothing_and_overwrite_is_asked(shipped, 
     prepare_instruct([root / "sharegpt.json"], tok, tmp_path / "ins", 64)
     with pytest.raises(OutputError, match="not empty"):
         prepare_instruct([root / "sharegpt.json"], tok, tmp_path / "ins", 64)
-    assert prepare_instruct([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64, overwrite=True)["rows"] == 2
+    again = prepare_instruct([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64, overwrite=True)
+    assert again["rows"] == 2
 
 
 def test_data_of_the_wrong_kind_is_named(tmp_path):
@@ -100,6 +101,9 @@ def test_data_of_the_wrong_kind_is_named(tmp_path):
           "--tokenizer", str(tok), "--out", str(tmp_path / "o2")], "field 'body' occurs in no row"),
         ([*env_run, "prepare", "pretrain", "--source", f"c=jsonl:{tmp_path}/clinical.jsonl",
           "--tokenizer", str(tok), "--out", str(pre)], "holds data prepared from other sources"),
+        ([*env_run, "prepare", "merge", "--out", str(ins)], "no plan.json of `prepare pretrain` here"),
+        ([*env_run, "prepare", "pretrain", "--source", f"c=xml:{tmp_path}/clinical.jsonl", "--tokenizer", str(tok),
+          "--out", str(tmp_path / "o3")], "unknown kind 'xml'"),
     ]
     for command, message in cases:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -171,7 +171,8 @@ def test_mimic_notes_csv_gz_where_category(tmp_path, tok):
     # `=` keeps the listed values; a value's trailing space (MIMIC's "Physician ") is trimmed to compare.
     spec = f"csv:{tmp_path}/NOTEEVENTS.csv.gz?text=TEXT&where=CATEGORY=Physician,ECG"
     m = prepare_pretrain({"clinical": [spec]}, tok, tmp_path / "out2", progress=False)
-    check(tmp_path / "out2", "clinical", tok, [r["TEXT"] for r in read if r["CATEGORY"].strip() in ("Physician", "ECG")], m)
+    chosen = [r["TEXT"] for r in read if r["CATEGORY"].strip() in ("Physician", "ECG")]
+    check(tmp_path / "out2", "clinical", tok, chosen, m)
 
 
 def csv_line(row) -> str:

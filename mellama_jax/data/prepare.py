@@ -225,6 +225,8 @@ def prepare_pretrain(sources: dict[str, list], tokenizer_path: str | Path, out_d
     sources: per name, --source values (`KIND:PATH?OPTIONS` specs, or file paths; sources.py).
     fields: per source, the text fields of its specs that give none (the older --fields).
     """
+    if num_shards < 1:
+        raise ValueError(f"--num-shards {num_shards}: must be at least 1")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index {shard_index} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
     out = Path(out_dir)

@@ -23,7 +23,7 @@ OPTIONS (URL-style: `+` is a space, %2C a comma, %26 an ampersand):
   split=NAME[,NAME...]     hf only: the splits of a DatasetDict (default: all)
 
 Each input file is one unit of work (a shard of the output); a cxr tree or zip is cut into units of
-10,000 reports (FILES_PER_UNIT). Units are what processes and hosts share out, and what a re-run skips when done.
+10,000 reports. Units are what processes and hosts share out, and what a re-run skips when done.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def _inputs(spec: Spec) -> list[Path]:
         elif path.is_dir():
             files.extend(hf_files(path, spec.splits) if spec.kind == "hf"
                          else _files_in(path, KIND_FORMATS[spec.kind]))
-        elif spec.kind == "hf" or FORMATS.get(data_suffix(path)) in KIND_FORMATS[spec.kind]:
+        elif FORMATS.get(data_suffix(path)) in KIND_FORMATS[spec.kind]:
             files.append(path)
         else:
             raise SourceError(f"{path}: not a {spec.kind} file (--source {spec.source}={spec.raw})")
