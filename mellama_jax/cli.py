@@ -97,7 +97,7 @@ def _bench_tokenize(args) -> int:
     else:
         workers = tuple(int(w) for w in args.workers.split(","))
         result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat,
-                                args.formats.split(","), workers, args.workdir)
+                                args.formats.split(","), workers, args.workdir, args.rounds)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -429,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
     btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
     btok.add_argument("--workers", default="1,2", help="process counts to time")
+    btok.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best of each is kept")
     btok.add_argument("--stream-gb", type=float, default=0, help="instead: peak RSS of prepare on a synthetic "
                                                                 "Pile-like .jsonl.zst of this many GB")
     btok.add_argument("--workdir", help="where the temporary files go (default: the system's temp folder)")
