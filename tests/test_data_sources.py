@@ -134,6 +134,8 @@ def test_truncated_and_broken_streams_lose_only_what_is_broken(tmp_path, tok):
         prepare_pretrain({"s": [f"jsonl:{tmp_path}/in/a.jsonl.zst"]}, tok, tmp_path / "strict", strict=True,
                          progress=False)
     assert not (tmp_path / "strict").exists()  # nothing worth resuming: no tokenizer, no empty folders
+    with pytest.raises(BadRecord, match="truncated stream"):  # --strict does not reuse shards with skips
+        prepare_pretrain({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", strict=True, progress=False)
 
 
 # --------------------------------------------------------------------------- MIMIC notes (CSV)

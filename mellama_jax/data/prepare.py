@@ -190,7 +190,6 @@ def open_destination(out: Path, plan: dict, overwrite: bool, inputs) -> list[Pat
                               f"{_inputs(old)}); choose a new folder or --overwrite to replace it")
         for name in set(old["sources"]) - set(plan["sources"]):
             shutil.rmtree(out / name, ignore_errors=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # rewritten once every unit is done
     planned = {(u["source"], u["name"]) for u in plan["units"]}
     for name in plan["sources"]:
         for f in (out / name).glob("*") if (out / name).is_dir() else ():
@@ -198,6 +197,11 @@ def open_destination(out: Path, plan: dict, overwrite: bool, inputs) -> list[Pat
             if match and (name, f.name[: -len(match[1]) - 1]) not in planned:
                 f.unlink()  # a shard of an input no longer in the source
     return []
+
+
+def _reusable(report: dict | None, strict: bool) -> bool:
+    """A finished unit is reused, unless --strict now asks to fail on the bad rows it skipped."""
+    return report is not None and not (strict and report["skipped_total"])
 
 
 def _is_done(out: Path, unit: dict) -> dict | None:
@@ -242,7 +246,9 @@ def prepare_pretrain(sources: dict[str, list], tokenizer_path: str | Path, out_d
         write_text_atomic(out / "plan.json", json.dumps(plan, indent=1))
         tokenizer.save(out)
         todo = sorted((units[i] for i in assign(units, num_shards)[shard_index]
-                       if _is_done(out, plan["units"][i]) is None), key=lambda u: -u.size)
+                       if not _reusable(_is_done(out, plan["units"][i]), strict)), key=lambda u: -u.size)
+        if todo:  # shards are about to change: the manifest is rewritten once every unit is done again
+            (out / "manifest.json").unlink(missing_ok=True)
         cores = os.cpu_count() or 1
         workers = workers or (cores if sum(u.size for u in todo) >= SMALL else 1)
         workers = max(1, min(workers, len(todo)))
