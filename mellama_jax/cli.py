@@ -90,14 +90,41 @@ def _name_values(items: list[str], what: str) -> dict[str, list[str]]:
     return out
 
 
+def _sources(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--source {item!r} is not of the form NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE]")
+        out.setdefault(name, []).append(spec)
+    return out
+
+
 def _prepare_pretrain(args) -> int:
     from mellama_jax.data.prepare import prepare_pretrain, summarize
 
     fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
-    manifest = prepare_pretrain(_name_values(args.source, "--source"), args.tokenizer, args.out, fields,
-                                strict=args.strict, threads=args.threads)
+    manifest = prepare_pretrain(_sources(args.source), args.tokenizer, args.out, fields, strict=args.strict,
+                                threads=args.threads, workers=args.workers, num_shards=args.num_shards,
+                                shard_index=args.shard_index, overwrite=args.overwrite)
+    if manifest is None:
+        print(f"shard {args.shard_index} of {args.num_shards} done; the manifest is written when the last one "
+              f"finishes (or: mellama-jax prepare merge --out {args.out})")
+        return 0
     print(summarize(manifest))
     print(f"wrote {args.out}/manifest.json (skipped records with file:line: {args.out}/<source>/*.done.json)")
+    return 0
+
+
+def _prepare_merge(args) -> int:
+    from mellama_jax.data.prepare import Pending, merge, summarize
+
+    try:
+        print(summarize(merge(args.out)))
+    except Pending as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/manifest.json")
     return 0
 
 
@@ -107,7 +134,7 @@ def _prepare_instruct(args) -> int:
     from mellama_jax.data.instruct import prepare_instruct
 
     manifest = prepare_instruct(args.inputs, args.tokenizer, args.out, args.seq_len, args.template, args.format,
-                                args.truncation, args.pack, args.strict, not args.no_eos_loss)
+                                args.truncation, args.pack, args.strict, not args.no_eos_loss, args.overwrite)
     report = manifest["report"]
     print(f"{report['documents']:,} examples -> {manifest['rows']:,} rows of <= {manifest['seq_len']} tokens; "
           f"{manifest['response_tokens']:,} response tokens; {manifest['truncated']:,} truncated; "
@@ -123,7 +150,14 @@ def _bench_tokenize(args) -> int:
 
     from mellama_jax.bench.tokenize import bench_tokenize
 
-    result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat)
+    if args.stream_gb:
+        from mellama_jax.bench.tokenize import bench_stream_memory
+
+        result = bench_stream_memory(args.tokenizer, args.stream_gb, args.workdir)
+    else:
+        workers = tuple(int(w) for w in args.workers.split(","))
+        result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat,
+                                args.formats.split(","), workers, args.workdir, args.rounds)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -438,36 +472,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare", help="tokenise corpora or instruction data into ArrayRecord shards")
     prep_sub = prepare.add_subparsers(dest="kind", required=True)
-    pre = prep_sub.add_parser("pretrain", help="pretraining corpora (JSONL, .txt, Parquet) -> token shards")
+    from mellama_jax.data import sources as source_specs  # stdlib only: keeps --help fast
+
+    pre = prep_sub.add_parser("pretrain", help="pretraining corpora (The Pile, MIMIC CSV, MIMIC-CXR, JSONL, "
+                                               "Parquet, datasets folders) -> token shards",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="--source syntax (docs/data.md has every corpus of the paper):\n\n"
+                                     + source_specs.__doc__.split("\n\n", 1)[1])
     pre.add_argument("--source", action="append", required=True,
-                     help="NAME=FILE[,FILE...], repeatable, e.g. biomedical=pubmed.jsonl")
+                     help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
+                          "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts")
     pre.add_argument("--fields", action="append", help="NAME=FIELD[,FIELD...] text fields of a source "
-                                                       "(joined by newlines; default: text)")
+                                                       "(joined by newlines; default: text; or ?text= in its spec)")
     pre.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory holding it")
     pre.add_argument("--out", required=True)
-    pre.add_argument("--threads", type=POSITIVE, default=None, help="encoding threads (default: all cores)")
+    pre.add_argument("--workers", type=POSITIVE, default=None, help="processes, one unit (file) each at a time "
+                                                               "(default: all cores; 1 under 16 MB of input)")
+    pre.add_argument("--threads", type=POSITIVE, default=None, help="encoding threads per process (default: cores "
+                                                               "/ processes)")
+    pre.add_argument("--num-shards", type=POSITIVE, default=1, help="hosts sharing the work (by input file)")
+    pre.add_argument("--shard-index", type=NON_NEGATIVE, default=0, help="this host's share, 0..num-shards-1")
+    pre.add_argument("--overwrite", action="store_true", help="replace an earlier prepare of other sources in "
+                                                              "--out (its stale source folders are removed)")
     pre.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
     pre.set_defaults(func=_prepare_pretrain)
-    ins = prep_sub.add_parser("instruct", help="Alpaca / ShareGPT / prompt-response JSON(L) -> examples")
-    ins.add_argument("inputs", nargs="+")
+    mrg = prep_sub.add_parser("merge", help="write the manifest of a prepare split over hosts (--num-shards)")
+    mrg.add_argument("--out", required=True, help="the shared --out of every shard")
+    mrg.set_defaults(func=_prepare_merge)
+    ins = prep_sub.add_parser("instruct", help="Alpaca (medalpaca) / Dolly / ShareGPT / prompt-response records "
+                                               "-> examples")
+    ins.add_argument("inputs", nargs="+", help=".json, .jsonl(.gz/.zst), .parquet, .arrow, or a datasets folder "
+                                               "(save_to_disk output or a folder of those files)")
     ins.add_argument("--tokenizer", required=True)
     ins.add_argument("--out", required=True)
     ins.add_argument("--seq-len", type=POSITIVE, default=4096)
     ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, or a template YAML file")
-    ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "prompt_response"])
+    ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")
     ins.add_argument("--no-eos-loss", action="store_true", help="do not train on the EOS after each response")
     ins.add_argument("--strict", action="store_true")
+    ins.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare instruct` output")
     ins.set_defaults(func=_prepare_instruct)
 
     bench = sub.add_parser("bench", help="benchmarks with JSON output")
     bench_sub = bench.add_subparsers(dest="kind", required=True)
-    btok = bench_sub.add_parser("tokenize", help="`prepare pretrain` vs a single-process SentencePiece loop")
-    btok.add_argument("--corpus", required=True, help="a JSONL/txt/Parquet corpus")
+    btok = bench_sub.add_parser("tokenize", help="`prepare pretrain` (plain and compressed inputs, 1..N "
+                                                 "processes) vs a single-process SentencePiece loop")
+    btok.add_argument("--corpus", help="a JSONL/txt/Parquet corpus")
     btok.add_argument("--tokenizer", required=True)
     btok.add_argument("--fields", default="text")
     btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
+    btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
+    btok.add_argument("--workers", default="1,2", help="process counts to time")
+    btok.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best of each is kept")
+    btok.add_argument("--stream-gb", type=float, default=0, help="instead: peak RSS of prepare on a synthetic "
+                                                                "Pile-like .jsonl.zst of this many GB")
+    btok.add_argument("--workdir", help="where the temporary files go (default: the system's temp folder)")
     btok.set_defaults(func=_bench_tokenize)
     bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
     bmesh.add_argument("--model", default="bench-60m")

@@ -211,6 +211,19 @@ def test_readme_path_runs_on_a_run_with_no_extra_flags(ws):
     lora = run_cli(ws, ["generate", "--model", f"{R}/params", "--adapters", "WS/lora/adapters", "--prompt",
                         "Statins", "--max-new-tokens", "4"])
     assert lora.returncode == 0, lora.stderr[-2000:]
+    (ws / "bionli.jsonl").write_text("".join(json.dumps({"premise": f"Statins lower LDL in trial {i}.",
+                                                          "hypothesis": "Statins lower LDL.", "label_cat": "pos"})
+                                             + "\n" for i in range(3)))
+    out = ws / "eval-out"
+    ev = run_cli(ws, ["eval", "--task", "bionli", "--data", "WS/bionli.jsonl", "--model", f"{R}/params", "--out",
+                      str(out), "--max-new-tokens", "4"])
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["examples"] == 3
+    again = run_cli(ws, ["eval", "--task", "bionli", "--data", "WS/bionli.jsonl", "--model", f"{R}/params",
+                         "--out", str(out), "--max-new-tokens", "4"])
+    assert again.returncode == 2 and "not empty" in again.stderr  # refused before decoding anything
+    shutil.rmtree(out)
+    (ws / "bionli.jsonl").unlink()
     saved = yaml.safe_load((ws / "run" / "config.yaml").read_text())
     assert saved["model"]["num_kv_heads"] == load_config(CONFIG_ROOT / "tiny-pretrain.yaml").model.num_kv_heads
 

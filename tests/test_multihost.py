@@ -129,7 +129,8 @@ def test_detection_from_the_environment():
 
 def test_launch_scripts_pass_shellcheck_and_dry_run():
     scripts = sorted((REPO / "launch").iterdir())
-    assert [s.name for s in scripts] == ["bench_gpu.sh", "local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"]
+    assert [s.name for s in scripts] == ["bench_gpu.sh", "local.sh", "prepare_array.sbatch", "slurm_gpu.sbatch",
+                                        "tpu_pod.sh"]
     result = subprocess.run([str(SHELLCHECK)] + [str(s) for s in scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     env = dict(os.environ, DRY_RUN="1", NODES="20", WORKERS="4", TPU_NAME="pod", ZONE="z")

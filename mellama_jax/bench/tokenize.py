@@ -1,47 +1,130 @@
-"""`bench tokenize`: `prepare pretrain` against a plain single-process SentencePiece loop, same corpus, same run."""
+"""`bench tokenize`: `prepare pretrain` on plain and compressed JSONL with 1..N processes, against a plain
+single-process SentencePiece loop over the same documents already decompressed in memory; and
+(`--stream-gb`) the peak memory of `prepare` on a multi-GB compressed Pile-like shard."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from mellama_jax.data.corpus import Report, read_documents
+from mellama_jax.data.corpus import Report
 from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.readers import documents
+from mellama_jax.data.sources import parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
 
 
-def bench_tokenize(corpus: str | Path, tokenizer: str | Path, fields: tuple[str, ...] = ("text",),
-                   repeat: int = 8) -> dict:
-    corpus = Path(corpus)
-    with tempfile.TemporaryDirectory() as tmp:
-        big = Path(tmp) / f"corpus{corpus.suffix}"
-        data = corpus.read_bytes()
-        big.write_bytes(data * repeat)  # a few MB, so timings are not dominated by start-up
+def _texts(corpus: str | Path, fields: tuple[str, ...]) -> list[str]:
+    units = units_of(parse_sources({"corpus": [str(corpus)]}, {"corpus": fields}))
+    return [text for unit in units for _, text in documents(unit, Report())]
 
-        tok = Tokenizer.load(tokenizer)
-        start = time.perf_counter()
-        baseline_tokens = 0
-        for _, text in read_documents(big, fields, Report()):
-            baseline_tokens += len(tok.sp.EncodeAsIds(text)) + 2
-        baseline_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        manifest = prepare_pretrain({"corpus": [big]}, tokenizer, Path(tmp) / "out", {"corpus": fields},
-                                    progress=False)
-        prepare_s = time.perf_counter() - start
-    tokens = manifest["sources"]["corpus"]["tokens"]
-    assert tokens == baseline_tokens, (tokens, baseline_tokens)
-    return {"benchmark": "tokenize", "corpus": str(corpus), "bytes": len(data) * repeat, "tokens": tokens,
-            "cores": os.cpu_count(), "baseline_tokens_per_s": tokens / baseline_s,
-            "prepare_tokens_per_s": tokens / prepare_s, "speedup": baseline_s / prepare_s,
-            "note": "prepare includes writing ArrayRecord shards; baseline only encodes"}
+def _write(folder: Path, texts: list[str], files: int, suffix: str) -> None:
+    """The documents as `files` JSONL files (one unit of work each), compressed by `suffix`."""
+    import zstandard
+
+    folder.mkdir()
+    for k in range(files):
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts[k::files]).encode()
+        if suffix.endswith(".gz"):
+            data = gzip.compress(data, compresslevel=6)
+        elif suffix.endswith(".zst"):
+            data = zstandard.ZstdCompressor(level=3).compress(data)
+        (folder / f"part{k:03d}.{suffix}").write_bytes(data)
+
+
+def _time_prepare(folder: Path, tokenizer, out: Path, workers: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    manifest = prepare_pretrain({"corpus": [f"jsonl:{folder}"]}, tokenizer, out, workers=workers, progress=False)
+    return time.perf_counter() - start, manifest["sources"]["corpus"]["tokens"]
+
+
+def bench_tokenize(corpus: str | Path, tokenizer: str | Path, fields: tuple[str, ...] = ("text",), repeat: int = 8,
+                   formats=("jsonl", "jsonl.gz", "jsonl.zst"), workers=(1, 2), workdir: str | None = None,
+                   rounds: int = 3) -> dict:
+    """Best of `rounds` interleaved timings of each (a shared machine's load comes and goes)."""
+    texts = _texts(corpus, fields) * repeat  # a few MB, so timings are not dominated by start-up
+    tok = Tokenizer.load(tokenizer)
+    best: dict = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for fmt in formats:
+            _write(Path(tmp) / fmt, texts, 4 * max(workers), fmt)
+        for r in range(rounds):
+            start = time.perf_counter()
+            tokens = sum(len(tok.sp.EncodeAsIds(text)) + 2 for text in texts)
+            best["baseline"] = min(best.get("baseline", 1e9), time.perf_counter() - start)
+            for fmt in formats:
+                for w in workers:
+                    seconds, got = _time_prepare(Path(tmp) / fmt, tokenizer, Path(tmp) / f"out-{fmt}-{w}-{r}", w)
+                    assert got == tokens, (fmt, w, got, tokens)
+                    best[fmt, w] = min(best.get((fmt, w), 1e9), seconds)
+    runs = [{"format": fmt, "workers": w, "seconds": round(best[fmt, w], 2),
+             "tokens_per_s": round(tokens / best[fmt, w]), "speedup": round(best["baseline"] / best[fmt, w], 2)}
+            for fmt in formats for w in workers]
+    return {"benchmark": "tokenize", "corpus": str(corpus), "documents": len(texts), "tokens": tokens,
+            "text_bytes": sum(len(t.encode()) for t in texts), "cores": os.cpu_count(), "rounds": rounds,
+            "load_average": os.getloadavg(), "baseline_tokens_per_s": round(tokens / best["baseline"]), "runs": runs,
+            "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
+                    "encodes text already in memory, one EncodeAsIds call per document"}
+
+
+def write_pile_shard(path: Path, gigabytes: float, selected_every: int = 100) -> dict:
+    """A Pile-like .jsonl.zst of about `gigabytes` compressed: rows of random (incompressible) base64 text,
+    one in `selected_every` labelled PubMed Central, the rest Pile-CC."""
+    import zstandard
+
+    rows = selected = 0
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as z:
+        while f.tell() < gigabytes * 1e9:
+            lines = []
+            for _ in range(1000):
+                name = "PubMed Central" if rows % selected_every == 0 else "Pile-CC"
+                selected += name == "PubMed Central"
+                text = base64.b64encode(os.urandom(3000)).decode()
+                lines.append(json.dumps({"text": text, "meta": {"pile_set_name": name}}) + "\n")
+                rows += 1
+            z.write("".join(lines).encode())
+    return {"rows": rows, "selected": selected, "compressed_bytes": path.stat().st_size}
+
+
+def _prepare_rss(shard: Path, tokenizer: str | Path, out: Path) -> dict:
+    """Peak RSS of `prepare pretrain` (one process) on the shard, in its own process."""
+    spec = f"pile=pile:{shard}?subset=PubMed+Central"
+    command = [sys.executable, "-m", "mellama_jax.cli", "prepare", "pretrain", "--source", spec,
+               "--tokenizer", str(tokenizer), "--out", str(out), "--workers", "1"]
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS (ru_maxrss, KiB)
+    seconds = time.perf_counter() - start
+    if status or not (out / "manifest.json").exists():
+        raise RuntimeError(f"prepare failed: {log.read_text()[-2000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())["sources"]["pile"]
+    return {"peak_rss_mb": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1),
+            "documents": manifest["documents"], "tokens": manifest["tokens"], "dropped": manifest["filtered_total"]}
+
+
+def bench_stream_memory(tokenizer: str | Path, gigabytes: float = 2.0, workdir: str | None = None) -> dict:
+    """Peak RSS on a small and on a `gigabytes` shard: streaming means the two are about the same."""
+    result = {"benchmark": "tokenize-stream-memory"}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for label, size in (("small", gigabytes / 10), ("large", gigabytes)):
+            shard = Path(tmp) / f"{label}.jsonl.zst"
+            written = write_pile_shard(shard, size)
+            result[label] = dict(written, **_prepare_rss(shard, tokenizer, Path(tmp) / f"out-{label}"))
+            assert result[label]["documents"] == written["selected"], result[label]
+            shard.unlink()
+    return result
 
 
 if __name__ == "__main__":
-    import sys
-
     print(json.dumps(bench_tokenize(*sys.argv[1:3], fields=tuple(sys.argv[3].split(",")) if len(sys.argv) > 3
                                     else ("text",)), indent=1))

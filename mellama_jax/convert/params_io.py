@@ -98,8 +98,8 @@ class ParamsWriter:
                                                    "write_shape": list(shape)}}
 
     def write(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:
-        # Synchronous on purpose: overlapping the next tensor's read with this write was ~10% faster but
-        # raised peak RSS past the bound (two tensors in flight plus allocator fragmentation).
+        # Synchronous on purpose: overlapping the next tensor's read with this write raised peak RSS past the
+        # two-tensor bound (two tensors in flight plus allocator fragmentation; docs/benchmarks.md).
         store = self._stores[path]
         store = store if layer is None else store[layer]
         store.write(array).result()

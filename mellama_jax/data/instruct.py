@@ -1,4 +1,5 @@
-"""Instruction data: read Alpaca / ShareGPT / prompt-response records, render them through a prompt template,
+"""Instruction data: read Alpaca (medalpaca) / Dolly / ShareGPT / prompt-response records (JSON, JSON Lines,
+Parquet, Arrow, `datasets` folders), render them through a prompt template,
 tokenise with loss weight 1 on response tokens only, truncate or pack, and batch them on Grain.
 
 Each turn is tokenised piece by piece (as Meta's LLaMA-2 chat code does): the rendered user side gets weight 0
@@ -17,8 +18,10 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mellama_jax.data.corpus import BadRecord, Report, read_json_records
+from mellama_jax.artifacts import atomic_output
+from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.pretrain import pad_to_batches, read_manifest, shard_batches
+from mellama_jax.data.readers import records
 from mellama_jax.data.tokenizer import Tokenizer
 
 
@@ -72,6 +75,7 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
     """One record as a Conversation; raises ValueError naming the problem."""
     if fmt == "auto":
         fmt = ("sharegpt" if ("conversations" in obj or "messages" in obj) else
+               "dolly" if "instruction" in obj and "response" in obj else
                "alpaca" if "instruction" in obj else "prompt_response" if "prompt" in obj else "unknown")
 
     def text(key):
@@ -80,11 +84,12 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
             raise ValueError(f"missing field: {key!r}")
         return value
 
-    if fmt == "alpaca":
-        instruction, output = text("instruction"), text("output")
-        extra = obj.get("input") or ""
+    if fmt in ("alpaca", "dolly"):  # Dolly names Alpaca's input and output `context` and `response`
+        context, answer = ("input", "output") if fmt == "alpaca" else ("context", "response")
+        instruction, output = text("instruction"), text(answer)
+        extra = obj.get(context) or ""
         if not isinstance(extra, str):
-            raise ValueError("missing field: 'input' is not a string")
+            raise ValueError(f"missing field: {context!r} is not a string")
         turns = ((instruction.strip(), output.strip()),)
         return _checked(Conversation(turns, input=extra.strip()))
     if fmt == "prompt_response":
@@ -111,7 +116,8 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
             else:
                 raise ValueError(f"invalid conversation: unexpected {role or 'unknown'!r} message at {i}")
         return _checked(Conversation(tuple(turns), system=system))
-    raise ValueError("unknown format: expected instruction/output, conversations/messages or prompt/response")
+    raise ValueError("unknown format: expected instruction/output, instruction/response, conversations/messages "
+                     "or prompt/response")
 
 
 def _checked(conv: Conversation) -> Conversation:
@@ -124,13 +130,13 @@ def _checked(conv: Conversation) -> Conversation:
 
 
 def read_conversations(path: str | Path, report: Report, fmt: str = "auto") -> Iterator[tuple[str, Conversation]]:
-    for where, obj in read_json_records(path, report):
+    for where, obj in records(path, report):
         # Self-Instruct's layout: one instruction with several (input, output) instances.
         instances = obj.get("instances") if fmt in ("auto", "alpaca") and "instruction" in obj else None
-        records = ([dict(instance, instruction=obj["instruction"]) if isinstance(instance, dict) else instance
-                    for instance in instances] if isinstance(instances, list) else [obj])
-        for k, record in enumerate(records):
-            here = where if len(records) == 1 else f"{where} instance {k}"
+        parts = ([dict(instance, instruction=obj["instruction"]) if isinstance(instance, dict) else instance
+                  for instance in instances] if isinstance(instances, list) else [obj])
+        for k, record in enumerate(parts):
+            here = where if len(parts) == 1 else f"{where} instance {k}"
             try:
                 if not isinstance(record, dict):
                     raise ValueError("invalid record: an instance is not an object")
@@ -170,28 +176,11 @@ def render(conv: Conversation, template: Template, tokenizer: Tokenizer,
 # ----------------------------------------------------------------------------------------- prepare
 
 
-def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_dir: str | Path, seq_len: int,
-                     template: str = "llama2_chat", fmt: str = "auto", truncation: str = "truncate",
-                     pack: bool = False, strict: bool = False, train_on_eos: bool = True) -> dict:
-    """Render, tokenise and store examples (or packed rows) as ArrayRecord; returns the manifest.
-
-    Records are int32 arrays of shape (3, n): token ids, loss weights, segment ids (one per example).
-    truncation: "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose
-    response would be cut away entirely is skipped either way. Every skip is counted with its location.
-    """
-    if truncation not in ("truncate", "drop"):
-        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.load(tokenizer_path)
-    tokenizer.save(out)
-    tpl = load_template(template)
-    report = Report(strict=strict)
-    truncated = 0
-    examples = []
+def _examples(inputs, tokenizer: Tokenizer, tpl: Template, seq_len: int, fmt: str, truncation: str,
+              report: Report, train_on_eos: bool) -> tuple[list, int]:
+    """(token ids, loss weights) of every usable example, and how many were truncated."""
+    truncated, examples = 0, []
     for path in inputs:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such input file")
         for where, conv in read_conversations(path, report, fmt):
             ids, weights = render(conv, tpl, tokenizer, train_on_eos)
             if len(ids) > seq_len:
@@ -206,23 +195,41 @@ def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_d
             examples.append((ids, weights))
     if not examples:
         raise BadRecord(f"{', '.join(map(str, inputs))}: no usable examples ({report.summary()})")
-    rows = _pack(examples, seq_len) if pack else [
-        np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
-    tmp = out / "examples.arrayrecord.tmp"
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    for row in rows:
-        writer.write(row.tobytes())
-    writer.close()
-    tmp.replace(out / "examples.arrayrecord")
-    report.documents = len(examples)
-    report.tokens = sum(len(i) for i, _ in examples)
-    manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": pack,
-                "rows": len(rows), "response_tokens": int(sum(sum(w) for _, w in examples)),
-                "truncated": truncated, "report": report.to_dict(),
-                "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    return examples, truncated
+
+
+def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_dir: str | Path, seq_len: int,
+                     template: str = "llama2_chat", fmt: str = "auto", truncation: str = "truncate",
+                     pack: bool = False, strict: bool = False, train_on_eos: bool = True,
+                     overwrite: bool = False) -> dict:
+    """Render, tokenise and store examples (or packed rows) as ArrayRecord; returns the manifest.
+
+    Records are int32 arrays of shape (3, n): token ids, loss weights, segment ids (one per example).
+    truncation: "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose
+    response would be cut away entirely is skipped either way. Every skip is counted with its location.
+    The output folder appears whole or not at all (artifacts.atomic_output).
+    """
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    tpl = load_template(template)
+    report = Report(strict=strict)
+    with atomic_output(out_dir, "prepare-instruct", overwrite, inputs) as out:
+        examples, truncated = _examples(inputs, tokenizer, tpl, seq_len, fmt, truncation, report, train_on_eos)
+        rows = _pack(examples, seq_len) if pack else [
+            np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
+        writer = ArrayRecordWriter(str(out / "examples.arrayrecord"), "group_size:1")
+        for row in rows:
+            writer.write(row.tobytes())
+        writer.close()
+        tokenizer.save(out)
+        report.documents = len(examples)
+        report.tokens = sum(len(i) for i, _ in examples)
+        manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": pack,
+                    "rows": len(rows), "response_tokens": int(sum(sum(w) for _, w in examples)),
+                    "truncated": truncated, "report": report.to_dict(),
+                    "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -245,9 +252,7 @@ def _pack(examples, seq_len: int) -> list[np.ndarray]:
 class InstructSource:
     def __init__(self, directory: str | Path):
         directory = Path(directory)
-        manifest = read_manifest(directory)
-        if manifest.get("format") != "mellama-instruct-v1":
-            raise BadRecord(f"{directory}/manifest.json: not an instruction dataset")
+        manifest = read_manifest(directory, "mellama-instruct-v1")
         self.seq_len = manifest["seq_len"]
         self.reader = grain.sources.ArrayRecordDataSource([str(directory / "examples.arrayrecord")])
 

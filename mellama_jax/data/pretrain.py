@@ -22,9 +22,20 @@ import numpy as np
 from mellama_jax.data.corpus import BadRecord, read_json_file
 
 
-def read_manifest(directory: str | Path) -> dict:
-    return read_json_file(Path(directory) / "manifest.json",
-                          "not a prepared dataset (run `mellama-jax prepare ...` first)")
+FORMATS = {"mellama-pretrain-v1": "pretraining data (`prepare pretrain` output)",
+           "mellama-instruct-v1": "an instruction dataset (`prepare instruct` output)"}
+
+
+def read_manifest(directory: str | Path, expected: str | None = None) -> dict:
+    """A prepared dataset's manifest; with `expected`, one of that format, or a one-line error naming the
+    folder and what it holds instead (a pretrain config pointed at instruction data, or the reverse)."""
+    manifest = read_json_file(Path(directory) / "manifest.json",
+                              "not a prepared dataset (run `mellama-jax prepare ...` first)")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if expected and found != expected:
+        raise BadRecord(f"{directory}: data.path holds {FORMATS.get(found, f'an unknown format {found!r}')}, "
+                        f"but this run needs {FORMATS[expected]}; check data.path and train.mode")
+    return manifest
 
 
 class PackedSource:
@@ -33,7 +44,7 @@ class PackedSource:
     def __init__(self, directory: str | Path, source: str, seq_len: int, seed: int, split: str = "train",
                  holdout_documents: int = 0, source_id: int = 0):
         directory = Path(directory)
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, "mellama-pretrain-v1")
         if source not in manifest["sources"]:
             raise BadRecord(f"{directory}/manifest.json: no source {source!r}; "
                             f"sources: {sorted(manifest['sources'])}")

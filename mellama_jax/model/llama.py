@@ -19,7 +19,7 @@ from mellama_jax.model.layers import Dense, Embed, RMSNorm, constrain, swiglu
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 # Inside a layer and for the head, activations are flat (B*T, D) rows: XLA's CPU backend runs the projections
-# and their gradients ~25% faster on 2-D operands than on (B, T, D) (docs/benchmarks.md); on GPU/TPU the
+# and their gradients faster on 2-D operands than on (B, T, D) (measured: docs/benchmarks.md); on GPU/TPU the
 # reshape is free.
 FLAT_EMBED = ("activation_batch", "activation_embed")
 
