@@ -11,7 +11,8 @@ Mutants are listed in tests/mutants/*.yaml, each entry a mapping:
 The repository's files (tracked and untracked-but-not-ignored, as git lists them) are copied once to a temporary
 directory; for each mutant the file is edited there, `python -m pytest -q -x -p no:cacheprovider <tests>` runs
 with PYTHONPATH at the copy, and the file is restored. A mutant is killed when pytest reports failures (exit 1)
-or cannot collect the tests it imports (exit 2, said in the table), survives when the tests pass, and is broken
+or cannot collect the tests it imports (exit 2) or hangs past --timeout (both said in the table), survives when
+the tests pass (skipped tests pass: a mutant whose tests skip survives, visibly), and is broken
 when it cannot be applied: `find` missing or not unique, the edit is not valid Python, or no named test ran.
 The copy sits next to a link to the checkout's sibling `shared/`, so tests that read ../shared/data run there as
 they do in the checkout (instead of skipping, which would let a mutant survive unseen).
