@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # XLA on CPU page-faults fresh buffers every step; these glibc malloc settings keep freed memory mapped.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench mutants install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(BIN)/.installed
 
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "" $(PYTEST_FLAGS)
+
+# Plants each bug listed in tests/mutants/*.yaml in a scratch copy and checks its tests fail (not part of `test`).
+mutants: $(BIN)/.installed
+	$(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/mellama-jax bench convert
