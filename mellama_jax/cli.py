@@ -608,9 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["eval", "score"]:  # its own parser: `eval`'s options stay as they were
         argv = ["eval-score", *argv[2:]]
     args = build_parser().parse_args(argv)  # argparse: one line and exit code 2 for bad options
+    from mellama_jax.compile_cache import enable as enable_compile_cache
     from mellama_jax.config import ConfigError
     from mellama_jax.data.corpus import BadRecord
 
+    enable_compile_cache(args.command)  # before JAX compiles anything
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, BadRecord, ValueError) as e:

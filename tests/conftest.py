@@ -1,8 +1,15 @@
 """Shared fixtures. Eight simulated CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The CLI's compilation cache (mellama_jax/compile_cache.py) in a folder of this session, never the user's
+# home; the CLI processes that tests start inherit it and share their compiled programs.
+os.environ["MELLAMA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mellama-jax-compile-cache-")
+atexit.register(shutil.rmtree, os.environ["MELLAMA_COMPILE_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

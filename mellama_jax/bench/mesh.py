@@ -3,7 +3,6 @@ transformers + torch (and PEFT for LoRA) in the same run, so the ratio is measur
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -11,15 +10,16 @@ from pathlib import Path
 import numpy as np
 
 
-def _time_steps(run_step, warmup: int, steps: int) -> list[float]:
+def _time_steps(run_step, carry, warmup: int, steps: int) -> tuple[list[float], object]:
+    """Seconds per call of `carry = run_step(carry)` after `warmup` untimed calls, and the last carry."""
     for _ in range(warmup):
-        run_step()
+        carry = run_step(carry)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        run_step()
+        carry = run_step(carry)
         times.append(time.perf_counter() - start)
-    return times
+    return times, carry
 
 
 def synthetic_batch(cfg, seed: int = 0) -> dict:
@@ -30,7 +30,7 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
             "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
 
 
-def _profile(run, compiled, out_dir: str | Path, steps: int = 2) -> None:
+def _profile(run, carry, compiled, out_dir: str | Path, steps: int = 2) -> None:
     """A device trace of `steps` more steps (Perfetto JSON: `bench trace` summarises it) and the optimized HLO,
     which maps kernel names back to the model's operations."""
     import gzip
@@ -44,7 +44,7 @@ def _profile(run, compiled, out_dir: str | Path, steps: int = 2) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(steps):
-                run()
+                carry = run(carry)
         shutil.copy(next(Path(tmp).rglob("perfetto_trace.json.gz")), out / "trace.json.gz")
     with gzip.open(out / "hlo.txt.gz", "wt") as f:
         f.write(compiled.as_text())
@@ -57,7 +57,6 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     from mellama_jax.sharding import make_mesh
     from mellama_jax.config import load_config
     from mellama_jax.train import flops
-    from mellama_jax.train.metrics import measured_matmul_tflops, peak_tflops_per_device
     from mellama_jax.train.step import make_train_step, plan_trainer
 
     cfg = load_config(None, ["train.steps=1000"] + list(overrides))
@@ -71,24 +70,23 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     with jax.set_mesh(trainer.mesh):
         compiled = step.jitted.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
-    box = {"state": state}
 
-    def run():
+    def run(state):
         with jax.set_mesh(trainer.mesh):
-            box["state"], metrics = compiled(box["state"], frozen, batch)
+            state, metrics = compiled(state, frozen, batch)
         metrics["loss"].block_until_ready()
+        return state
 
-    times = _time_steps(run, warmup, steps)
+    # Each step donates the state it is given, so the timed calls thread it through.
+    times, state = _time_steps(run, state, warmup, steps)
     if profile_dir:
-        _profile(run, compiled, profile_dir)
+        _profile(run, state, compiled, profile_dir)
     median = statistics.median(times)
     tokens_per_s = B * T / median
     n = trainer.mesh.size
-    if jax.default_backend() == "cpu":  # simulated devices share the machine's cores: split its peak over the mesh
-        peak, peak_source = measured_matmul_tflops() / n, "cpu (measured fp32 matmul / mesh devices)"
-    else:
-        peak, peak_source = peak_tflops_per_device()
-    tflops = flops.train_flops_per_token(cfg.model, T, cfg.train.mode == "lora") * tokens_per_s / n / 1e12
+    lora = cfg.train.mode == "lora"
+    peak = flops.peak_tflops_per_device(n)
+    tflops = flops.train_flops_per_token(cfg.model, T, lora) * tokens_per_s / n / 1e12
     mem = compiled.memory_analysis()
     device_peak = None
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
@@ -96,8 +94,8 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
         device_peak = stats.get("peak_bytes_in_use")
     return {"mesh": dict(trainer.mesh.shape), "compile_s": compile_s, "step_s_median": median,
             "step_s_all": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
-            "model_tflops_per_device": tflops, "peak_tflops_per_device": peak, "peak_source": peak_source,
-            "mfu": tflops / peak if peak else None,
+            "model_tflops_per_device": tflops, "peak_tflops_per_device": peak,
+            "mfu": flops.mfu(cfg.model, T, tokens_per_s, peak * 1e12, n, lora) if peak else None,
             "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
             "device_peak_bytes": device_peak}
 
@@ -140,7 +138,7 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
 
-    def run():
+    def run(_):
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -149,7 +147,7 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times = _time_steps(run, warmup, steps)
+    times, _ = _time_steps(run, None, warmup, steps)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"device": device, "threads": torch.get_num_threads(), "dtype": dtype, "step_s_median": median,

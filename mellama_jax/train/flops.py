@@ -1,14 +1,21 @@
-"""Model FLOPs per token and MFU, counted as MaxText counts them.
+"""Model FLOPs per token, device peaks, and MFU, counted as MaxText counts them.
 
 Matmul FLOPs: 6 per multiply-accumulate-able weight per token (forward 2, backward 4) over every projection
 and the LM head (the input embedding is a lookup, not a matmul). Attention: the QK^T and PV products,
 4 * T * heads * head_dim per token per layer in the forward pass, halved for causal masking (MaxText's 2025
-change), times 3 for forward + backward.
+change), times 3 for forward + backward. MFU is those FLOPs per second over the devices' peak; the training
+loop and `bench mesh` both report it through `mfu` and `peak_tflops_per_device` below.
 """
 
 from __future__ import annotations
 
+import time
+
 from mellama_jax.config import ModelConfig
+
+# Dense bf16 peak per device, TFLOP/s (vendor figures without sparsity).
+PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
+               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -27,5 +34,42 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool =
 
 
 def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops_per_device: float,
-        num_devices: int) -> float:
-    return train_flops_per_token(cfg, seq_len) * tokens_per_second / (peak_flops_per_device * num_devices)
+        num_devices: int, frozen_weights: bool = False) -> float:
+    """Model FLOPs utilisation of `num_devices` devices processing `tokens_per_second` (0 for an unknown peak)."""
+    if not peak_flops_per_device:
+        return 0.0
+    flops = train_flops_per_token(cfg, seq_len, frozen_weights) * tokens_per_second
+    return flops / (peak_flops_per_device * num_devices)
+
+
+def measured_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of a large fp32 square matmul on the first device: the CPU's practical peak."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
+def peak_tflops_per_device(num_devices: int, configured: float = 0.0) -> float:
+    """The peak an MFU is measured against: `configured` if set, the vendor's bf16 figure for known
+    accelerators, on CPU the measured matmul rate split over `num_devices` (simulated CPU devices share the
+    machine's cores), else 0 (MFU not reported)."""
+    import jax
+
+    if configured > 0:
+        return configured
+    kind = jax.devices()[0].device_kind.lower()
+    for name, peak in PEAK_TFLOPS.items():
+        if name in kind:
+            return peak
+    if jax.default_backend() == "cpu":
+        return measured_matmul_tflops() / num_devices
+    return 0.0

@@ -1,21 +1,21 @@
-"""The run: data, state (fresh, from `init_from`, or resumed), the step loop, evaluation, checkpoints, metrics.
+"""The run: data, state (fresh, from `init_from`, or resumed), and the step loop with its hooks.
 
-Exactly resumable: the data order is a pure function of (seed, step), dropout keys of (seed, step), and the
-checkpoint holds the train state and the iterator position together. SIGTERM/SIGINT saves the current step and
-returns cleanly. A non-finite loss stops the run before anything from that step is saved.
+`run_steps` is the loop: the jitted train step, then the hooks that are due (train/hooks.py: the non-finite
+guard, metrics with MFU, evaluation, checkpoints, the export, plots). `train` builds the data, state and hooks
+from a Config. Exactly resumable: the data order is a pure function of (seed, step), dropout keys of
+(seed, step), and the checkpoint holds the train state and the iterator position together. SIGTERM/SIGINT saves
+the current step and returns cleanly. A non-finite loss stops the run before anything from that step is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
-import math
-import signal
-import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
@@ -23,13 +23,13 @@ from mellama_jax.data.instruct import InstructSource, instruct_batches
 from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches)
 from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
-from mellama_jax.train.metrics import MetricsLogger, peak_tflops_per_device
+from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
+                                     NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves, run_hooks)
+from mellama_jax.train.metrics import MetricsLogger
 from mellama_jax.train.run_dir import check_run_dir, write_run_files
 from mellama_jax.train.step import make_eval_step, make_train_step, plan_trainer
 
-
-class NonFiniteLoss(RuntimeError):
-    pass
+__all__ = ["NonFiniteLoss", "build_data", "run_steps", "train"]
 
 
 def epochs_for(cfg: Config, examples: int) -> int:
@@ -65,143 +65,92 @@ def build_data(cfg: Config, process_index: int, process_count: int):
     return train, evaluation, steps
 
 
+def run_steps(step_fn, state, frozen, batches, start: int, steps: int, hooks, stop=lambda: False):
+    """Steps start+1 .. steps of `state, metrics = step_fn(state, frozen, batch)`, the due hooks after each;
+    stops early after the step at which `stop()` turns true. Returns (state, steps done, stopped early)."""
+    if start >= steps:  # a finished run started again: nothing to train, the end-of-run hooks still run
+        run_hooks(hooks, StepInfo(start, state, None, last=True, stopping=False))
+        return state, start, False
+    step, stopping = start, False
+    while step < steps and not stopping:
+        state, metrics = step_fn(state, frozen, next(batches))
+        step += 1
+        stopping = stop()
+        run_hooks(hooks, StepInfo(step, state, metrics, last=step == steps, stopping=stopping))
+    return state, step, stopping
+
+
 def train(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     pi, pc = jax.process_index(), jax.process_count()
-    main = pi == 0
     train_ds, eval_ds, steps = build_data(cfg, pi, pc)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     check_run_dir(cfg)
-    if main:
+    if pi == 0:
         write_run_files(cfg)
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    trainer, init = plan_trainer(cfg, mesh)
-    with jax.set_mesh(mesh):
-        state, frozen = init()
-    if cfg.train.init_from:
-        state, frozen = _load_initial_params(cfg, trainer, state, frozen)
+    trainer, state, frozen = _initial_state(cfg)
     iterator = iterate(train_ds, cfg.data.read_threads)
     mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)
-    start = mngr.latest_step()
-    if start is not None:
-        state, _ = checkpoint.restore(mngr, start, checkpoint.abstract_like(state, trainer.state_shardings),
+    saved = mngr.latest_step()
+    if saved is not None:
+        state, _ = checkpoint.restore(mngr, saved, checkpoint.abstract_like(state, trainer.state_shardings),
                                       iterator)
-    saved_step = start
-    start = int(start or 0)
-
-    step_fn, eval_fn = make_train_step(trainer), make_eval_step(trainer)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    flops_per_token = flops.train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.mode == "lora")
-    peak, peak_source = peak_tflops_per_device(cfg.run.peak_tflops)
-    log = MetricsLogger(run_dir, steps, start, main, cfg.run.progress)
+    start = int(saved or 0)
+    log = MetricsLogger(run_dir, steps, start, pi == 0, cfg.run.progress)
     log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
-                f"{cfg.train.seq_len} tokens on mesh {dict(mesh.shape)}"
+                f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
                 + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
-
-    stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda n, _: stop.update(signal=signal.Signals(n).name))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    pending: list[tuple[int, dict]] = []
-    last_log_time, last_log_step = time.perf_counter(), start
-    meta = {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}
-
-    def check_finite():
-        for s, m in pending:
-            host = {k: float(v) for k, v in m.items()}
-            if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
-                raise NonFiniteLoss(f"non-finite loss at step {s} (loss={host['loss']}, grad_norm="
-                                    f"{host['grad_norm']}); stopped without saving: the last good checkpoint "
-                                    f"(step {mngr.latest_step()}) is untouched")
-        pending.clear()
-
-    warn = {"documents": attention.resolve(cfg.model.attention) == "cudnn"}  # said once per run
-
-    def warn_documents(step, documents):
-        if warn["documents"] and documents > cfg.model.max_segments:
-            warn["documents"] = False
-            log.message(f"step {step}: a row holds {int(documents)} documents, more than model.max_segments="
-                        f"{cfg.model.max_segments}: such batches take cuDNN's masked attention kernel, ~10% slower "
-                        f"per step at 7B (docs/benchmarks.md); a larger max_segments avoids that")
-
-    def save(step):
-        nonlocal saved_step
-        check_finite()
-        checkpoint.save(mngr, step, state, iterator, dict(meta, step=step))
-        saved_step = step
-
-    status, last_eval = "finished", None
-    try:
-        step = start
-        while step < steps:
-            batch = trainer.shard_batch(next(iterator))
-            state, metrics = step_fn(state, frozen, batch)
-            step += 1
-            pending.append((step, metrics))
-            log.advance()
-            if step % cfg.run.log_every == 0 or step == steps:
-                host = {k: float(v) for k, v in metrics.items()}
-                check_finite()
-                elapsed = time.perf_counter() - last_log_time
-                rate = tokens_per_step * (step - last_log_step) / elapsed
-                host.update(tokens_per_s=rate, step_time_s=elapsed / (step - last_log_step),
-                            mfu=flops_per_token * rate / (peak * 1e12 * jax.device_count()) if peak else 0.0)
-                log.log(step, host)
-                warn_documents(step, host["documents_per_row_max"])
-                last_log_time, last_log_step = time.perf_counter(), step
-            if eval_ds is not None and cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                last_eval = (step, evaluate(eval_fn, trainer, state.params, frozen, eval_ds, cfg.run.eval_batches))
-                log.log(step, {"loss": last_eval[1]}, "eval")
-            if step % cfg.checkpoint.every == 0:
-                save(step)
-            if _agreed_stop(stop["signal"] is not None, pc):
-                status = f"stopped by {stop['signal'] or 'another process'}"
-                break
-        if saved_step != step:
-            save(step)
+    guard = FiniteGuard(mngr.latest_step)
+    saving = Checkpointing(mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)},
+                           saved, guard.check)
+    evaluation = (Evaluation(make_eval_step(trainer), trainer.shard_batch, frozen, eval_ds, cfg.run.eval_batches,
+                             log) if eval_ds is not None else None)
+    export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
+    hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, export, start, main=pi == 0)
+    with StopOnSignal(pc) as stop, contextlib.closing(mngr), contextlib.closing(log):
+        state, step, stopped = run_steps(make_train_step(trainer), state, frozen,
+                                         map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
         mngr.wait_until_finished()
-        result = {"status": status, "step": step, "steps": steps, "run_dir": str(run_dir)}
+        result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
+                  "run_dir": str(run_dir)}
         if step == steps:
-            if eval_ds is not None:
-                if last_eval is None or last_eval[0] != step:
-                    last_eval = (step, evaluate(eval_fn, trainer, state.params, frozen, eval_ds,
-                                                cfg.run.eval_batches))
-                    log.log(step, {"loss": last_eval[1]}, "eval")
-                result["eval_loss"] = last_eval[1]
-            export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
-            checkpoint.save_params(export, state.params)
+            if evaluation is not None:
+                result["eval_loss"] = evaluation.last
             result["export"] = str(export)
-        log.message(f"{status} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
-                    + (f"; parameters {result['export']}" if "export" in result else ""))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        log.close()
-        mngr.close()
-    if main:
+        log.message(f"{result['status']} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
+                    + (f"; parameters {export}" if "export" in result else ""))
+    if pi == 0:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
-        if cfg.run.plot:
-            from mellama_jax.plot import plot_run
-
-            plot_run(run_dir)
     return result
 
 
-def _agreed_stop(local: bool, process_count: int) -> bool:
-    """All processes stop at the same step if any of them was signalled."""
-    if process_count == 1:
-        return local
-    from jax.experimental import multihost_utils
+def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, start: int, main: bool) -> list:
+    """What runs after a step, in order: the guard's check before anything reads or saves the step's values."""
+    lora = cfg.train.mode == "lora"
+    peak = flops.peak_tflops_per_device(trainer.mesh.size, cfg.run.peak_tflops)
+    mfu = functools.partial(flops.mfu, cfg.model, cfg.train.seq_len, peak_flops_per_device=peak * 1e12,
+                            num_devices=trainer.mesh.size, frozen_weights=lora)
+    every = cfg.run.log_every
+    hooks = [*guard.hooks(every), Hook(lambda info: log.advance(), every=1, at_end=False),
+             Hook(LogMetrics(log, cfg.train.batch_size * cfg.train.seq_len, mfu, start), every=every),
+             Hook(DocumentsWarning(log, cfg.model.max_segments, attention.resolve(cfg.model.attention) == "cudnn"),
+                  every=every)]
+    if evaluation is not None:
+        hooks.append(Hook(evaluation, every=cfg.run.eval_every))
+    hooks += [Hook(saving, every=cfg.checkpoint.every, at_stop=True), Hook(functools.partial(export_params, export))]
+    if main and cfg.run.plot:
+        hooks.append(Hook(functools.partial(plot_curves, Path(cfg.run.dir)), at_stop=True))
+    return hooks
 
-    return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
-
-def evaluate(eval_fn, trainer, params, frozen, eval_ds, max_batches: int) -> float:
-    total, weight = 0.0, 0.0
-    for k in range(min(len(eval_ds), max_batches)):
-        ce, w = eval_fn(params, frozen, trainer.shard_batch(eval_ds[k]))
-        total, weight = total + float(ce), weight + float(w)
-    return total / max(weight, 1.0)
+def _initial_state(cfg: Config):
+    """(Trainer, TrainState, frozen): initialised on the mesh, then loaded from `init_from` if set."""
+    trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    with jax.set_mesh(trainer.mesh):
+        state, frozen = init()
+    if cfg.train.init_from:
+        state, frozen = _load_initial_params(cfg, trainer, state, frozen)
+    return trainer, state, frozen
 
 
 def _load_initial_params(cfg: Config, trainer, state, frozen):

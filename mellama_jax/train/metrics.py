@@ -1,4 +1,4 @@
-"""Training metrics: console progress bar with ETA, a JSONL file, TensorBoard events; device peaks for MFU.
+"""Training metrics: console progress bar with ETA, a JSONL file, TensorBoard events.
 
 Only process 0 writes; the others construct a silent logger so the loop has no branches.
 """
@@ -9,39 +9,7 @@ import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 from tqdm import tqdm
-
-# Dense bf16 peak per device, TFLOP/s (vendor figures without sparsity).
-PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
-               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0}
-
-
-def measured_matmul_tflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-    """Achieved TFLOP/s of a large square matmul on the first device: the CPU's practical peak."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e12
-
-
-def peak_tflops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    if configured > 0:
-        return configured, "configured"
-    kind = jax.devices()[0].device_kind.lower()
-    for name, peak in PEAK_TFLOPS.items():
-        if name in kind:
-            return peak, f"{kind} (bf16 dense spec)"
-    if jax.default_backend() == "cpu":
-        # Simulated CPU devices share the same cores: the whole machine's peak, split over them.
-        return measured_matmul_tflops() / jax.device_count(), "cpu (measured fp32 matmul / devices)"
-    return 0.0, f"{kind} (unknown peak: MFU not reported)"
 
 
 class MetricsLogger:

@@ -1,0 +1,200 @@
+"""The training loop's concerns, one hook each, and the schedule that calls them.
+
+After every step the loop builds a `StepInfo` and `run_hooks` calls each hook that is due, in list order. A
+hook is a function of `StepInfo` with its own cadence, as in Levanter's `Trainer.add_hook(fn, every=n)`: after
+each step that is a multiple of `every`, after the run's last step (`at_end`), and after the step at which a
+signal stops the run early (`at_stop`). State a hook needs between calls (when it last logged, which step it
+last saved) lives in that hook's object, never in the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mellama_jax.train import checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    step: int  # steps completed
+    state: Any  # the TrainState after `step` steps
+    metrics: dict | None  # the step's metrics, device scalars; None when a resumed run had no step left to run
+    last: bool  # the run's last step
+    stopping: bool  # a signal ends the run after this step
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    fn: Callable[[StepInfo], Any]
+    every: int = 0  # after each step that is a multiple of this; 0: never on a cadence
+    at_end: bool = True  # after the run's last step
+    at_stop: bool = False  # after the step at which a signal stops the run
+
+    def due(self, info: StepInfo) -> bool:
+        stepped = info.metrics is not None
+        return ((stepped and self.every > 0 and info.step % self.every == 0)
+                or (self.at_end and info.last) or (self.at_stop and info.stopping))
+
+
+def run_hooks(hooks: Sequence[Hook], info: StepInfo) -> None:
+    for hook in hooks:
+        if hook.due(info):
+            hook.fn(info)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class FiniteGuard:
+    """Stops the run at the first step whose loss or gradient norm is NaN or infinite.
+
+    Reading a value to the host waits for its step to finish, so `record` (every step) only keeps the device
+    scalars, and `check` reads all of them at once: on its own cadence, and before every save (`Checkpointing`
+    calls it), so nothing from a non-finite step is ever saved.
+    """
+
+    def __init__(self, last_saved: Callable[[], int | None]):
+        self.last_saved = last_saved
+        self.unchecked: list[tuple[int, dict]] = []
+
+    def record(self, info: StepInfo) -> None:
+        self.unchecked.append((info.step, info.metrics))
+
+    def check(self, info: StepInfo | None = None) -> None:
+        for step, metrics in self.unchecked:
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                                    f"stopped without saving: the last good checkpoint (step "
+                                    f"{self.last_saved()}) is untouched")
+        self.unchecked.clear()
+
+    def hooks(self, every: int) -> list[Hook]:
+        return [Hook(self.record, every=1, at_end=False), Hook(self.check, every=every)]
+
+
+class LogMetrics:
+    """One metrics line: the step's metrics, tokens/s and step time since the previous line, and MFU."""
+
+    def __init__(self, log, tokens_per_step: int, mfu: Callable[[float], float], start_step: int,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.log, self.tokens_per_step, self.mfu, self.clock = log, tokens_per_step, mfu, clock
+        self.since = (clock(), start_step)
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.metrics is None:
+            return
+        host = {k: float(v) for k, v in info.metrics.items()}  # waits for the step: the clock reads after it
+        then, then_step = self.since
+        elapsed = self.clock() - then
+        rate = self.tokens_per_step * (info.step - then_step) / elapsed
+        host.update(tokens_per_s=rate, step_time_s=elapsed / (info.step - then_step), mfu=self.mfu(rate))
+        self.log.log(info.step, host)
+        self.since = (self.clock(), info.step)
+
+
+class DocumentsWarning:
+    """Says once per run that a row held more documents than `model.max_segments` (cuDNN's packed layout)."""
+
+    def __init__(self, log, max_segments: int, enabled: bool):
+        self.log, self.max_segments, self.pending = log, max_segments, enabled
+
+    def __call__(self, info: StepInfo) -> None:
+        if not self.pending or info.metrics is None:
+            return
+        documents = float(info.metrics["documents_per_row_max"])
+        if documents > self.max_segments:
+            self.pending = False
+            self.log.message(f"step {info.step}: a row holds {int(documents)} documents, more than "
+                             f"model.max_segments={self.max_segments}: such batches take cuDNN's masked attention "
+                             f"kernel, ~10% slower per step at 7B (docs/benchmarks.md); a larger max_segments "
+                             f"avoids that")
+
+
+def held_out_loss(eval_fn, shard_batch, params, frozen, batches, max_batches: int) -> float:
+    """Mean cross-entropy per loss-weighted token over the first `max_batches` batches."""
+    total, weight = 0.0, 0.0
+    for k in range(min(len(batches), max_batches)):
+        ce, w = eval_fn(params, frozen, shard_batch(batches[k]))
+        total, weight = total + float(ce), weight + float(w)
+    return total / max(weight, 1.0)
+
+
+class Evaluation:
+    """The held-out loss, logged as an `eval` line; `last` is the latest value."""
+
+    def __init__(self, eval_fn, shard_batch, frozen, batches, max_batches: int, log):
+        self.loss = lambda params: held_out_loss(eval_fn, shard_batch, params, frozen, batches, max_batches)
+        self.log, self.last = log, None
+
+    def __call__(self, info: StepInfo) -> None:
+        self.last = self.loss(info.state.params)
+        self.log.log(info.step, {"loss": self.last}, "eval")
+
+
+class Checkpointing:
+    """Saves the train state with the data iterator's position (at most once per step), after `vet` (the
+    non-finite guard's check) has passed."""
+
+    def __init__(self, mngr, iterator, meta: dict, saved_step: int | None, vet: Callable[[], None]):
+        self.mngr, self.iterator, self.meta, self.saved_step, self.vet = mngr, iterator, meta, saved_step, vet
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step == self.saved_step:
+            return
+        self.vet()
+        checkpoint.save(self.mngr, info.step, info.state, self.iterator, dict(self.meta, step=info.step))
+        self.saved_step = info.step
+
+
+def export_params(path: Path, info: StepInfo) -> None:
+    """The trained parameters alone (what `init_from` and the converters read)."""
+    checkpoint.save_params(path, info.state.params)
+
+
+def plot_curves(run_dir: Path, info: StepInfo) -> None:
+    from mellama_jax.plot import plot_run
+
+    plot_run(run_dir)
+
+
+class StopOnSignal:
+    """SIGTERM or SIGINT (a scheduler's preemption notice, Ctrl-C) asks the run to stop after the current step;
+    all processes stop at the same step if any of them was signalled. The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, process_count: int = 1):
+        self.process_count, self.received = process_count, None
+
+    def __enter__(self) -> StopOnSignal:
+        self.previous = {s: signal.signal(s, self._receive) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _receive(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+    def requested(self) -> bool:
+        local = self.received is not None
+        if self.process_count == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+
+    @property
+    def reason(self) -> str:
+        return self.received or "another process"
