@@ -44,6 +44,7 @@ class Attention(nnx.Module):
         self.wv = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **_dense_kw(cfg, lora, "wv", rngs))
         self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **_dense_kw(cfg, lora, "wo", rngs))
         self.implementation = cfg.attention
+        self.splash_blocks = (cfg.splash_block_q, cfg.splash_block_kv)
 
     def __call__(self, x, batch_length, cos, sin, mask, rng=None, cache=None):
         """x: flat (B*T, D) with batch_length = (B, T). cache: None, or (k, v, layer, index) with k, v the
@@ -63,7 +64,8 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, cache is None)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, cache is None,
+                               self.splash_blocks)
         out = checkpoint_name(out, "attention_out")
         out = self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
         return out if cache is None else (out, (k_all, v_all))
