@@ -16,6 +16,7 @@ from jax.sharding import AxisType
 
 from mellama_jax.config import DEFAULT_RULES, ConfigError, load_model_preset
 from mellama_jax.model import attention
+from mellama_jax.train.flops import matmul_params
 from train_helpers import run_steps, synthetic_batch
 
 
@@ -108,19 +109,37 @@ def _libtpu_or_skip():
         pytest.skip("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
 
 
+@pytest.mark.slow  # ~11 s of CPU: two TPU compiles of the tiny step
 def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():
     """`plan --target tpu` compiles the tiny model's train step for 8 abstract TPU v5p chips (v5p:2x2x2) with
-    the TPU compiler: `auto` chooses splash there and its kernels lower to Mosaic (tpu_custom_call), the layout
-    fits a v5p's 95 GiB, and the cost analysis gives a roofline time."""
+    the TPU compiler: `auto` chooses splash there and its three kernels (forward, dq, dkv) lower to Mosaic calls;
+    the layout fits a v5p's 95 GiB, and the cost analysis, corrected for the scanned layers, gives at least the
+    model's matmul FLOPs (6 per weight per token; splash's own FLOPs are not seen) and a roofline time."""
     _libtpu_or_skip()
     out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--target", "tpu", "--topology",
-                          "v5p:2x2x2", "--model", "tiny-gqa", "--layouts", "fsdp=4,tensor=2", "--hlo-check",
-                          "tpu_custom_call", "model.attention=auto", "train.seq_len=256", "train.batch_size=8",
-                          "train.steps=2"], capture_output=True, text=True, timeout=600)
+                          "v5p:2x2x2", "--model", "tiny-gqa", "--layouts", "fsdp=4,tensor=2", "model.attention=auto",
+                          "train.seq_len=256", "train.batch_size=8", "train.steps=2"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
     row = result["layouts"][0]
     assert result["chip"] == "v5p" and result["devices"] == 8 and result["hbm_gib"] == 95
     assert row["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and row["fits"] is True
-    assert row["hlo_has"] == {"tpu_custom_call": True}
-    assert row["cost"]["flops"] > 0 and row["roofline_s"] > 0
+    assert row["mosaic_calls"] >= 3
+    cfg = load_model_preset("tiny-gqa")
+    matmul_flops = 6 * matmul_params(cfg) * 8 * 256 / 8
+    assert matmul_flops < row["cost"]["flops"] < 2 * matmul_flops
+    assert row["roofline_s"] >= row["cost"]["flops"] / 459e12
+
+
+def test_plan_target_tpu_without_libtpu_says_which_extra(monkeypatch, capsys):
+    """Where libtpu is missing, one line names the extra to install, and the exit code is 2."""
+    from mellama_jax import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    assert cli.main(["plan", "--target", "tpu", "--topology", "v5p:2x2x1", "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "mellama-jax[tpu]" in err
+    assert cli.main(["plan", "--target", "tpu", "--topology", "v9x:2x2", "--model", "tiny"]) == 2
+    assert "v5p" in capsys.readouterr().err
