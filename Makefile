@@ -14,16 +14,22 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[dev]"
 	touch $@
 
+# libtpu (the tpu extra), for the test that compiles the train step for TPU chips; the tests still run on the
+# CPU (JAX_PLATFORMS=cpu: JAX does not try to start a TPU backend here).
+$(BIN)/.tpu: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[tpu]"
+	touch $@
+
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/mellama-jax demo --out runs/demo
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+test: $(BIN)/.tpu
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q
 
-test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m ""
+test-all: $(BIN)/.tpu
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m ""
 
 bench: $(BIN)/.installed
 	$(BIN)/mellama-jax bench convert

@@ -121,24 +121,23 @@ def plan(config: str | None, overrides: list[str], devices: int, layouts: list[s
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 
 
-def _step_cost(cfg, row: dict, two_layers, devices) -> dict:
-    """The whole step's cost from XLA's cost analysis, which counts the body of a loop once: the scanned layers
-    count as one. A second compile of the same step with two layers unrolled gives one layer's cost (the
-    difference), added for the other num_layers - 1; grad_accum multiplies the lot (the optimizer update, run
-    once per step, is then overcounted: a few percent of the bytes)."""
-    scanned = row["cost"]
-    unrolled = _cost(_compile(two_layers, devices)[0])
+def _step_cost(cfg, small: tuple, devices) -> dict:
+    """The whole step's cost from XLA's cost analysis, which counts the body of a loop once (the scanned layers
+    as one, and the stacked weights they slice whole). So: the same step with one and with two layers unrolled,
+    whose difference is one layer's cost, extrapolated to num_layers; grad_accum multiplies the lot (the optimizer
+    update, run once per step, is then overcounted: a few percent of the bytes)."""
+    one, two = (_cost(_compile(c, devices)[0]) for c in small)
     layers = cfg.model.num_layers
-    return {k: (scanned[k] + (layers - 1) * (unrolled[k] - scanned[k])) * cfg.train.grad_accum for k in scanned}
+    return {k: (one[k] + (layers - 1) * (two[k] - one[k])) * cfg.train.grad_accum for k in one}
 
 
-def _tpu_row(cfg, two_layers, devices, chip) -> dict:
+def _tpu_row(cfg, small, devices, chip) -> dict:
     """One layout compiled for TPU chips: memory against the chip's HBM, cost analysis, roofline and ideal times."""
     from mellama_jax.bench.tpu import roofline_seconds
     from mellama_jax.train.flops import train_flops_per_token
 
     row = plan_layout(cfg, devices)
-    row["cost_as_compiled"], row["cost"] = row["cost"], _step_cost(cfg, row, two_layers, devices)
+    row["cost_as_compiled"], row["cost"] = row["cost"], _step_cost(cfg, small, devices)
     batch_ways = math.prod(row["mesh"][a] for a in ("data", "fsdp") if a in row["mesh"])
     row["per_chip_batch"] = cfg.train.batch_size // cfg.train.grad_accum / batch_ways
     row["fits"] = row["xla_bytes"]["total"] <= chip.hbm_gib * GiB
@@ -162,10 +161,10 @@ def plan_tpu(config: str | None, overrides: list[str], topology: str, slices: in
     rows = []
     for layout in layouts or ["fsdp=-1"]:
         cfg = load_config(config, list(overrides) + layout_overrides(layout, slices))
-        two_layers = load_config(config, list(overrides) + layout_overrides(layout, slices) +
-                                 ["model.num_layers=2", "model.scan_unroll=2"])
+        small = tuple(load_config(config, list(overrides) + layout_overrides(layout, slices) +
+                                  [f"model.num_layers={n}", f"model.scan_unroll={n}"]) for n in (1, 2))
         try:
-            row = _tpu_row(cfg, two_layers, devices, chip)
+            row = _tpu_row(cfg, small, devices, chip)
         except Exception as e:  # a layout that cannot be built or does not compile is a result, not a crash
             row = {"mesh": layout, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         rows.append(dict(row, layout=layout))
