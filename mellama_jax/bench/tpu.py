@@ -44,9 +44,11 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("plan --target tpu needs libtpu, which is not installed: pip install 'mellama-jax[tpu]' "
                           "(the tpu extra)")
-    # Compiling needs no TPU: skip the metadata-server queries and host discovery libtpu would try at start.
+    # Compiling needs no TPU: skip the metadata-server queries and host discovery libtpu would try at start, and
+    # its lock file (/tmp/libtpu_lockfile), which would fail a second plan running beside this one.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     from jax.experimental import topologies
 
