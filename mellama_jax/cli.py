@@ -326,12 +326,22 @@ def _generate(args) -> int:
 
 
 def _plan(args) -> int:
-    from mellama_jax.bench.plan import run
+    from mellama_jax.bench import plan
+    from mellama_jax.config import ConfigError
 
     overrides = list(args.overrides) + ([f"model.preset={args.model}"] if args.model else [])
-    print(run(args.config, overrides, args.devices, [l for l in (args.layouts or "").split(";") if l],
-              args.memory_gb))
-    return 0
+    layouts = [l for l in (args.layouts or "").split(";") if l]
+    if args.target == "tpu":
+        if not args.topology:
+            raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
+        result = plan.plan_tpu(args.config, overrides, args.topology, args.slices, layouts)
+        print(plan.report(result, plan.markdown_tpu))
+    elif not args.devices:
+        raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
+    else:
+        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gb)
+        print(plan.report(result, plan.markdown))
+    return _all_failed(result["layouts"])
 
 
 def _eval(args) -> int:
@@ -386,13 +396,18 @@ def _add_run_commands(sub) -> None:
 
 def _add_plan(sub) -> None:
     """plan: the train step compiled ahead of time."""
-    pln = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices: memory per "
-                                      "device for each layout (nothing allocated)")
+    pln = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices (or a TPU "
+                                      "topology): memory per device for each layout (nothing allocated)")
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
-    pln.add_argument("--devices", type=POSITIVE, required=True, help="simulated devices, e.g. 160")
-    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh)')
+    pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
+    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
+                                       'tpu: fsdp=-1, the whole slice)')
     pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
+    pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
+                     help="tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)")
+    pln.add_argument("--topology", help="tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
+    pln.add_argument("--slices", type=POSITIVE, default=1, help="tpu: slices of --topology, data parallel across them (dcn)")
     pln.add_argument("overrides", nargs="*")
     pln.set_defaults(func=_plan)
 
