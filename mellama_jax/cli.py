@@ -339,7 +339,7 @@ def _plan(args) -> int:
     elif not args.devices:
         raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
     else:
-        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gb)
+        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gib)
         print(plan.report(result, plan.markdown))
     return _all_failed(result["layouts"])
 
@@ -403,7 +403,8 @@ def _add_plan(sub) -> None:
     pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
     pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
                                        'tpu: fsdp=-1, the whole slice)')
-    pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
+    pln.add_argument("--memory-gib", type=_number(float, 0.0, low_open=True), default=80.0,
+                     help="device memory to fit, GiB (default 80)")
     pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
                      help="tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)")
     pln.add_argument("--topology", help="tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")

@@ -94,7 +94,7 @@ def plan_layout(cfg, devices=None) -> dict:
     return row
 
 
-def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gb: float) -> dict:
+def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gib: float) -> dict:
     import jax
 
     try:
@@ -115,9 +115,9 @@ def plan(config: str | None, overrides: list[str], devices: int, layouts: list[s
             row = {"mesh": layout or "config", "error": f"{type(e).__name__}: {e}"}
         row["layout"] = layout or "config"
         if "xla_bytes" in row:
-            row["fits"] = row["xla_bytes"]["total"] <= memory_gb * 1e9
+            row["fits"] = row["xla_bytes"]["total"] <= memory_gib * GiB
         rows.append(row)
-    return {"model": cfg.model.name, "devices": devices, "device_memory_gb": memory_gb,
+    return {"model": cfg.model.name, "devices": devices, "device_memory_gib": memory_gib,
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 
 
@@ -175,7 +175,7 @@ def plan_tpu(config: str | None, overrides: list[str], topology: str, slices: in
 
 def markdown(result: dict) -> str:
     lines = [f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gb']} GB", "",
+             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB", "",
              "| layout | mesh | XLA args GiB | XLA temp GiB | XLA total GiB | estimate GiB | fits | compile s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["layouts"]:
