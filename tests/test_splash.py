@@ -14,6 +14,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import AxisType
 
+from conftest import skip_unless_ci
+
 from mellama_jax.config import DEFAULT_RULES, ConfigError, load_model_preset
 from mellama_jax.model import attention
 from mellama_jax.train.flops import matmul_params
@@ -88,8 +90,7 @@ def test_splash_choice_config_and_decoding():
                                   attention.attend(q, k, v, bool_mask, "xla"))
 
 
-@pytest.mark.slow  # ~25 s of CPU: two tiny train steps, the splash one interpreted
-def test_train_step_with_splash_equals_xla_under_a_mesh():
+def test_train_step_with_splash_equals_xla_under_a_mesh():  # ~25 s of CPU: the splash step interpreted
     """The tiny grouped-query model's real train step (scanned layers, full remat) on 8 devices as data 2 x fsdp
     2 x tensor 2, so splash runs in a shard_map with a quarter of the rows and half of the (KV) heads on each
     device: the losses of two steps and the gradient norms equal the xla model's."""
@@ -106,11 +107,10 @@ def test_train_step_with_splash_equals_xla_under_a_mesh():
 
 def _libtpu_or_skip():
     if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
+        skip_unless_ci("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
 
 
-@pytest.mark.slow  # ~11 s of CPU: two TPU compiles of the tiny step
-def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():
+def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():  # ~11 s of CPU: two TPU compiles
     """`plan --target tpu` compiles the tiny model's train step for 8 abstract TPU v5p chips (v5p:2x2x2) with
     the TPU compiler: `auto` chooses splash there and its three kernels (forward, dq, dkv) lower to Mosaic calls;
     the layout fits a v5p's 95 GiB, and the cost analysis, corrected for the scanned layers, gives at least the
