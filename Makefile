@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # XLA on CPU page-faults fresh buffers every step; these glibc malloc settings keep freed memory mapped.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench mutants install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +15,26 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "torch==2.13.0" -e ".[dev]"
 	touch $@
 
+# libtpu (the tpu extra), for the test that compiles the train step for TPU chips; the tests still run on the
+# CPU (JAX_PLATFORMS=cpu: JAX does not try to start a TPU backend here).
+$(BIN)/.tpu: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[tpu]"
+	touch $@
+
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/mellama-jax demo --out runs/demo
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
+test: $(BIN)/.tpu
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q $(PYTEST_FLAGS)
 
-test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_FLAGS)
+test-all: $(BIN)/.tpu
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m "" $(PYTEST_FLAGS)
+
+# Plants each bug listed in tests/mutants/*.yaml in a scratch copy and checks its tests fail (not part of `test`).
+mutants: $(BIN)/.tpu
+	JAX_PLATFORMS=cpu $(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/mellama-jax bench convert

@@ -176,6 +176,8 @@ def require_tokenizer(params: str | Path, tokenizer: str | Path | None = None) -
         if not path.exists():
             raise FileNotFoundError(f"{tokenizer}: no tokenizer.model there")
         return path
+    if not Path(params).exists():
+        raise FileNotFoundError(f"{params}: no such parameter folder")
     found = find_tokenizer(params)
     if found is None:
         raise FileNotFoundError(f"{params}: no tokenizer.model beside it, in its run or in its training data; "

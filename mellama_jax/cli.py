@@ -326,12 +326,22 @@ def _generate(args) -> int:
 
 
 def _plan(args) -> int:
-    from mellama_jax.bench.plan import run
+    from mellama_jax.bench import plan
+    from mellama_jax.config import ConfigError
 
     overrides = list(args.overrides) + ([f"model.preset={args.model}"] if args.model else [])
-    print(run(args.config, overrides, args.devices, [l for l in (args.layouts or "").split(";") if l],
-              args.memory_gb))
-    return 0
+    layouts = [l for l in (args.layouts or "").split(";") if l]
+    if args.target == "tpu":
+        if not args.topology:
+            raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
+        result = plan.plan_tpu(args.config, overrides, args.topology, args.slices, layouts)
+        print(plan.report(result, plan.markdown_tpu))
+    elif not args.devices:
+        raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
+    else:
+        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gib)
+        print(plan.report(result, plan.markdown))
+    return _all_failed(result["layouts"])
 
 
 def _eval(args) -> int:
@@ -360,10 +370,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mellama-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_commands(sub) -> None:
+    """info, train, plot, demo."""
     info = sub.add_parser("info", help="JAX backend and devices; parameters and per-device memory of a model "
                                        "(computed from abstract shapes, nothing allocated)")
     info.add_argument("--model", help="model preset name or YAML path (overrides the config's model)")
@@ -380,16 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.set_defaults(func=_plot)
 
-    pln = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices: memory per "
-                                      "device for each layout (nothing allocated)")
+    demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--devices", type=POSITIVE, default=8, help="simulated CPU devices")
+    demo.set_defaults(func=_demo)
+
+
+def _add_plan(sub) -> None:
+    """plan: the train step compiled ahead of time."""
+    pln = sub.add_parser("plan", help="compile the train step ahead of time on simulated devices (or a TPU "
+                                      "topology): memory per device for each layout (nothing allocated)")
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
-    pln.add_argument("--devices", type=POSITIVE, required=True, help="simulated devices, e.g. 160")
-    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh)')
-    pln.add_argument("--memory-gb", type=float, default=80.0, help="device memory to fit (default 80)")
+    pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
+    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
+                                       'tpu: fsdp=-1, the whole slice)')
+    pln.add_argument("--memory-gib", type=_number(float, 0.0, low_open=True), default=80.0,
+                     help="device memory to fit, GiB (default 80)")
+    pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
+                     help="tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)")
+    pln.add_argument("--topology", help="tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
+    pln.add_argument("--slices", type=POSITIVE, default=1, help="tpu: slices of --topology, data parallel across them (dcn)")
     pln.add_argument("overrides", nargs="*")
     pln.set_defaults(func=_plan)
 
+
+def _add_generate(sub) -> None:
+    """generate: decoding with a KV cache."""
     gen = sub.add_parser("generate", help="batched decoding with a KV cache from a parameter checkpoint")
     gen.add_argument("--model", required=True, help="a parameter checkpoint (hf-to-jax output, a run's params/)")
     gen.add_argument("--tokenizer", help="tokenizer.model (default: found beside the checkpoint)")
@@ -403,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapters", help="a LoRA run's adapters/ directory (--model is then the base)")
     gen.set_defaults(func=_generate)
 
+
+def _add_eval(sub) -> None:
+    """eval and eval score."""
     ev = sub.add_parser("eval", help="a benchmark task with the authors' prompts and scoring (see --task); "
                                      "`eval score` re-scores a predictions.jsonl without a model",
                         epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: "
@@ -441,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     evs.add_argument("--bertscore-model", help=bert_help)
     evs.set_defaults(func=_eval_score)
 
+
+def _add_convert(sub) -> None:
+    """convert hf-to-jax, jax-to-hf, verify."""
     conv = sub.add_parser("convert", help="Hugging Face <-> JAX checkpoints, PEFT adapters, verification")
     conv_sub = conv.add_subparsers(dest="direction", required=True)
     h2j = conv_sub.add_parser("hf-to-jax", help="HF LLaMA directory (safetensors) -> parameter checkpoint")
@@ -470,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (h2j, j2h, ver):
         p.set_defaults(func=_convert)
 
+
+def _add_prepare(sub) -> None:
+    """prepare pretrain, merge, instruct."""
     prepare = sub.add_parser("prepare", help="tokenise corpora or instruction data into ArrayRecord shards")
     prep_sub = prepare.add_subparsers(dest="kind", required=True)
     from mellama_jax.data import sources as source_specs  # stdlib only: keeps --help fast
@@ -515,17 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare instruct` output")
     ins.set_defaults(func=_prepare_instruct)
 
-    bench = sub.add_parser("bench", help="benchmarks with JSON output")
-    bench_sub = bench.add_subparsers(dest="kind", required=True)
+
+def _add_bench_speed(bench_sub) -> None:
+    """bench tokenize, mesh, trace, attention: our own speeds."""
     btok = bench_sub.add_parser("tokenize", help="`prepare pretrain` (plain and compressed inputs, 1..N "
                                                  "processes) vs a single-process SentencePiece loop")
     btok.add_argument("--corpus", help="a JSONL/txt/Parquet corpus")
     btok.add_argument("--tokenizer", required=True)
     btok.add_argument("--fields", default="text")
-    btok.add_argument("--repeat", type=int, default=8, help="repeat the corpus to reach a few MB")
+    btok.add_argument("--repeat", type=POSITIVE, default=8, help="repeat the corpus to reach a few MB")
     btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
     btok.add_argument("--workers", default="1,2", help="process counts to time")
-    btok.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best of each is kept")
+    btok.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved repetitions; the best of each is kept")
     btok.add_argument("--stream-gb", type=float, default=0, help="instead: peak RSS of prepare on a synthetic "
                                                                 "Pile-like .jsonl.zst of this many GB")
     btok.add_argument("--workdir", help="where the temporary files go (default: the system's temp folder)")
@@ -546,27 +581,31 @@ def build_parser() -> argparse.ArgumentParser:
     bmesh.set_defaults(func=_bench_mesh)
     btr = bench_sub.add_parser("trace", help="device time per step by kernel category, from `bench mesh --profile`")
     btr.add_argument("trace", help="trace.json.gz written by bench mesh --profile")
-    btr.add_argument("--steps", type=int, default=2, help="steps the trace holds (bench mesh --profile: 2)")
-    btr.add_argument("--top", type=int, default=15)
+    btr.add_argument("--steps", type=POSITIVE, default=2, help="steps the trace holds (bench mesh --profile: 2)")
+    btr.add_argument("--top", type=POSITIVE, default=15)
     btr.set_defaults(func=_bench_trace)
     batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")
     batt.add_argument("--impls", default="xla,dot_product,cudnn,cudnn_causal")
-    batt.add_argument("--batch", type=int, default=1)
-    batt.add_argument("--seq", type=int, default=4096)
-    batt.add_argument("--heads", type=int, default=32)
-    batt.add_argument("--kv-heads", type=int, default=32)
-    batt.add_argument("--head-dim", type=int, default=128)
+    batt.add_argument("--batch", type=POSITIVE, default=1)
+    batt.add_argument("--seq", type=POSITIVE, default=4096)
+    batt.add_argument("--heads", type=POSITIVE, default=32)
+    batt.add_argument("--kv-heads", type=POSITIVE, default=32)
+    batt.add_argument("--head-dim", type=POSITIVE, default=128)
     batt.add_argument("--dtype", default="bfloat16")
-    batt.add_argument("--docs", type=int, default=1, help="packed documents per row")
-    batt.add_argument("--steps", type=int, default=10)
+    batt.add_argument("--docs", type=POSITIVE, default=1, help="packed documents per row")
+    batt.add_argument("--steps", type=POSITIVE, default=10)
     batt.set_defaults(func=_bench_attention)
+
+
+def _add_bench_compare(bench_sub) -> None:
+    """bench baseline, convert, memory, decode: side by side with references."""
     bbase = bench_sub.add_parser("baseline", help="our step vs transformers+torch (and PEFT) on the same batch")
     bbase.add_argument("--model", default="bench-60m")
-    bbase.add_argument("--seq", type=int, default=256)
-    bbase.add_argument("--batch", type=int, default=4)
-    bbase.add_argument("--lora-rank", type=int, default=8)
-    bbase.add_argument("--warmup", type=int, default=2)
-    bbase.add_argument("--steps", type=int, default=5)
+    bbase.add_argument("--seq", type=POSITIVE, default=256)
+    bbase.add_argument("--batch", type=POSITIVE, default=4)
+    bbase.add_argument("--lora-rank", type=NON_NEGATIVE, default=8)
+    bbase.add_argument("--warmup", type=NON_NEGATIVE, default=2)
+    bbase.add_argument("--steps", type=POSITIVE, default=5)
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
@@ -575,15 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)
     bconv = bench_sub.add_parser("convert", help="hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s")
-    bconv.add_argument("--layers", type=int, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
+    bconv.add_argument("--layers", type=POSITIVE, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
     bconv.set_defaults(func=_bench_convert)
     bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
     bmem.add_argument("--model", default="bench-60m")
     bmem.add_argument("--layouts", default="fsdp=8;data=2,fsdp=2,tensor=2;data=8")
-    bmem.add_argument("--seq", type=int, default=256)
-    bmem.add_argument("--batch", type=int, default=8)
-    bmem.add_argument("--devices", type=int, default=8)
+    bmem.add_argument("--seq", type=POSITIVE, default=256)
+    bmem.add_argument("--batch", type=POSITIVE, default=8)
+    bmem.add_argument("--devices", type=POSITIVE, default=8)
     bmem.add_argument("overrides", nargs="*", help="more config overrides, e.g. train.mode=lora")
     bmem.set_defaults(func=_bench_memory)
     bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
@@ -594,10 +633,16 @@ def build_parser() -> argparse.ArgumentParser:
     bdec.add_argument("--repeats", type=POSITIVE, default=3)
     bdec.set_defaults(func=_bench_decode)
 
-    demo = sub.add_parser("demo", help="a small end-to-end run on the embedded medical-text sample")
-    demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    demo.set_defaults(func=_demo)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mellama-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run_commands, _add_plan, _add_generate, _add_eval, _add_convert, _add_prepare):
+        add(sub)
+    bench = sub.add_parser("bench", help="benchmarks with JSON output")
+    bench_sub = bench.add_subparsers(dest="kind", required=True)
+    _add_bench_speed(bench_sub)
+    _add_bench_compare(bench_sub)
     return parser
 
 

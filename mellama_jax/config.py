@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 CONFIG_ROOT = Path(os.environ.get("MELLAMA_CONFIGS") or str(resources.files("mellama_jax") / "configs"))
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTION = ("xla", "dot_product", "cudnn", "cudnn_causal", "auto")  # model/attention.py
+_ATTENTION = ("xla", "dot_product", "cudnn", "cudnn_causal", "splash", "auto")  # model/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 
 
@@ -50,11 +50,17 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage of parameters (and master weights)
     dtype: str = "float32"  # computation; recipes set bfloat16 for training
     # "xla" (reference einsum) | "dot_product" (jax.nn.dot_product_attention's XLA path) | "cudnn" (flash
-    # attention, GPU) | "cudnn_causal" (flash, causal mask only) | "auto" (cudnn on GPU, else xla)
+    # attention, GPU) | "cudnn_causal" (flash, causal mask only) | "splash" (Pallas flash attention, TPU;
+    # interpreted elsewhere) | "auto" (cudnn on GPU, splash on TPU, else xla)
     attention: str = "xla"
     # cudnn: documents per row that its packed layout has room for; a batch with a fuller row takes the
     # (exact, slower) masked kernel instead
     max_segments: int = 32
+    # splash: query and key/value block sizes (tokens, multiples of 128; forward and backward alike). 512 is
+    # MaxText's default: 8 x 8 blocks on a 4096-token row, so the causal half is skipped at a fine grain, and
+    # every block fits the TPU's default scoped VMEM. A shorter row takes the largest block that divides it.
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     remat: str = "none"  # activation checkpointing policy per layer, see REMAT_POLICIES
     scan_unroll: int = 1  # layers per scan iteration; >1 trades compile time for speed
 
@@ -64,7 +70,7 @@ class ModelConfig:
 
     def validate(self, where: str = "model") -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "max_seq_len", "scan_unroll", "max_segments")
+                    "head_dim", "max_seq_len", "scan_unroll", "max_segments", "splash_block_q", "splash_block_kv")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
@@ -78,6 +84,9 @@ class ModelConfig:
                 raise ConfigError(f"{where}.{key} must be one of {_DTYPES}, got {getattr(self, key)!r}")
         if self.attention not in _ATTENTION:
             raise ConfigError(f"{where}.attention must be one of {_ATTENTION}, got {self.attention!r}")
+        for key in ("splash_block_q", "splash_block_kv"):
+            if getattr(self, key) % 128:
+                raise ConfigError(f"{where}.{key} must be a multiple of 128, got {getattr(self, key)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"{where}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 

@@ -40,16 +40,18 @@ def parse_layout(text: str) -> dict[str, int]:
         raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, e.g. fsdp=4,tensor=2") from None
 
 
-def layout_overrides(text: str) -> list[str]:
-    """Config overrides that put one process's devices into the layout "fsdp=4,tensor=2" (unnamed axes: 1)."""
+def layout_overrides(text: str, slices: int = 1) -> list[str]:
+    """Config overrides that put one process's (or one TPU slice's) devices into the layout "fsdp=4,tensor=2"
+    (unnamed axes: 1); `slices` > 1 adds data parallelism across TPU slices (dcn)."""
     ici = parse_layout(text)
     axes = ("data", "fsdp", "tensor")
     return ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in axes) + "}",
-            "mesh.dcn={" + ", ".join(f"{a}: 1" for a in axes) + "}"]
+            "mesh.dcn={" + ", ".join(f"{a}: {slices if a == 'data' else 1}" for a in axes) + "}"]
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tuple[dict[str, int], dict[str, int]]:
-    """(ici, dcn) with -1 resolved. dcn spans processes; ici spans the devices of one process."""
+    """(ici, dcn) with -1 resolved. dcn spans processes (or TPU slices, see `_granules`); ici spans the devices of
+    one of them."""
     dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)
     if -1 in cfg.dcn.values() or dcn_total > 1:
         dcn = _resolve(cfg.dcn, num_processes, "dcn")
@@ -59,22 +61,32 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tup
     return ici, dcn
 
 
+def _granules(devices: list) -> tuple[int, bool]:
+    """What dcn spans: (count, by process). The slices of a multi-slice TPU job (ICI joins the hosts within a
+    slice, only the data-center network joins slices), else the processes (hosts: NVLink inside, InfiniBand
+    across)."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if len(slices) > 1:
+        return len(slices), False
+    return len({d.process_index for d in devices}), True
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    num_processes = len({d.process_index for d in devices})
+    granules, by_process = _granules(devices)
     dcn_total = math.prod(v for v in cfg.dcn.values() if v != -1)
-    if num_processes == 1 and dcn_total > 1:
+    if granules == 1 and dcn_total > 1:
         # One process standing in for many hosts (planning on simulated devices): fold dcn into ici.
         dcn = _resolve(cfg.dcn, dcn_total, "dcn")
         ici = _resolve(cfg.ici, len(devices) // dcn_total, "ici")
         shape = tuple(ici[a] * dcn[a] for a in ici)
         array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(array, tuple(ici), axis_types=(AxisType.Auto,) * len(ici))
-    ici, dcn = mesh_shape(cfg, len(devices), num_processes)
+    ici, dcn = mesh_shape(cfg, len(devices), granules)
     names = tuple(ici)
     if math.prod(dcn.values()) > 1:
         array = mesh_utils.create_hybrid_device_mesh(tuple(ici.values()), tuple(dcn.values()), devices,
-                                                     process_is_granule=True)
+                                                     process_is_granule=by_process)
     else:
         array = mesh_utils.create_device_mesh(tuple(ici.values()), devices, allow_split_physical_axes=True)
     return Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))

@@ -106,6 +106,28 @@ def test_long_documents_are_split_not_dropped(corpus):
     assert total == corpus["manifest"]["sources"]["biomedical"]["tokens"]
 
 
+def test_examples_predict_the_next_token_of_the_same_document_only(corpus):
+    """Next-token examples from packed rows, checked piece by piece: inside each document piece every token but
+    the last predicts its successor with weight 1; a piece's last token (whose successor belongs to the next
+    document, or to the next row) and padding weigh 0; positions restart at 0 in each piece."""
+    from mellama_jax.data.pretrain import to_example
+
+    source = PackedSource(corpus["out"], "general", seq_len=40, seed=2)
+    pieces_seen = 0
+    for r in range(source.rows_per_epoch):
+        row = source[r]
+        ex = to_example(row)
+        expected = np.zeros(40, np.float32)
+        for s in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+            a, b = np.flatnonzero(row["segment_ids"] == s)[[0, -1]]  # the piece is tokens a..b
+            expected[a:b] = 1.0
+            np.testing.assert_array_equal(ex["targets"][a:b], row["tokens"][a + 1:b + 1])
+            np.testing.assert_array_equal(ex["positions"][a:b + 1], np.arange(b + 1 - a))
+            pieces_seen += 1
+        np.testing.assert_array_equal(ex["loss_weights"], expected)
+    assert pieces_seen > source.rows_per_epoch  # rows hold several documents
+
+
 def test_mixture_token_shares_follow_the_weights(corpus):
     weights = {"biomedical": 15, "clinical": 1, "general": 4}
     batches = pretrain_batches(corpus["out"], weights, seq_len=32, global_batch=100, seed=0)

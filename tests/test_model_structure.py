@@ -115,3 +115,58 @@ def test_norm_and_swiglu_backward_match_autodiff(dtype, rng):
         assert a.dtype == b.dtype
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b)
+
+
+def _lora_and_base(cfg, lora):
+    """A LoRA model and a plain model holding the very same base weights."""
+    with_lora = Llama(cfg, rngs=nnx.Rngs(0), lora=lora)
+    _, adapters, base_state = nnx.split(with_lora, nnx.LoRAParam, ...)
+    plain = Llama(cfg, rngs=nnx.Rngs(1))
+    nnx.update(plain, base_state)
+    return with_lora, adapters, plain
+
+
+def test_fresh_lora_model_equals_its_base_exactly(rng):
+    """A fresh adapter must not change the model (PEFT's rule: B starts at zero, so x A B = 0 whatever A is):
+    a LoRA model's logits before any training equal its base model's bit for bit, with dropout on as well."""
+    from mellama_jax.config import LORA_TARGETS, LoraConfig
+
+    cfg = load_model_preset("tiny-gqa")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=LORA_TARGETS)
+    with_lora, adapters, plain = _lora_and_base(cfg, lora)
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapters))  # A is random, not zero
+    ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 12)))
+    base = np.asarray(plain(ids))
+    np.testing.assert_array_equal(np.asarray(with_lora(ids)), base)
+    np.testing.assert_array_equal(np.asarray(with_lora(ids, dropout_rng=jax.random.key(3))), base)
+
+
+def test_lora_adds_alpha_over_rank_times_a_b(rng):
+    """With non-zero B, the LoRA model equals its base with every targeted kernel replaced by W + (alpha/r) A B,
+    merged here by hand in float64: alpha 8 and rank 4 give the factor 2 (PEFT's scaling, not alpha alone)."""
+    from mellama_jax.config import LoraConfig
+
+    cfg = load_model_preset("tiny-gqa")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("wq", "wv", "w_down"))
+    with_lora, adapters, plain = _lora_and_base(cfg, lora)
+    flat = dict(nnx.to_flat_state(adapters))
+    for path, var in flat.items():
+        if path[-1] == "lora_b":
+            var.set_value(jnp.asarray(rng.normal(0, 0.05, var.shape), var.dtype))
+    nnx.update(with_lora, nnx.from_flat_state(flat))
+    merged = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    for path, var in flat.items():
+        if path[-1] != "lora_a":
+            continue
+        kernel = np.asarray(merged[path[:-1] + ("kernel",)].get_value(), np.float64)  # (layers, in..., out...)
+        a = np.asarray(var.get_value(), np.float64)  # (layers, in..., r)
+        b = np.asarray(flat[path[:-1] + ("lora_b",)].get_value(), np.float64)  # (layers, r, out...)
+        n_layers, r = a.shape[0], a.shape[-1]
+        delta = np.einsum("lir,lro->lio", a.reshape(n_layers, -1, r), b.reshape(n_layers, r, -1))
+        merged[path[:-1] + ("kernel",)].set_value(jnp.asarray(kernel + 2.0 * delta.reshape(kernel.shape),
+                                                              jnp.float32))
+    nnx.update(plain, nnx.from_flat_state(merged))
+    ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 12)))
+    got, ref = np.asarray(with_lora(ids)), np.asarray(plain(ids))
+    assert np.abs(ref - np.asarray(_lora_and_base(cfg, lora)[2](ids))).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)

@@ -225,3 +225,50 @@ def test_step_reports_documents_per_row(batches):
     trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
     _, metrics = make_train_step(trainer)(state, frozen, trainer.shard_batch(batch))
     assert int(metrics["documents_per_row_max"]) == 6
+
+
+def _capture_gradients() -> optax.GradientTransformation:
+    """An 'optimizer' that keeps the gradient it is given as its state, exactly, and leaves the parameters."""
+    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _applied_gradient(rows: int, grad_accum: int, batch: dict):
+    """The gradient a train step applies, read off as the new state of `_capture_gradients` standing in for the
+    optimizer; one device. Returns it with the step's logged gradient norm, the initial parameters and trainer."""
+    from mellama_jax import sharding
+    from mellama_jax.train.step import build_trainer, make_train_step
+
+    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", f"train.batch_size={rows}", "train.steps=4",
+                             f"train.grad_accum={grad_accum}", "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+    trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
+    capture = _capture_gradients()
+    trainer = dataclasses.replace(trainer, tx=capture, state_shardings=trainer.state_shardings._replace(
+        opt_state=trainer.state_shardings.params))
+    params = jax.tree.map(np.asarray, state.params)
+    state = state._replace(opt_state=capture.init(state.params))
+    after, metrics = make_train_step(trainer)(state, frozen, trainer.shard_batch(batch))
+    grads = jax.tree.map(lambda g: np.asarray(g, np.float64), after.opt_state)
+    return grads, float(metrics["grad_norm"]), params, trainer, frozen
+
+
+def test_accumulated_gradients_equal_the_big_batch_gradient(batches):
+    """The gradients themselves (and the logged gradient norm), not only the loss and an Adam step, whose
+    first update hardly depends on the gradient's scale: 4 microbatches of 4 rows against autodiff of the mean
+    weighted token cross-entropy over the whole 16-row batch, written out here with optax's cross-entropy."""
+    big = {k: np.concatenate([b[k] for b in batches[:2]]) for k in batches[0]}
+    grads, grad_norm, params, trainer, frozen = _applied_gradient(16, 4, big)
+    b = {k: jnp.asarray(v) for k, v in big.items()}
+
+    def mean_loss(params):
+        logits = trainer.model(params, frozen)(b["inputs"], b["positions"], b["segment_ids"])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"])
+        return jnp.sum(nll * b["loss_weights"]) / jnp.sum(b["loss_weights"])
+
+    ref = jax.jit(jax.grad(mean_loss))(jax.tree.map(jnp.asarray, params))
+    ref = dict(nnx.to_flat_state(jax.tree.map(lambda g: np.asarray(g, np.float64), ref)))
+    for path, g in nnx.to_flat_state(grads):
+        r = ref[path].get_value()
+        assert np.linalg.norm(g.get_value() - r) <= 1e-5 * np.linalg.norm(r), path
+    ref_norm = float(np.sqrt(sum(np.sum(np.square(v.get_value())) for v in ref.values())))
+    assert grad_norm == pytest.approx(ref_norm, rel=1e-5)

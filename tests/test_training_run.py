@@ -155,6 +155,40 @@ def test_resume_on_a_different_mesh(data, tmp_path):
         assert abs(loss - ref[step]) <= 1e-5
 
 
+def test_checkpoint_restores_state_step_and_data_position(tmp_path):
+    """What a resume rests on, without a run: a checkpoint brings back the whole train state (its step counter,
+    which places the schedule and the LoRA dropout keys, included) and the data iterator's position, so the next
+    batch read after a restore is the one the saved run would have read next."""
+    import grain
+    import jax.numpy as jnp
+
+    from mellama_jax import sharding
+    from mellama_jax.data.pretrain import iterate
+    from mellama_jax.train import checkpoint
+    from mellama_jax.train.step import build_trainer
+
+    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.steps=4", "checkpoint.async_save=false",
+                             "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+    trainer, state, _ = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = state._replace(step=jax.device_put(jnp.int32(7), trainer.state_shardings.step))
+    batches = grain.MapDataset.range(40).batch(4)
+    iterator = iterate(batches)
+    for _ in range(3):
+        next(iterator)
+    mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
+    checkpoint.save(mngr, 7, state, iterator, {"step": 7})
+    mngr.wait_until_finished()
+    expected_next = next(iterator)
+    np.testing.assert_array_equal(expected_next, np.arange(12, 16))
+
+    fresh = iterate(batches)
+    restored, meta = checkpoint.restore(mngr, 7, checkpoint.abstract_like(state, trainer.state_shardings), fresh)
+    assert int(restored.step) == 7 and meta["step"] == 7
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(next(fresh), expected_next)  # batch 3 (rows 12-15), not batch 0
+
+
 def test_lora_trains_only_adapters(data, reference):
     from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer, make_train_step

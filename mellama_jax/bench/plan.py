@@ -1,6 +1,10 @@
 """`mellama-jax plan`: compile the real train step ahead of time for a layout on a simulated device set, with
 abstract shapes only (nothing allocated), and report XLA's per-device memory beside an analytical estimate.
 
+`--target tpu` compiles for the abstract chips of a TPU topology instead (libtpu describes them on any host, as
+MaxText's train_compile does), with the TPU compiler's per-chip memory against the chip's HBM, XLA's cost
+analysis and the roofline step time it implies (bench/tpu.py).
+
 Run it in a fresh process: it sets the number of simulated CPU devices before JAX starts its backend.
 """
 
@@ -46,15 +50,16 @@ def analytical(cfg) -> dict:
             "activations": residuals + layer + logits, "gathered_layers": int(3 * per_layer)}
 
 
-def plan_layout(cfg) -> dict:
+def _compile(cfg, devices=None):
+    """The train step lowered with abstract inputs and compiled (for `devices`, default JAX's): (compiled, mesh)."""
     import jax
     import jax.numpy as jnp
 
+    from mellama_jax import sharding
     from mellama_jax.train.checkpoint import abstract_like
     from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
 
-    start = time.perf_counter()
-    trainer, init = plan_trainer(cfg)
+    trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     abs_state, abs_frozen = jax.eval_shape(init)
     shape = (cfg.train.batch_size, cfg.train.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
@@ -63,15 +68,33 @@ def plan_layout(cfg) -> dict:
         compiled = make_train_step(trainer).jitted.lower(
             abstract_like(abs_state, trainer.state_shardings), abstract_like(abs_frozen, trainer.frozen_shardings),
             batch).compile()
+    return compiled, trainer.mesh
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of the compiled step, per device: FLOPs and bytes moved to and from memory."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def plan_layout(cfg, devices=None) -> dict:
+    start = time.perf_counter()
+    compiled, mesh = _compile(cfg, devices)
     m = compiled.memory_analysis()
     xla = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
            "outputs_not_aliased": max(0, m.output_size_in_bytes - m.alias_size_in_bytes)}
     xla["total"] = sum(xla.values())
-    return {"mesh": dict(trainer.mesh.shape), "compile_s": time.perf_counter() - start, "xla_bytes": xla,
-            "analytical_bytes": analytical(cfg)}
+    row = {"mesh": dict(mesh.shape), "compile_s": time.perf_counter() - start, "xla_bytes": xla,
+           "cost": _cost(compiled)}
+    if devices is not None:  # Pallas kernels in the program (splash attention), as the TPU compiler lowered them
+        row["mosaic_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    else:
+        row["analytical_bytes"] = analytical(cfg)
+    return row
 
 
-def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gb: float) -> dict:
+def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gib: float) -> dict:
     import jax
 
     try:
@@ -92,15 +115,67 @@ def plan(config: str | None, overrides: list[str], devices: int, layouts: list[s
             row = {"mesh": layout or "config", "error": f"{type(e).__name__}: {e}"}
         row["layout"] = layout or "config"
         if "xla_bytes" in row:
-            row["fits"] = row["xla_bytes"]["total"] <= memory_gb * 1e9
+            row["fits"] = row["xla_bytes"]["total"] <= memory_gib * GiB
         rows.append(row)
-    return {"model": cfg.model.name, "devices": devices, "device_memory_gb": memory_gb,
+    return {"model": cfg.model.name, "devices": devices, "device_memory_gib": memory_gib,
+            "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
+
+
+def _step_cost(cfg, small: tuple, devices) -> dict:
+    """The whole step's cost from XLA's cost analysis, which counts the body of a loop once (the scanned layers
+    as one, and the stacked weights they slice whole). So: the same step with one and with two layers unrolled,
+    whose difference is one layer's cost, extrapolated to num_layers; grad_accum multiplies the lot (the optimizer
+    update, run once per step, is then overcounted: a few percent of the bytes)."""
+    one, two = (_cost(_compile(c, devices)[0]) for c in small)
+    layers = cfg.model.num_layers
+    return {k: (one[k] + (layers - 1) * (two[k] - one[k])) * cfg.train.grad_accum for k in one}
+
+
+def _tpu_row(cfg, small, devices, chip) -> dict:
+    """One layout compiled for TPU chips: memory against the chip's HBM, cost analysis, roofline and ideal times."""
+    from mellama_jax.bench.tpu import roofline_seconds
+    from mellama_jax.train.flops import train_flops_per_token
+
+    row = plan_layout(cfg, devices)
+    row["cost_as_compiled"], row["cost"] = row["cost"], _step_cost(cfg, small, devices)
+    batch_ways = math.prod(row["mesh"][a] for a in ("data", "fsdp") if a in row["mesh"])
+    row["per_chip_batch"] = cfg.train.batch_size // cfg.train.grad_accum / batch_ways
+    row["fits"] = row["xla_bytes"]["total"] <= chip.hbm_gib * GiB
+    row["roofline_s"] = roofline_seconds(row["cost"]["flops"], row["cost"]["bytes_accessed"], chip)
+    # the step at 100% MFU: model FLOPs (6 per weight per token, plus attention) over the chips at peak
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    row["ideal_s"] = train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / len(devices) / (
+        chip.bf16_tflops * 1e12)
+    return row
+
+
+def plan_tpu(config: str | None, overrides: list[str], topology: str, slices: int, layouts: list[str]) -> dict:
+    """Each ici layout (default: FSDP over the whole slice) on `slices` slices of `topology`, data parallel
+    across slices (dcn)."""
+    from mellama_jax.bench.tpu import chip_of, topology_devices
+    from mellama_jax.config import load_config
+    from mellama_jax.sharding import layout_overrides
+
+    name, chip = chip_of(topology)
+    devices = topology_devices(topology, slices)
+    rows = []
+    for layout in layouts or ["fsdp=-1"]:
+        cfg = load_config(config, list(overrides) + layout_overrides(layout, slices))
+        small = tuple(load_config(config, list(overrides) + layout_overrides(layout, slices) +
+                                  [f"model.num_layers={n}", f"model.scan_unroll={n}"]) for n in (1, 2))
+        try:
+            row = _tpu_row(cfg, small, devices, chip)
+        except Exception as e:  # a layout that cannot be built or does not compile is a result, not a crash
+            row = {"mesh": layout, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        rows.append(dict(row, layout=layout))
+    return {"model": cfg.model.name, "topology": topology, "slices": slices, "chip": name, "devices": len(devices),
+            "hbm_gib": chip.hbm_gib, "attention": cfg.model.attention,
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 
 
 def markdown(result: dict) -> str:
     lines = [f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gb']} GB", "",
+             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB", "",
              "| layout | mesh | XLA args GiB | XLA temp GiB | XLA total GiB | estimate GiB | fits | compile s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["layouts"]:
@@ -114,9 +189,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config, overrides, devices, layouts, memory_gb) -> str:
-    result = plan(config, overrides, devices, layouts, memory_gb)
-    return markdown(result) + "\n\n" + json.dumps(result, indent=1, default=str)
+def markdown_tpu(result: dict) -> str:
+    lines = [f"{result['model']} on {result['slices']} x {result['topology']} ({result['devices']} {result['chip']} "
+             f"chips, {result['hbm_gib']} GiB HBM each), batch x seq x accum = {' x '.join(map(str, result['batch']))}"
+             f", attention {result['attention']}", "",
+             "| layout | mesh | per-chip batch | per-chip GiB (args + temp) | fits | compile s | TFLOP / chip | "
+             "GiB moved / chip | roofline step s | ideal step s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["layouts"]:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | - | - | - | no: {r['error'][:100]} | - | - | - | - | - |")
+            continue
+        x, c = r["xla_bytes"], r["cost"]
+        lines.append(f"| {r['layout']} | {r['mesh']} | {r['per_chip_batch']:g} | {x['total'] / GiB:.2f} "
+                     f"({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f}) | {'yes' if r['fits'] else 'NO'} | "
+                     f"{r['compile_s']:.0f} | {c['flops'] / 1e12:.1f} | {c['bytes_accessed'] / GiB:.1f} | "
+                     f"{r['roofline_s']:.2f} | {r['ideal_s']:.2f} |")
+    return "\n".join(lines)
 
 
-
+def report(result: dict, table) -> str:
+    """The markdown table, then the JSON."""
+    return table(result) + "\n\n" + json.dumps(result, indent=1, default=str)

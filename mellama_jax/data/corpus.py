@@ -45,14 +45,6 @@ class Report:
         if len(self.locations) < MAX_LISTED:
             self.locations.append(f"{where}: {reason}")
 
-    def merge(self, other: "Report") -> None:
-        self.documents += other.documents
-        self.tokens += other.tokens
-        self.skipped.update(other.skipped)
-        self.filtered.update(other.filtered)
-        self.fields_seen |= other.fields_seen
-        self.locations.extend(other.locations[: max(0, MAX_LISTED - len(self.locations))])
-
     def to_dict(self) -> dict:
         return {"documents": self.documents, "tokens": self.tokens, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "skipped_examples": self.locations,

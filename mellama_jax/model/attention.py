@@ -1,13 +1,14 @@
-"""Attention kernels: an XLA reference, `jax.nn.dot_product_attention`'s XLA path, and cuDNN flash attention.
+"""Attention kernels: an XLA reference, `jax.nn.dot_product_attention`'s XLA path, cuDNN flash attention (GPU)
+and splash attention (TPU).
 
 All take q of shape (B, T, H, D) and k, v of shape (B, S, K, D) with H a multiple of K (grouped-query
 attention without materialising repeated keys) and a boolean mask (B, T, S): True where a query may attend.
 `cudnn` may instead get a `Packed` mask (see `build_mask`): the documents of each row as cuDNN's packed layout
 (segment lengths and offsets), with the boolean mask beside it for rows that hold more documents than it has room
-for.
+for. `splash` gets `Segments`: the segment ids themselves, which the kernel compares block by block.
 
 `causal=True` says the mask is causal with queries and keys at the same positions (training, scoring), which
-lets cuDNN skip the masked half of the score matrix. Decoding against a KV cache passes False and runs the XLA
+lets cuDNN and splash skip the masked half of the score matrix. Decoding against a KV cache passes False and runs the XLA
 reference: it is memory-bound, and its one-token queries are not what the flash kernels are built for.
 """
 
@@ -18,6 +19,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 
 from mellama_jax.model import layers
 
@@ -57,6 +61,15 @@ class Packed(NamedTuple):
         return make_mask(self.segment_ids, self.segment_ids)
 
 
+class Segments(NamedTuple):
+    """The documents of each row as their segment ids (B, T), for splash attention; `mask` as for Packed."""
+    segment_ids: jax.Array
+
+    @property
+    def mask(self) -> jax.Array:
+        return make_mask(self.segment_ids, self.segment_ids)
+
+
 def _run_index(segment_ids: jnp.ndarray) -> jnp.ndarray:
     new_run = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
                               axis=1)
@@ -85,9 +98,12 @@ def packed_layout(segment_ids: jnp.ndarray, max_segments: int) -> Packed:
 
 def build_mask(segment_ids: jnp.ndarray, implementation: str, max_segments: int):
     """What `implementation` takes for causal attention over these documents: the packed layout for cudnn, the
-    boolean mask for the others."""
-    if resolve(implementation) == "cudnn":
+    segment ids for splash, the boolean mask for the others."""
+    name = resolve(implementation)
+    if name == "cudnn":
         return packed_layout(segment_ids, max_segments)
+    if name == "splash":
+        return Segments(segment_ids)
     return make_mask(segment_ids, segment_ids)
 
 
@@ -107,14 +123,14 @@ def _attention_core(q, k, v, mask):
 
 def _attention_core_fwd(q, k, v, mask):
     out, probs = _softmax_attention(q, k, v, mask)
-    return out, (q, k, v, mask, out, probs)
+    return out, (q, k, v, out, probs)  # the mask is already in the probabilities
 
 
 def _attention_core_bwd(residuals, d_out):
     """Softmax backward as flash attention writes it: dS = P * (dP - rowsum(dO * O)), a (T, D) reduction in place
-    of a (T, S) one; every product a plain batched matmul (fused into one with the softmax backward, XLA's CPU
-    matmuls ran 3x slower), on the operands' dtype with fp32 accumulation."""
-    q, k, v, mask, out, probs = residuals
+    of a (T, S) one; every product a plain batched matmul (fused with the softmax backward, XLA's CPU matmuls ran
+    slower: docs/benchmarks.md), on the operands' dtype with fp32 accumulation."""
+    q, k, v, out, probs = residuals
     dtype = layers.gradient_operand_dtype(q.dtype)
     q, k, v, d_out_c = (x.astype(dtype) for x in (q, k, v, d_out))
     f32 = jnp.float32
@@ -184,21 +200,100 @@ def cudnn_causal_attention(q, k, v, mask, causal=True):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+# The kernel's tiles are multiples of 128 tokens (its lane width): shorter or ragged rows are padded to one.
+SPLASH_TILE = 128
+
+
+def _splash_block(wanted: int, length: int) -> int:
+    """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is at most `wanted`."""
+    tiles = length // SPLASH_TILE
+    return SPLASH_TILE * max(n for n in range(1, tiles + 1) if tiles % n == 0 and n * SPLASH_TILE <= max(wanted, SPLASH_TILE))
+
+
+def _splash_kernel(heads: int, length: int, block_q: int, block_kv: int, interpret: bool):
+    """A splash kernel for (heads, length, head_dim) queries: causal, with the same blocks forward and backward.
+
+    Built for one device's shard (head_shards=1): under a mesh it runs inside a shard_map on local shapes. Built
+    afresh in each trace (not cached): its block tables become arrays of the trace it is made in."""
+    bq, bkv = _splash_block(block_q, length), _splash_block(block_kv, length)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, blocks: tuple[int, int], interpret: bool):
+    """One shard: q (B, T, H, D) pre-scaled, k/v (B, T, K, D), segment_ids (B, T) -> (B, T, H, D).
+
+    The kernel takes one row at a time, head-major, and K/V with fewer heads than q as they are (query head h
+    reads key/value head h // (H / K)), so grouped-query heads are never repeated. A ragged length is padded with
+    segment id -1: the padding sees only itself and is dropped from the output."""
+    B, T, H, D = q.shape
+    pad = -T % SPLASH_TILE
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    kernel = _splash_kernel(H, T + pad, *blocks, interpret)
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    out = jax.vmap(kernel)(qh, kh, vh, splash.SegmentIds(q=segment_ids, kv=segment_ids))
+    return out.transpose(0, 2, 1, 3)[:, :T]
+
+
+def _logical_spec(axes: tuple) -> PartitionSpec:
+    """Mesh axes of logical `axes` by the rule table in context (none: replicated), for a shard_map's specs."""
+    return nn.logical_to_mesh_axes(axes)
+
+
+def splash_attention(q, k, v, mask, causal=True, blocks: tuple[int, int] = (512, 512)):
+    """Splash attention (TPU Pallas flash attention, its own backward): causal within each document, the documents
+    apart by their segment ids, grouped-query heads without repeating K/V. Off TPU (tests, the CPU reference) the
+    same kernel runs in Pallas's interpreter. `blocks`: (query, key/value) block sizes, model.splash_block_*.
+
+    Under a mesh the kernel runs per shard in a `shard_map` over the batch and head axes (the rule table's
+    mapping of activation_batch / activation_heads / activation_kv_heads); the sequence stays whole on every
+    device. check_vma=False: Pallas calls do not declare how their outputs vary over mesh axes. A boolean mask
+    (no segment ids) runs the XLA reference."""
+    if not isinstance(mask, (Segments, Packed)):
+        return xla_attention(q, k, v, mask)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    local = functools.partial(_splash_local, blocks=tuple(blocks), interpret=target_platform() != "tpu")
+    if jax.sharding.get_abstract_mesh().empty:
+        return local(q, k, v, mask.segment_ids)
+    q_spec = _logical_spec(("activation_batch", None, "activation_heads", None))
+    kv_spec = _logical_spec(("activation_batch", None, "activation_kv_heads", None))
+    seg_spec = _logical_spec(("activation_batch", None))
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, mask.segment_ids)
+
+
 IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention,
-                   "cudnn_causal": cudnn_causal_attention}
+                   "cudnn_causal": cudnn_causal_attention, "splash": splash_attention}
+# Kernels that assume queries and keys at the same positions; decoding (causal=False) runs the reference.
+CAUSAL_ONLY = ("cudnn", "cudnn_causal", "splash")
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the devices of the mesh in context (`plan --target tpu` compiles for
+    TPU devices from a CPU host), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(implementation: str) -> str:
-    """'auto': cuDNN flash attention on GPUs (segment-aware), the XLA reference elsewhere."""
+    """'auto': cuDNN flash attention on GPUs, splash attention on TPUs (both segment-aware), the XLA reference
+    elsewhere."""
     if implementation == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        return {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
     return implementation
 
 
-def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False):
+def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blocks: tuple[int, int] = (512, 512)):
+    """`blocks`: splash's (query, key/value) block sizes; the other implementations ignore them."""
     name = resolve(implementation)
-    if name.startswith("cudnn") and not causal:
+    if name in CAUSAL_ONLY and not causal:
         name = "xla"
-    if isinstance(mask, Packed) and name != "cudnn":
+    if isinstance(mask, (Packed, Segments)) and name not in ("cudnn", "splash"):
         mask = mask.mask
+    if name == "splash":
+        return splash_attention(q, k, v, mask, causal, blocks)
     return IMPLEMENTATIONS[name](q, k, v, mask, causal)

@@ -44,6 +44,7 @@ class Attention(nnx.Module):
         self.wv = Dense((D,), (K, Dh), ("embed", "kv_heads", "head_dim"), **_dense_kw(cfg, lora, "wv", rngs))
         self.wo = Dense((H, Dh), (D,), ("heads", "head_dim", "embed"), **_dense_kw(cfg, lora, "wo", rngs))
         self.implementation = cfg.attention
+        self.splash_blocks = (cfg.splash_block_q, cfg.splash_block_kv)
 
     def _qkv(self, x, batch_length, cos, sin, rng):
         q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
@@ -54,7 +55,8 @@ class Attention(nnx.Module):
         return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
 
     def _out(self, q, k, v, mask, causal, rng):
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, causal)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, causal,
+                               self.splash_blocks)
         out = checkpoint_name(out, "attention_out")
         return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
 

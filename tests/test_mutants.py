@@ -1,0 +1,112 @@
+"""The mutation runner (tests/mutants/run.py) on a tiny fake repository: killed, survived and broken mutants."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parent / "mutants" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("mutants_run", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mutants_run"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+CALC = "def add(a, b):\n    return a + b\n\n\ndef double(x):\n    return x * 2\n"
+TESTS = textwrap.dedent("""
+    import pytest
+    from calc import add, double
+
+    def test_add():
+        assert add(2, 3) == 5
+
+    @pytest.mark.slow
+    def test_double():
+        assert double(4) == 8
+""")
+MUTANTS = textwrap.dedent("""
+    - {name: add-subtracts, file: calc.py, find: "a + b", replace: "a - b", tests: [tests/test_calc.py], why: w}
+    - {name: double-untested, file: calc.py, find: "x * 2", replace: "x * 3", tests: [tests/test_calc.py], why: w}
+    - {name: double-slow, file: calc.py, find: "x * 2", replace: "x * 3", tests: [tests/test_calc.py],
+       why: w, slow: true}
+    - {name: not-there, file: calc.py, find: "a * b", replace: "a / b", tests: [tests/test_calc.py], why: w}
+    - {name: twice, file: calc.py, find: "return", replace: "yield", tests: [tests/test_calc.py], why: w}
+    - {name: not-python, file: calc.py, find: "a + b", replace: "a +", tests: [tests/test_calc.py], why: w}
+    - {name: no-such-test, file: calc.py, find: "a + b", replace: "a - b", tests: [tests/test_nope.py], why: w}
+""")
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "repo"
+    (root / "tests" / "mutants").mkdir(parents=True)
+    (root / "calc.py").write_text(CALC)
+    (root / "tests" / "test_calc.py").write_text(TESTS)
+    (root / "tests" / "mutants" / "fake.yaml").write_text(MUTANTS)
+    (root / "pytest.ini").write_text("[pytest]\naddopts = -m 'not slow'\nmarkers = slow: slow\n")
+    (root / ".gitignore").write_text("ignored.txt\n")
+    (root / "ignored.txt").write_text("not copied")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "calc.py"], cwd=root, check=True)  # the rest untracked: copied all the same
+    return root
+
+
+def test_runner_classifies_mutants_and_restores_files(runner, repo, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert runner.main(["--root", str(repo), "--json", str(out)]) == 1  # some survive or are broken
+    results = {r["name"]: r for r in json.loads(out.read_text())["mutants"]}
+    status = {name: r["status"] for name, r in results.items()}
+    assert status == {"add-subtracts": "killed", "double-untested": "survived", "double-slow": "killed",
+                      "not-there": "broken", "twice": "broken", "not-python": "broken", "no-such-test": "broken"}
+    assert "test_add" in results["add-subtracts"]["detail"]
+    assert results["not-there"]["detail"] == "find occurs 0 times in calc.py"
+    assert results["twice"]["detail"] == "find occurs 2 times in calc.py"
+    assert "not valid Python" in results["not-python"]["detail"]
+    summary = json.loads(out.read_text())["summary"]
+    assert (summary["mutants"], summary["killed"], summary["survived"], summary["broken"]) == (7, 2, 1, 4)
+    printed = capsys.readouterr().out
+    assert "killed 2/7 (29%)" in printed and "double-untested  survived" in printed
+    assert (repo / "calc.py").read_text() == CALC  # the checkout itself is never touched
+
+
+def test_runner_only_and_copy(runner, repo, tmp_path):
+    assert runner.main(["--root", str(repo), "--only", "add-subtracts", "--only", "double-slow"]) == 0
+    copy = runner.copy_repo(repo, tmp_path / "scratch")
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+        ".gitignore", "calc.py", "pytest.ini", "tests/mutants/fake.yaml", "tests/test_calc.py"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- {name: a, file: f.py, find: x, replace: y, why: w}\n", "entry 1: missing keys ['tests']"),
+    ("- {name: a, file: f.py, find: x, replace: x, tests: [t.py], why: w}\n", "replace equals find"),
+    ("- {name: a, file: f.py, find: x, replace: y, tests: [t.py], why: w}\n" * 2, "mutant name 'a' already used"),
+    ("name: a\n", "expected a list of mutants"),
+    ("- [unclosed\n", "invalid YAML"),
+])
+def test_bad_mutant_files_are_usage_errors(runner, repo, text, message, capsys):
+    bad = repo / "tests" / "mutants" / "bad.yaml"
+    bad.write_text(text)
+    assert runner.main(["--root", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}") and message in err and len(err.splitlines()) == 1
+    bad.unlink()
+    assert runner.main(["--root", str(repo), "--only", "nosuch"]) == 2
+
+
+def test_a_hanging_mutant_is_stopped_and_counts_as_killed(runner, repo, tmp_path):
+    (repo / "tests" / "mutants" / "hang.yaml").write_text(
+        '- {name: hangs, file: calc.py, find: "return a + b", replace: "while True: pass", '
+        'tests: [tests/test_calc.py], why: an endless loop}\n')
+    out = tmp_path / "results.json"
+    assert runner.main(["--root", str(repo), "--only", "hangs", "--timeout", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["mutants"][0]
+    assert (result["status"], result["detail"]) == ("killed", "timed out after 3 s")
