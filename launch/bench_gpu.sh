@@ -117,7 +117,7 @@ mesh accum2 "$((2 * BIG))" none train.grad_accum=2
 #     bf16 frozen base, full remat (the recipe's), against PEFT + transformers with gradient checkpointing;
 # (b) LLaMA2-7B continual pretraining at 32 layers: fp32 master weights and Adam, full remat, against torch.
 if [ "${SMOKE:-0}" = 1 ]; then M13=tiny M7=tiny DEPTH_SEQ=64; else M13=llama2-13b M7=llama2-7b DEPTH_SEQ=4096; fi
-LORA13=(lora.targets=[wq,wk,wv,wo,w_gate,w_up,w_down] lora.alpha=16 lora.base_dtype=bfloat16 model.remat=full)
+LORA13=("lora.targets=[wq,wk,wv,wo,w_gate,w_up,w_down]" lora.alpha=16 lora.base_dtype=bfloat16 model.remat=full)
 depth() {  # depth NAME MODEL MODES SIDE OVERRIDES...
   local name=$1 model=$2 modes=$3 side=$4
   shift 4
