@@ -90,12 +90,12 @@ def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_he
     assert report["max_abs_logit_diff"] < 1e-4 and report["mean_kl"] < 1e-9
 
 
-def test_bf16_checkpoints_keep_their_values_both_ways(tmp_path, rng):
+def test_bf16_checkpoints_keep_their_values_both_ways(tmp_path, rng, tokenizer_file):
     """bf16 weights read and written as bf16 values, checked through transformers: the round trip above stays
     bit-exact even when bf16 is mistaken for another 16-bit type on both sides, so here our model from a bf16
     checkpoint must give transformers' logits (its bf16 weights upcast to fp32), and our bf16 export must load
     into transformers as the very same model."""
-    src = make_hf_dir(tmp_path / "hf", 2, seed=9, dtype=torch.bfloat16)
+    src = make_hf_dir(tmp_path / "hf", 2, seed=9, dtype=torch.bfloat16, tokenizer=tokenizer_file)
     params = hf_to_jax(src, tmp_path / "jax", progress=False)
     cfg = type(Config().model)(**yaml.safe_load((params / "model.yaml").read_text()))
     graphdef, abstract = nnx.split(init_abstract(cfg))
