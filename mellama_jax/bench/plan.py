@@ -173,38 +173,52 @@ def plan_tpu(config: str | None, overrides: list[str], topology: str, slices: in
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 
 
-def markdown(result: dict) -> str:
-    lines = [f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-             f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB", "",
-             "| layout | mesh | XLA args GiB | XLA temp GiB | XLA total GiB | estimate GiB | fits | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["layouts"]:
+def _table(heading: str, columns: list[str], rows: list[dict], cells) -> str:
+    """A heading, then one markdown row per layout: its cells, or for a layout that failed, its error under
+    "fits"."""
+    lines = [heading, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
         if "error" in r:
-            lines.append(f"| {r['layout']} | - | - | - | - | - | no: {r['error'][:80]} | - |")
-            continue
-        x, a = r["xla_bytes"], r["analytical_bytes"]
-        lines.append(f"| {r['layout']} | {r['mesh']} | {x['arguments'] / GiB:.2f} | {x['temporaries'] / GiB:.2f} | "
-                     f"{x['total'] / GiB:.2f} | {sum(a.values()) / GiB:.2f} | {'yes' if r['fits'] else 'NO'} | "
-                     f"{r['compile_s']:.1f} |")
+            values = ["-"] * len(columns)
+            values[columns.index("fits")] = f"no: {r['error'][:100]}"
+        else:
+            values = cells(r)
+        lines.append("| " + " | ".join([str(r["layout"])] + values[1:]) + " |")
     return "\n".join(lines)
+
+
+def _fits(r: dict) -> str:
+    return "yes" if r["fits"] else "NO"
+
+
+def markdown(result: dict) -> str:
+    heading = (f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
+               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB")
+    columns = ["layout", "mesh", "XLA args GiB", "XLA temp GiB", "XLA total GiB", "estimate GiB", "fits", "compile s"]
+
+    def cells(r):
+        x, a = r["xla_bytes"], r["analytical_bytes"]
+        return ["", str(r["mesh"]), f"{x['arguments'] / GiB:.2f}", f"{x['temporaries'] / GiB:.2f}",
+                f"{x['total'] / GiB:.2f}", f"{sum(a.values()) / GiB:.2f}", _fits(r), f"{r['compile_s']:.1f}"]
+
+    return _table(heading, columns, result["layouts"], cells)
 
 
 def markdown_tpu(result: dict) -> str:
-    lines = [f"{result['model']} on {result['slices']} x {result['topology']} ({result['devices']} {result['chip']} "
-             f"chips, {result['hbm_gib']} GiB HBM each), batch x seq x accum = {' x '.join(map(str, result['batch']))}"
-             f", attention {result['attention']}", "",
-             "| layout | mesh | per-chip batch | per-chip GiB (args + temp) | fits | compile s | TFLOP / chip | "
-             "GiB moved / chip | roofline step s | ideal step s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["layouts"]:
-        if "error" in r:
-            lines.append(f"| {r['layout']} | - | - | - | no: {r['error'][:100]} | - | - | - | - | - |")
-            continue
+    heading = (f"{result['model']} on {result['slices']} x {result['topology']} ({result['devices']} "
+               f"{result['chip']} chips, {result['hbm_gib']} GiB HBM each), batch x seq x accum = "
+               f"{' x '.join(map(str, result['batch']))}, attention {result['attention']}")
+    columns = ["layout", "mesh", "per-chip batch", "per-chip GiB (args + temp)", "fits", "compile s", "TFLOP / chip",
+               "GiB moved / chip", "roofline step s", "ideal step s"]
+
+    def cells(r):
         x, c = r["xla_bytes"], r["cost"]
-        lines.append(f"| {r['layout']} | {r['mesh']} | {r['per_chip_batch']:g} | {x['total'] / GiB:.2f} "
-                     f"({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f}) | {'yes' if r['fits'] else 'NO'} | "
-                     f"{r['compile_s']:.0f} | {c['flops'] / 1e12:.1f} | {c['bytes_accessed'] / GiB:.1f} | "
-                     f"{r['roofline_s']:.2f} | {r['ideal_s']:.2f} |")
-    return "\n".join(lines)
+        return ["", str(r["mesh"]), f"{r['per_chip_batch']:g}",
+                f"{x['total'] / GiB:.2f} ({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f})", _fits(r),
+                f"{r['compile_s']:.0f}", f"{c['flops'] / 1e12:.1f}", f"{c['bytes_accessed'] / GiB:.1f}",
+                f"{r['roofline_s']:.2f}", f"{r['ideal_s']:.2f}"]
+
+    return _table(heading, columns, result["layouts"], cells)
 
 
 def report(result: dict, table) -> str:
