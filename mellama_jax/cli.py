@@ -57,6 +57,11 @@ def _positive_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _threads_list(text: str) -> tuple[int | None, ...]:
+    """'auto,1' -> (None, 1): thread counts, auto meaning the command's own default."""
+    return tuple(None if t == "auto" else _positive_list(t)[0] for t in text.split(","))
+
+
 def _request(cls, args):
     """A command's typed request from its parsed options (each option's dest is the field's name)."""
     import dataclasses
@@ -155,9 +160,8 @@ def _bench_tokenize(args) -> int:
 
         result = bench_stream_memory(args.tokenizer, args.stream_gb, args.workdir)
     else:
-        workers = tuple(int(w) for w in args.workers.split(","))
         result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat,
-                                args.formats.split(","), workers, args.workdir, args.rounds)
+                                args.formats.split(","), args.workers, args.workdir, args.rounds, args.threads)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -559,7 +563,9 @@ def _add_bench_speed(bench_sub) -> None:
     btok.add_argument("--fields", default="text")
     btok.add_argument("--repeat", type=POSITIVE, default=8, help="repeat the corpus to reach a few MB")
     btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
-    btok.add_argument("--workers", default="1,2", help="process counts to time")
+    btok.add_argument("--workers", type=_positive_list, default=(1, 2), help="process counts to time")
+    btok.add_argument("--threads", type=_threads_list, default=(None,), help="encode threads per process to time (auto: the cores "
+                                                        "shared among the processes; 1: scaling by processes)")
     btok.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved repetitions; the best of each is kept")
     btok.add_argument("--stream-gb", type=float, default=0, help="instead: peak RSS of prepare on a synthetic "
                                                                 "Pile-like .jsonl.zst of this many GB")

@@ -362,3 +362,22 @@ def test_slurm_array_example_runs_one_share_per_task():
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 3 and all(line.endswith(f"--num-shards 3 --shard-index {i} ") for i, line in enumerate(out))
     assert "subset=PubMed+Central" in out[0] and "NOTEEVENTS.csv.gz" in out[0]
+
+
+def test_bench_tokenize_times_each_process_and_thread_count(tmp_path, tok):
+    """The benchmark's own check (every timed run wrote exactly the plain loop's token count) passes for each
+    distinct (format, processes, threads) run, and `auto` threads resolve to the cores shared among processes."""
+    import os
+
+    from mellama_jax.bench.tokenize import bench_tokenize
+
+    corpus = tmp_path / "c.jsonl"
+    rng = np.random.default_rng(5)
+    corpus.write_text("".join(json.dumps({"text": words(rng)}) + "\n" for _ in range(50)))
+    result = bench_tokenize(corpus, tok, repeat=1, formats=("jsonl.zst",), workers=(1, 2), workdir=str(tmp_path),
+                            rounds=1, threads=(None, 1))
+    cores = os.cpu_count()
+    want = list(dict.fromkeys([(1, cores), (1, 1), (2, max(1, cores // 2)), (2, 1)]))
+    assert [(r["workers"], r["threads"]) for r in result["runs"]] == want
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert result["tokens"] == sum(len(doc) * n for doc, n in expected(tok, texts).items())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import itertools
 import json
 import os
 import subprocess
@@ -40,16 +41,22 @@ def _write(folder: Path, texts: list[str], files: int, suffix: str) -> None:
         (folder / f"part{k:03d}.{suffix}").write_bytes(data)
 
 
-def _time_prepare(folder: Path, tokenizer, out: Path, workers: int) -> tuple[float, int]:
+def _time_prepare(folder: Path, tokenizer, out: Path, workers: int, threads: int | None) -> tuple[float, int]:
     start = time.perf_counter()
-    manifest = prepare_pretrain({"corpus": [f"jsonl:{folder}"]}, tokenizer, out, workers=workers, progress=False)
+    manifest = prepare_pretrain({"corpus": [f"jsonl:{folder}"]}, tokenizer, out, workers=workers, threads=threads,
+                                progress=False)
     return time.perf_counter() - start, manifest["sources"]["corpus"]["tokens"]
 
 
 def bench_tokenize(corpus: str | Path, tokenizer: str | Path, fields: tuple[str, ...] = ("text",), repeat: int = 8,
                    formats=("jsonl", "jsonl.gz", "jsonl.zst"), workers=(1, 2), workdir: str | None = None,
-                   rounds: int = 3) -> dict:
-    """Best of `rounds` interleaved timings of each (a shared machine's load comes and goes)."""
+                   rounds: int = 3, threads=(None,)) -> dict:
+    """Best of `rounds` interleaved timings of each (format, processes, encode threads per process; None:
+    prepare's default, the cores shared among the processes), as a shared machine's load comes and goes.
+    Threads 1 gives the scaling with processes alone."""
+    cores = os.cpu_count() or 1
+    keys = list(dict.fromkeys((fmt, w, t or max(1, cores // w)) for fmt, w, t in itertools.product(formats, workers,
+                                                                                                   threads)))
     texts = _texts(corpus, fields) * repeat  # a few MB, so timings are not dominated by start-up
     tok = Tokenizer.load(tokenizer)
     best: dict = {}
@@ -60,16 +67,16 @@ def bench_tokenize(corpus: str | Path, tokenizer: str | Path, fields: tuple[str,
             start = time.perf_counter()
             tokens = sum(len(tok.sp.EncodeAsIds(text)) + 2 for text in texts)
             best["baseline"] = min(best.get("baseline", 1e9), time.perf_counter() - start)
-            for fmt in formats:
-                for w in workers:
-                    seconds, got = _time_prepare(Path(tmp) / fmt, tokenizer, Path(tmp) / f"out-{fmt}-{w}-{r}", w)
-                    assert got == tokens, (fmt, w, got, tokens)
-                    best[fmt, w] = min(best.get((fmt, w), 1e9), seconds)
-    runs = [{"format": fmt, "workers": w, "seconds": round(best[fmt, w], 2),
-             "tokens_per_s": round(tokens / best[fmt, w]), "speedup": round(best["baseline"] / best[fmt, w], 2)}
-            for fmt in formats for w in workers]
+            for key in keys:
+                fmt, w, t = key
+                seconds, got = _time_prepare(Path(tmp) / fmt, tokenizer, Path(tmp) / f"out-{fmt}-{w}-{t}-{r}", w, t)
+                assert got == tokens, (key, got, tokens)
+                best[key] = min(best.get(key, 1e9), seconds)
+    runs = [{"format": fmt, "workers": w, "threads": t, "seconds": round(best[fmt, w, t], 2),
+             "tokens_per_s": round(tokens / best[fmt, w, t]), "speedup": round(best["baseline"] / best[fmt, w, t], 2)}
+            for fmt, w, t in keys]
     return {"benchmark": "tokenize", "corpus": str(corpus), "documents": len(texts), "tokens": tokens,
-            "text_bytes": sum(len(t.encode()) for t in texts), "cores": os.cpu_count(), "rounds": rounds,
+            "text_bytes": sum(len(t.encode()) for t in texts), "cores": cores, "rounds": rounds,
             "load_average": os.getloadavg(), "baseline_tokens_per_s": round(tokens / best["baseline"]), "runs": runs,
             "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
                     "encodes text already in memory, one EncodeAsIds call per document"}
