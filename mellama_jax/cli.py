@@ -57,6 +57,16 @@ def _positive_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _layouts(text: str) -> tuple[str, ...]:
+    """'fsdp=8;fsdp=4,tensor=2' -> ('fsdp=8', 'fsdp=4,tensor=2'): ";"-separated ici layouts."""
+    return tuple(layout for layout in text.split(";") if layout)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'full,lora' -> ('full', 'lora')."""
+    return tuple(text.split(","))
+
+
 def _request(cls, args):
     """A command's typed request from its parsed options (each option's dest is the field's name)."""
     import dataclasses
@@ -225,10 +235,9 @@ def _bench_mesh(args) -> int:
 
     if args.devices:
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from mellama_jax.bench.mesh import bench_mesh, markdown
+    from mellama_jax.bench.mesh import MeshBenchRequest, bench_mesh, markdown
 
-    result = bench_mesh(args.model, args.layouts.split(";"), args.seq, args.batch, args.remat, args.dtype,
-                        args.warmup, args.steps, args.png, args.overrides, args.profile)
+    result = bench_mesh(_request(MeshBenchRequest, args))
     print(markdown(result))
     print(json.dumps(result, indent=1))
     return _all_failed(result["layouts"])
@@ -266,10 +275,9 @@ def _bench_attention(args) -> int:
 def _bench_baseline(args) -> int:
     import json
 
-    from mellama_jax.bench.mesh import bench_baseline
+    from mellama_jax.bench.mesh import BaselineBenchRequest, bench_baseline
 
-    print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
-                                    args.dtype, args.overrides, args.sides, tuple(args.modes.split(","))), indent=1))
+    print(json.dumps(bench_baseline(_request(BaselineBenchRequest, args)), indent=1))
     return 0
 
 
@@ -567,7 +575,8 @@ def _add_bench_speed(bench_sub) -> None:
     btok.set_defaults(func=_bench_tokenize)
     bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
     bmesh.add_argument("--model", default="bench-60m")
-    bmesh.add_argument("--layouts", default="data=8;fsdp=8;fsdp=4,tensor=2", help='";"-separated ici layouts')
+    bmesh.add_argument("--layouts", type=_layouts, default="data=8;fsdp=8;fsdp=4,tensor=2",
+                       help='";"-separated ici layouts')
     bmesh.add_argument("--devices", type=NON_NEGATIVE, default=0, help="simulated CPU devices (0: what is there)")
     bmesh.add_argument("--seq", type=POSITIVE, default=256)
     bmesh.add_argument("--batch", type=POSITIVE, default=8)
@@ -609,7 +618,7 @@ def _add_bench_compare(bench_sub) -> None:
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
-    bbase.add_argument("--modes", default="full,lora", help="rows to run: full, lora or both (default)")
+    bbase.add_argument("--modes", type=_names, default="full,lora", help="rows to run: full, lora or both (default)")
     bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8 "
                                                     "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)
