@@ -335,20 +335,10 @@ def _generate(args) -> int:
 
 def _plan(args) -> int:
     from mellama_jax.bench import plan
-    from mellama_jax.config import ConfigError
 
-    overrides = list(args.overrides) + ([f"model.preset={args.model}"] if args.model else [])
-    layouts = [l for l in (args.layouts or "").split(";") if l]
-    if args.target == "tpu":
-        if not args.topology:
-            raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
-        result = plan.plan_tpu(args.config, overrides, args.topology, args.slices, layouts)
-        print(plan.report(result, plan.markdown_tpu))
-    elif not args.devices:
-        raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
-    else:
-        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gib)
-        print(plan.report(result, plan.markdown))
+    run, table = (plan.plan_tpu, plan.markdown_tpu) if args.target == "tpu" else (plan.plan, plan.markdown)
+    result = run(_request(plan.PlanRequest, args))
+    print(plan.report(result, table))
     return _all_failed(result["layouts"])
 
 
@@ -409,7 +399,7 @@ def _add_plan(sub) -> None:
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
     pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
-    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
+    pln.add_argument("--layouts", type=_layouts, default=(), help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
                                        'tpu: fsdp=-1, the whole slice)')
     pln.add_argument("--memory-gib", type=_number(float, 0.0, low_open=True), default=80.0,
                      help="device memory to fit, GiB (default 80)")
