@@ -207,19 +207,12 @@ def _model_arg(name):
 def _convert(args) -> int:
     import json
 
-    from mellama_jax.config import ConfigError
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
-        from mellama_jax.sharding import parse_layout
-
-        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None,
-                            overwrite=args.overwrite))
+        print(api.hf_to_jax(_request(api.ImportRequest, args)))
     elif args.direction == "jax-to-hf":
-        if args.merge and not args.adapters:
-            raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
-        print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
-                            args.shard_size, args.adapters, args.merge, overwrite=args.overwrite))
+        print(api.jax_to_hf(_request(api.ExportRequest, args)))
     else:
         report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
         ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
