@@ -67,11 +67,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
-def _request(cls, args):
-    """A command's typed request from its parsed options (each option's dest is the field's name)."""
+def _request(cls, args, **converted):
+    """A command's typed request from its parsed options (each option's dest is the field's name); `converted`:
+    fields whose values the command builds from its options first."""
     import dataclasses
 
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: converted[f.name] if f.name in converted else getattr(args, f.name)
+                  for f in dataclasses.fields(cls)})
 
 
 def _info(args) -> int:
@@ -111,12 +113,10 @@ def _sources(items: list[str]) -> dict[str, list[str]]:
 
 
 def _prepare_pretrain(args) -> int:
-    from mellama_jax.data.prepare import prepare_pretrain, summarize
+    from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
 
     fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
-    manifest = prepare_pretrain(_sources(args.source), args.tokenizer, args.out, fields, strict=args.strict,
-                                threads=args.threads, workers=args.workers, num_shards=args.num_shards,
-                                shard_index=args.shard_index, overwrite=args.overwrite)
+    manifest = prepare_pretrain(_request(PretrainDataRequest, args, sources=_sources(args.source), fields=fields))
     if manifest is None:
         print(f"shard {args.shard_index} of {args.num_shards} done; the manifest is written when the last one "
               f"finishes (or: mellama-jax prepare merge --out {args.out})")
@@ -141,10 +141,9 @@ def _prepare_merge(args) -> int:
 def _prepare_instruct(args) -> int:
     import json
 
-    from mellama_jax.data.instruct import prepare_instruct
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
 
-    manifest = prepare_instruct(args.inputs, args.tokenizer, args.out, args.seq_len, args.template, args.format,
-                                args.truncation, args.pack, args.strict, not args.no_eos_loss, args.overwrite)
+    manifest = prepare_instruct(_request(InstructDataRequest, args))
     report = manifest["report"]
     print(f"{report['documents']:,} examples -> {manifest['rows']:,} rows of <= {manifest['seq_len']} tokens; "
           f"{manifest['response_tokens']:,} response tokens; {manifest['truncated']:,} truncated; "
@@ -392,8 +391,9 @@ def _add_plan(sub) -> None:
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
     pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
-    pln.add_argument("--layouts", type=_layouts, default=(), help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
-                                       'tpu: fsdp=-1, the whole slice)')
+    pln.add_argument("--layouts", type=_layouts, default=(),
+                     help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
+                          'tpu: fsdp=-1, the whole slice)')
     pln.add_argument("--memory-gib", type=_number(float, 0.0, low_open=True), default=80.0,
                      help="device memory to fit, GiB (default 80)")
     pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
@@ -535,7 +535,8 @@ def _add_prepare(sub) -> None:
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")
-    ins.add_argument("--no-eos-loss", action="store_true", help="do not train on the EOS after each response")
+    ins.add_argument("--no-eos-loss", action="store_false", dest="train_on_eos",
+                     help="do not train on the EOS after each response")
     ins.add_argument("--strict", action="store_true")
     ins.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare instruct` output")
     ins.set_defaults(func=_prepare_instruct)
