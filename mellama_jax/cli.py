@@ -57,6 +57,13 @@ def _positive_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _request(cls, args):
+    """A command's typed request from its parsed options (each option's dest is the field's name)."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def _layouts(text: str) -> tuple[str, ...]:
     """'fsdp=8;fsdp=4,tensor=2' -> ('fsdp=8', 'fsdp=4,tensor=2'): ";"-separated ici layouts."""
     return tuple(layout for layout in text.split(";") if layout)
@@ -65,15 +72,6 @@ def _layouts(text: str) -> tuple[str, ...]:
 def _names(text: str) -> tuple[str, ...]:
     """'full,lora' -> ('full', 'lora')."""
     return tuple(text.split(","))
-
-
-def _request(cls, args, **converted):
-    """A command's typed request from its parsed options (each option's dest is the field's name); `converted`:
-    fields whose values the command builds from its options first."""
-    import dataclasses
-
-    return cls(**{f.name: converted[f.name] if f.name in converted else getattr(args, f.name)
-                  for f in dataclasses.fields(cls)})
 
 
 def _info(args) -> int:
@@ -113,10 +111,13 @@ def _sources(items: list[str]) -> dict[str, list[str]]:
 
 
 def _prepare_pretrain(args) -> int:
+    import dataclasses
+
     from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
 
     fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
-    manifest = prepare_pretrain(_request(PretrainDataRequest, args, sources=_sources(args.source), fields=fields))
+    request = dataclasses.replace(_request(PretrainDataRequest, args), sources=_sources(args.sources), fields=fields)
+    manifest = prepare_pretrain(request)
     if manifest is None:
         print(f"shard {args.shard_index} of {args.num_shards} done; the manifest is written when the last one "
               f"finishes (or: mellama-jax prepare merge --out {args.out})")
@@ -504,7 +505,7 @@ def _add_prepare(sub) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="--source syntax (docs/data.md has every corpus of the paper):\n\n"
                                      + source_specs.__doc__.split("\n\n", 1)[1])
-    pre.add_argument("--source", action="append", required=True,
+    pre.add_argument("--source", dest="sources", action="append", required=True,
                      help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
                           "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts")
     pre.add_argument("--fields", action="append", help="NAME=FIELD[,FIELD...] text fields of a source "
