@@ -505,7 +505,7 @@ def _add_prepare(sub) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="--source syntax (docs/data.md has every corpus of the paper):\n\n"
                                      + source_specs.__doc__.split("\n\n", 1)[1])
-    pre.add_argument("--source", dest="sources", action="append", required=True,
+    pre.add_argument("--source", dest="sources", metavar="SOURCE", action="append", required=True,
                      help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
                           "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts")
     pre.add_argument("--fields", action="append", help="NAME=FIELD[,FIELD...] text fields of a source "
