@@ -69,6 +69,16 @@ def _request(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def _layouts(text: str) -> tuple[str, ...]:
+    """'fsdp=8;fsdp=4,tensor=2' -> ('fsdp=8', 'fsdp=4,tensor=2'): ";"-separated ici layouts."""
+    return tuple(layout for layout in text.split(";") if layout)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """'full,lora' -> ('full', 'lora')."""
+    return tuple(text.split(","))
+
+
 def _info(args) -> int:
     from mellama_jax.info import describe
 
@@ -106,12 +116,13 @@ def _sources(items: list[str]) -> dict[str, list[str]]:
 
 
 def _prepare_pretrain(args) -> int:
-    from mellama_jax.data.prepare import prepare_pretrain, summarize
+    import dataclasses
+
+    from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
 
     fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
-    manifest = prepare_pretrain(_sources(args.source), args.tokenizer, args.out, fields, strict=args.strict,
-                                threads=args.threads, workers=args.workers, num_shards=args.num_shards,
-                                shard_index=args.shard_index, overwrite=args.overwrite)
+    request = dataclasses.replace(_request(PretrainDataRequest, args), sources=_sources(args.sources), fields=fields)
+    manifest = prepare_pretrain(request)
     if manifest is None:
         print(f"shard {args.shard_index} of {args.num_shards} done; the manifest is written when the last one "
               f"finishes (or: mellama-jax prepare merge --out {args.out})")
@@ -136,10 +147,9 @@ def _prepare_merge(args) -> int:
 def _prepare_instruct(args) -> int:
     import json
 
-    from mellama_jax.data.instruct import prepare_instruct
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
 
-    manifest = prepare_instruct(args.inputs, args.tokenizer, args.out, args.seq_len, args.template, args.format,
-                                args.truncation, args.pack, args.strict, not args.no_eos_loss, args.overwrite)
+    manifest = prepare_instruct(_request(InstructDataRequest, args))
     report = manifest["report"]
     print(f"{report['documents']:,} examples -> {manifest['rows']:,} rows of <= {manifest['seq_len']} tokens; "
           f"{manifest['response_tokens']:,} response tokens; {manifest['truncated']:,} truncated; "
@@ -201,19 +211,12 @@ def _model_arg(name):
 def _convert(args) -> int:
     import json
 
-    from mellama_jax.config import ConfigError
     from mellama_jax.convert import api
 
     if args.direction == "hf-to-jax":
-        from mellama_jax.sharding import parse_layout
-
-        print(api.hf_to_jax(args.src, args.dst, args.dtype, mesh_shape=parse_layout(args.mesh) if args.mesh else None,
-                            overwrite=args.overwrite))
+        print(api.hf_to_jax(_request(api.ImportRequest, args)))
     elif args.direction == "jax-to-hf":
-        if args.merge and not args.adapters:
-            raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
-        print(api.jax_to_hf(args.src, args.dst, _model_arg(args.model), args.tokenizer, args.dtype,
-                            args.shard_size, args.adapters, args.merge, overwrite=args.overwrite))
+        print(api.jax_to_hf(_request(api.ExportRequest, args)))
     else:
         report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
         ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
@@ -229,10 +232,9 @@ def _bench_mesh(args) -> int:
 
     if args.devices:
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from mellama_jax.bench.mesh import bench_mesh, markdown
+    from mellama_jax.bench.mesh import MeshBenchRequest, bench_mesh, markdown
 
-    result = bench_mesh(args.model, args.layouts.split(";"), args.seq, args.batch, args.remat, args.dtype,
-                        args.warmup, args.steps, args.png, args.overrides, args.profile)
+    result = bench_mesh(_request(MeshBenchRequest, args))
     print(markdown(result))
     print(json.dumps(result, indent=1))
     return _all_failed(result["layouts"])
@@ -270,10 +272,9 @@ def _bench_attention(args) -> int:
 def _bench_baseline(args) -> int:
     import json
 
-    from mellama_jax.bench.mesh import bench_baseline
+    from mellama_jax.bench.mesh import BaselineBenchRequest, bench_baseline
 
-    print(json.dumps(bench_baseline(args.model, args.seq, args.batch, args.lora_rank, args.warmup, args.steps,
-                                    args.dtype, args.overrides, args.sides, tuple(args.modes.split(","))), indent=1))
+    print(json.dumps(bench_baseline(_request(BaselineBenchRequest, args)), indent=1))
     return 0
 
 
@@ -331,20 +332,10 @@ def _generate(args) -> int:
 
 def _plan(args) -> int:
     from mellama_jax.bench import plan
-    from mellama_jax.config import ConfigError
 
-    overrides = list(args.overrides) + ([f"model.preset={args.model}"] if args.model else [])
-    layouts = [l for l in (args.layouts or "").split(";") if l]
-    if args.target == "tpu":
-        if not args.topology:
-            raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
-        result = plan.plan_tpu(args.config, overrides, args.topology, args.slices, layouts)
-        print(plan.report(result, plan.markdown_tpu))
-    elif not args.devices:
-        raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
-    else:
-        result = plan.plan(args.config, overrides, args.devices, layouts, args.memory_gib)
-        print(plan.report(result, plan.markdown))
+    run, table = (plan.plan_tpu, plan.markdown_tpu) if args.target == "tpu" else (plan.plan, plan.markdown)
+    result = run(_request(plan.PlanRequest, args))
+    print(plan.report(result, table))
     return _all_failed(result["layouts"])
 
 
@@ -405,8 +396,9 @@ def _add_plan(sub) -> None:
     pln.add_argument("--config", help="a recipe YAML")
     pln.add_argument("--model", help="model preset (overrides the config's)")
     pln.add_argument("--devices", type=POSITIVE, help="simulated devices, e.g. 160")
-    pln.add_argument("--layouts", help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
-                                       'tpu: fsdp=-1, the whole slice)')
+    pln.add_argument("--layouts", type=_layouts, default=(),
+                     help='";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the config\'s mesh; '
+                          'tpu: fsdp=-1, the whole slice)')
     pln.add_argument("--memory-gib", type=_number(float, 0.0, low_open=True), default=80.0,
                      help="device memory to fit, GiB (default 80)")
     pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
@@ -517,7 +509,7 @@ def _add_prepare(sub) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="--source syntax (docs/data.md has every corpus of the paper):\n\n"
                                      + source_specs.__doc__.split("\n\n", 1)[1])
-    pre.add_argument("--source", action="append", required=True,
+    pre.add_argument("--source", dest="sources", metavar="SOURCE", action="append", required=True,
                      help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
                           "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts")
     pre.add_argument("--fields", action="append", help="NAME=FIELD[,FIELD...] text fields of a source "
@@ -548,7 +540,8 @@ def _add_prepare(sub) -> None:
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")
-    ins.add_argument("--no-eos-loss", action="store_true", help="do not train on the EOS after each response")
+    ins.add_argument("--no-eos-loss", action="store_false", dest="train_on_eos",
+                     help="do not train on the EOS after each response")
     ins.add_argument("--strict", action="store_true")
     ins.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare instruct` output")
     ins.set_defaults(func=_prepare_instruct)
@@ -573,7 +566,8 @@ def _add_bench_speed(bench_sub) -> None:
     btok.set_defaults(func=_bench_tokenize)
     bmesh = bench_sub.add_parser("mesh", help="train-step throughput, MFU and memory per mesh layout")
     bmesh.add_argument("--model", default="bench-60m")
-    bmesh.add_argument("--layouts", default="data=8;fsdp=8;fsdp=4,tensor=2", help='";"-separated ici layouts')
+    bmesh.add_argument("--layouts", type=_layouts, default="data=8;fsdp=8;fsdp=4,tensor=2",
+                       help='";"-separated ici layouts')
     bmesh.add_argument("--devices", type=NON_NEGATIVE, default=0, help="simulated CPU devices (0: what is there)")
     bmesh.add_argument("--seq", type=POSITIVE, default=256)
     bmesh.add_argument("--batch", type=POSITIVE, default=8)
@@ -615,7 +609,7 @@ def _add_bench_compare(bench_sub) -> None:
     bbase.add_argument("--dtype", default="float32", help="bfloat16: ours in bf16 compute, torch under autocast")
     bbase.add_argument("--sides", choices=("both", "ours", "torch"), default="both",
                        help="one side only (on a GPU, run each in its own process)")
-    bbase.add_argument("--modes", default="full,lora", help="rows to run: full, lora or both (default)")
+    bbase.add_argument("--modes", type=_names, default="full,lora", help="rows to run: full, lora or both (default)")
     bbase.add_argument("overrides", nargs="*", help="more config overrides (both sides), e.g. model.num_layers=8 "
                                                     "lora.targets=[wq,wv] lora.base_dtype=bfloat16 model.remat=full")
     bbase.set_defaults(func=_bench_baseline)

@@ -46,9 +46,9 @@ def _run(out: Path, started: float) -> dict:
     import jax
 
     from mellama_jax.config import CONFIG_ROOT, load_config
-    from mellama_jax.data.instruct import prepare_instruct, read_conversations
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct, read_conversations
     from mellama_jax.data.corpus import Report
-    from mellama_jax.data.prepare import prepare_pretrain, summarize
+    from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
     from mellama_jax.data.tokenizer import Tokenizer
     from mellama_jax.train.loop import train
 
@@ -60,9 +60,10 @@ def _run(out: Path, started: float) -> dict:
     Tokenizer.train(texts, vocab_size=512).save(tokenizer_dir)
     print(f"1. tokenizer: SentencePiece BPE, 512 pieces -> {tokenizer_dir}/tokenizer.model")
 
-    manifest = prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir,
-                                out / "data" / "pretrain", progress=False)
-    inst = prepare_instruct([_demo_file("instructions.jsonl")], tokenizer_dir, out / "data" / "instruct", 96)
+    manifest = prepare_pretrain(PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir,
+                                                    out / "data" / "pretrain"), progress=False)
+    inst = prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], tokenizer_dir,
+                                                out / "data" / "instruct", 96))
     print("2. data: " + summarize(manifest).replace("\n", "; ")
           + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens")
 

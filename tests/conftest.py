@@ -74,16 +74,17 @@ def llama2_tokenizer_path():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """The demo's shipped sample, prepared: tok/ (512 pieces), pre/ (pretraining mixture), ins/ (instructions)."""
-    from mellama_jax.data.instruct import prepare_instruct
-    from mellama_jax.data.prepare import prepare_pretrain
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
+    from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
     from mellama_jax.data.tokenizer import Tokenizer
     from mellama_jax.demo import SOURCES, _demo_file, sample_texts
 
     root = tmp_path_factory.mktemp("demo-data")
     texts = [t for lines in sample_texts().values() for t in lines]
     tok = Tokenizer.train(texts, vocab_size=512).save(root / "tok")
-    prepare_pretrain({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre", progress=False)
-    prepare_instruct([_demo_file("instructions.jsonl")], tok, root / "ins", 64)
+    prepare_pretrain(PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre"),
+                     progress=False)
+    prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], tok, root / "ins", 64))
     return root
 
 

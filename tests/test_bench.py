@@ -2,14 +2,14 @@
 
 import pytest
 
-from mellama_jax.bench.mesh import bench_baseline, bench_mesh, markdown
+from mellama_jax.bench.mesh import BaselineBenchRequest, MeshBenchRequest, bench_baseline, bench_mesh, markdown
 from mellama_jax.config import load_model_preset
 from mellama_jax.train import flops
 
 
 def test_bench_mesh_reports_each_layout(tmp_path):
-    result = bench_mesh("tiny-gqa", ["data=8", "fsdp=4,tensor=2", "tensor=8"], seq=32, batch=8, remat="none",
-                        dtype="float32", warmup=1, steps=2, out=tmp_path / "mesh.png")
+    result = bench_mesh(MeshBenchRequest("tiny-gqa", ("data=8", "fsdp=4,tensor=2", "tensor=8"), seq=32, batch=8,
+                                         remat="none", dtype="float32", warmup=1, steps=2, png=tmp_path / "mesh.png"))
     ok, ok2, bad = result["layouts"]
     assert "does not divide" in bad["error"]
     for r in (ok, ok2):
@@ -22,7 +22,7 @@ def test_bench_mesh_reports_each_layout(tmp_path):
 
 
 def test_bench_baseline_runs_both_sides():
-    result = bench_baseline("tiny", seq=32, batch=2, lora_rank=4, warmup=1, steps=2)
+    result = bench_baseline(BaselineBenchRequest("tiny", seq=32, batch=2, lora_rank=4, warmup=1, steps=2))
     for part in ("full", "lora"):
         assert result[part]["speedup"] > 0
     assert result["full"]["torch"]["tokens_per_s"] > 0

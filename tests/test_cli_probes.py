@@ -33,15 +33,15 @@ def ws(tmp_path_factory, demo_data):
     from transformers import LlamaForCausalLM
 
     from conftest import hf_tiny_config
-    from mellama_jax.convert.api import hf_to_jax, jax_to_hf
+    from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 
     root = tmp_path_factory.mktemp("ws")
     _train("tiny-pretrain.yaml", [f"data.path={demo_data / 'pre'}", f"run.dir={root / 'run'}", "train.steps=2"])
     _train("tiny-lora.yaml", [f"data.path={demo_data / 'ins'}", f"run.dir={root / 'lora'}", "train.steps=2",
                               f"train.init_from={root / 'run' / 'params'}"])
-    jax_to_hf(root / "run" / "params", root / "hf", dtype="float32", progress=False)
+    jax_to_hf(ExportRequest(root / "run" / "params", root / "hf", dtype="float32"), progress=False)
     LlamaForCausalLM(hf_tiny_config(2)).save_pretrained(root / "hf_other")
-    hf_to_jax(root / "hf_other", root / "other_params", progress=False)
+    hf_to_jax(ImportRequest(root / "hf_other", root / "other_params"), progress=False)
     (root / "notes").mkdir()
     (root / "notes" / "notes.txt").write_text("the user's own file\n")
     (root / "empty.jsonl").write_text("")

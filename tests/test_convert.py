@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import hf_tiny_config
 from mellama_jax.cli import main
 from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
-from mellama_jax.convert.api import hf_to_jax, jax_to_hf, verify
+from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf, verify
 from mellama_jax.convert.hf import ConversionError, config_from_hf, load_hf_state_dict
 from mellama_jax.convert.peft import import_peft
 from mellama_jax.data.tokenizer import Tokenizer
@@ -53,9 +53,9 @@ def all_tensors(directory: Path) -> dict:
                          ids=["mha-fp32", "gqa-fp32", "gqa-bf16"])
 def test_round_trip_is_bit_exact(tmp_path, tokenizer_file, kv_heads, dtype):
     src = make_hf_dir(tmp_path / "hf", kv_heads, seed=kv_heads, dtype=dtype, tokenizer=tokenizer_file)
-    hf_to_jax(src, tmp_path / "jax", progress=False)
+    hf_to_jax(ImportRequest(src, tmp_path / "jax"), progress=False)
     name = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    out = jax_to_hf(tmp_path / "jax", tmp_path / "back", dtype=name, shard_bytes=200_000, progress=False)
+    out = jax_to_hf(ExportRequest(tmp_path / "jax", tmp_path / "back", dtype=name, shard_size=200_000), progress=False)
     a, b = all_tensors(src), all_tensors(out)
     assert set(a) == set(b)
     for k in a:
@@ -69,8 +69,8 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer_file, kv_heads, dtype):
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_heads):
     src = make_hf_dir(tmp_path / "hf", kv_heads, seed=10 + kv_heads, tokenizer=tokenizer_file)
-    params = hf_to_jax(src, tmp_path / "jax", progress=False)
-    out = jax_to_hf(params, tmp_path / "out", dtype="float32", progress=False)
+    params = hf_to_jax(ImportRequest(src, tmp_path / "jax"), progress=False)
+    out = jax_to_hf(ExportRequest(params, tmp_path / "out", dtype="float32"), progress=False)
     cfg = yaml.safe_load((params / "model.yaml").read_text())
     graphdef, abstract = nnx.split(init_abstract(type(Config().model)(**cfg)))
     ours = nnx.merge(graphdef, load_params_local(params, abstract))
@@ -96,7 +96,7 @@ def test_bf16_checkpoints_keep_their_values_both_ways(tmp_path, rng, tokenizer_f
     checkpoint must give transformers' logits (its bf16 weights upcast to fp32), and our bf16 export must load
     into transformers as the very same model."""
     src = make_hf_dir(tmp_path / "hf", 2, seed=9, dtype=torch.bfloat16, tokenizer=tokenizer_file)
-    params = hf_to_jax(src, tmp_path / "jax", progress=False)
+    params = hf_to_jax(ImportRequest(src, tmp_path / "jax"), progress=False)
     cfg = type(Config().model)(**yaml.safe_load((params / "model.yaml").read_text()))
     graphdef, abstract = nnx.split(init_abstract(cfg))
     ours = nnx.merge(graphdef, load_params_local(params, abstract))
@@ -104,7 +104,7 @@ def test_bf16_checkpoints_keep_their_values_both_ways(tmp_path, rng, tokenizer_f
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(torch.tensor(ids)).logits.numpy()
     assert np.abs(ref - np.asarray(ours(jnp.asarray(ids)))).max() <= 1e-4
-    out = jax_to_hf(params, tmp_path / "out", dtype="bfloat16", progress=False)
+    out = jax_to_hf(ExportRequest(params, tmp_path / "out", dtype="bfloat16"), progress=False)
     with torch.no_grad():
         back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(torch.tensor(ids)).logits.numpy()
     np.testing.assert_array_equal(back, ref)
@@ -112,7 +112,7 @@ def test_bf16_checkpoints_keep_their_values_both_ways(tmp_path, rng, tokenizer_f
 
 def test_trainer_restores_hf_to_jax_output_sharded(tmp_path, tokenizer_file):
     src = make_hf_dir(tmp_path / "hf", 2, seed=3)
-    params = hf_to_jax(src, tmp_path / "jax", dtype="float32", progress=False, mesh_shape={"fsdp": 4, "tensor": 2})
+    params = hf_to_jax(ImportRequest(src, tmp_path / "jax", dtype="float32", mesh="fsdp=4,tensor=2"), progress=False)
     zarray = json.loads((params / "layers.attn.wq.kernel" / ".zarray").read_text())
     assert zarray["chunks"] == [1, 64 // 4, 4 // 2, 16]  # one chunk per device shard of that mesh, per layer
     from mellama_jax.config import load_config
@@ -179,7 +179,7 @@ def test_converted_modules_match_transformers_modules(rng):
 def lora_run(tmp_path, tokenizer_file):
     """A LoRA 'run' directory: base params, adapters with non-zero B, and its config.yaml."""
     src = make_hf_dir(tmp_path / "hf", 2, seed=5, tokenizer=tokenizer_file)
-    base = hf_to_jax(src, tmp_path / "base", dtype="float32", progress=False)
+    base = hf_to_jax(ImportRequest(src, tmp_path / "base", dtype="float32"), progress=False)
     model_cfg = type(Config().model)(**yaml.safe_load((base / "model.yaml").read_text()))
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("wq", "wv", "wo", "w_down"))
     model = Llama(model_cfg, rngs=nnx.Rngs(1), lora=lora)
@@ -205,7 +205,7 @@ def test_peft_adapters_and_merged_export_match_jax(lora_run, tmp_path):
     src, base, run, model_cfg, lora = lora_run
     ids = np.random.default_rng(4).integers(3, 512, (2, 12))
     ours = _jax_lora_logits(base, run, model_cfg, lora, ids)
-    adapter_dir = jax_to_hf(base, tmp_path / "peft", adapters=run / "adapters", progress=False)
+    adapter_dir = jax_to_hf(ExportRequest(base, tmp_path / "peft", adapters=run / "adapters"), progress=False)
     assert (adapter_dir / "adapter_config.json").exists()
     hf_base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -215,8 +215,8 @@ def test_peft_adapters_and_merged_export_match_jax(lora_run, tmp_path):
         ref = peft_model(torch.tensor(ids)).logits.numpy()
     assert np.abs(ref - plain).max() > 1e-2  # the adapters matter
     assert np.abs(ref - ours).max() <= 1e-4
-    merged = jax_to_hf(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True,
-                       progress=False)
+    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters",
+                                     merge=True), progress=False)
     with torch.no_grad():
         ref_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(torch.tensor(ids)).logits
     assert np.abs(ref_merged.numpy() - ours).max() <= 1e-4
@@ -246,7 +246,7 @@ def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path, tokeni
     mngr.wait_until_finished()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     shutil.copyfile(tokenizer_file, tmp_path / "run" / "tokenizer.model")  # as a run carries it
-    out = jax_to_hf(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32",
+    out = jax_to_hf(ExportRequest(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32"),
                     progress=False)
     tensors = all_tensors(out)
     wo = np.asarray(dict(nnx.to_flat_state(state.params))[("layers", "attn", "wo", "kernel")].get_value())
@@ -292,7 +292,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, breaker):
     src = make_hf_dir(tmp_path / "hf", 2, seed=7)
     message = breaker(src)
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        hf_to_jax(src, tmp_path / "out", progress=False)
+        hf_to_jax(ImportRequest(src, tmp_path / "out"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
@@ -314,8 +314,8 @@ def test_decoding_reads_lora_adapters(lora_run, tmp_path):
     from mellama_jax.eval.run import HFBackend, JaxBackend
 
     _, base, run, _, _ = lora_run
-    merged = jax_to_hf(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True,
-                       progress=False)
+    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters",
+                                     merge=True), progress=False)
     prompts = ["the patient was given", "aspirin"]
     ours = JaxBackend(base, adapters=run / "adapters").generate(prompts, 8)
     assert ours == HFBackend(merged).generate(prompts, 8)

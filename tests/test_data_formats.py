@@ -12,8 +12,9 @@ from data_helpers import tiny_tokenizer, write_corpus
 from mellama_jax.artifacts import OutputError
 from mellama_jax.config import CONFIG_ROOT
 from mellama_jax.data.corpus import BadRecord, Report
-from mellama_jax.data.instruct import Conversation, InstructSource, prepare_instruct, read_conversations
-from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.instruct import (Conversation, InstructDataRequest, InstructSource, prepare_instruct,
+                                       read_conversations)
+from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource
 
 DOLLY = [{"instruction": "Name a statin.", "context": "", "response": "Atorvastatin.", "category": "open_qa"},
@@ -59,7 +60,7 @@ def test_each_shipped_format_reads_as_its_conversations(shipped, tmp_path):
         assert got == [want(fmt, r) for r in records], name
         assert not report.skipped, (name, report.locations)
     tok = tiny_tokenizer(tmp_path / "tok")
-    m = prepare_instruct([root / name for name in files], tok, tmp_path / "ins", 128)
+    m = prepare_instruct(InstructDataRequest([root / name for name in files], tok, tmp_path / "ins", 128))
     assert m["rows"] == sum(len(records) for _, records in files.values()) and m["report"]["skipped_total"] == 0
 
 
@@ -68,12 +69,13 @@ def test_failed_prepare_instruct_leaves_nothing_and_overwrite_is_asked(shipped, 
     tok = tiny_tokenizer(tmp_path / "tok")
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
     with pytest.raises(BadRecord, match="no usable examples"):
-        prepare_instruct([tmp_path / "bad.jsonl"], tok, tmp_path / "new" / "ins", 64)
+        prepare_instruct(InstructDataRequest([tmp_path / "bad.jsonl"], tok, tmp_path / "new" / "ins", 64))
     assert not (tmp_path / "new").exists()
-    prepare_instruct([root / "sharegpt.json"], tok, tmp_path / "ins", 64)
+    prepare_instruct(InstructDataRequest([root / "sharegpt.json"], tok, tmp_path / "ins", 64))
     with pytest.raises(OutputError, match="not empty"):
-        prepare_instruct([root / "sharegpt.json"], tok, tmp_path / "ins", 64)
-    again = prepare_instruct([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64, overwrite=True)
+        prepare_instruct(InstructDataRequest([root / "sharegpt.json"], tok, tmp_path / "ins", 64))
+    again = prepare_instruct(InstructDataRequest([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64,
+                                                 overwrite=True))
     assert again["rows"] == 2
 
 
@@ -82,11 +84,11 @@ def test_data_of_the_wrong_kind_is_named(tmp_path):
 
     tok = tiny_tokenizer(tmp_path / "tok")
     pre = tmp_path / "pre"
-    prepare_pretrain({"clinical": [write_corpus(tmp_path, "clinical", 20, np.random.default_rng(0))]}, tok, pre,
-                     progress=False)
+    corpus = write_corpus(tmp_path, "clinical", 20, np.random.default_rng(0))
+    prepare_pretrain(PretrainDataRequest({"clinical": [corpus]}, tok, pre), progress=False)
     (tmp_path / "i.jsonl").write_text(json.dumps(DOLLY[0]) + "\n")
     ins = tmp_path / "ins"
-    prepare_instruct([tmp_path / "i.jsonl"], tok, ins, 64)
+    prepare_instruct(InstructDataRequest([tmp_path / "i.jsonl"], tok, ins, 64))
     with pytest.raises(BadRecord, match=f"{ins}: data.path holds an instruction dataset"):
         PackedSource(ins, "clinical", 32, 0)
     with pytest.raises(BadRecord, match=f"{pre}: data.path holds pretraining data"):

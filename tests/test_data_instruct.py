@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mellama_jax.data.corpus import BadRecord, Report
-from mellama_jax.data.instruct import (TEMPLATES, instruct_batches, parse_record, prepare_instruct,
-                                       read_conversations, render)
+from mellama_jax.data.instruct import (TEMPLATES, InstructDataRequest, instruct_batches, parse_record,
+                                       prepare_instruct, read_conversations, render)
 from mellama_jax.data.tokenizer import Tokenizer
 from conftest import SHARED_DATA
 
@@ -87,14 +87,16 @@ def test_prepare_counts_skips_and_truncation(tmp_path, llama2_tokenizer_path):
         json.dumps({"instruction": "Explain.", "output": "word " * 100}),
         json.dumps({"prompt": "Dose?", "response": "500 mg."}),
     ]) + "\n")
-    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64)
+    m = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64))
     assert m["report"]["documents"] == 3 and m["truncated"] == 1
     assert m["report"]["skipped"] == {"invalid JSON": 1, "response truncated away": 1}
     assert f"{path}:3: response truncated away" in "\n".join(m["report"]["skipped_examples"])
-    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "drop", seq_len=64, truncation="drop")
+    m = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "drop", seq_len=64,
+                                             truncation="drop"))
     assert m["report"]["skipped"] == {"invalid JSON": 1, "too long": 2}
     with pytest.raises(BadRecord, match=f"{path}:2: invalid JSON"):
-        prepare_instruct([path], llama2_tokenizer_path, tmp_path / "strict", seq_len=64, strict=True)
+        prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "strict", seq_len=64,
+                                             strict=True))
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -102,7 +104,7 @@ def test_batches_weight_only_response_targets(tmp_path, llama2_tokenizer_path, l
     path = tmp_path / "qa.jsonl"
     rows = [{"prompt": f"Question {i} about dosing?", "response": f"Answer number {i} is 5 mg."} for i in range(12)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    m = prepare_instruct([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64, pack=pack)
+    m = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "out", seq_len=64, pack=pack))
     assert (m["rows"] < 12) == pack
     ds = instruct_batches(tmp_path / "out", 64, global_batch=1, epochs=1, seed=0)
     seen = []

@@ -11,7 +11,7 @@ import pytest
 
 from data_helpers import tiny_tokenizer, write_corpus
 from mellama_jax.data.corpus import BadRecord
-from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource, iterate, pretrain_batches
 from mellama_jax.data.tokenizer import Tokenizer
 
@@ -24,14 +24,14 @@ def corpus(tmp_path_factory):
     inputs = {name: [write_corpus(root, name, n, rng)] for name, n in
               (("biomedical", 400), ("clinical", 60), ("general", 150))}
     out = root / "prepared"
-    manifest = prepare_pretrain(inputs, tok, out, progress=False)
+    manifest = prepare_pretrain(PretrainDataRequest(inputs, tok, out), progress=False)
     return dict(root=root, tok=tok, inputs=inputs, out=out, manifest=manifest)
 
 
 def test_prepare_counts_and_is_deterministic(corpus, tmp_path):
     m = corpus["manifest"]
     assert m["sources"]["biomedical"]["documents"] == 400
-    again = prepare_pretrain(corpus["inputs"], corpus["tok"], tmp_path / "again", progress=False)
+    again = prepare_pretrain(PretrainDataRequest(corpus["inputs"], corpus["tok"], tmp_path / "again"), progress=False)
     assert again["sources"] == m["sources"]
     for shard in (corpus["out"] / "clinical").glob("*.arrayrecord"):
         assert shard.read_bytes() == (tmp_path / "again" / "clinical" / shard.name).read_bytes()
@@ -40,7 +40,7 @@ def test_prepare_counts_and_is_deterministic(corpus, tmp_path):
 def test_rerun_skips_finished_shards(corpus):
     shard = next((corpus["out"] / "biomedical").glob("*.arrayrecord"))
     before = shard.stat().st_mtime_ns
-    prepare_pretrain(corpus["inputs"], corpus["tok"], corpus["out"], progress=False)
+    prepare_pretrain(PretrainDataRequest(corpus["inputs"], corpus["tok"], corpus["out"]), progress=False)
     assert shard.stat().st_mtime_ns == before
 
 
@@ -48,14 +48,15 @@ def test_bad_records_are_counted_with_locations(tmp_path, corpus):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "insulin glucose"}\n{"text": \n{"body": "x"}\n{"text": "   "}\n'
                     b'{"text": "caf\xe9"}\n[1, 2]\n{"text": "tumour gene"}\n')
-    m = prepare_pretrain({"b": [bad]}, corpus["tok"], tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"b": [bad]}, corpus["tok"], tmp_path / "out"), progress=False)
     assert m["sources"]["b"]["documents"] == 2 and m["sources"]["b"]["skipped"] == 5
     report = json.loads(next((tmp_path / "out" / "b").glob("*.done.json")).read_text())["report"]
     assert report["skipped"] == {"invalid JSON": 2, "missing field": 1, "empty text": 1, "invalid UTF-8": 1}
     assert f"{bad}:2: invalid JSON" in "\n".join(report["skipped_examples"])
     assert any(line.startswith(f"{bad}:5: invalid UTF-8") for line in report["skipped_examples"])
     with pytest.raises(BadRecord, match=f"{bad}:2: invalid JSON"):
-        prepare_pretrain({"b": [bad]}, corpus["tok"], tmp_path / "strict", strict=True, progress=False)
+        prepare_pretrain(PretrainDataRequest({"b": [bad]}, corpus["tok"], tmp_path / "strict", strict=True),
+                         progress=False)
     assert not list((tmp_path / "strict" / "b").glob("*.arrayrecord*"))  # nothing half-written
 
 
@@ -67,8 +68,8 @@ def test_text_and_parquet_inputs(tmp_path, corpus):
     txt.write_text("patient admitted\nwith fever\n\n\ndischarge plan\n")
     pq.write_table(pa.table({"title": ["gene", "tumour"], "abstract": ["kinase receptor", ""]}),
                    tmp_path / "papers.parquet")
-    m = prepare_pretrain({"t": [txt], "p": [tmp_path / "papers.parquet"]}, corpus["tok"], tmp_path / "out",
-                         fields={"p": ("title", "abstract")}, progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"t": [txt], "p": [tmp_path / "papers.parquet"]}, corpus["tok"],
+                                             tmp_path / "out", fields={"p": ("title", "abstract")}), progress=False)
     assert m["sources"]["t"]["documents"] == 2 and m["sources"]["p"]["documents"] == 2
     tok = Tokenizer.load(corpus["tok"])
     assert m["sources"]["t"]["tokens"] == sum(len(tok.encode(t)) + 2 for t in

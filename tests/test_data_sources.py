@@ -22,7 +22,7 @@ from data_helpers import WORDS, tiny_tokenizer
 from mellama_jax.artifacts import OutputError
 from mellama_jax.data import sources
 from mellama_jax.data.corpus import BadRecord
-from mellama_jax.data.prepare import merge, prepare_pretrain
+from mellama_jax.data.prepare import PretrainDataRequest, merge, prepare_pretrain
 from mellama_jax.data.sources import Filter, SourceError, assign, parse_sources, units_of
 from mellama_jax.data.streams import ArchiveError
 
@@ -87,7 +87,7 @@ def test_pile_subsets_from_zstd_shards(tmp_path, tok):
     (tmp_path / "pile" / "01.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(shards[1][:half]))
                                                      + zstandard.ZstdCompressor().compress(jsonl(shards[1][half:])))
     spec = f"pile:{tmp_path}/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts"
-    m = prepare_pretrain({"bio": [spec]}, tok, tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"bio": [spec]}, tok, tmp_path / "out"), progress=False)
 
     rows = [json.loads(line) for p in sorted((tmp_path / "pile").iterdir())  # frames decoded one by one
             for frame in _frames(p.read_bytes()) for line in frame.splitlines()]
@@ -116,7 +116,7 @@ def test_truncated_and_broken_streams_lose_only_what_is_broken(tmp_path, tok):
     (tmp_path / "in" / "b.jsonl.gz").write_bytes(gz[: len(gz) // 2])
     (tmp_path / "in" / "c.jsonl").write_bytes(b'{"text": "insulin receptor"}\n{"text": \n{"text": "  "}\n'
                                               b'{"text": "kinase"}\n')
-    m = prepare_pretrain({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out"), progress=False)
 
     # What an independent decoder recovers from each cut file: its complete lines.
     got_zst = zstandard.ZstdDecompressor().decompressobj().decompress(zst[: len(zst) * 2 // 3])
@@ -131,11 +131,12 @@ def test_truncated_and_broken_streams_lose_only_what_is_broken(tmp_path, tok):
         assert f"{tmp_path}/in/{name}:{len(lines) + 1}: truncated stream" in report
     assert f"{tmp_path}/in/c.jsonl:2: invalid JSON" in report
     with pytest.raises(BadRecord, match=r"a\.jsonl\.zst:\d+: truncated stream"):
-        prepare_pretrain({"s": [f"jsonl:{tmp_path}/in/a.jsonl.zst"]}, tok, tmp_path / "strict", strict=True,
-                         progress=False)
+        prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in/a.jsonl.zst"]}, tok, tmp_path / "strict",
+                                             strict=True), progress=False)
     assert not (tmp_path / "strict").exists()  # nothing worth resuming: no tokenizer, no empty folders
     with pytest.raises(BadRecord, match="truncated stream"):  # --strict does not reuse shards with skips
-        prepare_pretrain({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", strict=True, progress=False)
+        prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", strict=True),
+                         progress=False)
 
 
 # --------------------------------------------------------------------------- MIMIC notes (CSV)
@@ -164,7 +165,7 @@ def test_mimic_notes_csv_gz_where_category(tmp_path, tok):
     rows = mimic_rows(np.random.default_rng(2), 120)
     write_csv(tmp_path / "NOTEEVENTS.csv.gz", rows)
     spec = f"csv:{tmp_path}/NOTEEVENTS.csv.gz?text=TEXT&where=CATEGORY!=Discharge+summary"
-    m = prepare_pretrain({"clinical": [spec]}, tok, tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"clinical": [spec]}, tok, tmp_path / "out"), progress=False)
     with gzip.open(tmp_path / "NOTEEVENTS.csv.gz", "rt", newline="") as f:
         read = list(csv.DictReader(f))
     assert len(read) == 120
@@ -172,7 +173,7 @@ def test_mimic_notes_csv_gz_where_category(tmp_path, tok):
     assert m["sources"]["clinical"]["filtered"] == {"CATEGORY=Discharge summary": 24}
     # `=` keeps the listed values; a value's trailing space (MIMIC's "Physician ") is trimmed to compare.
     spec = f"csv:{tmp_path}/NOTEEVENTS.csv.gz?text=TEXT&where=CATEGORY=Physician,ECG"
-    m = prepare_pretrain({"clinical": [spec]}, tok, tmp_path / "out2", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"clinical": [spec]}, tok, tmp_path / "out2"), progress=False)
     chosen = [r["TEXT"] for r in read if r["CATEGORY"].strip() in ("Physician", "ECG")]
     check(tmp_path / "out2", "clinical", tok, chosen, m)
 
@@ -194,7 +195,8 @@ def test_csv_unterminated_quote_costs_one_row(tmp_path, tok):
         parts.append(f'"{i + 1}","{1000 + i}","Nursing","","unterminated note {i}\n' if i in broken
                      else csv_line(row.values()))
     (tmp_path / "bad.csv").write_text("".join(parts))
-    m = prepare_pretrain({"c": [f"csv:{tmp_path}/bad.csv?text=TEXT"]}, tok, tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"c": [f"csv:{tmp_path}/bad.csv?text=TEXT"]}, tok, tmp_path / "out"),
+                         progress=False)
     keep = [r["TEXT"] for i, r in enumerate(rows) if i not in broken and i != 7]
     check(tmp_path / "out", "c", tok, keep, m)
     entry = m["sources"]["c"]
@@ -223,15 +225,16 @@ def test_cxr_report_tree_and_its_zip(tmp_path, tok, monkeypatch):
         for path in sorted(root.rglob("*")):
             z.write(path, path.relative_to(tmp_path))
     monkeypatch.setattr(sources, "FILES_PER_UNIT", 4)  # 9 reports -> units of 4, 4, 1
-    m = prepare_pretrain({"tree": [f"cxr:{root}"], "zipped": [f"cxr:{tmp_path}/mimic-cxr-reports.zip"]}, tok,
-                         tmp_path / "out", progress=False)
+    reports = {"tree": [f"cxr:{root}"], "zipped": [f"cxr:{tmp_path}/mimic-cxr-reports.zip"]}
+    m = prepare_pretrain(PretrainDataRequest(reports, tok, tmp_path / "out"), progress=False)
     for source in ("tree", "zipped"):
         check(tmp_path / "out", source, tok, [t.strip() for t in texts.values()], m)
         assert len(m["sources"][source]["shards"]) == 3
     cut = (tmp_path / "mimic-cxr-reports.zip").read_bytes()
     (tmp_path / "cut.zip").write_bytes(cut[: len(cut) - 30])
     with pytest.raises(ArchiveError, match=f"{tmp_path}/cut.zip: truncated or not a zip"):
-        prepare_pretrain({"z": [f"cxr:{tmp_path}/cut.zip"]}, tok, tmp_path / "out-cut", progress=False)
+        prepare_pretrain(PretrainDataRequest({"z": [f"cxr:{tmp_path}/cut.zip"]}, tok, tmp_path / "out-cut"),
+                         progress=False)
 
 
 # --------------------------------------------------------------------------- datasets folders
@@ -247,9 +250,9 @@ def test_datasets_saved_folder_and_parquet_folder(tmp_path, tok):
     (tmp_path / "pq").mkdir()
     for k in range(2):
         ds.shard(2, k).to_parquet(str(tmp_path / "pq" / f"train-{k:05d}-of-00002.parquet"))
-    m = prepare_pretrain({"saved": [f"hf:{tmp_path}/saved?where=source=pubmed"],
-                          "dict": [f"hf:{tmp_path}/dict?split=test"], "pq": [f"hf:{tmp_path}/pq"]}, tok,
-                         tmp_path / "out", progress=False)
+    m = prepare_pretrain(PretrainDataRequest({"saved": [f"hf:{tmp_path}/saved?where=source=pubmed"],
+                                              "dict": [f"hf:{tmp_path}/dict?split=test"], "pq": [f"hf:{tmp_path}/pq"]},
+                                             tok, tmp_path / "out"), progress=False)
     loaded = datasets.load_from_disk(str(tmp_path / "saved"))
     check(tmp_path / "out", "saved", tok, [r["text"] for r in loaded if r["source"] == "pubmed"], m)
     assert len(m["sources"]["saved"]["shards"]) == 3 and m["sources"]["saved"]["filtered"] == {"source=web": 45}
@@ -293,14 +296,15 @@ def test_hosts_share_the_units_once_and_merge(tmp_path, tok):
         assert sorted(i for s in shares for i in s) == list(range(len(units)))
         assert assign(units, n) == shares  # the same answer on every host
     assert len({tuple(s) for s in assign(units, 3)}) == 3
-    whole = prepare_pretrain(spec, tok, tmp_path / "whole", progress=False)
-    assert prepare_pretrain(spec, tok, tmp_path / "split", num_shards=3, shard_index=2, progress=False) is None
-    assert prepare_pretrain(spec, tok, tmp_path / "split", num_shards=3, shard_index=0, progress=False) is None
+    whole = prepare_pretrain(PretrainDataRequest(spec, tok, tmp_path / "whole"), progress=False)
+    split = [PretrainDataRequest(spec, tok, tmp_path / "split", num_shards=3, shard_index=i) for i in range(3)]
+    assert prepare_pretrain(split[2], progress=False) is None
+    assert prepare_pretrain(split[0], progress=False) is None
     from mellama_jax.data.prepare import Pending
 
     with pytest.raises(Pending, match="not prepared yet"):
         merge(tmp_path / "split")
-    last = prepare_pretrain(spec, tok, tmp_path / "split", num_shards=3, shard_index=1, progress=False)
+    last = prepare_pretrain(split[1], progress=False)
     assert last["sources"] == whole["sources"] == merge(tmp_path / "split")["sources"]
     for source in ("a", "b"):
         assert written(tmp_path / "split", source) == written(tmp_path / "whole", source)
@@ -308,8 +312,8 @@ def test_hosts_share_the_units_once_and_merge(tmp_path, tok):
 
 def test_processes_write_the_same_shards(tmp_path, tok):
     spec = {"a": write_parts(tmp_path, np.random.default_rng(7), [200, 150, 100, 50])["a"]}
-    one = prepare_pretrain(spec, tok, tmp_path / "one", workers=1, progress=False)
-    two = prepare_pretrain(spec, tok, tmp_path / "two", workers=2, progress=False)
+    one = prepare_pretrain(PretrainDataRequest(spec, tok, tmp_path / "one", workers=1), progress=False)
+    two = prepare_pretrain(PretrainDataRequest(spec, tok, tmp_path / "two", workers=2), progress=False)
     assert one["sources"] == two["sources"]
     for shard in (tmp_path / "one" / "a").glob("*.arrayrecord"):
         assert shard.read_bytes() == (tmp_path / "two" / "a" / shard.name).read_bytes()
@@ -327,29 +331,31 @@ def test_no_documents_and_unknown_fields_fail_and_leave_nothing(tmp_path, tok):
              (f"jsonl:{tmp_path}/x.jsonl?text=body&where=meta.set=A", "field 'meta.set' occurs in no row")]
     for spec, message in cases:
         with pytest.raises(BadRecord, match=message):
-            prepare_pretrain({"s": [spec]}, tok, tmp_path / "out", progress=False)
+            prepare_pretrain(PretrainDataRequest({"s": [spec]}, tok, tmp_path / "out"), progress=False)
         assert not (tmp_path / "out").exists()
     (tmp_path / "e.csv").write_text("A,B\n")
     with pytest.raises(BadRecord, match="source s: no documents"):
-        prepare_pretrain({"s": [f"csv:{tmp_path}/e.csv?text=A"]}, tok, tmp_path / "out", progress=False)
+        prepare_pretrain(PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=A"]}, tok, tmp_path / "out"),
+                         progress=False)
     with pytest.raises(BadRecord, match=f"{tmp_path}/e.csv: no column 'TEXT'; columns: A, B"):
-        prepare_pretrain({"s": [f"csv:{tmp_path}/e.csv?text=TEXT"]}, tok, tmp_path / "out", progress=False)
+        prepare_pretrain(PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=TEXT"]}, tok, tmp_path / "out"),
+                         progress=False)
 
 
 def test_other_sources_into_the_same_folder_need_overwrite(tmp_path, tok):
     spec = write_parts(tmp_path, np.random.default_rng(8), [20, 20, 20, 20, 20])
-    prepare_pretrain(spec, tok, tmp_path / "out", progress=False)
+    prepare_pretrain(PretrainDataRequest(spec, tok, tmp_path / "out"), progress=False)
     other = {"c": spec["b"]}
     with pytest.raises(OutputError, match="holds data prepared from other sources"):
-        prepare_pretrain(other, tok, tmp_path / "out", progress=False)
+        prepare_pretrain(PretrainDataRequest(other, tok, tmp_path / "out"), progress=False)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"].keys() == {"a", "b"}
-    m = prepare_pretrain(other, tok, tmp_path / "out", overwrite=True, progress=False)
+    m = prepare_pretrain(PretrainDataRequest(other, tok, tmp_path / "out", overwrite=True), progress=False)
     assert set(m["sources"]) == {"c"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["c"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(OutputError, match="files this command did not write"):
-        prepare_pretrain(other, tok, tmp_path / "mine", overwrite=True, progress=False)
+        prepare_pretrain(PretrainDataRequest(other, tok, tmp_path / "mine", overwrite=True), progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
 
 

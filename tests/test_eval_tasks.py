@@ -187,13 +187,13 @@ def test_bertscore_uses_layer_9_of_the_papers_model(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(demo_data, tmp_path_factory):
     """A random tiny LLaMA with the demo tokenizer: as an HF directory and as our parameter checkpoint."""
-    from mellama_jax.convert.api import hf_to_jax
+    from mellama_jax.convert.api import ImportRequest, hf_to_jax
 
     root = tmp_path_factory.mktemp("tiny-eval")
     torch.manual_seed(0)
     LlamaForCausalLM(hf_tiny_config(2, vocab_size=512)).eval().save_pretrained(root / "hf")
     shutil.copyfile(demo_data / "tok" / "tokenizer.model", root / "hf" / "tokenizer.model")
-    return root / "hf", hf_to_jax(root / "hf", root / "jax", progress=False)
+    return root / "hf", hf_to_jax(ImportRequest(root / "hf", root / "jax"), progress=False)
 
 
 def rows_text(out_dir):

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import SHARED_DATA, hf_tiny_config, shared_data
-from mellama_jax.convert.api import hf_to_jax, jax_to_hf
+from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 from mellama_jax.cli import main
 from mellama_jax.eval.rescore import rescore
 from mellama_jax.eval.run import EvalRequest, evaluate
@@ -96,8 +96,8 @@ def real_vocab_checkpoints(templates, tmp_path_factory):
     hf = LlamaForCausalLM(hf_tiny_config(2, vocab_size=32000)).eval()
     hf.save_pretrained(root / "hf")
     shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", root / "hf" / "tokenizer.model")
-    params = hf_to_jax(root / "hf", root / "jax", progress=False)
-    return params, jax_to_hf(params, root / "hf-out", dtype="float32", progress=False)
+    params = hf_to_jax(ImportRequest(root / "hf", root / "jax"), progress=False)
+    return params, jax_to_hf(ExportRequest(params, root / "hf-out", dtype="float32"), progress=False)
 
 
 @pytest.mark.parametrize("task,data,split", [

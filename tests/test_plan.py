@@ -5,7 +5,7 @@ import sys
 
 import jax
 
-from mellama_jax.bench.plan import analytical, plan, plan_layout
+from mellama_jax.bench.plan import PlanRequest, analytical, plan, plan_layout
 from mellama_jax.config import CONFIG_ROOT, load_config
 
 
@@ -21,8 +21,9 @@ def test_small_model_state_bytes_match_by_hand():
 
 
 def test_bad_layouts_are_reported_not_raised():
-    result = plan(None, ["model=tiny-gqa", "train.seq_len=32", "train.batch_size=8", "train.steps=2"],
-                  jax.device_count(), ["tensor=8", "fsdp=8"], 80.0)
+    overrides = ("model=tiny-gqa", "train.seq_len=32", "train.batch_size=8", "train.steps=2")
+    result = plan(PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("tensor=8", "fsdp=8"),
+                              memory_gib=80.0))
     bad, good = result["layouts"]
     assert "does not divide" in bad["error"] and good["fits"] is True
 

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SHARED_DATA, shared_data
 from mellama_jax.config import CONFIG_ROOT, load_config
-from mellama_jax.data.instruct import prepare_instruct
-from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
+from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,8 @@ def eval_curve(run_dir):
 
 def test_real_data_held_out_loss_goes_down(tmp_path):
     tok = shared_data("llama2-tokenizer")
-    prepare_pretrain({"biomedical": [SHARED_DATA / "pubmed-abstracts" / "abstracts.jsonl"]}, tok, tmp_path / "pre",
-                     {"biomedical": ("title", "abstract")}, progress=False)
+    prepare_pretrain(PretrainDataRequest({"biomedical": [SHARED_DATA / "pubmed-abstracts" / "abstracts.jsonl"]}, tok,
+                                         tmp_path / "pre", {"biomedical": ("title", "abstract")}), progress=False)
     common = ["model.vocab_size=32000", "model.hidden_size=128", "model.intermediate_size=352",
               "model.max_seq_len=256", "train.seq_len=128", "run.progress=false", "checkpoint.every=1000",
               "run.log_every=10", "run.eval_every=20", "run.eval_batches=16"]
@@ -40,8 +40,8 @@ def test_real_data_held_out_loss_goes_down(tmp_path):
     records = json.loads(chat.read_text())
     (tmp_path / "train.json").write_text(json.dumps(records[:5000]))
     (tmp_path / "eval.json").write_text(json.dumps(records[5000:5200]))
-    prepare_instruct([tmp_path / "train.json"], tok, tmp_path / "ins", 256)
-    prepare_instruct([tmp_path / "eval.json"], tok, tmp_path / "ins-eval", 256)
+    prepare_instruct(InstructDataRequest([tmp_path / "train.json"], tok, tmp_path / "ins", 256))
+    prepare_instruct(InstructDataRequest([tmp_path / "eval.json"], tok, tmp_path / "ins-eval", 256))
     train(load_config(CONFIG_ROOT / "tiny-lora.yaml", common + [
         f"data.path={tmp_path}/ins", f"data.eval_path={tmp_path}/ins-eval", f"run.dir={tmp_path}/run-lora",
         f"train.init_from={pre['export']}", "train.seq_len=256", "train.steps=100", "train.batch_size=16",

@@ -3,6 +3,7 @@ transformers + torch (and PEFT for LoRA) in the same run, so the ratio is measur
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -155,27 +156,42 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
             "gradient_checkpointing": cfg.model.remat != "none"}
 
 
-def bench_mesh(model: str, layouts: list[str], seq: int, batch: int, remat: str, dtype: str,
-               warmup: int, steps: int, out: str | Path | None = None, overrides: list[str] = (),
-               profile: str | Path | None = None) -> dict:
-    """profile: a folder; each layout's trace and HLO go to a subfolder named after it."""
+@dataclasses.dataclass(frozen=True)
+class MeshBenchRequest:
+    """One `bench mesh` run: what `mellama-jax bench mesh` parses, and what `bench_mesh` takes."""
+
+    model: str  # a model preset
+    layouts: tuple[str, ...]  # ici layouts such as "fsdp=4,tensor=2", one row each
+    seq: int
+    batch: int
+    remat: str
+    dtype: str
+    warmup: int  # untimed steps first (the first compiles)
+    steps: int
+    png: str | Path | None = None  # a bar chart of tokens/s per layout
+    overrides: tuple[str, ...] = ()  # more config overrides, applied after the layout's
+    profile: str | Path | None = None  # a folder; each layout's trace and HLO go to a subfolder named after it
+
+
+def bench_mesh(r: MeshBenchRequest) -> dict:
     from mellama_jax.sharding import layout_overrides
 
     rows = []
-    for layout in layouts:
-        row_overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
-                         f"model.remat={remat}", f"model.dtype={dtype}", *layout_overrides(layout), *overrides]
+    for layout in r.layouts:
+        row_overrides = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}",
+                         f"model.remat={r.remat}", f"model.dtype={r.dtype}", *layout_overrides(layout), *r.overrides]
         try:
-            where = Path(profile) / layout.replace("=", "").replace(",", "_") if profile else None
-            rows.append(dict(layout=layout, **jax_step_timing(row_overrides, warmup, steps, profile_dir=where)))
+            where = Path(r.profile) / layout.replace("=", "").replace(",", "_") if r.profile else None
+            rows.append(dict(layout=layout, **jax_step_timing(row_overrides, r.warmup, r.steps, profile_dir=where)))
         except Exception as e:
             rows.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
     import jax
 
-    result = {"benchmark": "mesh", "model": model, "seq": seq, "batch": batch, "remat": remat, "dtype": dtype,
-              "overrides": list(overrides), "device": jax.devices()[0].device_kind, "layouts": rows}
-    if out:
-        _bar_chart(result, Path(out))
+    result = {"benchmark": "mesh", "model": r.model, "seq": r.seq, "batch": r.batch, "remat": r.remat,
+              "dtype": r.dtype, "overrides": list(r.overrides), "device": jax.devices()[0].device_kind,
+              "layouts": rows}
+    if r.png:
+        _bar_chart(result, Path(r.png))
     return result
 
 
@@ -207,9 +223,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int, steps: int,
-                   dtype: str = "float32", overrides: list[str] = (), sides: str = "both",
-                   modes: tuple[str, ...] = ("full", "lora")) -> dict:
+@dataclasses.dataclass(frozen=True)
+class BaselineBenchRequest:
+    """One `bench baseline` run: what `mellama-jax bench baseline` parses, and what `bench_baseline` takes."""
+
+    model: str  # a model preset
+    seq: int
+    batch: int
+    lora_rank: int  # the lora row's rank (0: no lora row)
+    warmup: int
+    steps: int
+    dtype: str = "float32"  # bfloat16: ours in bf16 compute, torch under autocast
+    overrides: tuple[str, ...] = ()  # more config overrides, on both sides
+    sides: str = "both"  # or "ours" or "torch" alone
+    modes: tuple[str, ...] = ("full", "lora")  # the rows to run
+
+
+def bench_baseline(r: BaselineBenchRequest) -> dict:
     """Ours (one device) and transformers (+ PEFT for lora) on the same model and batch. sides "ours" or
     "torch" runs one of them: on a GPU each needs its own process, as JAX keeps the memory it has used.
     The LoRA row's defaults (rank lora_rank, alpha 2 x rank, no dropout, fp32 base on q/k/v/o) yield to
@@ -218,24 +248,24 @@ def bench_baseline(model: str, seq: int, batch: int, lora_rank: int, warmup: int
 
     from mellama_jax.config import load_config
 
-    common = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.dtype={dtype}",
+    common = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}", f"model.dtype={r.dtype}",
               "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
-    lora = ["train.mode=lora", f"lora.rank={lora_rank}", f"lora.alpha={2 * lora_rank}", "lora.dropout=0.0",
+    lora = ["train.mode=lora", f"lora.rank={r.lora_rank}", f"lora.alpha={2 * r.lora_rank}", "lora.dropout=0.0",
             "lora.base_dtype=float32"]
-    result = {"benchmark": "baseline", "model": model, "seq": seq, "batch": batch, "dtype": dtype,
-              "overrides": list(overrides), "device": jax.devices()[0].device_kind}
+    result = {"benchmark": "baseline", "model": r.model, "seq": r.seq, "batch": r.batch, "dtype": r.dtype,
+              "overrides": list(r.overrides), "device": jax.devices()[0].device_kind}
     one = [jax.devices()[0]]  # one real device: the torch side is one process on the same cores
-    rows = {"full": [], "lora": lora if lora_rank else None}
-    for mode in modes:
+    rows = {"full": [], "lora": lora if r.lora_rank else None}
+    for mode in r.modes:
         if rows.get(mode) is None:
             continue
-        settings = common + rows[mode] + list(overrides)
+        settings = common + rows[mode] + list(r.overrides)
         row = {}
-        if sides in ("both", "ours"):
-            row["ours"] = jax_step_timing(settings, warmup, steps, devices=one)
-        if sides in ("both", "torch"):
-            row["torch"] = torch_step_timing(load_config(None, ["train.steps=1"] + settings), warmup, steps,
-                                             dtype=dtype)
+        if r.sides in ("both", "ours"):
+            row["ours"] = jax_step_timing(settings, r.warmup, r.steps, devices=one)
+        if r.sides in ("both", "torch"):
+            row["torch"] = torch_step_timing(load_config(None, ["train.steps=1"] + settings), r.warmup, r.steps,
+                                             dtype=r.dtype)
         if len(row) == 2:
             row["speedup"] = row["ours"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
         result[mode] = row

@@ -10,12 +10,32 @@ Run it in a fresh process: it sets the number of simulated CPU devices before JA
 
 from __future__ import annotations
 
-
+import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    """One `plan` run: what `mellama-jax plan` parses, and what `plan` (simulated CPU devices) and `plan_tpu`
+    (--target tpu) take; each reads the fields marked for it and those unmarked."""
+
+    config: str | Path | None = None  # a recipe YAML (default: the built-in defaults)
+    model: str | None = None  # a model preset over the config's
+    overrides: tuple[str, ...] = ()
+    layouts: tuple[str, ...] = ()  # ici layouts, one row each (default: the config's mesh; tpu: fsdp=-1)
+    devices: int | None = None  # cpu: simulated devices
+    memory_gib: float = 80.0  # cpu: device memory to fit
+    topology: str | None = None  # tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4
+    slices: int = 1  # tpu: slices of `topology`, data parallel across them (dcn)
+
+
+def _overrides(r: PlanRequest) -> list[str]:
+    return list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
 
 
 def analytical(cfg) -> dict:
@@ -94,30 +114,32 @@ def plan_layout(cfg, devices=None) -> dict:
     return row
 
 
-def plan(config: str | None, overrides: list[str], devices: int, layouts: list[str], memory_gib: float) -> dict:
+def plan(r: PlanRequest) -> dict:
     import jax
 
-    try:
-        jax.config.update("jax_num_cpu_devices", devices)
-    except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
-        if jax.device_count() != devices:
-            raise
-    from mellama_jax.config import load_config
+    from mellama_jax.config import ConfigError, load_config
     from mellama_jax.sharding import layout_overrides
 
+    if not r.devices:
+        raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
+    try:
+        jax.config.update("jax_num_cpu_devices", r.devices)
+    except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
+        if jax.device_count() != r.devices:
+            raise
     rows = []
-    for layout in layouts or [""]:
+    for layout in r.layouts or [""]:
         extra = layout_overrides(layout) if layout else []
-        cfg = load_config(config, list(overrides) + extra)
+        cfg = load_config(r.config, _overrides(r) + extra)
         try:
             row = plan_layout(cfg)
         except Exception as e:  # a layout that cannot be built is a result, not a crash
             row = {"mesh": layout or "config", "error": f"{type(e).__name__}: {e}"}
         row["layout"] = layout or "config"
         if "xla_bytes" in row:
-            row["fits"] = row["xla_bytes"]["total"] <= memory_gib * GiB
+            row["fits"] = row["xla_bytes"]["total"] <= r.memory_gib * GiB
         rows.append(row)
-    return {"model": cfg.model.name, "devices": devices, "device_memory_gib": memory_gib,
+    return {"model": cfg.model.name, "devices": r.devices, "device_memory_gib": r.memory_gib,
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 
 
@@ -149,26 +171,29 @@ def _tpu_row(cfg, small, devices, chip) -> dict:
     return row
 
 
-def plan_tpu(config: str | None, overrides: list[str], topology: str, slices: int, layouts: list[str]) -> dict:
-    """Each ici layout (default: FSDP over the whole slice) on `slices` slices of `topology`, data parallel
+def plan_tpu(r: PlanRequest) -> dict:
+    """Each ici layout (default: FSDP over the whole slice) on `r.slices` slices of `r.topology`, data parallel
     across slices (dcn)."""
     from mellama_jax.bench.tpu import chip_of, topology_devices
-    from mellama_jax.config import load_config
+    from mellama_jax.config import ConfigError, load_config
     from mellama_jax.sharding import layout_overrides
 
-    name, chip = chip_of(topology)
-    devices = topology_devices(topology, slices)
+    if not r.topology:
+        raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
+    name, chip = chip_of(r.topology)
+    devices = topology_devices(r.topology, r.slices)
     rows = []
-    for layout in layouts or ["fsdp=-1"]:
-        cfg = load_config(config, list(overrides) + layout_overrides(layout, slices))
-        small = tuple(load_config(config, list(overrides) + layout_overrides(layout, slices) +
-                                  [f"model.num_layers={n}", f"model.scan_unroll={n}"]) for n in (1, 2))
+    for layout in r.layouts or ["fsdp=-1"]:
+        overrides = _overrides(r) + layout_overrides(layout, r.slices)
+        cfg = load_config(r.config, overrides)
+        small = tuple(load_config(r.config, overrides + [f"model.num_layers={n}", f"model.scan_unroll={n}"])
+                      for n in (1, 2))
         try:
             row = _tpu_row(cfg, small, devices, chip)
         except Exception as e:  # a layout that cannot be built or does not compile is a result, not a crash
             row = {"mesh": layout, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         rows.append(dict(row, layout=layout))
-    return {"model": cfg.model.name, "topology": topology, "slices": slices, "chip": name, "devices": len(devices),
+    return {"model": cfg.model.name, "topology": r.topology, "slices": r.slices, "chip": name, "devices": len(devices),
             "hbm_gib": chip.hbm_gib, "attention": cfg.model.attention,
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
 

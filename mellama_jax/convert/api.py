@@ -5,6 +5,7 @@ Both directions stream: one tensor (one layer of a stacked parameter) is in memo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, load_model, np_dtype,
                                    require_tokenizer)
-from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, to_dict
+from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, load_model_preset, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
@@ -43,21 +44,30 @@ def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RUL
     return out
 
 
-def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progress: bool = True,
-              mesh_shape: dict[str, int] | None = None, overwrite: bool = False) -> Path:
-    """A Hugging Face LLaMA directory -> a parameter checkpoint that `train.init_from` restores.
+@dataclasses.dataclass(frozen=True)
+class ImportRequest:
+    """One `convert hf-to-jax`: what `mellama-jax convert hf-to-jax` parses, and what `hf_to_jax` takes."""
 
-    dtype: None keeps the checkpoint's own (so HF -> JAX -> HF is bit-exact); or float32 / bfloat16.
-    mesh_shape: e.g. {"fsdp": 8, "tensor": 2}: store each parameter chunked as that mesh's shards (with the
-    default rule table), so a restore there reads one chunk per device shard. Any mesh can restore it.
-    The output also holds model.yaml (our ModelConfig) and tokenizer.model when the source has one.
-    `dst` follows artifacts' destination rule.
-    """
+    src: str | Path  # a Hugging Face LLaMA folder (safetensors)
+    dst: str | Path  # follows artifacts' destination rule
+    dtype: str | None = None  # None keeps the checkpoint's own (so HF -> JAX -> HF is bit-exact)
+    # a layout such as "fsdp=8,tensor=2": each parameter is stored chunked as that mesh's shards (with the default
+    # rule table), so a restore there reads one chunk per device shard. Any mesh can restore it.
+    mesh: str | None = None
+    overwrite: bool = False  # replace an earlier hf-to-jax output at dst
+
+
+def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
+    """A Hugging Face LLaMA directory -> a parameter checkpoint that `train.init_from` restores. The output also
+    holds model.yaml (our ModelConfig) and tokenizer.model when the source has one."""
+    from mellama_jax.sharding import parse_layout
+
+    src, dst = Path(r.src), Path(r.dst)
     hf = HFCheckpoint(src)
     cfg = hf.config
-    chunks = shard_chunks(cfg, mesh_shape) if mesh_shape else {}
-    out_dtype = np_dtype(dtype) if dtype else None
-    with atomic_output(dst, "params", overwrite, inputs=[src]) as tmp:
+    chunks = shard_chunks(cfg, parse_layout(r.mesh)) if r.mesh else {}
+    out_dtype = np_dtype(r.dtype) if r.dtype else None
+    with atomic_output(dst, "params", r.overwrite, inputs=[src]) as tmp:
         writer = ParamsWriter(tmp)
         specs = tensor_specs(cfg)
         total = sum(hf.nbytes(name) for name in hf.names)  # bytes read from the source
@@ -77,24 +87,35 @@ def hf_to_jax(src: str | Path, dst: str | Path, dtype: str | None = None, progre
                     bar.set_postfix(tensors=done, refresh=False)
                 del first
         writer.close({"model.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)})
-        tokenizer = Path(src) / "tokenizer.model"
+        tokenizer = src / "tokenizer.model"
         if tokenizer.exists():
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-    return Path(dst)
+    return dst
 
 
-def jax_to_hf(src: str | Path, dst: str | Path, model: ModelConfig | None = None,
-              tokenizer: str | Path | None = None, dtype: str = "bfloat16", shard_bytes: int = 5 * 10**9,
-              adapters: str | Path | None = None, merge: bool = False, progress: bool = True,
-              overwrite: bool = False) -> Path:
-    """A parameter checkpoint (a run's params/, a training checkpoint's state/, or hf-to-jax output) -> HF.
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+    """One `convert jax-to-hf`: what `mellama-jax convert jax-to-hf` parses, and what `jax_to_hf` takes."""
 
-    adapters: a LoRA run's adapters/ directory. With merge=True the result is one full model with
-    W + scale * A @ B; otherwise `dst` receives a PEFT adapter directory and `src` is not written.
-    A full model needs a tokenizer (given, or found with the parameters: artifacts.find_tokenizer).
-    """
-    src = Path(src)
-    cfg = model or find_model_config(src)[0]
+    src: str | Path  # a run's params/, a training checkpoint's state/, or hf-to-jax output
+    dst: str | Path
+    model: str | Path | None = None  # a model preset or YAML (default: model.yaml or the run's config.yaml)
+    tokenizer: str | Path | None = None  # a full model needs one (default: found with the parameters)
+    dtype: str = "bfloat16"
+    shard_size: int = 5 * 10**9  # bytes per safetensors file
+    # a LoRA run's adapters/: dst receives a PEFT adapter folder (src is not written), or with merge one full
+    # model with W + scale * A @ B
+    adapters: str | Path | None = None
+    merge: bool = False
+    overwrite: bool = False  # replace an earlier jax-to-hf output at dst
+
+
+def jax_to_hf(r: ExportRequest, *, progress: bool = True) -> Path:
+    """A parameter checkpoint -> a Hugging Face folder, or PEFT adapters."""
+    if r.merge and not r.adapters:
+        raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
+    src, adapters = Path(r.src), r.adapters
+    cfg = load_model_preset(r.model) if r.model else find_model_config(src)[0]
     reader = ParamsReader(src)
     fetch = reader.read
     _check_params(reader, cfg)
@@ -103,12 +124,12 @@ def jax_to_hf(src: str | Path, dst: str | Path, model: ModelConfig | None = None
         areader = ParamsReader(adapters)
         lora = adapters_config(adapters)
         _check_adapters(areader, cfg, lora)
-        if not merge:
-            return export_peft(areader.read, cfg, lora, dst, dtype="float32", overwrite=overwrite, inputs=inputs)
+        if not r.merge:
+            return export_peft(areader.read, cfg, lora, r.dst, dtype="float32", overwrite=r.overwrite, inputs=inputs)
         fetch = merged_fetch(reader.read, areader.read, lora)
-    tok = require_tokenizer(src, tokenizer)
-    return export_hf(fetch, cfg, dst, tok, dtype=dtype, shard_bytes=shard_bytes, progress=progress,
-                     overwrite=overwrite, inputs=inputs)
+    tok = require_tokenizer(src, r.tokenizer)
+    return export_hf(fetch, cfg, r.dst, tok, dtype=r.dtype, shard_bytes=r.shard_size, progress=progress,
+                     overwrite=r.overwrite, inputs=inputs)
 
 
 def _check_shapes(reader: ParamsReader, expected: dict, what: str) -> None:

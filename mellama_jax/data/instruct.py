@@ -198,25 +198,42 @@ def _examples(inputs, tokenizer: Tokenizer, tpl: Template, seq_len: int, fmt: st
     return examples, truncated
 
 
-def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_dir: str | Path, seq_len: int,
-                     template: str = "llama2_chat", fmt: str = "auto", truncation: str = "truncate",
-                     pack: bool = False, strict: bool = False, train_on_eos: bool = True,
-                     overwrite: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class InstructDataRequest:
+    """One `prepare instruct`: what `mellama-jax prepare instruct` parses, and what `prepare_instruct` takes."""
+
+    inputs: list[str | Path]  # .json, .jsonl(.gz/.zst), .parquet, .arrow files or datasets folders
+    tokenizer: str | Path
+    out: str | Path
+    seq_len: int
+    template: str = "llama2_chat"  # llama2_chat, alpaca, or a template YAML file
+    format: str = "auto"  # auto (told from each record), alpaca, dolly, sharegpt or prompt_response
+    # "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose response would
+    # be cut away entirely is skipped either way.
+    truncation: str = "truncate"
+    pack: bool = False  # several examples per row (with segment ids)
+    strict: bool = False  # fail on the first bad record instead of skipping it
+    train_on_eos: bool = True  # the EOS after each response is a target
+    overwrite: bool = False  # replace an earlier `prepare instruct` output at `out`
+
+
+def prepare_instruct(r: InstructDataRequest) -> dict:
     """Render, tokenise and store examples (or packed rows) as ArrayRecord; returns the manifest.
 
     Records are int32 arrays of shape (3, n): token ids, loss weights, segment ids (one per example).
-    truncation: "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose
-    response would be cut away entirely is skipped either way. Every skip is counted with its location.
-    The output folder appears whole or not at all (artifacts.atomic_output).
+    Every skip is counted with its location. The output folder appears whole or not at all
+    (artifacts.atomic_output).
     """
-    if truncation not in ("truncate", "drop"):
-        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
-    tokenizer = Tokenizer.load(tokenizer_path)
-    tpl = load_template(template)
-    report = Report(strict=strict)
-    with atomic_output(out_dir, "prepare-instruct", overwrite, inputs) as out:
-        examples, truncated = _examples(inputs, tokenizer, tpl, seq_len, fmt, truncation, report, train_on_eos)
-        rows = _pack(examples, seq_len) if pack else [
+    if r.truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {r.truncation!r}")
+    tokenizer = Tokenizer.load(r.tokenizer)
+    tpl = load_template(r.template)
+    report = Report(strict=r.strict)
+    seq_len = r.seq_len
+    with atomic_output(r.out, "prepare-instruct", r.overwrite, r.inputs) as out:
+        examples, truncated = _examples(r.inputs, tokenizer, tpl, seq_len, r.format, r.truncation, report,
+                                        r.train_on_eos)
+        rows = _pack(examples, seq_len) if r.pack else [
             np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
         writer = ArrayRecordWriter(str(out / "examples.arrayrecord"), "group_size:1")
         for row in rows:
@@ -225,7 +242,7 @@ def prepare_instruct(inputs: list[str | Path], tokenizer_path: str | Path, out_d
         tokenizer.save(out)
         report.documents = len(examples)
         report.tokens = sum(len(i) for i, _ in examples)
-        manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": pack,
+        manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": r.pack,
                     "rows": len(rows), "response_tokens": int(sum(sum(w) for _, w in examples)),
                     "truncated": truncated, "report": report.to_dict(),
                     "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}

@@ -219,45 +219,57 @@ def _is_done(out: Path, unit: dict) -> dict | None:
 # --------------------------------------------------------------------------- the command
 
 
-def prepare_pretrain(sources: dict[str, list], tokenizer_path: str | Path, out_dir: str | Path,
-                     fields: dict[str, tuple[str, ...]] | None = None, strict: bool = False,
-                     threads: int | None = None, progress: bool = True, workers: int | None = None,
-                     num_shards: int = 1, shard_index: int = 0, overwrite: bool = False) -> dict | None:
-    """Tokenise this host's share of every source's units; returns the manifest once every unit is done
-    (None while other hosts' shares are still missing).
+@dataclasses.dataclass(frozen=True)
+class PretrainDataRequest:
+    """One `prepare pretrain` (this host's share): what `mellama-jax prepare pretrain` parses, and what
+    `prepare_pretrain` takes."""
 
-    sources: per name, --source values (`KIND:PATH?OPTIONS` specs, or file paths; sources.py).
-    fields: per source, the text fields of its specs that give none (the older --fields).
-    """
-    if num_shards < 1:
-        raise ValueError(f"--num-shards {num_shards}: must be at least 1")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index {shard_index} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
-    out = Path(out_dir)
-    specs = parse_sources(sources, fields)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    sources: dict[str, list]  # per name, its --source values (`KIND:PATH?OPTIONS` specs, or files; sources.py)
+    tokenizer: str | Path  # tokenizer.model or a folder holding it
+    out: str | Path
+    fields: dict[str, tuple[str, ...]] | None = None  # per source, the text fields of specs that give none
+    strict: bool = False  # fail on the first bad record instead of skipping it
+    threads: int | None = None  # encoding threads per process (default: the cores shared among the processes)
+    workers: int | None = None  # processes (default: all cores; 1 under SMALL bytes of input)
+    num_shards: int = 1  # hosts sharing the work (by input file)
+    shard_index: int = 0  # this host's share, 0..num_shards-1
+    overwrite: bool = False  # replace an earlier prepare of other sources in `out` (stale source folders go)
+
+
+def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict | None:
+    """Tokenise this host's share of every source's units; returns the manifest once every unit is done
+    (None while other hosts' shares are still missing)."""
+    if r.num_shards < 1:
+        raise ValueError(f"--num-shards {r.num_shards}: must be at least 1")
+    if not 0 <= r.shard_index < r.num_shards:
+        raise ValueError(f"--shard-index {r.shard_index} is not in 0..{r.num_shards - 1} "
+                         f"(--num-shards {r.num_shards})")
+    out = Path(r.out)
+    specs = parse_sources(r.sources, r.fields)
+    tokenizer = Tokenizer.load(r.tokenizer)
     sha = hashlib.sha256(tokenizer.model_proto).hexdigest()
     units = [dataclasses.replace(u, fingerprint=dict(u.fingerprint, tokenizer_sha256=sha)) for u in units_of(specs)]
     plan = _plan(specs, units, tokenizer, sha)
-    created = open_destination(out, plan, overwrite, [u.path for u in units])
+    created = open_destination(out, plan, r.overwrite, [u.path for u in units])
     kept = 0
     try:
         write_text_atomic(out / MARKER, json.dumps({"kind": KIND}))
         write_text_atomic(out / "plan.json", json.dumps(plan, indent=1))
         tokenizer.save(out)
-        todo = sorted((units[i] for i in assign(units, num_shards)[shard_index]
-                       if not _reusable(_is_done(out, plan["units"][i]), strict)), key=lambda u: -u.size)
+        todo = sorted((units[i] for i in assign(units, r.num_shards)[r.shard_index]
+                       if not _reusable(_is_done(out, plan["units"][i]), r.strict)), key=lambda u: -u.size)
         if todo:  # shards are about to change: the manifest is rewritten once every unit is done again
             (out / "manifest.json").unlink(missing_ok=True)
         cores = os.cpu_count() or 1
-        workers = workers or (cores if sum(u.size for u in todo) >= SMALL else 1)
+        workers = r.workers or (cores if sum(u.size for u in todo) >= SMALL else 1)
         workers = max(1, min(workers, len(todo)))
         with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc="tokenising",
                   disable=not progress) as bar:
-            for unit, report in run_units(todo, tokenizer, out, strict, workers, threads or max(1, cores // workers)):
+            for unit, report in run_units(todo, tokenizer, out, r.strict, workers,
+                                          r.threads or max(1, cores // workers)):
                 kept += report["documents"]
                 bar.update(unit.size)
-        return merge(out) if num_shards == 1 or _all_done(out, plan) else None
+        return merge(out) if r.num_shards == 1 or _all_done(out, plan) else None
     except BaseException:
         if created and not kept:  # nothing worth resuming: leave no trace (no tokenizer, no empty folders)
             shutil.rmtree(out, ignore_errors=True)
