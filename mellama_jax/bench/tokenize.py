@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mellama_jax.data.corpus import Report
-from mellama_jax.data.prepare import prepare_pretrain
+from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.readers import documents
 from mellama_jax.data.sources import parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
@@ -43,8 +43,8 @@ def _write(folder: Path, texts: list[str], files: int, suffix: str) -> None:
 
 def _time_prepare(folder: Path, tokenizer, out: Path, workers: int, threads: int | None) -> tuple[float, int]:
     start = time.perf_counter()
-    manifest = prepare_pretrain({"corpus": [f"jsonl:{folder}"]}, tokenizer, out, workers=workers, threads=threads,
-                                progress=False)
+    request = PretrainDataRequest({"corpus": [f"jsonl:{folder}"]}, tokenizer, out, workers=workers, threads=threads)
+    manifest = prepare_pretrain(request, progress=False)
     return time.perf_counter() - start, manifest["sources"]["corpus"]["tokens"]
 
 
