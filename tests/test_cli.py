@@ -28,3 +28,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for path in ("pretrain/params", "lora/adapters", "hf/config.json", "hf/model.safetensors",
                  "pretrain/metrics.jsonl", "pretrain/loss.png", "lora/checkpoints"):
         assert (tmp_path / path).exists(), path
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`mellama-jax info ... | head -1`: the pipe closes before the output is written; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "mellama_jax.cli", "info", "--model", "llama2-70b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command prints
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err
+    assert "Traceback" not in err and "error" not in err, err
