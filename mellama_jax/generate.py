@@ -100,7 +100,7 @@ def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature
         B, P = ids.shape
         cache = init_cache(model.cfg, B, P + max_new_tokens)
         # the cache follows the batch over data/fsdp and the KV heads over tensor, as training's activations
-        kv_axes = ("layers", "activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+        kv_axes = ("layers", "activation_batch", "activation_kv_heads", "activation_length", "head_dim")
         cache.update(k=constrain(cache["k"], kv_axes), v=constrain(cache["v"], kv_axes))
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         hidden, cache = model.decode_hidden_states(ids, cache, positions, mask)  # prefill

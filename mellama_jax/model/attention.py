@@ -8,8 +8,9 @@ attention without materialising repeated keys) and a boolean mask (B, T, S): Tru
 for. `splash` gets `Segments`: the segment ids themselves, which the kernel compares block by block.
 
 `causal=True` says the mask is causal with queries and keys at the same positions (training, scoring), which
-lets cuDNN and splash skip the masked half of the score matrix. Decoding against a KV cache passes False and runs the XLA
-reference: it is memory-bound, and its one-token queries are not what the flash kernels are built for.
+lets cuDNN and splash skip the masked half of the score matrix. Decoding against a KV cache runs
+`cached_attention`, the same XLA reference on the cache's head-major layout: it is memory-bound, and its
+one-token queries are not what the flash kernels are built for.
 """
 
 
@@ -146,13 +147,28 @@ def _attention_core_bwd(residuals, d_out):
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
-def xla_attention(q, k, v, mask, causal=False):
+def _heads_first(q, K):
+    """q (B, T, H, D) -> pre-scaled (B, K, G, T, D)."""
     B, T, H, D = q.shape
-    K = k.shape[2]
-    qh = (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    return (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+
+
+def _heads_last(out):
+    """(B, K, G, T, D) -> (B, T, H, D)."""
+    B, K, G, T, D = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+
+
+def xla_attention(q, k, v, mask, causal=False):
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    out = _attention_core(qh, kh, vh, mask[:, None, None])
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    return _heads_last(_attention_core(_heads_first(q, k.shape[2]), kh, vh, mask[:, None, None]))
+
+
+def cached_attention(q, k, v, mask):
+    """Decoding against a KV cache kept head-major: q (B, T, H, D), k/v (B, K, S, D), mask (B, T, S). In this
+    layout a layer's keys and values feed the two matmuls as they lie; the sequence-major layout of the other
+    kernels made XLA transpose the whole layer's cache for every token decoded (docs/benchmarks.md)."""
+    return _heads_last(_softmax_attention(_heads_first(q, k.shape[1]), k, v, mask[:, None, None])[0])
 
 
 def dot_product_attention(q, k, v, mask, causal=False):

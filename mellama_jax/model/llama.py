@@ -66,17 +66,18 @@ class Attention(nnx.Module):
         return self._out(q, k, v, mask, True, rng)
 
     def decode(self, x, batch_length, cos, sin, mask, cache):
-        """Decoding: cache = (k, v, layer, index) with k, v the whole model's cache (layers, B, S, K, Dh). This
-        layer's new keys/values are written at [layer, :, index] (in place: only the new tokens) and the queries
-        attend over the layer's whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
+        """Decoding: cache = (k, v, layer, index) with k, v the whole model's cache (layers, B, K, S, Dh). This
+        layer's new keys/values are written at [layer, :, :, index] (in place: only the new tokens) and the
+        queries attend over the layer's whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
         q, k, v = self._qkv(x, batch_length, cos, sin, None)
         k_all, v_all, layer, index = cache
-        start = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-        return self._out(q, k, v, mask, False, None), (k_all, v_all)
+        start = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
+        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype), start)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q.dtype)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
+        out = attention.cached_attention(q, k, v, mask)
+        return self.wo(out.reshape(-1, *out.shape[2:])), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -224,7 +225,7 @@ class Llama(nnx.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     """An empty KV cache for `length` positions: keys/values per layer, segment ids (0 = empty), write index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)  # head-major: cached_attention
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.int32(0)}
 
