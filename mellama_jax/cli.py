@@ -631,7 +631,8 @@ def _add_bench_compare(bench_sub) -> None:
     bdec.add_argument("--batches", type=_positive_list, default=(1, 16), help="comma-separated batch sizes")
     bdec.add_argument("--prompt-len", type=POSITIVE, default=64)
     bdec.add_argument("--new-tokens", type=POSITIVE, default=64)
-    bdec.add_argument("--repeats", type=POSITIVE, default=3)
+    bdec.add_argument("--repeats", type=POSITIVE, default=5,
+                      help="interleaved runs of each side; the best and the median are reported")
     bdec.set_defaults(func=_bench_decode)
 
 

@@ -100,10 +100,11 @@ def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature
         B, P = ids.shape
         cache = init_cache(model.cfg, B, P + max_new_tokens)
         # the cache follows the batch over data/fsdp and the KV heads over tensor, as training's activations
-        kv_axes = ("layers", "activation_batch", "activation_kv_heads", "activation_length", "head_dim")
-        cache.update(k=constrain(cache["k"], kv_axes), v=constrain(cache["v"], kv_axes))
+        kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", "head_dim")
+        cache.update(k=[constrain(k, kv_axes) for k in cache["k"]], v=[constrain(v, kv_axes) for v in cache["v"]])
+        layers = model.unstacked_layers()  # once, outside the loop
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-        hidden, cache = model.decode_hidden_states(ids, cache, positions, mask)  # prefill
+        hidden, cache = model.decode_hidden_states(ids, cache, layers, positions, mask)  # prefill
         logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
         out = jnp.zeros((B, max_new_tokens), ids.dtype)
         next_pos = positions[:, -1] + 1
@@ -119,7 +120,7 @@ def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature
             token = jnp.where(done, 0, token)
             out = out.at[:, t].set(token)
             done = done | (token == eos_id)
-            hidden, cache = model.decode_hidden_states(token[:, None], cache, next_pos[:, None],
+            hidden, cache = model.decode_hidden_states(token[:, None], cache, layers, next_pos[:, None],
                                                        jnp.ones((B, 1), mask.dtype))
             logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
             return t + 1, logits, cache, out, next_pos + 1, done

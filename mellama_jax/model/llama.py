@@ -66,18 +66,16 @@ class Attention(nnx.Module):
         return self._out(q, k, v, mask, True, rng)
 
     def decode(self, x, batch_length, cos, sin, mask, cache):
-        """Decoding: cache = (k, v, layer, index) with k, v the whole model's cache (layers, B, K, S, Dh). This
-        layer's new keys/values are written at [layer, :, :, index] (in place: only the new tokens) and the
-        queries attend over the layer's whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
+        """Decoding: cache = (k, v, index) with k, v this layer's cache (B, K, S, Dh), head-major. The new keys
+        and values are written at [:, :, index] (in place: only the new tokens) and the queries attend over the
+        whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
         q, k, v = self._qkv(x, batch_length, cos, sin, None)
-        k_all, v_all, layer, index = cache
-        start = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
-        k_all = jax.lax.dynamic_update_slice(k_all, k.transpose(0, 2, 1, 3)[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v.transpose(0, 2, 1, 3)[None].astype(v_all.dtype), start)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q.dtype)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
-        out = attention.cached_attention(q, k, v, mask)
-        return self.wo(out.reshape(-1, *out.shape[2:])), (k_all, v_all)
+        k_cache, v_cache, index = cache
+        start = (jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+        out = attention.cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return self.wo(out.reshape(-1, *out.shape[2:])), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -188,31 +186,29 @@ class Llama(nnx.Module):
         h, _ = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)), unroll=cfg.scan_unroll)
         return self.norm(h)
 
-    def decode_hidden_states(self, tokens, cache, positions=None, segment_ids=None):
+    def unstacked_layers(self) -> list[DecoderLayer]:
+        """The layers as separate modules, each holding its own slice of the stacked parameters (a copy).
+        Decoding runs them one after another, unrolled, as MaxText's inference does (scan_layers=False): a
+        scanned decoder slices, and so copies, every layer's weights again for every token it decodes."""
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
+
+    def decode_hidden_states(self, tokens, cache, layers, positions=None, segment_ids=None):
         """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
-        over everything cached before them; returns (final-norm hidden states (B, T, D), the updated cache)."""
-        cfg = self.cfg
+        over everything cached before them; `layers` are `unstacked_layers()`, made once per decoding and not
+        per token. Returns (final-norm hidden states (B, T, D), the updated cache)."""
         segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
         index, T = cache["index"], tokens.shape[-1]
         kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
             cache["segment_ids"].dtype), index, axis=1)
         mask = attention.make_mask(segment_ids, kv_segments, q_index=index + jnp.arange(T),
                                    kv_index=jnp.arange(kv_segments.shape[-1]))
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, xs):
-            # the whole cache rides in the carry, so each layer writes only its new tokens into it, in place;
-            # as a scanned output it would be rebuilt (copied) for every token decoded
-            h, k_all, v_all = carry
-            layer_state, layer = xs
-            h, (k_all, v_all) = nnx.merge(graphdef, layer_state).decode(h, cos, sin, mask,
-                                                                        (k_all, v_all, layer, index))
-            return (h, k_all, v_all), None
-
-        (h, k_all, v_all), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]),
-                                            (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)),
-                                            unroll=cfg.scan_unroll)
-        return self.norm(h), dict(k=k_all, v=v_all, segment_ids=kv_segments, index=index + T)
+        keys, values = [], []
+        for layer, k, v in zip(layers, cache["k"], cache["v"], strict=True):
+            h, (k, v) = layer.decode(h, cos, sin, mask, (k, v, index))
+            keys.append(k)
+            values.append(v)
+        return self.norm(h), dict(k=keys, v=values, segment_ids=kv_segments, index=index + T)
 
     def __call__(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Logits (B, T, vocab) in float32."""
@@ -223,10 +219,12 @@ class Llama(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache for `length` positions: keys/values per layer, segment ids (0 = empty), write index."""
+    """An empty KV cache for `length` positions: keys and values per layer (B, K, S, Dh; head-major for
+    cached_attention, one buffer per layer like the unstacked layers), segment ids (0 = empty), write index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)  # head-major: cached_attention
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
             "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.int32(0)}
 
 
