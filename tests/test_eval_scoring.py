@@ -87,6 +87,31 @@ def test_macro_f1_over_the_labels_present_in_the_gold_answers():
     assert (m["accuracy"], m["macro_f1"], m["missing"]) == (0.5, 0.5, 0.5)
 
 
+def test_f1_equals_scikit_learns_on_random_answers():
+    """label_f1 and the metrics built on it against scikit-learn's f1_score (the authors' call) on random
+    answers: single-label with missing answers and labels never predicted, and multi-label indicator arrays with
+    labels that are never gold (the zero_division=0 case)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    choices = ["A", "B", "C", "D", "E"]
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        golds = [str(x) for x in rng.choice(choices[:int(rng.integers(1, 6))], n)]
+        preds = [None if rng.random() < 0.1 else str(x) for x in rng.choice(choices, n)]
+        m = classification_metrics(preds, golds)
+        filled, labels = ["missing" if p is None else p for p in preds], sorted(set(golds))
+        for avg in ("macro", "weighted"):
+            want = f1_score(golds, filled, labels=labels, average=avg, zero_division=0)
+            assert m[f"{avg}_f1"] == pytest.approx(want, abs=1e-12)
+        truth, pred = rng.random((n, 6)) < 0.3, rng.random((n, 6)) < 0.3
+        truth[:, 5] = False  # a label never gold
+        got = multilabel_metrics([[str(i) for i in np.flatnonzero(r)] for r in pred],
+                                 [[str(i) for i in np.flatnonzero(r)] for r in truth], [str(i) for i in range(6)])
+        want = f1_score(truth, pred, average=None, zero_division=0)
+        assert list(got["label_f1"].values()) == pytest.approx(list(want), abs=1e-12)
+
+
 # Rule (HoC): a label is predicted when its exact string occurs in the stripped output (case-sensitive);
 # label-wise binary F1, and the macro F1 over all ten labels (multi-label indicator arrays).
 @pytest.mark.parametrize("output,expected", [
