@@ -263,10 +263,9 @@ def _bench_trace(args) -> int:
 def _bench_attention(args) -> int:
     import json
 
-    from mellama_jax.bench.attention import bench_attention
+    from mellama_jax.bench.attention import AttentionBenchRequest, bench_attention
 
-    print(json.dumps(bench_attention(args.impls.split(","), args.batch, args.seq, args.heads, args.kv_heads,
-                                     args.head_dim, args.dtype, args.docs, args.steps), indent=1))
+    print(json.dumps(bench_attention(_request(AttentionBenchRequest, args)), indent=1))
     return 0
 
 
@@ -586,7 +585,7 @@ def _add_bench_speed(bench_sub) -> None:
     btr.add_argument("--top", type=POSITIVE, default=15)
     btr.set_defaults(func=_bench_trace)
     batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")
-    batt.add_argument("--impls", default="xla,dot_product,cudnn,cudnn_causal")
+    batt.add_argument("--impls", type=_names, default="xla,dot_product,cudnn,cudnn_causal")
     batt.add_argument("--batch", type=POSITIVE, default=1)
     batt.add_argument("--seq", type=POSITIVE, default=4096)
     batt.add_argument("--heads", type=POSITIVE, default=32)
