@@ -290,10 +290,9 @@ def _bench_convert(args) -> int:
 def _bench_memory(args) -> int:
     import json
 
-    from mellama_jax.bench.memory import bench_memory_layouts
+    from mellama_jax.bench.memory import MemoryBenchRequest, bench_memory_layouts
 
-    result = bench_memory_layouts(args.model, args.layouts.split(";"), args.seq, args.batch, args.overrides,
-                                  args.devices)
+    result = bench_memory_layouts(_request(MemoryBenchRequest, args))
     print("| layout | planned GiB (XLA, all devices) | measured GiB (RSS growth) | measured / planned |")
     print("|---|---|---|---|")
     for r in result["layouts"]:
@@ -619,7 +618,8 @@ def _add_bench_compare(bench_sub) -> None:
     bconv.set_defaults(func=_bench_convert)
     bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
     bmem.add_argument("--model", default="bench-60m")
-    bmem.add_argument("--layouts", default="fsdp=8;data=2,fsdp=2,tensor=2;data=8")
+    bmem.add_argument("--layouts", type=_layouts, default="fsdp=8;data=2,fsdp=2,tensor=2;data=8",
+                      help='";"-separated ici layouts')
     bmem.add_argument("--seq", type=POSITIVE, default=256)
     bmem.add_argument("--batch", type=POSITIVE, default=8)
     bmem.add_argument("--devices", type=POSITIVE, default=8)
