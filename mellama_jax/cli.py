@@ -308,10 +308,9 @@ def _bench_memory(args) -> int:
 def _bench_decode(args) -> int:
     import json
 
-    from mellama_jax.bench.decode import bench_decode
+    from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    print(json.dumps(bench_decode(args.model, args.batches, args.prompt_len, args.new_tokens, args.repeats),
-                     indent=1))
+    print(json.dumps(bench_decode(_request(DecodeBenchRequest, args)), indent=1))
     return 0
 
 

@@ -29,9 +29,9 @@ def test_bench_baseline_runs_both_sides():
 
 
 def test_bench_decode_compares_the_same_tokens():
-    from mellama_jax.bench.decode import bench_decode
+    from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    result = bench_decode("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1)
+    result = bench_decode(DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1))
     for row in result["rows"]:
         assert row["same_tokens"]  # both sides decoded the same greedy continuation
         assert row["ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["hf_tokens_per_s"])
