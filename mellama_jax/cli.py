@@ -164,16 +164,9 @@ def _prepare_instruct(args) -> int:
 def _bench_tokenize(args) -> int:
     import json
 
-    from mellama_jax.bench.tokenize import bench_tokenize
+    from mellama_jax.bench.tokenize import TokenizeBenchRequest, bench_tokenize
 
-    if args.stream_gb:
-        from mellama_jax.bench.tokenize import bench_stream_memory
-
-        result = bench_stream_memory(args.tokenizer, args.stream_gb, args.workdir)
-    else:
-        result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat,
-                                args.formats.split(","), args.workers, args.workdir, args.rounds, args.threads)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(bench_tokenize(_request(TokenizeBenchRequest, args)), indent=1))
     return 0
 
 
@@ -551,9 +544,10 @@ def _add_bench_speed(bench_sub) -> None:
                                                  "processes) vs a single-process SentencePiece loop")
     btok.add_argument("--corpus", help="a JSONL/txt/Parquet corpus")
     btok.add_argument("--tokenizer", required=True)
-    btok.add_argument("--fields", default="text")
+    btok.add_argument("--fields", type=_names, default="text")
     btok.add_argument("--repeat", type=POSITIVE, default=8, help="repeat the corpus to reach a few MB")
-    btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
+    btok.add_argument("--formats", type=_names, default="jsonl,jsonl.gz,jsonl.zst",
+                      help="input forms to time (JSONL only)")
     btok.add_argument("--workers", type=_positive_list, default=(1, 2), help="process counts to time")
     btok.add_argument("--threads", type=_threads_list, default=(None,), help="encode threads per process to time (auto: the cores "
                                                         "shared among the processes; 1: scaling by processes)")
