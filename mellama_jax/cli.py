@@ -194,14 +194,6 @@ def _plot(args) -> int:
     return 0
 
 
-def _model_arg(name):
-    if not name:
-        return None
-    from mellama_jax.config import load_model_preset
-
-    return load_model_preset(name)
-
-
 def _convert(args) -> int:
     import json
 
@@ -212,10 +204,9 @@ def _convert(args) -> int:
     elif args.direction == "jax-to-hf":
         print(api.jax_to_hf(_request(api.ExportRequest, args)))
     else:
-        report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
-        ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
-        print(json.dumps(dict(report, ok=ok), indent=1))
-        return 0 if ok else 1
+        report = api.verify(_request(api.VerifyRequest, args))
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
     return 0
 
 
@@ -479,8 +470,8 @@ def _add_convert(sub) -> None:
     j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
     j2h.add_argument("--merge", action="store_true", help="fold the adapters into a full model")
     ver = conv_sub.add_parser("verify", help="compare transformers and JAX logits on sample prompts")
-    ver.add_argument("src", help="HF directory")
-    ver.add_argument("dst", help="parameter checkpoint")
+    ver.add_argument("hf_dir", metavar="src", help="HF directory")
+    ver.add_argument("params", metavar="dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
     ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
     ver.add_argument("--max-logit-diff", type=float, default=0.5)
