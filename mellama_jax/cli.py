@@ -334,9 +334,9 @@ def _eval(args) -> int:
 def _eval_score(args) -> int:
     import json
 
-    from mellama_jax.eval.rescore import rescore
+    from mellama_jax.eval.rescore import RescoreRequest, rescore
 
-    print(json.dumps(rescore(args.task, args.predictions, args.out, args.bertscore_model), indent=1))
+    print(json.dumps(rescore(_request(RescoreRequest, args)), indent=1))
     return 0
 
 
