@@ -164,16 +164,9 @@ def _prepare_instruct(args) -> int:
 def _bench_tokenize(args) -> int:
     import json
 
-    from mellama_jax.bench.tokenize import bench_tokenize
+    from mellama_jax.bench.tokenize import TokenizeBenchRequest, bench_tokenize
 
-    if args.stream_gb:
-        from mellama_jax.bench.tokenize import bench_stream_memory
-
-        result = bench_stream_memory(args.tokenizer, args.stream_gb, args.workdir)
-    else:
-        result = bench_tokenize(args.corpus, args.tokenizer, tuple(args.fields.split(",")), args.repeat,
-                                args.formats.split(","), args.workers, args.workdir, args.rounds, args.threads)
-    print(json.dumps(result, indent=1))
+    print(json.dumps(bench_tokenize(_request(TokenizeBenchRequest, args)), indent=1))
     return 0
 
 
@@ -201,14 +194,6 @@ def _plot(args) -> int:
     return 0
 
 
-def _model_arg(name):
-    if not name:
-        return None
-    from mellama_jax.config import load_model_preset
-
-    return load_model_preset(name)
-
-
 def _convert(args) -> int:
     import json
 
@@ -219,10 +204,9 @@ def _convert(args) -> int:
     elif args.direction == "jax-to-hf":
         print(api.jax_to_hf(_request(api.ExportRequest, args)))
     else:
-        report = api.verify(args.src, args.dst, model=_model_arg(args.model), adapters=args.adapters)
-        ok = report["max_abs_logit_diff"] <= args.max_logit_diff and report["mean_kl"] <= args.max_kl
-        print(json.dumps(dict(report, ok=ok), indent=1))
-        return 0 if ok else 1
+        report = api.verify(_request(api.VerifyRequest, args))
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
     return 0
 
 
@@ -263,10 +247,9 @@ def _bench_trace(args) -> int:
 def _bench_attention(args) -> int:
     import json
 
-    from mellama_jax.bench.attention import bench_attention
+    from mellama_jax.bench.attention import AttentionBenchRequest, bench_attention
 
-    print(json.dumps(bench_attention(args.impls.split(","), args.batch, args.seq, args.heads, args.kv_heads,
-                                     args.head_dim, args.dtype, args.docs, args.steps), indent=1))
+    print(json.dumps(bench_attention(_request(AttentionBenchRequest, args)), indent=1))
     return 0
 
 
@@ -291,10 +274,9 @@ def _bench_convert(args) -> int:
 def _bench_memory(args) -> int:
     import json
 
-    from mellama_jax.bench.memory import bench_memory_layouts
+    from mellama_jax.bench.memory import MemoryBenchRequest, bench_memory_layouts
 
-    result = bench_memory_layouts(args.model, args.layouts.split(";"), args.seq, args.batch, args.overrides,
-                                  args.devices)
+    result = bench_memory_layouts(_request(MemoryBenchRequest, args))
     print("| layout | planned GiB (XLA, all devices) | measured GiB (RSS growth) | measured / planned |")
     print("|---|---|---|---|")
     for r in result["layouts"]:
@@ -310,10 +292,9 @@ def _bench_memory(args) -> int:
 def _bench_decode(args) -> int:
     import json
 
-    from mellama_jax.bench.decode import bench_decode
+    from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    print(json.dumps(bench_decode(args.model, args.batches, args.prompt_len, args.new_tokens, args.repeats),
-                     indent=1))
+    print(json.dumps(bench_decode(_request(DecodeBenchRequest, args)), indent=1))
     return 0
 
 
@@ -353,9 +334,9 @@ def _eval(args) -> int:
 def _eval_score(args) -> int:
     import json
 
-    from mellama_jax.eval.rescore import rescore
+    from mellama_jax.eval.rescore import RescoreRequest, rescore
 
-    print(json.dumps(rescore(args.task, args.predictions, args.out, args.bertscore_model), indent=1))
+    print(json.dumps(rescore(_request(RescoreRequest, args)), indent=1))
     return 0
 
 
@@ -489,8 +470,8 @@ def _add_convert(sub) -> None:
     j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
     j2h.add_argument("--merge", action="store_true", help="fold the adapters into a full model")
     ver = conv_sub.add_parser("verify", help="compare transformers and JAX logits on sample prompts")
-    ver.add_argument("src", help="HF directory")
-    ver.add_argument("dst", help="parameter checkpoint")
+    ver.add_argument("hf_dir", metavar="src", help="HF directory")
+    ver.add_argument("params", metavar="dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
     ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
     ver.add_argument("--max-logit-diff", type=float, default=0.5)
@@ -554,9 +535,10 @@ def _add_bench_speed(bench_sub) -> None:
                                                  "processes) vs a single-process SentencePiece loop")
     btok.add_argument("--corpus", help="a JSONL/txt/Parquet corpus")
     btok.add_argument("--tokenizer", required=True)
-    btok.add_argument("--fields", default="text")
+    btok.add_argument("--fields", type=_names, default="text")
     btok.add_argument("--repeat", type=POSITIVE, default=8, help="repeat the corpus to reach a few MB")
-    btok.add_argument("--formats", default="jsonl,jsonl.gz,jsonl.zst", help="input forms to time (JSONL only)")
+    btok.add_argument("--formats", type=_names, default="jsonl,jsonl.gz,jsonl.zst",
+                      help="input forms to time (JSONL only)")
     btok.add_argument("--workers", type=_positive_list, default=(1, 2), help="process counts to time")
     btok.add_argument("--threads", type=_threads_list, default=(None,), help="encode threads per process to time (auto: the cores "
                                                         "shared among the processes; 1: scaling by processes)")
@@ -586,7 +568,7 @@ def _add_bench_speed(bench_sub) -> None:
     btr.add_argument("--top", type=POSITIVE, default=15)
     btr.set_defaults(func=_bench_trace)
     batt = bench_sub.add_parser("attention", help="attention implementations: forward + backward time and error")
-    batt.add_argument("--impls", default="xla,dot_product,cudnn,cudnn_causal")
+    batt.add_argument("--impls", type=_names, default="xla,dot_product,cudnn,cudnn_causal")
     batt.add_argument("--batch", type=POSITIVE, default=1)
     batt.add_argument("--seq", type=POSITIVE, default=4096)
     batt.add_argument("--heads", type=POSITIVE, default=32)
@@ -620,7 +602,8 @@ def _add_bench_compare(bench_sub) -> None:
     bconv.set_defaults(func=_bench_convert)
     bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
     bmem.add_argument("--model", default="bench-60m")
-    bmem.add_argument("--layouts", default="fsdp=8;data=2,fsdp=2,tensor=2;data=8")
+    bmem.add_argument("--layouts", type=_layouts, default="fsdp=8;data=2,fsdp=2,tensor=2;data=8",
+                      help='";"-separated ici layouts')
     bmem.add_argument("--seq", type=POSITIVE, default=256)
     bmem.add_argument("--batch", type=POSITIVE, default=8)
     bmem.add_argument("--devices", type=POSITIVE, default=8)

@@ -116,10 +116,10 @@ def test_attention_choices_resolve_and_decoding_keeps_the_reference(rng):
 
 
 def test_bench_attention_reports_errors_against_the_reference():
-    from mellama_jax.bench.attention import bench_attention
+    from mellama_jax.bench.attention import AttentionBenchRequest, bench_attention
 
-    result = bench_attention(["xla", "dot_product", "cudnn"], batch=1, seq=32, heads=4, kv_heads=2, head_dim=16,
-                             dtype="float32", docs=2, steps=1)
+    result = bench_attention(AttentionBenchRequest(("xla", "dot_product", "cudnn"), batch=1, seq=32, heads=4,
+                                                   kv_heads=2, head_dim=16, dtype="float32", docs=2, steps=1))
     xla, dot, cudnn = result["rows"]
     assert xla["rel_err_dq"] == 0 and dot["rel_err_dk"] < 1e-5 and dot["fwd_bwd_ms"] > 0
     assert "cuDNN" in cudnn["error"]  # no GPU here: reported as a row, not raised

@@ -29,9 +29,9 @@ def test_bench_baseline_runs_both_sides():
 
 
 def test_bench_decode_compares_the_same_tokens():
-    from mellama_jax.bench.decode import bench_decode
+    from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    result = bench_decode("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1)
+    result = bench_decode(DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1))
     for row in result["rows"]:
         assert row["same_tokens"]  # both sides decoded the same greedy continuation
         assert row["ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["hf_tokens_per_s"])
@@ -41,9 +41,9 @@ def test_bench_decode_compares_the_same_tokens():
 def test_planner_memory_matches_a_real_step():
     """XLA's ahead-of-time memory analysis (what `plan` reports) against the resident memory a real step takes
     on 8 simulated devices; within 15% (measured here: 1.04-1.05)."""
-    from mellama_jax.bench.memory import bench_memory_layouts
+    from mellama_jax.bench.memory import MemoryBenchRequest, bench_memory_layouts
 
-    result = bench_memory_layouts("bench-60m", ["fsdp=8"], 256, 8, [])
+    result = bench_memory_layouts(MemoryBenchRequest("bench-60m", ("fsdp=8",), 256, 8))
     assert 0.85 < result["layouts"][0]["ratio_measured_to_planned"] < 1.15
 
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import hf_tiny_config
 from mellama_jax.cli import main
 from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
-from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf, verify
+from mellama_jax.convert.api import ExportRequest, ImportRequest, VerifyRequest, hf_to_jax, jax_to_hf, verify
 from mellama_jax.convert.hf import ConversionError, config_from_hf, load_hf_state_dict
 from mellama_jax.convert.peft import import_peft
 from mellama_jax.data.tokenizer import Tokenizer
@@ -86,7 +86,7 @@ def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_he
             gen = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         np.testing.assert_array_equal(row, gen[0, len(p):].numpy())
-    report = verify(out, params)
+    report = verify(VerifyRequest(out, params))
     assert report["max_abs_logit_diff"] < 1e-4 and report["mean_kl"] < 1e-9
 
 

@@ -375,13 +375,13 @@ def test_bench_tokenize_times_each_process_and_thread_count(tmp_path, tok):
     distinct (format, processes, threads) run, and `auto` threads resolve to the cores shared among processes."""
     import os
 
-    from mellama_jax.bench.tokenize import bench_tokenize
+    from mellama_jax.bench.tokenize import TokenizeBenchRequest, bench_tokenize
 
     corpus = tmp_path / "c.jsonl"
     rng = np.random.default_rng(5)
     corpus.write_text("".join(json.dumps({"text": words(rng)}) + "\n" for _ in range(50)))
-    result = bench_tokenize(corpus, tok, repeat=1, formats=("jsonl.zst",), workers=(1, 2), workdir=str(tmp_path),
-                            rounds=1, threads=(None, 1))
+    result = bench_tokenize(TokenizeBenchRequest(tok, corpus, repeat=1, formats=("jsonl.zst",), workers=(1, 2),
+                                                 workdir=str(tmp_path), rounds=1, threads=(None, 1)))
     cores = os.cpu_count()
     want = list(dict.fromkeys([(1, cores), (1, 1), (2, max(1, cores // 2)), (2, 1)]))
     assert [(r["workers"], r["threads"]) for r in result["runs"]] == want

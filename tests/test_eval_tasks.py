@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, BertTokenizer, LlamaForCausalLM
 
 from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from mellama_jax.data.corpus import BadRecord
-from mellama_jax.eval.rescore import rescore
+from mellama_jax.eval.rescore import RescoreRequest, rescore
 from mellama_jax.eval.run import EvalRequest, evaluate, few_shot_prefix
 from mellama_jax.eval.scoring import bertscore, bertscore_identity, summary_metrics
 from mellama_jax.eval.tasks import load_task, load_templates
@@ -218,7 +218,7 @@ def test_every_task_end_to_end(task, data, keys, tiny_checkpoints, templates, fi
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == summary["examples"] and all("output" in r and "prediction" in r for r in rows)
     assert (tmp_path / "out" / "summary.md").read_text().startswith("| task | backend |")
-    again = rescore(task, tmp_path / "out" / "predictions.jsonl", tmp_path / "again")  # no model
+    again = rescore(RescoreRequest(task, tmp_path / "out" / "predictions.jsonl", tmp_path / "again"))  # no model
     assert again == {**{k: summary[k] for k in again if k not in ("backend", "predictions")},
                      "backend": "rescored", "predictions": str(tmp_path / "out" / "predictions.jsonl")}
     assert (tmp_path / "again" / "predictions.jsonl").read_text() == rows_text(tmp_path / "out")

@@ -3,15 +3,29 @@ against the float32 XLA reference on the same inputs (packed documents included)
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
 import numpy as np
 
 
-def bench_attention(impls: list[str], batch: int, seq: int, heads: int, kv_heads: int, head_dim: int,
-                    dtype: str = "bfloat16", docs: int = 1, steps: int = 10, seed: int = 0,
-                    max_segments: int = 32) -> dict:
+@dataclasses.dataclass(frozen=True)
+class AttentionBenchRequest:
+    """One `bench attention` run: what `mellama-jax bench attention` parses, and what `bench_attention` takes."""
+
+    impls: tuple[str, ...]  # attention implementations, one row each (model.attention's names)
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"  # of the timed runs; the reference is always float32 XLA
+    docs: int = 1  # packed documents per row
+    steps: int = 10  # timed steps after the compiling one; the median is reported
+
+
+def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: int = 32) -> dict:
     """docs > 1 packs that many equal documents per row (segment ids 1..docs), which cudnn_causal ignores by
     design: its error is then reported, not hidden. cudnn takes them in its packed layout while docs <=
     max_segments, else as a bias."""
@@ -21,10 +35,11 @@ def bench_attention(impls: list[str], batch: int, seq: int, heads: int, kv_heads
     from mellama_jax.model import attention
 
     rng = np.random.default_rng(seed)
-    shapes = {"q": (batch, seq, heads, head_dim), "k": (batch, seq, kv_heads, head_dim),
-              "v": (batch, seq, kv_heads, head_dim), "g": (batch, seq, heads, head_dim)}
+    batch, seq = r.batch, r.seq
+    shapes = {"q": (batch, seq, r.heads, r.head_dim), "k": (batch, seq, r.kv_heads, r.head_dim),
+              "v": (batch, seq, r.kv_heads, r.head_dim), "g": (batch, seq, r.heads, r.head_dim)}
     x = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
-    seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(1, docs + 1), -(-seq // docs))[:seq], (batch, seq)))
+    seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(1, r.docs + 1), -(-seq // r.docs))[:seq], (batch, seq)))
 
     def fwd_bwd(name, dt):
         mask = attention.build_mask(seg, name, max_segments)
@@ -38,16 +53,16 @@ def bench_attention(impls: list[str], batch: int, seq: int, heads: int, kv_heads
     f_ref, args_ref = fwd_bwd("xla", jnp.float32)
     _, ref_grads = f_ref(*args_ref)
     # model FLOPs as MaxText counts them: QK^T and PV, causal half, forward + backward = 3 x forward
-    flops = 3 * 4 * batch * seq * seq * heads * head_dim / 2
+    flops = 3 * 4 * batch * seq * seq * r.heads * r.head_dim / 2
     rows = []
-    for name in impls:
+    for name in r.impls:
         try:
-            f, args = fwd_bwd(name, jnp.dtype(dtype))
+            f, args = fwd_bwd(name, jnp.dtype(r.dtype))
             start = time.perf_counter()
             out = jax.block_until_ready(f(*args))
             compile_s = time.perf_counter() - start
             times = []
-            for _ in range(steps):
+            for _ in range(r.steps):
                 start = time.perf_counter()
                 jax.block_until_ready(f(*args))
                 times.append(time.perf_counter() - start)
@@ -59,4 +74,5 @@ def bench_attention(impls: list[str], batch: int, seq: int, heads: int, kv_heads
         except Exception as e:  # an implementation the backend lacks (cuDNN on CPU) is reported, not fatal
             rows.append({"impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return {"benchmark": "attention", "device": jax.devices()[0].device_kind, "batch": batch, "seq": seq,
-            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": dtype, "docs": docs, "rows": rows}
+            "heads": r.heads, "kv_heads": r.kv_heads, "head_dim": r.head_dim, "dtype": r.dtype, "docs": r.docs,
+            "rows": rows}

@@ -4,13 +4,24 @@ Best of `repeats` interleaved runs (and the median beside it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
 
-def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), prompt_len: int = 64,
-                 new_tokens: int = 64, repeats: int = 5, seed: int = 0) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DecodeBenchRequest:
+    """One `bench decode` run: what `mellama-jax bench decode` parses, and what `bench_decode` takes."""
+
+    model: str = "bench-60m"  # a model preset; random weights, shared by both sides
+    batches: tuple[int, ...] = (1, 16)  # one row per batch size
+    prompt_len: int = 64
+    new_tokens: int = 64  # every row decodes exactly this many (no EOS)
+    repeats: int = 5  # interleaved runs of each side; the best and the median are reported
+
+
+def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -19,14 +30,15 @@ def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), p
     from mellama_jax.convert.hf import load_hf_state_dict
     from mellama_jax.generate import generate
 
-    cfg = load_model_preset(model)
+    cfg = load_model_preset(r.model)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()
     ours = load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()})
     rng = np.random.default_rng(seed)
     rows = []
-    for batch in batches:
-        prompts = rng.integers(3, cfg.vocab_size, (batch, prompt_len))
+    new_tokens = r.new_tokens
+    for batch in r.batches:
+        prompts = rng.integers(3, cfg.vocab_size, (batch, r.prompt_len))
         ids = torch.tensor(prompts)
 
         def ours_run():
@@ -36,7 +48,7 @@ def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), p
             with torch.no_grad():
                 out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-            return out[:, prompt_len:].numpy()
+            return out[:, r.prompt_len:].numpy()
 
         row = {"batch": batch}
         start = time.perf_counter()
@@ -44,7 +56,7 @@ def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), p
         row["jax_compile_s"] = time.perf_counter() - start
         hf_tokens = hf_run()
         times = {"jax": [], "hf": []}
-        for _ in range(repeats):  # interleaved, so that both see the same machine as its load comes and goes
+        for _ in range(r.repeats):  # interleaved, so that both see the same machine as its load comes and goes
             for name, run in (("jax", ours_run), ("hf", hf_run)):
                 start = time.perf_counter()
                 run()
@@ -55,5 +67,5 @@ def bench_decode(model: str = "bench-60m", batches: tuple[int, ...] = (1, 16), p
         row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
         row["same_tokens"] = bool((first == hf_tokens).all())
         rows.append(row)
-    return {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-            "rows": rows}
+    return {"model": r.model, "prompt_len": r.prompt_len, "new_tokens": new_tokens,
+            "threads": torch.get_num_threads(), "rows": rows}

@@ -5,6 +5,7 @@ millisecond), against the planner's total times the number of devices. Run in a 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -79,8 +80,19 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3) -> dict
             "ratio_measured_to_planned": measured / planned_total}
 
 
-def bench_memory_layouts(model: str, layouts: list[str], seq: int, batch: int, extra: list[str],
-                         devices: int = 8) -> dict:
+@dataclasses.dataclass(frozen=True)
+class MemoryBenchRequest:
+    """One `bench memory` run: what `mellama-jax bench memory` parses, and what `bench_memory_layouts` takes."""
+
+    model: str  # a model preset
+    layouts: tuple[str, ...]  # ici layouts such as "data=2,fsdp=2,tensor=2", one row (and one process) each
+    seq: int
+    batch: int
+    overrides: tuple[str, ...] = ()  # more config overrides, applied after the layout's
+    devices: int = 8  # simulated CPU devices
+
+
+def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
     """Each layout in its own fresh process (a clean memory baseline), with glibc's default malloc: the speed
     tunables `make` sets (everything on the brk heap, never trimmed, huge pages) keep freed buffers resident,
     so resident memory would read 1.6-1.9x what is live."""
@@ -92,16 +104,17 @@ def bench_memory_layouts(model: str, layouts: list[str], seq: int, batch: int, e
 
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     rows = []
-    for layout in layouts:
-        overrides = [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}",
-                     *layout_overrides(layout), *extra]
-        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(devices), *overrides],
+    for layout in r.layouts:
+        overrides = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}",
+                     *layout_overrides(layout), *r.overrides]
+        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(r.devices), *overrides],
                              env=env, capture_output=True, text=True)
         if out.returncode:
             rows.append({"layout": layout, "error": out.stderr.strip().splitlines()[-1]})
         else:
             rows.append({"layout": layout, **json.loads(out.stdout.strip().splitlines()[-1])})
-    return {"model": model, "seq": seq, "batch": batch, "devices": devices, "extra": extra, "layouts": rows}
+    return {"model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices, "extra": list(r.overrides),
+            "layouts": rows}
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ single-process SentencePiece loop over the same documents already decompressed i
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import itertools
 import json
@@ -48,35 +49,51 @@ def _time_prepare(folder: Path, tokenizer, out: Path, workers: int, threads: int
     return time.perf_counter() - start, manifest["sources"]["corpus"]["tokens"]
 
 
-def bench_tokenize(corpus: str | Path, tokenizer: str | Path, fields: tuple[str, ...] = ("text",), repeat: int = 8,
-                   formats=("jsonl", "jsonl.gz", "jsonl.zst"), workers=(1, 2), workdir: str | None = None,
-                   rounds: int = 3, threads=(None,)) -> dict:
+@dataclasses.dataclass(frozen=True)
+class TokenizeBenchRequest:
+    """One `bench tokenize` run: what `mellama-jax bench tokenize` parses, and what `bench_tokenize` takes."""
+
+    tokenizer: str | Path  # tokenizer.model or a folder holding it
+    corpus: str | Path | None = None  # a JSONL/txt/Parquet corpus (not read with stream_gb)
+    fields: tuple[str, ...] = ("text",)  # its text fields, joined by newlines
+    repeat: int = 8  # the corpus repeated to reach a few MB, so that start-up does not dominate
+    formats: tuple[str, ...] = ("jsonl", "jsonl.gz", "jsonl.zst")  # input forms to time
+    workers: tuple[int, ...] = (1, 2)  # process counts to time
+    threads: tuple[int | None, ...] = (None,)  # encode threads per process to time (None: prepare's default)
+    rounds: int = 3  # interleaved repetitions; the best of each is kept
+    stream_gb: float = 0  # > 0: instead, prepare's peak RSS on a Pile-like shard of this many GB
+    workdir: str | None = None  # where the temporary files go (None: the system's temp folder)
+
+
+def bench_tokenize(r: TokenizeBenchRequest) -> dict:
     """Best of `rounds` interleaved timings of each (format, processes, encode threads per process; None:
     prepare's default, the cores shared among the processes), as a shared machine's load comes and goes.
-    Threads 1 gives the scaling with processes alone."""
+    Threads 1 gives the scaling with processes alone. With stream_gb, `bench_stream_memory` instead."""
+    if r.stream_gb:
+        return bench_stream_memory(r)
     cores = os.cpu_count() or 1
-    keys = list(dict.fromkeys((fmt, w, t or max(1, cores // w)) for fmt, w, t in itertools.product(formats, workers,
-                                                                                                   threads)))
-    texts = _texts(corpus, fields) * repeat  # a few MB, so timings are not dominated by start-up
-    tok = Tokenizer.load(tokenizer)
+    runs = itertools.product(r.formats, r.workers, r.threads)
+    keys = list(dict.fromkeys((fmt, w, t or max(1, cores // w)) for fmt, w, t in runs))
+    texts = _texts(r.corpus, r.fields) * r.repeat  # a few MB, so timings are not dominated by start-up
+    tok = Tokenizer.load(r.tokenizer)
     best: dict = {}
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for fmt in formats:
-            _write(Path(tmp) / fmt, texts, 4 * max(workers), fmt)
-        for r in range(rounds):
+    with tempfile.TemporaryDirectory(dir=r.workdir) as tmp:
+        for fmt in r.formats:
+            _write(Path(tmp) / fmt, texts, 4 * max(r.workers), fmt)
+        for n in range(r.rounds):
             start = time.perf_counter()
             tokens = sum(len(tok.sp.EncodeAsIds(text)) + 2 for text in texts)
             best["baseline"] = min(best.get("baseline", 1e9), time.perf_counter() - start)
             for key in keys:
                 fmt, w, t = key
-                seconds, got = _time_prepare(Path(tmp) / fmt, tokenizer, Path(tmp) / f"out-{fmt}-{w}-{t}-{r}", w, t)
+                seconds, got = _time_prepare(Path(tmp) / fmt, r.tokenizer, Path(tmp) / f"out-{fmt}-{w}-{t}-{n}", w, t)
                 assert got == tokens, (key, got, tokens)
                 best[key] = min(best.get(key, 1e9), seconds)
     runs = [{"format": fmt, "workers": w, "threads": t, "seconds": round(best[fmt, w, t], 2),
              "tokens_per_s": round(tokens / best[fmt, w, t]), "speedup": round(best["baseline"] / best[fmt, w, t], 2)}
             for fmt, w, t in keys]
-    return {"benchmark": "tokenize", "corpus": str(corpus), "documents": len(texts), "tokens": tokens,
-            "text_bytes": sum(len(t.encode()) for t in texts), "cores": cores, "rounds": rounds,
+    return {"benchmark": "tokenize", "corpus": str(r.corpus), "documents": len(texts), "tokens": tokens,
+            "text_bytes": sum(len(t.encode()) for t in texts), "cores": cores, "rounds": r.rounds,
             "load_average": os.getloadavg(), "baseline_tokens_per_s": round(tokens / best["baseline"]), "runs": runs,
             "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
                     "encodes text already in memory, one EncodeAsIds call per document"}
@@ -119,19 +136,20 @@ def _prepare_rss(shard: Path, tokenizer: str | Path, out: Path) -> dict:
             "documents": manifest["documents"], "tokens": manifest["tokens"], "dropped": manifest["filtered_total"]}
 
 
-def bench_stream_memory(tokenizer: str | Path, gigabytes: float = 2.0, workdir: str | None = None) -> dict:
-    """Peak RSS on a small and on a `gigabytes` shard: streaming means the two are about the same."""
+def bench_stream_memory(r: TokenizeBenchRequest) -> dict:
+    """Peak RSS on a small and on an `r.stream_gb` shard: streaming means the two are about the same."""
     result = {"benchmark": "tokenize-stream-memory"}
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for label, size in (("small", gigabytes / 10), ("large", gigabytes)):
+    with tempfile.TemporaryDirectory(dir=r.workdir) as tmp:
+        for label, size in (("small", r.stream_gb / 10), ("large", r.stream_gb)):
             shard = Path(tmp) / f"{label}.jsonl.zst"
             written = write_pile_shard(shard, size)
-            result[label] = dict(written, **_prepare_rss(shard, tokenizer, Path(tmp) / f"out-{label}"))
+            result[label] = dict(written, **_prepare_rss(shard, r.tokenizer, Path(tmp) / f"out-{label}"))
             assert result[label]["documents"] == written["selected"], result[label]
             shard.unlink()
     return result
 
 
 if __name__ == "__main__":
-    print(json.dumps(bench_tokenize(*sys.argv[1:3], fields=tuple(sys.argv[3].split(",")) if len(sys.argv) > 3
-                                    else ("text",)), indent=1))
+    corpus, tokenizer, *fields = sys.argv[1:4]
+    print(json.dumps(bench_tokenize(TokenizeBenchRequest(tokenizer, corpus, fields=tuple(fields[0].split(","))
+                                                         if fields else ("text",))), indent=1))

@@ -161,26 +161,37 @@ SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
                   "Question: Which enzyme do statins inhibit? Answer:")
 
 
-def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model: ModelConfig | None = None,
-           adapters: str | Path | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class VerifyRequest:
+    """One `convert verify`: what `mellama-jax convert verify` parses, and what `verify` takes."""
+
+    hf_dir: str | Path  # a Hugging Face folder (the command's SRC)
+    params: str | Path  # our parameter checkpoint (the command's DST)
+    model: str | Path | None = None  # a model preset or YAML (default: found beside the checkpoint)
+    adapters: str | Path | None = None  # a LoRA run's adapters/ over params (to check a merged export)
+    max_logit_diff: float = 0.5  # ok: max |logit difference| at most this ...
+    max_kl: float = 1e-3  # ... and mean KL(transformers || ours) at most this
+
+
+def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
     """Logits of transformers (CPU, fp32) and of our model (JAX; with `adapters`, the LoRA run's adapters over
-    `params`) on sample prompts: max |diff| and mean KL."""
+    `params`) on sample prompts: max |diff|, mean KL, and whether both are within the request's bounds."""
     import jax.numpy as jnp
     import torch
     from transformers import AutoModelForCausalLM
 
     from mellama_jax.data.tokenizer import Tokenizer
 
-    hf_dir, params = Path(hf_dir), Path(params)
+    hf_dir, params = Path(r.hf_dir), Path(r.params)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
-    cfg = model or find_model_config(params)[0]
+    cfg = load_model_preset(r.model) if r.model else find_model_config(params)[0]
     tok = Tokenizer.load(hf_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
                               f"{cfg.vocab_size}: not this model's tokenizer")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ours = load_model(params, adapters, model=cfg)
+    ours = load_model(params, r.adapters, model=cfg)
     max_diff, kls = 0.0, []
     for prompt in prompts:
         ids = tok.encode(prompt, bos=True)
@@ -190,7 +201,9 @@ def verify(hf_dir: str | Path, params: str | Path, prompts=SAMPLE_PROMPTS, model
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
         p, q = _log_softmax(ref), _log_softmax(got)
         kls.append(float(np.mean(np.sum(np.exp(p) * (p - q), -1))))
-    return {"max_abs_logit_diff": max_diff, "mean_kl": float(np.mean(kls)), "prompts": len(prompts)}
+    mean_kl = float(np.mean(kls))
+    return {"max_abs_logit_diff": max_diff, "mean_kl": mean_kl, "prompts": len(prompts),
+            "ok": max_diff <= r.max_logit_diff and mean_kl <= r.max_kl}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ stops the run with its line number."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,13 +62,23 @@ def read_predictions(path: str | Path, task: Task) -> list[dict]:
     return rows
 
 
-def rescore(task: str, predictions: str | Path, out_dir: str | Path, bertscore_model: str | None = None) -> dict:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; implemented: {sorted(TASKS)}")
-    definition = TASKS[task]
-    rows = read_predictions(predictions, definition)
-    scored, metrics = score_rows(definition, rows, bertscore_model)
-    summary = summarize(definition, metrics, {"backend": "rescored", "predictions": str(predictions)})
-    write(out_dir, [{k: v for k, v in r.items() if k != "prediction"} for r in rows], scored, summary,
-          inputs=[predictions])
+@dataclasses.dataclass(frozen=True)
+class RescoreRequest:
+    """One `eval score`: what `mellama-jax eval score` parses, and what `rescore` takes."""
+
+    task: str
+    predictions: str | Path  # a predictions.jsonl that `eval` wrote
+    out: str | Path  # the folder for the new predictions.jsonl, summary.json and summary.md
+    bertscore_model: str | None = None  # summaries: BERTScore's model (else skipped), as `eval` takes it
+
+
+def rescore(r: RescoreRequest) -> dict:
+    if r.task not in TASKS:
+        raise ValueError(f"unknown task {r.task!r}; implemented: {sorted(TASKS)}")
+    definition = TASKS[r.task]
+    rows = read_predictions(r.predictions, definition)
+    scored, metrics = score_rows(definition, rows, r.bertscore_model)
+    summary = summarize(definition, metrics, {"backend": "rescored", "predictions": str(r.predictions)})
+    write(r.out, [{k: v for k, v in row.items() if k != "prediction"} for row in rows], scored, summary,
+          inputs=[r.predictions])
     return summary
