@@ -172,6 +172,9 @@ PROBES = [
     ("pretrain-source-without-name", ["prepare", "pretrain", "--source", "WS/docs.jsonl", "--tokenizer",
                                       "WS/tokenizer.model", "--out", "WS/new-pre"], 2, ("--source",)),
     ("bench-decode-zero-batch", ["bench", "decode", "--model", "tiny", "--batches", "0"], 2, ("--batches",)),
+    ("bench-tokenize-no-corpus", ["bench", "tokenize", "--tokenizer", "WS/tokenizer.model"], 2, ("--corpus",)),
+    ("bench-tokenize-bad-threads", ["bench", "tokenize", "--tokenizer", "WS/tokenizer.model", "--corpus", "x",
+                                    "--threads", "auto,0"], 2, ("--threads",)),
     ("generate-bad-mesh", ["generate", "--model", f"{R}/params", "--prompt", "x", "--mesh", "data"], 2,
      ("data",)),
 ]

@@ -71,6 +71,8 @@ def bench_tokenize(r: TokenizeBenchRequest) -> dict:
     Threads 1 gives the scaling with processes alone. With stream_gb, `bench_stream_memory` instead."""
     if r.stream_gb:
         return bench_stream_memory(r)
+    if r.corpus is None:
+        raise ValueError("bench tokenize: give --corpus (the documents to time) or --stream-gb (a memory run)")
     cores = os.cpu_count() or 1
     runs = itertools.product(r.formats, r.workers, r.threads)
     keys = list(dict.fromkeys((fmt, w, t or max(1, cores // w)) for fmt, w, t in runs))
