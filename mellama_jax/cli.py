@@ -299,16 +299,11 @@ def _bench_decode(args) -> int:
 
 
 def _generate(args) -> int:
-    from mellama_jax.eval.run import JaxBackend, continuation
-    from mellama_jax.generate import generate, truncate_at_stop
+    from mellama_jax.eval.run import GenerateRequest, complete
 
-    backend = JaxBackend(args.model, args.tokenizer, args.mesh, args.adapters)
-    tok = backend.tokenizer
-    ids = [tok.encode(p, bos=True) for p in args.prompt]
-    out = generate(backend.model, ids, args.max_new_tokens, tok.eos_id, args.temperature, args.top_p, args.seed,
-                   backend.mesh, backend.rules)
-    for prompt, prompt_ids, row in zip(args.prompt, ids, out):
-        print(prompt + truncate_at_stop(continuation(tok.decode, prompt_ids, row), args.stop or []))
+    r = _request(GenerateRequest, args)
+    for prompt, text in zip(r.prompt, complete(r)):
+        print(prompt + text)
     return 0
 
 

@@ -13,7 +13,7 @@ from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 from mellama_jax.cli import main
 from mellama_jax.eval.rescore import rescore
-from mellama_jax.eval.run import EvalRequest, evaluate
+from mellama_jax.eval.run import EvalRequest, GenerateRequest, HFBackend, complete, evaluate
 from mellama_jax.eval.scoring import classification_metrics, first_choice
 from mellama_jax.eval.tasks import exam_question, load_task, load_templates, render
 from mellama_jax.generate import generate, greedy_generate, truncate_at_stop
@@ -98,6 +98,21 @@ def real_vocab_checkpoints(templates, tmp_path_factory):
     shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", root / "hf" / "tokenizer.model")
     params = hf_to_jax(ImportRequest(root / "hf", root / "jax"), progress=False)
     return params, jax_to_hf(ExportRequest(params, root / "hf-out", dtype="float32"), progress=False)
+
+
+def test_generate_command_text_matches_transformers_and_cuts_at_stop(real_vocab_checkpoints):
+    """`mellama-jax generate`'s request: greedy continuations equal transformers' on the exported model; a stop
+    sequence cuts each one before its first occurrence; sampling repeats with its seed."""
+    params, exported = real_vocab_checkpoints
+    prompts = ["Metformin is", "The patient was admitted with"]
+    r = GenerateRequest(params, prompts, max_new_tokens=8)
+    texts = complete(r)
+    assert texts == HFBackend(exported).generate(prompts, 8) and len(texts[0]) >= 4
+    stop = texts[0][2:4]
+    assert complete(GenerateRequest(params, prompts, max_new_tokens=8, stop=[stop]))[0] == \
+        texts[0][:texts[0].find(stop)]
+    sampled = GenerateRequest(params, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert complete(sampled) == complete(sampled)
 
 
 @pytest.mark.parametrize("task,data,split", [

@@ -37,12 +37,39 @@ class JaxBackend:
             self.mesh, self.rules = make_mesh(layout), layout.rules
             self.model = shard_for_decoding(self.model, self.mesh, self.rules)
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> list[str]:
         from mellama_jax.generate import generate
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate(self.model, ids, max_new_tokens, eos_id=self.tokenizer.eos_id, mesh=self.mesh, rules=self.rules)
+        out = generate(self.model, ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed, self.mesh,
+                       self.rules)
         return [continuation(self.tokenizer.decode, p, row) for p, row in zip(ids, out)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One `generate` call: what `mellama-jax generate` parses, and what `complete` takes."""
+
+    model: str | Path  # a parameter folder (hf-to-jax output, a run's params/)
+    prompt: tuple[str, ...] | list[str]  # one batch of prompts
+    tokenizer: str | Path | None = None  # default: the one found with the parameters
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] | list[str] | None = None  # each continuation ends before the first of these
+    mesh: str | None = None  # decode sharded over the devices, e.g. "data=4,tensor=2"
+    adapters: str | Path | None = None  # a LoRA run's adapters/ over `model`
+
+
+def complete(r: GenerateRequest) -> list[str]:
+    """The continuation of each prompt, cut at the first stop sequence."""
+    from mellama_jax.generate import truncate_at_stop
+
+    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters)
+    texts = backend.generate(list(r.prompt), r.max_new_tokens, r.temperature, r.top_p, r.seed)
+    return [truncate_at_stop(text, r.stop or ()) for text in texts]
 
 
 def continuation(decode, prompt_ids: list[int], new_ids) -> str:
