@@ -150,8 +150,3 @@ def bench_stream_memory(r: TokenizeBenchRequest) -> dict:
             shard.unlink()
     return result
 
-
-if __name__ == "__main__":
-    corpus, tokenizer, *fields = sys.argv[1:4]
-    print(json.dumps(bench_tokenize(TokenizeBenchRequest(tokenizer, corpus, fields=tuple(fields[0].split(","))
-                                                         if fields else ("text",))), indent=1))

@@ -284,7 +284,7 @@ def splash_attention(q, k, v, mask, causal=True, blocks: tuple[int, int] = (512,
 
 IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention,
                    "cudnn_causal": cudnn_causal_attention, "splash": splash_attention}
-# Kernels that assume queries and keys at the same positions; decoding (causal=False) runs the reference.
+# Kernels that assume queries and keys at the same positions; a caller with causal=False gets the reference.
 CAUSAL_ONLY = ("cudnn", "cudnn_causal", "splash")
 
 

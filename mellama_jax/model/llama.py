@@ -54,16 +54,13 @@ class Attention(nnx.Module):
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
 
-    def _out(self, q, k, v, mask, causal, rng):
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, causal,
-                               self.splash_blocks)
-        out = checkpoint_name(out, "attention_out")
-        return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
-
     def __call__(self, x, batch_length, cos, sin, mask, rng=None):
         """Training and scoring: x flat (B*T, D) with batch_length = (B, T); returns (B*T, D)."""
         q, k, v = self._qkv(x, batch_length, cos, sin, rng)
-        return self._out(q, k, v, mask, True, rng)
+        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, True,
+                               self.splash_blocks)
+        out = checkpoint_name(out, "attention_out")
+        return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
 
     def decode(self, x, batch_length, cos, sin, mask, cache):
         """Decoding: cache = (k, v, index) with k, v this layer's cache (B, K, S, Dh), head-major. The new keys
