@@ -86,8 +86,13 @@ def _run(out: Path, started: float) -> dict:
     print(f"5. export: merged model in Hugging Face format -> {hf_dir}")
 
     reference = {c.turns[0][0]: c.turns[0][1] for c in instructions}
-    answers = _answer_with_transformers(hf_dir, QUESTIONS)
-    print(f"6. transformers: AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}), greedy:")
+    if _has_transformers():
+        answers = _answer_with_transformers(hf_dir, QUESTIONS)
+        print(f"6. transformers: AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}), greedy:")
+    else:  # a plain `pip install mellama-jax`: the PyTorch tools come with the interop extra
+        answers = _answer_with_mellama(result["export"], lresult["export"], QUESTIONS)
+        print("6. mellama-jax generate on the base + adapters, greedy (transformers is not installed: "
+              "`pip install 'mellama-jax[interop]'` has it load the export instead):")
     for question, answer in zip(QUESTIONS, answers):
         print(f"   Q: {question}\n   A: {answer}\n   (training answer: {reference[question]})")
     print(f"== done in {time.perf_counter() - started:.0f}s. Curves: {out}/pretrain/loss.png, {out}/lora/loss.png")
@@ -114,6 +119,23 @@ def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, ou
     return export_hf(fetch, cfg.model, out, tokenizer_dir / "tokenizer.model", dtype="float32")
 
 
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+
+
+def _prompt(question: str) -> str:
+    return f"[INST] {question} [/INST]"
+
+
+def _answer_with_mellama(base_params: str, adapters: str, questions) -> list[str]:
+    from mellama_jax.eval.run import GenerateRequest, complete
+
+    request = GenerateRequest(base_params, [_prompt(q) for q in questions], max_new_tokens=32, adapters=adapters)
+    return [answer.strip() for answer in complete(request)]
+
+
 def _answer_with_transformers(hf_dir: Path, questions) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,7 +146,7 @@ def _answer_with_transformers(hf_dir: Path, questions) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     answers = []
     for question in questions:
-        inputs = tokenizer(f"[INST] {question} [/INST]", return_tensors="pt")
+        inputs = tokenizer(_prompt(question), return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=0)
         answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())

@@ -28,6 +28,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for path in ("pretrain/params", "lora/adapters", "hf/config.json", "hf/model.safetensors",
                  "pretrain/metrics.jsonl", "pretrain/loss.png", "lora/checkpoints"):
         assert (tmp_path / path).exists(), path
+    # Without transformers (a plain `pip install`) the demo answers with our own decoder on the base + adapters:
+    # the same greedy answers transformers gave from the merged export.
+    from mellama_jax.demo import QUESTIONS, _answer_with_mellama
+
+    printed = [line.split("A: ", 1)[1] for line in result.stdout.splitlines() if line.strip().startswith("A: ")]
+    ours = _answer_with_mellama(str(tmp_path / "pretrain/params"), str(tmp_path / "lora/adapters"), QUESTIONS)
+    assert ours == printed and all(ours), (ours, printed)
 
 
 def test_a_reader_that_goes_away_is_not_an_error():
