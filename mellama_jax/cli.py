@@ -253,6 +253,22 @@ def _bench_attention(args) -> int:
     return 0
 
 
+def _bench_pair(args) -> int:
+    import json
+
+    from mellama_jax.bench.mesh import PairBenchRequest, bench_pair
+
+    if len(args.variants) < 2:
+        raise ValueError(f"bench pair needs two or more --variant options to compare, got {len(args.variants)}")
+    result = bench_pair(_request(PairBenchRequest, args))
+    for row in result["rows"]:
+        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        print(f"{' '.join(row['overrides']) or '(as configured)'}: {row['step_s_median']:.3f} s a step{mfu}, "
+              f"{row['speed_vs_first']:.3f}x the first")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _bench_baseline(args) -> int:
     import json
 
@@ -557,6 +573,18 @@ def _add_bench_speed(bench_sub) -> None:
     bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
     bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
     bmesh.set_defaults(func=_bench_mesh)
+    bpair = bench_sub.add_parser("pair", help="variants of one train step, timed in interleaved rounds (paired)")
+    bpair.add_argument("--variant", dest="variants", action="append", type=lambda text: tuple(text.split()),
+                       default=[], help='space-separated config overrides of one variant ("" for the config as it '
+                                        'is); give two or more, the first is the reference')
+    bpair.add_argument("--model", default="bench-60m")
+    bpair.add_argument("--seq", type=POSITIVE, default=256)
+    bpair.add_argument("--batch", type=POSITIVE, default=4)
+    bpair.add_argument("--rounds", type=POSITIVE, default=10, help="timed steps of each variant, interleaved")
+    bpair.add_argument("--warmup", type=NON_NEGATIVE, default=3)
+    bpair.add_argument("--dtype", default="float32")
+    bpair.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. train.mode=lora")
+    bpair.set_defaults(func=_bench_pair)
     btr = bench_sub.add_parser("trace", help="device time per step by kernel category, from `bench mesh --profile`")
     btr.add_argument("trace", help="trace.json.gz written by bench mesh --profile")
     btr.add_argument("--steps", type=POSITIVE, default=2, help="steps the trace holds (bench mesh --profile: 2)")

@@ -63,6 +63,10 @@ class ModelConfig:
     splash_block_kv: int = 512
     remat: str = "none"  # activation checkpointing policy per layer, see REMAT_POLICIES
     scan_unroll: int = 1  # layers per scan iteration; >1 trades compile time for speed
+    # False: the layers run one after another, unrolled, each on its slice of the stacked weights (MaxText's
+    # scan_layers): no per-layer activations stacked (and zero-filled) for the backward pass; compile time grows
+    # with depth
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.head_dim == 0:

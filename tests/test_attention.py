@@ -44,6 +44,35 @@ def test_reference_attention_gradients_match_autodiff(rng):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
 
 
+def test_causal_query_blocks_match_the_whole_matrix(rng, monkeypatch):
+    """Causal attention in blocks of queries (each reading only the keys up to its last position): output and
+    gradients equal jax.nn.dot_product_attention's autodiff, with grouped-query heads, packed documents, padding
+    and a last block shorter than the others."""
+    assert attention.query_blocks(256, 256, True) == ((0, 64, 64), (64, 128, 128), (128, 192, 192), (192, 256, 256))
+    assert len(attention.query_blocks(4096, 4096, True)) == 8  # blocks of 512: at most 8, each unrolled
+    assert attention.query_blocks(100, 100, True) == ((0, 100, 100),)  # shorter than two blocks: one
+    assert attention.query_blocks(256, 300, True) == ((0, 256, 300),)  # queries not at the keys' positions
+    assert attention.query_blocks(256, 256, False) == ((0, 256, 256),)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
+    B, T, H, K, D = 2, 50, 8, 2, 16
+    assert [b[:2] for b in attention.query_blocks(T, T, True, 8)] == [(0, 9), (9, 18), (18, 27), (27, 36), (36, 45),
+                                                                      (45, 50)]
+    q, g = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, D)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 25 + [0] * 5], B, axis=0))
+    mask = attention.make_mask(seg, seg)
+
+    def value_and_grads(impl, causal):
+        loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, mask, impl, causal=causal) * g)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    value, grads = value_and_grads("xla", True)
+    ref_value, ref_grads = value_and_grads("dot_product", False)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for ours, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
+
+
 def test_reference_attention_by_hand(rng):
     """One query row against a hand-written softmax over the keys it may see."""
     T, D = 6, 4

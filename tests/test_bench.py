@@ -1,5 +1,7 @@
 """Benchmark commands run and report consistent numbers (speed goals live in docs/benchmarks.md, not here)."""
 
+import statistics
+
 import pytest
 
 from mellama_jax.bench.mesh import BaselineBenchRequest, MeshBenchRequest, bench_baseline, bench_mesh, markdown
@@ -17,6 +19,12 @@ def test_bench_mesh_reports_each_layout(tmp_path):
         per_token = flops.train_flops_per_token(load_model_preset("tiny-gqa"), 32)
         assert r["model_tflops_per_device"] == pytest.approx(per_token * r["tokens_per_s"] / 8 / 1e12)
         assert 0 < r["mfu"] < 1 and r["xla_bytes_per_device"] > 0
+        # on CPU each step is paired with the matmul rate (whole machine) measured right after it
+        rates = r["peak_tflops_beside_steps"]
+        assert len(rates) == len(r["step_s_all"]) == 2
+        assert r["peak_tflops_per_device"] == pytest.approx(statistics.median(rates) / 8)
+        assert r["mfu"] == pytest.approx(statistics.median(
+            per_token * 8 * 32 / t / (rate * 1e12) for t, rate in zip(r["step_s_all"], rates)))
     assert (tmp_path / "mesh.png").stat().st_size > 1000
     assert markdown(result).count("\n") == 4
 
@@ -26,6 +34,26 @@ def test_bench_baseline_runs_both_sides():
     for part in ("full", "lora"):
         assert result[part]["speedup"] > 0
     assert result["full"]["torch"]["tokens_per_s"] > 0
+
+
+def test_bench_pair_interleaves_variants(capsys):
+    """Two variants of one step (scanned and unrolled layers), one timed step of each per round: speeds relative
+    to the first from the medians, MFU from each step against the matmul rate measured beside it."""
+    from mellama_jax.bench.mesh import PairBenchRequest, bench_pair
+    from mellama_jax.cli import main
+
+    result = bench_pair(PairBenchRequest("tiny", seq=32, batch=2, variants=((), ("model.scan_layers=false",)),
+                                         rounds=3, warmup=1))
+    first, second = result["rows"]
+    assert second["overrides"] == ["model.scan_layers=false"] and first["speed_vs_first"] == 1.0
+    assert second["speed_vs_first"] == pytest.approx(first["step_s_median"] / second["step_s_median"])
+    per_token = flops.train_flops_per_token(load_model_preset("tiny"), 32)
+    for row in (first, second):
+        assert len(row["step_s_all"]) == len(row["peak_tflops_beside_steps"]) == 3
+        assert row["mfu"] == pytest.approx(statistics.median(
+            per_token * 64 / t / (rate * 1e12) for t, rate in zip(row["step_s_all"], row["peak_tflops_beside_steps"])))
+    assert main(["bench", "pair", "--variant", "model.scan_layers=false"]) == 2
+    assert "two or more --variant" in capsys.readouterr().err
 
 
 def test_bench_decode_compares_the_same_tokens():

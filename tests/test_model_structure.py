@@ -44,8 +44,8 @@ def test_every_parameter_has_logical_axes():
     assert flat[("lm_head", "kernel")].get_metadata()["out_sharding"] == ("embed", "vocab")
 
 
-def _hlo_size(num_layers: int) -> int:
-    cfg = dataclasses.replace(load_model_preset("tiny"), num_layers=num_layers)
+def _hlo_size(num_layers: int, scan_layers: bool = True) -> int:
+    cfg = dataclasses.replace(load_model_preset("tiny"), num_layers=num_layers, scan_layers=scan_layers)
     model = init_abstract(cfg)
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
@@ -56,6 +56,24 @@ def test_layers_are_scanned_not_unrolled():
     # A scanned stack lowers to one loop body: 40 layers produce the same program size as 1.
     one, forty = _hlo_size(1), _hlo_size(40)
     assert forty < 1.05 * one
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(remat, rng):
+    """model.scan_layers=false runs the layers one after another on their slices of the same stacked weights:
+    the program grows with depth, and loss and gradients equal the scanned model's."""
+    assert _hlo_size(4, scan_layers=False) > 2 * _hlo_size(1, scan_layers=False)
+    base = dataclasses.replace(load_model_preset("tiny-gqa"), remat=remat)
+    ids = jnp.asarray(rng.integers(3, base.vocab_size, (2, 12)))
+
+    def loss_and_grads(cfg):
+        return nnx.value_and_grad(lambda m: jnp.mean(m(ids) ** 2))(Llama(cfg, rngs=nnx.Rngs(0)))
+
+    ref_loss, ref = loss_and_grads(base)
+    loss, got = loss_and_grads(dataclasses.replace(base, scan_layers=False))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])

@@ -107,6 +107,31 @@ def test_loss_against_hand_computed_cross_entropy():
     assert float(z) == pytest.approx(0.0, abs=1e-6)  # probabilities already normalised: log Z = 0
 
 
+def test_loss_gradients_match_torch(rng):
+    """The cross-entropy and z-loss's hand-written backward (one pass over the logits) against torch's autograd
+    of F.cross_entropy and logsumexp, with loss weights that drop some tokens and scale others."""
+    from mellama_jax.train.step import token_losses
+
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    weights = np.array([[1, 1, 0, 1, 0.5], [0, 1, 1, 1, 2]], np.float32)
+    a, b = 0.7, 1e-2  # weights of the two sums in the total
+
+    def total(x):
+        ce, z = token_losses(x, jax.numpy.asarray(targets), jax.numpy.asarray(weights))
+        return a * ce + b * z
+
+    ours = np.asarray(jax.grad(total)(jax.numpy.asarray(logits)))
+    x = torch.tensor(logits, requires_grad=True)
+    w = torch.tensor(weights)
+    ce = torch.nn.functional.cross_entropy(x.reshape(-1, 11), torch.tensor(targets).reshape(-1), reduction="none")
+    z = torch.logsumexp(x, dim=-1).reshape(-1) ** 2
+    (a * (ce * w.reshape(-1)).sum() + b * (z * w.reshape(-1)).sum()).backward()
+    np.testing.assert_allclose(ours, x.grad.numpy(), atol=1e-6)
+    assert float(total(jax.numpy.asarray(logits))) == pytest.approx(
+        float(a * (ce * w.reshape(-1)).sum() + b * (z * w.reshape(-1)).sum()), rel=1e-6)
+
+
 def test_schedule_matches_transformers_cosine_with_warmup():
     cfg = OptimizerConfig(learning_rate=8e-6, warmup_ratio=0.05)
     total = 200

@@ -41,16 +41,17 @@ def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: in
     x = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
     seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(1, r.docs + 1), -(-seq // r.docs))[:seq], (batch, seq)))
 
-    def fwd_bwd(name, dt):
+    def fwd_bwd(name, dt, causal=True):
         mask = attention.build_mask(seg, name, max_segments)
 
         def loss(q, k, v):
-            return jnp.sum(attention.attend(q, k, v, mask, name, causal=True).astype(jnp.float32) * x["g"])
+            return jnp.sum(attention.attend(q, k, v, mask, name, causal=causal).astype(jnp.float32) * x["g"])
 
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         return f, [x[n].astype(dt) for n in "qkv"]
 
-    f_ref, args_ref = fwd_bwd("xla", jnp.float32)
+    # the reference: the whole score matrix under the causal mask (causal=False: no blocks skipped)
+    f_ref, args_ref = fwd_bwd("xla", jnp.float32, causal=False)
     _, ref_grads = f_ref(*args_ref)
     # model FLOPs as MaxText counts them: QK^T and PV, causal half, forward + backward = 3 x forward
     flops = 3 * 4 * batch * seq * seq * r.heads * r.head_dim / 2

@@ -11,16 +11,19 @@ from pathlib import Path
 import numpy as np
 
 
-def _time_steps(run_step, carry, warmup: int, steps: int) -> tuple[list[float], object]:
-    """Seconds per call of `carry = run_step(carry)` after `warmup` untimed calls, and the last carry."""
+def _time_steps(run_step, carry, warmup: int, steps: int, beside=None) -> tuple[list[float], object, list]:
+    """Seconds per call of `carry = run_step(carry)` after `warmup` untimed calls, the last carry, and what
+    `beside()` (if given) returned after each timed call, untimed."""
     for _ in range(warmup):
         carry = run_step(carry)
-    times = []
+    times, besides = [], []
     for _ in range(steps):
         start = time.perf_counter()
         carry = run_step(carry)
         times.append(time.perf_counter() - start)
-    return times, carry
+        if beside is not None:
+            besides.append(beside())
+    return times, carry, besides
 
 
 def synthetic_batch(cfg, seed: int = 0) -> dict:
@@ -51,54 +54,146 @@ def _profile(run, carry, compiled, out_dir: str | Path, steps: int = 2) -> None:
         f.write(compiled.as_text())
 
 
-def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
-                    devices: list | None = None, profile_dir: str | Path | None = None) -> dict:
+@dataclasses.dataclass
+class _Step:
+    """One config's compiled train step on a synthetic batch, with the state it threads through."""
+
+    cfg: object
+    trainer: object
+    compiled: object
+    state: object
+    frozen: object
+    batch: dict
+    compile_s: float
+
+    def __call__(self, state):
+        import jax
+
+        with jax.set_mesh(self.trainer.mesh):
+            state, metrics = self.compiled(state, self.frozen, self.batch)
+        metrics["loss"].block_until_ready()
+        return state
+
+    def mfu(self, seconds: float, peak_per_device: float) -> float:
+        from mellama_jax.train import flops
+
+        cfg, n = self.cfg, self.trainer.mesh.size
+        B, T = cfg.train.batch_size, cfg.train.seq_len
+        return flops.mfu(cfg.model, T, B * T / seconds, peak_per_device * 1e12, n, cfg.train.mode == "lora")
+
+
+def _compile_step(overrides: list[str], seed: int = 0, devices: list | None = None) -> _Step:
     import jax
 
     from mellama_jax.sharding import make_mesh
     from mellama_jax.config import load_config
-    from mellama_jax.train import flops
     from mellama_jax.train.step import make_train_step, plan_trainer
 
     cfg = load_config(None, ["train.steps=1000"] + list(overrides))
     trainer, init = plan_trainer(cfg, make_mesh(cfg.mesh, devices))
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
-    B, T = cfg.train.batch_size, cfg.train.seq_len
     batch = trainer.shard_batch(synthetic_batch(cfg, seed))
     step = make_train_step(trainer)
     start = time.perf_counter()
     with jax.set_mesh(trainer.mesh):
         compiled = step.jitted.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - start
+    return _Step(cfg, trainer, compiled, state, frozen, batch, time.perf_counter() - start)
 
-    def run(state):
-        with jax.set_mesh(trainer.mesh):
-            state, metrics = compiled(state, frozen, batch)
-        metrics["loss"].block_until_ready()
-        return state
 
-    # Each step donates the state it is given, so the timed calls thread it through.
-    times, state = _time_steps(run, state, warmup, steps)
+def _cpu_peak_probe():
+    """On a CPU, a callable measuring the matmul rate now (the better of two probes), else None: steps are
+    compared with the rate measured right after each, as a shared VM's rate drifts by 10-15% over seconds."""
+    import jax
+
+    from mellama_jax.train import flops
+
+    if jax.default_backend() != "cpu":
+        return None
+    probe = flops.matmul_probe()
+    return lambda: max(probe(), probe())
+
+
+def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
+                    devices: list | None = None, profile_dir: str | Path | None = None) -> dict:
+    import jax
+
+    from mellama_jax.train import flops
+
+    step = _compile_step(overrides, seed, devices)
+    cfg, n = step.cfg, step.trainer.mesh.size
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    # Each step donates the state it is given, so the timed calls thread it through. On a CPU the peak is the
+    # matmul rate measured beside each step, and the MFU the median of the steps' ratios to theirs.
+    times, state, rates = _time_steps(step, step.state, warmup, steps, beside=_cpu_peak_probe())
     if profile_dir:
-        _profile(run, state, compiled, profile_dir)
+        _profile(step, state, step.compiled, profile_dir)
     median = statistics.median(times)
     tokens_per_s = B * T / median
-    n = trainer.mesh.size
-    lora = cfg.train.mode == "lora"
-    peak = flops.peak_tflops_per_device(n)
-    tflops = flops.train_flops_per_token(cfg.model, T, lora) * tokens_per_s / n / 1e12
-    mem = compiled.memory_analysis()
+    tflops = flops.train_flops_per_token(cfg.model, T, cfg.train.mode == "lora") * tokens_per_s / n / 1e12
+    if rates:
+        peak = statistics.median(rates) / n
+        mfu = statistics.median(step.mfu(t, rate / n) for t, rate in zip(times, rates))
+    else:
+        peak = flops.peak_tflops_per_device(n)
+        mfu = step.mfu(median, peak) if peak else None
+    mem = step.compiled.memory_analysis()
     device_peak = None
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         device_peak = stats.get("peak_bytes_in_use")
-    return {"mesh": dict(trainer.mesh.shape), "compile_s": compile_s, "step_s_median": median,
+    return {"mesh": dict(step.trainer.mesh.shape), "compile_s": step.compile_s, "step_s_median": median,
             "step_s_all": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
             "model_tflops_per_device": tflops, "peak_tflops_per_device": peak,
-            "mfu": flops.mfu(cfg.model, T, tokens_per_s, peak * 1e12, n, lora) if peak else None,
+            "mfu": mfu, "peak_tflops_beside_steps": rates,
             "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
             "device_peak_bytes": device_peak}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBenchRequest:
+    """One `bench pair` run: what `mellama-jax bench pair` parses, and what `bench_pair` takes."""
+
+    model: str  # a model preset
+    seq: int
+    batch: int
+    variants: tuple[tuple[str, ...], ...]  # config overrides per variant; () is the config as it is
+    rounds: int = 10  # timed steps of each variant, interleaved
+    warmup: int = 3
+    dtype: str = "float32"
+    overrides: tuple[str, ...] = ()  # for every variant
+
+
+def bench_pair(r: PairBenchRequest) -> dict:
+    """Variants of one train step (one device), compiled side by side and timed in interleaved rounds (one step
+    of each per round), so that a drift of the machine's speed falls on all of them alike: each variant's median
+    step, its MFU (on a CPU against the matmul rate measured beside each step) and its speed relative to the
+    first variant's (the ratio of medians)."""
+    import jax
+
+    common = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}", f"model.dtype={r.dtype}",
+              "mesh.ici={data: 1, fsdp: 1, tensor: 1}", *r.overrides]
+    steps = [_compile_step(common + list(v), devices=[jax.devices()[0]]) for v in r.variants]
+    states = [s.state for s in steps]
+    for _ in range(r.warmup):
+        states = [s(state) for s, state in zip(steps, states)]
+    probe = _cpu_peak_probe()
+    times, rates = [[] for _ in steps], [[] for _ in steps]
+    for _ in range(r.rounds):
+        for i, s in enumerate(steps):
+            (t,), states[i], rate = _time_steps(s, states[i], 0, 1, beside=probe)
+            times[i].append(t)
+            rates[i] += rate
+    rows = []
+    for v, s, ts, rs in zip(r.variants, steps, times, rates):
+        median = statistics.median(ts)
+        mfu = statistics.median(s.mfu(t, rate) for t, rate in zip(ts, rs)) if rs else None
+        rows.append({"overrides": list(v), "compile_s": s.compile_s, "step_s_median": median, "step_s_all": ts,
+                     "tokens_per_s": r.batch * r.seq / median, "mfu": mfu, "peak_tflops_beside_steps": rs,
+                     "speed_vs_first": statistics.median(times[0]) / median})
+    return {"benchmark": "pair", "model": r.model, "seq": r.seq, "batch": r.batch, "dtype": r.dtype,
+            "overrides": list(r.overrides), "device": jax.devices()[0].device_kind, "rounds": r.rounds,
+            "rows": rows}
 
 
 def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype: str = "float32") -> dict:
@@ -148,7 +243,7 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times, _ = _time_steps(run, None, warmup, steps)
+    times, _, _ = _time_steps(run, None, warmup, steps)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"device": device, "threads": torch.get_num_threads(), "dtype": dtype, "step_s_median": median,

@@ -117,30 +117,65 @@ def _softmax_attention(q, k, v, mask):
     return out.astype(q.dtype), probs
 
 
-@jax.custom_vjp
-def _attention_core(q, k, v, mask):
-    return _softmax_attention(q, k, v, mask)[0]
+# Causal attention in blocks of at least this many queries, at most this many blocks (each block unrolled).
+CAUSAL_BLOCK, MAX_CAUSAL_BLOCKS = 64, 8
 
 
-def _attention_core_fwd(q, k, v, mask):
-    out, probs = _softmax_attention(q, k, v, mask)
+def query_blocks(T: int, S: int, causal: bool, block: int = CAUSAL_BLOCK) -> tuple[tuple[int, int, int], ...]:
+    """(start, end, keys) per block of queries: queries [start, end) read the first `keys` keys. Causal attention
+    with queries and keys at the same positions splits the queries, so that a block reads only the keys up to its
+    own last position, and the blocks above the diagonal of the score matrix are never computed (4 blocks: 3/8 of
+    it, 8 blocks: 7/16). Otherwise one block."""
+    if not causal or T != S or T < 2 * block:
+        return ((0, T, S),)
+    size = -(-T // min(T // block, MAX_CAUSAL_BLOCKS))
+    return tuple((s, min(s + size, T), min(s + size, T)) for s in range(0, T, size))
+
+
+def _blocked_attention(q, k, v, mask, blocks):
+    """`_softmax_attention` over each block of queries and the keys it reads: out and the blocks' probabilities."""
+    outs, probs = [], []
+    for s, e, n in blocks:
+        out, p = _softmax_attention(q[..., s:e, :], k[:, :, :n], v[:, :, :n], mask[..., s:e, :n])
+        outs.append(out)
+        probs.append(p)
+    return jnp.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0], probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q, k, v, mask, blocks):
+    return _blocked_attention(q, k, v, mask, blocks)[0]
+
+
+def _attention_core_fwd(q, k, v, mask, blocks):
+    out, probs = _blocked_attention(q, k, v, mask, blocks)
     return out, (q, k, v, out, probs)  # the mask is already in the probabilities
 
 
-def _attention_core_bwd(residuals, d_out):
+def _attention_core_bwd(blocks, residuals, d_out):
     """Softmax backward as flash attention writes it: dS = P * (dP - rowsum(dO * O)), a (T, D) reduction in place
     of a (T, S) one; every product a plain batched matmul (fused with the softmax backward, XLA's CPU matmuls ran
-    slower: docs/benchmarks.md), on the operands' dtype with fp32 accumulation."""
+    slower: docs/benchmarks.md), on the operands' dtype with fp32 accumulation. Block by block as the forward ran;
+    each block's key and value gradients cover the keys it read, zero-padded to all of them."""
     q, k, v, out, probs = residuals
     dtype = layers.gradient_operand_dtype(q.dtype)
-    q, k, v, d_out_c = (x.astype(dtype) for x in (q, k, v, d_out))
+    qc, kc, vc, d_out_c = (x.astype(dtype) for x in (q, k, v, d_out))
     f32 = jnp.float32
-    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_c, v, preferred_element_type=f32)
     row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - row)).astype(dtype)
-    dq = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q, preferred_element_type=f32)
-    dv = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(dtype), d_out_c, preferred_element_type=f32)
+    S = k.shape[2]
+
+    def to_keys(scores, x, n):  # (.., t, n) x (.., t, D) -> (B, K, S, D), zero past the n keys read
+        grad = jnp.einsum("bkgts,bkgtd->bksd", scores, x, preferred_element_type=f32)
+        return jnp.pad(grad, ((0, 0), (0, 0), (0, S - n), (0, 0)))
+
+    dq, dk, dv = [], None, None
+    for (s, e, n), p in zip(blocks, probs, strict=True):
+        d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_c[..., s:e, :], vc[:, :, :n], preferred_element_type=f32)
+        d_scores = (p * (d_probs - row[..., s:e, :])).astype(dtype)
+        dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, kc[:, :, :n], preferred_element_type=f32))
+        dk_block, dv_block = to_keys(d_scores, qc[..., s:e, :], n), to_keys(p.astype(dtype), d_out_c[..., s:e, :], n)
+        dk, dv = (dk_block, dv_block) if dk is None else (dk + dk_block, dv + dv_block)
+    dq = jnp.concatenate(dq, axis=-2) if len(dq) > 1 else dq[0]
     return dq.astype(out.dtype), dk.astype(out.dtype), dv.astype(out.dtype), None
 
 
@@ -160,8 +195,11 @@ def _heads_last(out):
 
 
 def xla_attention(q, k, v, mask, causal=False):
+    """The XLA reference; `causal` (queries and keys at the same positions) computes it in blocks of queries that
+    skip the keys after them (`query_blocks`), with the same result."""
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    return _heads_last(_attention_core(_heads_first(q, k.shape[2]), kh, vh, mask[:, None, None]))
+    blocks = query_blocks(q.shape[1], k.shape[1], causal, CAUSAL_BLOCK)
+    return _heads_last(_attention_core(_heads_first(q, k.shape[2]), kh, vh, mask[:, None, None], blocks))
 
 
 def cached_attention(q, k, v, mask):

@@ -1,4 +1,5 @@
-"""LLaMA2: pre-norm decoder layers (GQA attention + SwiGLU), stacked and run with one `lax.scan`.
+"""LLaMA2: pre-norm decoder layers (GQA attention + SwiGLU), stacked and run with one `lax.scan` (or one after
+another, unrolled: model.scan_layers=false).
 
 Parameter logical axes (the rule table in the config maps them to mesh axes):
   embed.embedding (vocab, embed)            lm_head.kernel (embed, vocab)
@@ -180,7 +181,12 @@ class Llama(nnx.Module):
         policy = REMAT[cfg.remat]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)), unroll=cfg.scan_unroll)
+        xs = (state, jnp.arange(cfg.num_layers, dtype=jnp.int32))
+        if cfg.scan_layers:
+            h, _ = jax.lax.scan(body, h, xs, unroll=cfg.scan_unroll)
+        else:
+            for i in range(cfg.num_layers):
+                h, _ = body(h, jax.tree.map(lambda x, i=i: x[i], xs))
         return self.norm(h)
 
     def unstacked_layers(self) -> list[DecoderLayer]:

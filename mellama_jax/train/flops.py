@@ -42,20 +42,29 @@ def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops_per
     return flops / (peak_flops_per_device * num_devices)
 
 
-def measured_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
-    """Achieved TFLOP/s of a large fp32 square matmul on the first device: the CPU's practical peak."""
+def matmul_probe(n: int = 2048):
+    """A callable that times one large fp32 square matmul on the first device and returns its TFLOP/s: the
+    CPU's practical peak at that moment. A shared VM's rate drifts by 10-15% over seconds, so a benchmark
+    calls it between its timed steps and compares each step with the rate measured beside it."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
+
+    def probe() -> float:
         start = time.perf_counter()
         f(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e12
+        return 2 * n ** 3 / (time.perf_counter() - start) / 1e12
+
+    return probe
+
+
+def measured_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """The best of `repeats` matmul_probe() calls."""
+    probe = matmul_probe(n)
+    return max(probe() for _ in range(repeats))
 
 
 def peak_tflops_per_device(num_devices: int, configured: float = 0.0) -> float:

@@ -19,7 +19,7 @@ from mellama_jax.config import Config, ConfigError, load_config, to_dict
 # it computes (a checkpoint restores onto any mesh; attention kernels and remat give the same numbers), and its
 # length (train.steps / epochs: a run may be extended or cut short; the schedule follows the new length).
 RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "model.attention", "model.remat",
-                     "model.scan_unroll", "model.max_segments", "train.steps", "train.epochs")
+                     "model.scan_unroll", "model.scan_layers", "model.max_segments", "train.steps", "train.epochs")
 
 
 def _flat(tree, prefix: str = "") -> dict:

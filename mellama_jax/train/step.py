@@ -37,12 +37,41 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
 
 
-def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Weighted sums of cross-entropy and of log(Z)^2 over the tokens of a (micro)batch."""
+def _token_losses(logits, targets, weights):
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    weights = weights.astype(jnp.float32)
-    return jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
+    return (jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)), log_z
+
+
+@jax.custom_vjp
+def _losses(logits, targets, weights):
+    return _token_losses(logits, targets, weights)[0]
+
+
+def _losses_fwd(logits, targets, weights):
+    losses, log_z = _token_losses(logits, targets, weights)
+    return losses, (logits, targets, weights, log_z)
+
+
+def _losses_bwd(residuals, grads):
+    """d/dlogits = w * softmax * (g_ce + 2 g_z log Z) - w * g_ce * onehot(target): one pass over the logits, the
+    one-hot an iota comparison inside it. Autodiff's own backward also scattered the target gradient into a
+    zero-filled copy of the logits and added the two."""
+    logits, targets, weights, log_z = residuals
+    g_ce, g_z = grads
+    probs = jnp.exp(logits - log_z[..., None])
+    target = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    d_logits = (probs * (weights * (g_ce + 2 * g_z * log_z))[..., None]
+                - jnp.where(target, (weights * g_ce)[..., None], 0.0))
+    return d_logits.astype(logits.dtype), None, None
+
+
+_losses.defvjp(_losses_fwd, _losses_bwd)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted sums of cross-entropy and of log(Z)^2 over the tokens of a (micro)batch."""
+    return _losses(logits, targets, weights.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
