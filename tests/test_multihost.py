@@ -148,6 +148,7 @@ def test_launch_scripts_pass_shellcheck_and_dry_run():
                       "JAX_PLATFORMS=cpu python3 -m mellama_jax.cli train --config configs/x.yaml a=1")
 
 
+@pytest.mark.slow  # 21 s; what a lent GPU runs: `make test-all` checks it
 def test_gpu_benchmark_script_runs_its_steps_on_a_cpu(tmp_path):
     """launch/bench_gpu.sh (what a lent GPU runs) in its SMOKE mode: tiny shapes, the headline row with its trace."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on the GPU machine
