@@ -67,6 +67,7 @@ def test_two_processes_match_one_pretrain(pretrain_runs):
         assert abs(one[step] - two[step]) <= 1e-5, step
 
 
+@pytest.mark.slow  # 36 s; the multi-process mechanics are the pretraining test's, LoRA's state is the same tree
 def test_two_processes_match_one_lora(pretrain_runs, data, tmp_path):
     root, _, _ = pretrain_runs
     config = CONFIG_ROOT / "tiny-lora.yaml"
