@@ -47,6 +47,7 @@ def test_layouts_match_single_device(layout, batches, reference):
         np.testing.assert_allclose(params[path], value, atol=1e-5, rtol=0, err_msg=str(path))
 
 
+@pytest.mark.slow  # 14 s; the gradients themselves are checked by test_accumulated_gradients_equal_the_big_batch_gradient
 def test_accumulation_equals_large_batch(batches):
     big = {k: np.concatenate([b[k] for b in batches[:4]]) for k in batches[0]}  # 32 rows
     common = ["train.batch_size=32", "mesh.ici={data: 2, fsdp: 2, tensor: 2}"]

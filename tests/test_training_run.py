@@ -75,7 +75,8 @@ def reference(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "lora"])
+# LoRA's crash-and-resume (22 s) runs with `make test-all`: its checkpoint is the same state tree with fewer leaves
+@pytest.mark.parametrize("mode", ["pretrain", pytest.param("lora", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_bit_exact(mode, data, reference, tmp_path):
     ref_dir, ref_losses, extra = reference[mode]
     args = ["--config", str(CONFIG_ROOT / CONFIG[mode])] + overrides(data, mode, tmp_path, *extra)
