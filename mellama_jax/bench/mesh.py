@@ -81,6 +81,18 @@ class _Step:
         B, T = cfg.train.batch_size, cfg.train.seq_len
         return flops.mfu(cfg.model, T, B * T / seconds, peak_per_device * 1e12, n, cfg.train.mode == "lora")
 
+    def peak_and_mfu(self, times: list[float], rates: list[float]) -> tuple[float, float | None]:
+        """(peak TFLOP/s per device, MFU) of timed steps: with the matmul rates measured beside them (a CPU), the
+        median rate and the median of each step's MFU against its own rate; else the device's peak and the
+        median step's MFU against it (None for an unknown peak)."""
+        from mellama_jax.train import flops
+
+        n = self.trainer.mesh.size
+        if rates:
+            return statistics.median(rates) / n, statistics.median(self.mfu(t, r / n) for t, r in zip(times, rates))
+        peak = flops.peak_tflops_per_device(n)
+        return peak, self.mfu(statistics.median(times), peak) if peak else None
+
 
 def _compile_step(overrides: list[str], seed: int = 0, devices: list | None = None) -> _Step:
     import jax
@@ -131,12 +143,7 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     median = statistics.median(times)
     tokens_per_s = B * T / median
     tflops = flops.train_flops_per_token(cfg.model, T, cfg.train.mode == "lora") * tokens_per_s / n / 1e12
-    if rates:
-        peak = statistics.median(rates) / n
-        mfu = statistics.median(step.mfu(t, rate / n) for t, rate in zip(times, rates))
-    else:
-        peak = flops.peak_tflops_per_device(n)
-        mfu = step.mfu(median, peak) if peak else None
+    peak, mfu = step.peak_and_mfu(times, rates)
     mem = step.compiled.memory_analysis()
     device_peak = None
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
@@ -148,6 +155,12 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
             "mfu": mfu, "peak_tflops_beside_steps": rates,
             "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
             "device_peak_bytes": device_peak}
+
+
+def _one_device(model: str, seq: int, batch: int, dtype: str) -> list[str]:
+    """Config overrides for one step of `model` on one device: what `bench baseline` and `bench pair` time."""
+    return [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.dtype={dtype}",
+            "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +184,7 @@ def bench_pair(r: PairBenchRequest) -> dict:
     first variant's (the ratio of medians)."""
     import jax
 
-    common = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}", f"model.dtype={r.dtype}",
-              "mesh.ici={data: 1, fsdp: 1, tensor: 1}", *r.overrides]
+    common = _one_device(r.model, r.seq, r.batch, r.dtype) + list(r.overrides)
     steps = [_compile_step(common + list(v), devices=[jax.devices()[0]]) for v in r.variants]
     states = [s.state for s in steps]
     for _ in range(r.warmup):
@@ -187,7 +199,7 @@ def bench_pair(r: PairBenchRequest) -> dict:
     rows = []
     for v, s, ts, rs in zip(r.variants, steps, times, rates):
         median = statistics.median(ts)
-        mfu = statistics.median(s.mfu(t, rate) for t, rate in zip(ts, rs)) if rs else None
+        mfu = s.peak_and_mfu(ts, rs)[1]
         rows.append({"overrides": list(v), "compile_s": s.compile_s, "step_s_median": median, "step_s_all": ts,
                      "tokens_per_s": r.batch * r.seq / median, "mfu": mfu, "peak_tflops_beside_steps": rs,
                      "speed_vs_first": statistics.median(times[0]) / median})
@@ -343,8 +355,7 @@ def bench_baseline(r: BaselineBenchRequest) -> dict:
 
     from mellama_jax.config import load_config
 
-    common = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}", f"model.dtype={r.dtype}",
-              "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
+    common = _one_device(r.model, r.seq, r.batch, r.dtype)
     lora = ["train.mode=lora", f"lora.rank={r.lora_rank}", f"lora.alpha={2 * r.lora_rank}", "lora.dropout=0.0",
             "lora.base_dtype=float32"]
     result = {"benchmark": "baseline", "model": r.model, "seq": r.seq, "batch": r.batch, "dtype": r.dtype,

@@ -139,7 +139,7 @@ def _blocked_attention(q, k, v, mask, blocks):
         out, p = _softmax_attention(q[..., s:e, :], k[:, :, :n], v[:, :, :n], mask[..., s:e, :n])
         outs.append(out)
         probs.append(p)
-    return jnp.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0], probs
+    return jnp.concatenate(outs, axis=-2), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -168,14 +168,14 @@ def _attention_core_bwd(blocks, residuals, d_out):
         grad = jnp.einsum("bkgts,bkgtd->bksd", scores, x, preferred_element_type=f32)
         return jnp.pad(grad, ((0, 0), (0, 0), (0, S - n), (0, 0)))
 
-    dq, dk, dv = [], None, None
+    dq, dk, dv = [], [], []
     for (s, e, n), p in zip(blocks, probs, strict=True):
         d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out_c[..., s:e, :], vc[:, :, :n], preferred_element_type=f32)
         d_scores = (p * (d_probs - row[..., s:e, :])).astype(dtype)
         dq.append(jnp.einsum("bkgts,bksd->bkgtd", d_scores, kc[:, :, :n], preferred_element_type=f32))
-        dk_block, dv_block = to_keys(d_scores, qc[..., s:e, :], n), to_keys(p.astype(dtype), d_out_c[..., s:e, :], n)
-        dk, dv = (dk_block, dv_block) if dk is None else (dk + dk_block, dv + dv_block)
-    dq = jnp.concatenate(dq, axis=-2) if len(dq) > 1 else dq[0]
+        dk.append(to_keys(d_scores, qc[..., s:e, :], n))
+        dv.append(to_keys(p.astype(dtype), d_out_c[..., s:e, :], n))
+    dq, dk, dv = jnp.concatenate(dq, axis=-2), functools.reduce(jnp.add, dk), functools.reduce(jnp.add, dv)
     return dq.astype(out.dtype), dk.astype(out.dtype), dv.astype(out.dtype), None
 
 

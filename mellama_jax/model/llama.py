@@ -127,6 +127,11 @@ REMAT = {
 }
 
 
+def _layer_slice(stacked, i: int):
+    """Layer i's part of a tree of per-layer stacked arrays (a static slice)."""
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
 def _stacked_layers(cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs) -> DecoderLayer:
     """cfg.num_layers layers as one module whose parameters carry a leading 'layers' axis."""
 
@@ -186,7 +191,7 @@ class Llama(nnx.Module):
             h, _ = jax.lax.scan(body, h, xs, unroll=cfg.scan_unroll)
         else:
             for i in range(cfg.num_layers):
-                h, _ = body(h, jax.tree.map(lambda x, i=i: x[i], xs))
+                h, _ = body(h, _layer_slice(xs, i))
         return self.norm(h)
 
     def unstacked_layers(self) -> list[DecoderLayer]:
@@ -194,7 +199,7 @@ class Llama(nnx.Module):
         Decoding runs them one after another, unrolled, as MaxText's inference does (scan_layers=False): a
         scanned decoder slices, and so copies, every layer's weights again for every token it decodes."""
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
+        return [nnx.merge(graphdef, _layer_slice(state, i)) for i in range(self.cfg.num_layers)]
 
     def decode_hidden_states(self, tokens, cache, layers, positions=None, segment_ids=None):
         """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
