@@ -126,7 +126,10 @@ def _has_transformers() -> bool:
 
 
 def _prompt(question: str) -> str:
-    return f"[INST] {question} [/INST]"
+    """The question as the demo's instruction data was rendered for training (InstructDataRequest's template)."""
+    from mellama_jax.data.instruct import TEMPLATES, InstructDataRequest
+
+    return TEMPLATES[InstructDataRequest.template].user_format.format(user=question)
 
 
 def _answer_with_mellama(base_params: str, adapters: str, questions) -> list[str]:
