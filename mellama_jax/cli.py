@@ -63,11 +63,12 @@ def _threads_list(text: str) -> tuple[int | None, ...]:
     return tuple(None if t == "auto" else _positive_list(t)[0] for t in text.split(","))
 
 
-def _request(cls, args):
-    """A command's typed request from its parsed options (each option's dest is the field's name)."""
+def _request(cls, args, **given):
+    """A command's typed request from its parsed options (each option's dest is the field's name), but for the
+    fields in `given`, which the command parsed further."""
     import dataclasses
 
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: given[f.name] if f.name in given else getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _layouts(text: str) -> tuple[str, ...]:
@@ -117,13 +118,10 @@ def _sources(items: list[str]) -> dict[str, list[str]]:
 
 
 def _prepare_pretrain(args) -> int:
-    import dataclasses
-
     from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
 
     fields = {k: tuple(v) for k, v in _name_values(args.fields, "--fields").items()}
-    request = dataclasses.replace(_request(PretrainDataRequest, args), sources=_sources(args.sources), fields=fields)
-    manifest = prepare_pretrain(request)
+    manifest = prepare_pretrain(_request(PretrainDataRequest, args, sources=_sources(args.sources), fields=fields))
     if manifest is None:
         print(f"shard {args.shard_index} of {args.num_shards} done; the manifest is written when the last one "
               f"finishes (or: mellama-jax prepare merge --out {args.out})")
@@ -258,8 +256,6 @@ def _bench_pair(args) -> int:
 
     from mellama_jax.bench.mesh import PairBenchRequest, bench_pair
 
-    if len(args.variants) < 2:
-        raise ValueError(f"bench pair needs two or more --variant options to compare, got {len(args.variants)}")
     result = bench_pair(_request(PairBenchRequest, args))
     for row in result["rows"]:
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""

@@ -184,6 +184,8 @@ def bench_pair(r: PairBenchRequest) -> dict:
     first variant's (the ratio of medians)."""
     import jax
 
+    if len(r.variants) < 2:
+        raise ValueError(f"bench pair needs two or more --variant options to compare, got {len(r.variants)}")
     common = _one_device(r.model, r.seq, r.batch, r.dtype) + list(r.overrides)
     steps = [_compile_step(common + list(v), devices=[jax.devices()[0]]) for v in r.variants]
     states = [s.state for s in steps]

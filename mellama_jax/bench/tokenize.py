@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mellama_jax.data.corpus import Report
-from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
+from mellama_jax.data.prepare import PretrainDataRequest, encode_threads, prepare_pretrain
 from mellama_jax.data.readers import documents
 from mellama_jax.data.sources import parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
@@ -73,9 +73,8 @@ def bench_tokenize(r: TokenizeBenchRequest) -> dict:
         return bench_stream_memory(r)
     if r.corpus is None:
         raise ValueError("bench tokenize: give --corpus (the documents to time) or --stream-gb (a memory run)")
-    cores = os.cpu_count() or 1
     runs = itertools.product(r.formats, r.workers, r.threads)
-    keys = list(dict.fromkeys((fmt, w, t or max(1, cores // w)) for fmt, w, t in runs))
+    keys = list(dict.fromkeys((fmt, w, encode_threads(w, t)) for fmt, w, t in runs))
     texts = _texts(r.corpus, r.fields) * r.repeat  # a few MB, so timings are not dominated by start-up
     tok = Tokenizer.load(r.tokenizer)
     best: dict = {}
@@ -95,7 +94,7 @@ def bench_tokenize(r: TokenizeBenchRequest) -> dict:
              "tokens_per_s": round(tokens / best[fmt, w, t]), "speedup": round(best["baseline"] / best[fmt, w, t], 2)}
             for fmt, w, t in keys]
     return {"benchmark": "tokenize", "corpus": str(r.corpus), "documents": len(texts), "tokens": tokens,
-            "text_bytes": sum(len(t.encode()) for t in texts), "cores": cores, "rounds": r.rounds,
+            "text_bytes": sum(len(t.encode()) for t in texts), "cores": os.cpu_count() or 1, "rounds": r.rounds,
             "load_average": os.getloadavg(), "baseline_tokens_per_s": round(tokens / best["baseline"]), "runs": runs,
             "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
                     "encodes text already in memory, one EncodeAsIds call per document"}

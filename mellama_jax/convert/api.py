@@ -110,12 +110,17 @@ class ExportRequest:
     overwrite: bool = False  # replace an earlier jax-to-hf output at dst
 
 
+def _model_config(params: Path, preset: str | None) -> ModelConfig:
+    """The model of `params`: the named preset if given, else the one its folder or run records."""
+    return load_model_preset(preset) if preset else find_model_config(params)[0]
+
+
 def jax_to_hf(r: ExportRequest, *, progress: bool = True) -> Path:
     """A parameter checkpoint -> a Hugging Face folder, or PEFT adapters."""
     if r.merge and not r.adapters:
         raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
     src, adapters = Path(r.src), r.adapters
-    cfg = load_model_preset(r.model) if r.model else find_model_config(src)[0]
+    cfg = _model_config(src, r.model)
     reader = ParamsReader(src)
     fetch = reader.read
     _check_params(reader, cfg)
@@ -185,7 +190,7 @@ def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
     hf_dir, params = Path(r.hf_dir), Path(r.params)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
-    cfg = load_model_preset(r.model) if r.model else find_model_config(params)[0]
+    cfg = _model_config(params, r.model)
     tok = Tokenizer.load(hf_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "

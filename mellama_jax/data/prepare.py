@@ -236,6 +236,11 @@ class PretrainDataRequest:
     overwrite: bool = False  # replace an earlier prepare of other sources in `out` (stale source folders go)
 
 
+def encode_threads(workers: int, threads: int | None = None) -> int:
+    """Encode threads per process: `threads`, or by default this machine's cores shared among the processes."""
+    return threads or max(1, (os.cpu_count() or 1) // workers)
+
+
 def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict | None:
     """Tokenise this host's share of every source's units; returns the manifest once every unit is done
     (None while other hosts' shares are still missing)."""
@@ -265,8 +270,7 @@ def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict |
         workers = max(1, min(workers, len(todo)))
         with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc="tokenising",
                   disable=not progress) as bar:
-            for unit, report in run_units(todo, tokenizer, out, r.strict, workers,
-                                          r.threads or max(1, cores // workers)):
+            for unit, report in run_units(todo, tokenizer, out, r.strict, workers, encode_threads(workers, r.threads)):
                 kept += report["documents"]
                 bar.update(unit.size)
         return merge(out) if r.num_shards == 1 or _all_done(out, plan) else None
