@@ -39,6 +39,10 @@ def gradient_operand_dtype(dtype):
     return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
 
+# Weights whose output part has at most this many elements get their gradient computed transposed (_matmul_bwd).
+NARROW_OUT = 256
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def matmul(x, w, n: int, dtype, out_dtype):
     """x (..., in...) @ w (in..., out...) over n `in` dims: operands in `dtype`, fp32 accumulation, out_dtype out.
@@ -64,8 +68,15 @@ def _matmul_bwd(n, dtype, out_dtype, residuals, ct):
     # dx[b, i] = sum_o ct[b, o] w[i, o];  dw[i, o] = sum_b x[b, i] ct[b, o]
     dx = jax.lax.dot_general(ct, wc, ((tuple(range(batch, batch + out)), tuple(range(n, n + out))), ((), ())),
                              preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(xc, ct, ((tuple(range(batch)), tuple(range(batch))), ((), ())),
-                             preferred_element_type=jnp.float32)
+    rows = (tuple(range(batch)), tuple(range(batch)))
+    if math.prod(w.shape[n:]) <= NARROW_OUT:
+        # A narrow weight (a LoRA A factor, (in, rank)): its gradient computed as (rank, in) = ct^T x and then
+        # transposed. As (in, rank) = x^T ct, XLA's CPU dot ran 1.4 ms against 0.2 ms (1024 x 512 rows, rank 8):
+        # a (T, D) operand transposed for a product 8 wide. The barrier keeps XLA from folding the transpose back.
+        dw = jax.lax.dot_general(ct, xc, (rows[::-1], ((), ())), preferred_element_type=jnp.float32)
+        dw = jnp.moveaxis(jax.lax.optimization_barrier(dw), tuple(range(out)), tuple(range(n, n + out)))
+    else:
+        dw = jax.lax.dot_general(xc, ct, (rows, ((), ())), preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
