@@ -148,7 +148,7 @@ def find_model_config(params: str | Path) -> tuple[ModelConfig, LoraConfig | Non
     for candidate in _configs_above(params):
         if candidate.exists():
             cfg = load_config(candidate)
-            return cfg.model, (cfg.lora if cfg.train.mode == "lora" else None)
+            return cfg.model, cfg.adapters
     raise ConfigError(f"{params}: not a parameter folder of ours (no model.yaml in it, no run config.yaml above "
                       "it); convert jax-to-hf also takes --model PRESET")
 

@@ -279,6 +279,11 @@ class Config:
         if self.train.seq_len == 0:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seq_len=self.model.max_seq_len))
 
+    @property
+    def adapters(self) -> LoraConfig | None:
+        """The LoRA adapters this run trains (train.mode lora), else None."""
+        return self.lora if self.train.mode == "lora" else None
+
     def validate(self) -> "Config":
         if self.train.seq_len <= 0:
             raise ConfigError(f"train.seq_len must be positive, got {self.train.seq_len}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mellama_jax.config import load_config, load_model_preset
+from mellama_jax.config import LoraConfig, load_config, load_model_preset
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
                                      NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves)
@@ -124,7 +124,8 @@ def add_to_x(state, frozen, batch):
 def test_log_metrics_throughput_and_mfu(tmp_path):
     cfg = load_model_preset("tiny")
     ticks = iter([100.0, 104.0, 104.5, 106.5, 107.0])  # start; after step 4 (+ its write); after step 6
-    mfu = functools.partial(flops.mfu, cfg, 32, peak_flops_per_device=1e9, num_devices=2, frozen_weights=True)
+    lora = LoraConfig(rank=8, targets=("wq", "w_down"))
+    mfu = functools.partial(flops.mfu, cfg, 32, peak_flops_per_device=1e9, num_devices=2, lora=lora)
     log = MetricsLogger(tmp_path, 6, 0, True, False, tensorboard=False)
     hook = LogMetrics(log, tokens_per_step=8 * 32, mfu=mfu, start_step=0, clock=lambda: next(ticks))
     hook(info(4, 2.5))
@@ -133,9 +134,12 @@ def test_log_metrics_throughput_and_mfu(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # 4 steps of 256 tokens in 4 s; then 2 steps in 106.5 - 104.5 = 2 s
     assert [(r["step"], r["tokens_per_s"], r["step_time_s"]) for r in lines] == [(4, 256.0, 1.0), (6, 256.0, 1.0)]
-    # LoRA counts 4 FLOPs per frozen weight per token: (4 * matmul weights + attention) * 256 tokens/s / 2e9
+    # LoRA counts 4 FLOPs per frozen weight per token and 6 per adapter weight:
+    # (4 * matmul weights + 6 * adapters + attention) * 256 tokens/s / 2e9. The tiny model's adapters: 2 layers x
+    # rank 8 x (wq: 64 in + 64 out, w_down: 176 in + 64 out) = 2 * 8 * (128 + 240) = 5888 weights.
     attention = 3 * cfg.num_layers * 4 * 32 * cfg.num_heads * cfg.head_dim / 2
-    assert lines[0]["mfu"] == pytest.approx((4 * flops.matmul_params(cfg) + attention) * 256 / 2e9)
+    assert flops.adapter_params(cfg, lora) == 5888
+    assert lines[0]["mfu"] == pytest.approx((4 * flops.matmul_params(cfg) + 6 * 5888 + attention) * 256 / 2e9)
     assert lines[0]["loss"] == 2.5 and lines[0]["kind"] == "train"
 
 

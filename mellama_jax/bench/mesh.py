@@ -79,7 +79,7 @@ class _Step:
 
         cfg, n = self.cfg, self.trainer.mesh.size
         B, T = cfg.train.batch_size, cfg.train.seq_len
-        return flops.mfu(cfg.model, T, B * T / seconds, peak_per_device * 1e12, n, cfg.train.mode == "lora")
+        return flops.mfu(cfg.model, T, B * T / seconds, peak_per_device * 1e12, n, cfg.adapters)
 
     def peak_and_mfu(self, times: list[float], rates: list[float]) -> tuple[float, float | None]:
         """(peak TFLOP/s per device, MFU) of timed steps: with the matmul rates measured beside them (a CPU), the
@@ -142,7 +142,7 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
         _profile(step, state, step.compiled, profile_dir)
     median = statistics.median(times)
     tokens_per_s = B * T / median
-    tflops = flops.train_flops_per_token(cfg.model, T, cfg.train.mode == "lora") * tokens_per_s / n / 1e12
+    tflops = flops.train_flops_per_token(cfg.model, T, cfg.adapters) * tokens_per_s / n / 1e12
     peak, mfu = step.peak_and_mfu(times, rates)
     mem = step.compiled.memory_analysis()
     device_peak = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from mellama_jax.config import ModelConfig
+from mellama_jax.config import LoraConfig, ModelConfig
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures without sparsity).
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
@@ -25,20 +25,31 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + D * V
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, frozen_weights: bool = False) -> float:
-    """frozen_weights (LoRA): no weight gradients, so 4 rather than 6 FLOPs per weight per token (adapters,
-    a fraction of a percent of the weights, are not counted)."""
-    weights = (4.0 if frozen_weights else 6.0) * matmul_params(cfg)
+def adapter_params(cfg: ModelConfig, lora: LoraConfig) -> int:
+    """LoRA's weights: rank x (in + out) per adapted projection per layer."""
+    D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sides = {"wq": (D, q), "wk": (D, kv), "wv": (D, kv), "wo": (q, D), "w_gate": (D, F), "w_up": (D, F),
+             "w_down": (F, D)}
+    return cfg.num_layers * sum(lora.rank * sum(sides[t]) for t in lora.targets)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: LoraConfig | None = None) -> float:
+    """With `lora` (frozen base) the base weights get no gradients, so 4 rather than 6 FLOPs per weight per token,
+    and the adapters, trained, 6 per weight."""
+    if lora is None:
+        weights = 6.0 * matmul_params(cfg)
+    else:
+        weights = 4.0 * matmul_params(cfg) + 6.0 * adapter_params(cfg, lora)
     attention = 3.0 * cfg.num_layers * (4.0 * seq_len * cfg.num_heads * cfg.head_dim) / 2.0
     return weights + attention
 
 
 def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops_per_device: float,
-        num_devices: int, frozen_weights: bool = False) -> float:
+        num_devices: int, lora: LoraConfig | None = None) -> float:
     """Model FLOPs utilisation of `num_devices` devices processing `tokens_per_second` (0 for an unknown peak)."""
     if not peak_flops_per_device:
         return 0.0
-    flops = train_flops_per_token(cfg, seq_len, frozen_weights) * tokens_per_second
+    flops = train_flops_per_token(cfg, seq_len, lora) * tokens_per_second
     return flops / (peak_flops_per_device * num_devices)
 
 

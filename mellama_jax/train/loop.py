@@ -126,10 +126,9 @@ def train(cfg: Config) -> dict:
 
 def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, start: int, main: bool) -> list:
     """What runs after a step, in order: the guard's check before anything reads or saves the step's values."""
-    lora = cfg.train.mode == "lora"
     peak = flops.peak_tflops_per_device(trainer.mesh.size, cfg.run.peak_tflops)
     mfu = functools.partial(flops.mfu, cfg.model, cfg.train.seq_len, peak_flops_per_device=peak * 1e12,
-                            num_devices=trainer.mesh.size, frozen_weights=lora)
+                            num_devices=trainer.mesh.size, lora=cfg.adapters)
     every = cfg.run.log_every
     hooks = [*guard.hooks(every), Hook(lambda info: log.advance(), every=1, at_end=False),
              Hook(LogMetrics(log, cfg.train.batch_size * cfg.train.seq_len, mfu, start), every=every),

@@ -106,7 +106,7 @@ def trainable_filter(cfg: Config):
 
 
 def new_model(cfg: Config) -> Llama:
-    return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed), lora=cfg.lora if cfg.train.mode == "lora" else None)
+    return Llama(cfg.model, rngs=nnx.Rngs(cfg.seed), lora=cfg.adapters)
 
 
 def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callable]:
