@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from transformers import get_cosine_schedule_with_warmup
 
-from mellama_jax.config import OptimizerConfig, load_config, load_model_preset
+from mellama_jax.config import LORA_TARGETS, LoraConfig, OptimizerConfig, load_config, load_model_preset
 from mellama_jax.train import flops
 from mellama_jax.train.optimizer import learning_rate_schedule
 from train_helpers import run_steps, single_device, synthetic_batch
@@ -204,16 +204,24 @@ def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
     return found
 
 
-def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch):
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=4, dropout=0.0, targets=LORA_TARGETS)], ids=["full", "lora"])
+def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch, lora):
     """In bf16 compute every matmul of forward and backward multiplies bf16 by bf16 (fp32 accumulation) on an
     accelerator: none is promoted to fp32, which on an H100 had turned the backward pass into TF32 and doubled the
     step time. On the CPU the gradients' operands are fp32 copies (XLA CPU lacks some bf16 dots): the jitted
-    gradients run, are fp32 for the fp32 master weights, and are close to the fp32 model's."""
+    gradients run, are fp32 for the fp32 master weights, and are close to the fp32 model's. With LoRA adapters
+    on every projection (B made non-zero, so every factor has a gradient) the same holds for the adapters'."""
     from mellama_jax.model import Llama, layers
 
     cfg = dataclasses.replace(load_model_preset("tiny-gqa"), dtype="bfloat16", remat="full")
-    model = Llama(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+
+    def model_of(cfg):
+        model = Llama(cfg, rngs=nnx.Rngs(0), lora=lora)
+        for i, module in enumerate(m for _, m in nnx.iter_modules(model) if getattr(m, "lora_b", None) is not None):
+            module.lora_b.set_value(jax.random.normal(jax.random.key(i), module.lora_b.shape) * 0.1)
+        return model
+
+    graphdef, params = nnx.split(model_of(cfg))
     ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 9)))
 
     def nll(graphdef, params):
@@ -225,7 +233,7 @@ def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch):
 
     on_cpu = jax.jit(jax.grad(loss))(params)
     assert {x.dtype for x in jax.tree.leaves(on_cpu)} == {jnp.dtype(jnp.float32)}  # fp32 master weights' grads
-    graphdef32, params32 = nnx.split(Llama(dataclasses.replace(cfg, dtype="float32"), rngs=nnx.Rngs(0)))
+    graphdef32, params32 = nnx.split(model_of(dataclasses.replace(cfg, dtype="float32")))
     fp32 = jax.grad(lambda p: nll(graphdef32, p))(params32)
     for a, b in zip(jax.tree.leaves(on_cpu), jax.tree.leaves(fp32)):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 0.05

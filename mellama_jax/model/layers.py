@@ -39,10 +39,6 @@ def gradient_operand_dtype(dtype):
     return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
 
 
-# Weights whose output part has at most this many elements get their gradient computed transposed (_matmul_bwd).
-NARROW_OUT = 256
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def matmul(x, w, n: int, dtype, out_dtype):
     """x (..., in...) @ w (in..., out...) over n `in` dims: operands in `dtype`, fp32 accumulation, out_dtype out.
@@ -68,19 +64,48 @@ def _matmul_bwd(n, dtype, out_dtype, residuals, ct):
     # dx[b, i] = sum_o ct[b, o] w[i, o];  dw[i, o] = sum_b x[b, i] ct[b, o]
     dx = jax.lax.dot_general(ct, wc, ((tuple(range(batch, batch + out)), tuple(range(n, n + out))), ((), ())),
                              preferred_element_type=jnp.float32)
-    rows = (tuple(range(batch)), tuple(range(batch)))
-    if math.prod(w.shape[n:]) <= NARROW_OUT:
-        # A narrow weight (a LoRA A factor, (in, rank)): its gradient computed as (rank, in) = ct^T x and then
-        # transposed. As (in, rank) = x^T ct, XLA's CPU dot ran 1.4 ms against 0.2 ms (1024 x 512 rows, rank 8):
-        # a (T, D) operand transposed for a product 8 wide. The barrier keeps XLA from folding the transpose back.
-        dw = jax.lax.dot_general(ct, xc, (rows[::-1], ((), ())), preferred_element_type=jnp.float32)
-        dw = jnp.moveaxis(jax.lax.optimization_barrier(dw), tuple(range(out)), tuple(range(n, n + out)))
-    else:
-        dw = jax.lax.dot_general(xc, ct, (rows, ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(xc, ct, ((tuple(range(batch)), tuple(range(batch))), ((), ())),
+                             preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dot(a, b, contract: tuple[int, int], dtype):
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((contract[0],), (contract[1],)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def lora_delta(x, a, b, scale: float, dtype):
+    """scale * (x @ a) @ b for x (rows, in), a (in, rank), b (rank, out): operands in `dtype`, fp32 out.
+
+    Its own backward, because the adapter's matmuls are too narrow to hide anything: the scale multiplies the
+    rank-wide products (not a (rows, out) cotangent), and a's gradient is computed as (rank, in) and transposed;
+    as (in, rank) = x^T @ d(x a), XLA's CPU dot ran 5-7x slower (1024 x 512 rows, rank 8 to 256: it transposed
+    x for a product a few columns wide). LoRA steps: docs/benchmarks.md.
+    """
+    return scale * _dot(_dot(x, a, (1, 0), dtype), b, (1, 0), dtype)
+
+
+def _lora_delta_fwd(x, a, b, scale, dtype):
+    xa = _dot(x, a, (1, 0), dtype)
+    return scale * _dot(xa, b, (1, 0), dtype), (x, a, b, xa.astype(dtype))
+
+
+def _lora_delta_bwd(scale, dtype, residuals, dy):
+    x, a, b, xa = residuals
+    g = gradient_operand_dtype(dtype)
+    d_xa = scale * _dot(dy, b, (1, 1), g)  # (rows, rank)
+    d_b = scale * _dot(xa, dy, (0, 0), g)  # (rank, out)
+    # the barrier keeps XLA from folding the transpose back into the product
+    d_a = jax.lax.optimization_barrier(_dot(d_xa, x, (0, 0), g)).T
+    d_x = _dot(d_xa, a, (1, 1), g)
+    return d_x.astype(x.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 class Dense(nnx.Module):
@@ -123,9 +148,10 @@ class Dense(nnx.Module):
             keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout,
                                         x.shape)
             xa = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
-        low = matmul(xa, self.lora_a[...], self.num_in, self.dtype, f32)
-        y = y + self.lora_scale * matmul(low, self.lora_b[...], 1, self.dtype, f32)
-        return checkpoint_name(y.astype(out_dtype), "dense")
+        a, b = self.lora_a[...], self.lora_b[...]
+        rows = xa.reshape(-1, math.prod(a.shape[:-1]))
+        delta = lora_delta(rows, a.reshape(rows.shape[1], -1), b.reshape(b.shape[0], -1), self.lora_scale, self.dtype)
+        return checkpoint_name((y + delta.reshape(y.shape)).astype(out_dtype), "dense")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
