@@ -73,6 +73,37 @@ def test_causal_query_blocks_match_the_whole_matrix(rng, monkeypatch):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
 
 
+def test_rotary_inside_the_reference_equals_rotating_first(rng, monkeypatch):
+    """`attend(..., rotary=(cos, sin))`: the XLA reference rotates q and k in its head-major layout (in query
+    blocks); output and gradients equal jax.nn.dot_product_attention's autodiff on q and k rotated first by
+    rope.apply (which test_parity checks against transformers), with GQA, documents restarting their positions."""
+    from mellama_jax.model import rope
+
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
+    B, T, H, K, D = 2, 40, 8, 2, 16
+    q, g = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, D)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1] * 15 + [2] * 25], B, axis=0))
+    positions = jnp.asarray(np.repeat([list(range(15)) + list(range(25))], B, axis=0))
+    cos, sin = rope.cos_sin(positions, D, 10000.0)
+    mask = attention.make_mask(seg, seg)
+    assert len(attention.query_blocks(T, T, True, 8)) == 5
+
+    def value_and_grads(f):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
+
+    value, grads = value_and_grads(lambda q, k, v: attention.attend(q, k, v, mask, "xla", True, rotary=(cos, sin)))
+    ref_value, ref_grads = value_and_grads(lambda q, k, v: attention.attend(
+        rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product"))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for ours, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
+    # the other kernels get q and k rotated before them
+    other = attention.attend(q, k, v, mask, "dot_product", True, rotary=(cos, sin))
+    np.testing.assert_allclose(np.asarray(other), np.asarray(attention.attend(
+        rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product")), atol=1e-6)
+
+
 def test_reference_attention_by_hand(rng):
     """One query row against a hand-written softmax over the keys it may see."""
     T, D = 6, 4

@@ -24,7 +24,7 @@ from flax import linen as nn
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
-from mellama_jax.model import layers
+from mellama_jax.model import layers, rope
 
 try:  # JAX's cuDNN attention, whose packed layout (documents as segment offsets) jax.nn does not expose
     from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
@@ -182,10 +182,13 @@ def _attention_core_bwd(blocks, residuals, d_out):
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
-def _heads_first(q, K):
-    """q (B, T, H, D) -> pre-scaled (B, K, G, T, D)."""
+def _heads_first(q, K, rotary=None):
+    """q (B, T, H, D) -> pre-scaled (B, K, G, T, D), rotated first by `rotary` = (cos, sin) (B, T, D) if given."""
     B, T, H, D = q.shape
-    return (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    if rotary is not None:
+        q = rope.rotate(q, rotary[0][:, None, None], rotary[1][:, None, None])
+    return q * jnp.asarray(D ** -0.5, q.dtype)
 
 
 def _heads_last(out):
@@ -194,12 +197,16 @@ def _heads_last(out):
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
 
-def xla_attention(q, k, v, mask, causal=False):
+def xla_attention(q, k, v, mask, causal=False, rotary=None):
     """The XLA reference; `causal` (queries and keys at the same positions) computes it in blocks of queries that
-    skip the keys after them (`query_blocks`), with the same result."""
+    skip the keys after them (`query_blocks`), with the same result. `rotary` (see `attend`) is applied in the
+    head-major layout the products read, in the pass that transposes q and k anyway: applied before, on the
+    projections' layout, it cost the CPU LoRA step 1.047x (paired, docs/benchmarks.md)."""
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if rotary is not None:
+        kh = rope.rotate(kh, rotary[0][:, None], rotary[1][:, None])
     blocks = query_blocks(q.shape[1], k.shape[1], causal, CAUSAL_BLOCK)
-    return _heads_last(_attention_core(_heads_first(q, k.shape[2]), kh, vh, mask[:, None, None], blocks))
+    return _heads_last(_attention_core(_heads_first(q, k.shape[2], rotary), kh, vh, mask[:, None, None], blocks))
 
 
 def cached_attention(q, k, v, mask):
@@ -341,13 +348,20 @@ def resolve(implementation: str) -> str:
     return implementation
 
 
-def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blocks: tuple[int, int] = (512, 512)):
-    """`blocks`: splash's (query, key/value) block sizes; the other implementations ignore them."""
+def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blocks: tuple[int, int] = (512, 512),
+           rotary=None):
+    """`blocks`: splash's (query, key/value) block sizes; the other implementations ignore them. `rotary`:
+    (cos, sin) of shape (B, T, D) when q and k still need their rotary embedding (queries and keys at the same
+    positions); the XLA reference applies it in its own layout, the others get rotated q and k."""
     name = resolve(implementation)
     if name in CAUSAL_ONLY and not causal:
         name = "xla"
     if isinstance(mask, (Packed, Segments)) and name not in ("cudnn", "splash"):
         mask = mask.mask
+    if name == "xla":
+        return xla_attention(q, k, v, mask, causal, rotary)
+    if rotary is not None:
+        q, k = rope.apply(q, *rotary), rope.apply(k, *rotary)
     if name == "splash":
         return splash_attention(q, k, v, mask, causal, blocks)
     return IMPLEMENTATIONS[name](q, k, v, mask, causal)

@@ -47,19 +47,20 @@ class Attention(nnx.Module):
         self.implementation = cfg.attention
         self.splash_blocks = (cfg.splash_block_q, cfg.splash_block_kv)
 
-    def _qkv(self, x, batch_length, cos, sin, rng):
+    def _qkv(self, x, batch_length, rng):
+        """The projections (B, T, heads, head_dim), before their rotary embedding."""
         q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj").reshape(*batch_length, *self.wk.kernel.shape[-2:])
         v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+        return q, k, v
 
     def __call__(self, x, batch_length, cos, sin, mask, rng=None):
         """Training and scoring: x flat (B*T, D) with batch_length = (B, T); returns (B*T, D)."""
-        q, k, v = self._qkv(x, batch_length, cos, sin, rng)
+        q, k, v = self._qkv(x, batch_length, rng)
         out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, True,
-                               self.splash_blocks)
+                               self.splash_blocks, rotary=(cos, sin))
         out = checkpoint_name(out, "attention_out")
         return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
 
@@ -67,7 +68,8 @@ class Attention(nnx.Module):
         """Decoding: cache = (k, v, index) with k, v this layer's cache (B, K, S, Dh), head-major. The new keys
         and values are written at [:, :, index] (in place: only the new tokens) and the queries attend over the
         whole cache, masked by `mask` (B, T, S). Returns (output, (k, v))."""
-        q, k, v = self._qkv(x, batch_length, cos, sin, None)
+        q, k, v = self._qkv(x, batch_length, None)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         k_cache, v_cache, index = cache
         start = (jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)

@@ -16,10 +16,14 @@ def cos_sin(positions: jnp.ndarray, head_dim: int, theta: float) -> tuple[jnp.nd
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate x of shape (..., T, heads, head_dim) by cos/sin of shape (..., T, head_dim)."""
+def rotate(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x (..., head_dim) by cos/sin that broadcast against it; computed in fp32, returned in x's dtype."""
     half = x.shape[-1] // 2
     xf = x.astype(jnp.float32)
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[..., None, :] + rotated * sin[..., None, :]
-    return out.astype(x.dtype)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def apply(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x of shape (..., T, heads, head_dim) by cos/sin of shape (..., T, head_dim)."""
+    return rotate(x, cos[..., None, :], sin[..., None, :])
