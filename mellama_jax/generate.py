@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,19 +91,40 @@ def _pick(logits, key, temperature, top_p):
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8, 9))
-def _decode(graphdef, state, ids, mask, max_new_tokens, eos_id, key, temperature, top_p, rules):
+class Decoder(NamedTuple):
+    """A model laid out for decoding: each layer's weights sliced out of the stacked parameters once (copies, as
+    MaxText's inference keeps them with scan_layers=False), beside the rest of the model. Made once per loaded
+    model (`decoder`); slicing inside the compiled decode copied every layer's weights again on every `generate`
+    call, `eval` makes one per batch, and held them twice while it ran (13B in bf16: 26 GB more)."""
+    graphdef: nnx.GraphDef  # the model without its stacked layers
+    state: nnx.State
+    layer_graphdef: nnx.GraphDef
+    layers: tuple  # one nnx.State per layer
+
+
+def decoder(model: nnx.Module) -> Decoder:
+    """`model` laid out for decoding. The stacked layers stay in `model`: drop it to free them."""
+    layers = model.unstacked_layers()
+    shell = nnx.merge(*nnx.split(model))  # a second module graph over the same arrays
+    del shell.layers
+    graphdef, state = nnx.split(shell)
+    return Decoder(graphdef, state, nnx.split(layers[0])[0], tuple(nnx.split(layer)[1] for layer in layers))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 6, 9, 10, 11))
+def _decode(graphdef, state, layer_graphdef, layer_states, ids, mask, max_new_tokens, eos_id, key, temperature,
+            top_p, rules):
     from mellama_jax.model.layers import constrain
     from mellama_jax.model.llama import init_cache
 
     with nn.logical_axis_rules(rules or ()):
         model = nnx.merge(graphdef, state)
+        layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
         B, P = ids.shape
         cache = init_cache(model.cfg, B, P + max_new_tokens)
         # the cache follows the batch over data/fsdp and the KV heads over tensor, as training's activations
         kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", "head_dim")
         cache.update(k=[constrain(k, kv_axes) for k in cache["k"]], v=[constrain(v, kv_axes) for v in cache["v"]])
-        layers = model.unstacked_layers()  # once, outside the loop
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         hidden, cache = model.decode_hidden_states(ids, cache, layers, positions, mask)  # prefill
         logits = model.lm_head(hidden[:, -1], out_dtype=jnp.float32)
@@ -142,7 +164,7 @@ def shard_for_decoding(model: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
-def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
+def generate(model: nnx.Module | Decoder, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, mesh: Mesh | None = None,
              rules=None) -> np.ndarray:
     """New token ids (B, max_new_tokens) with a preallocated KV cache: one prefill, then one token per step
@@ -150,13 +172,14 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, e
 
     With a mesh (and the config's rule table), the batch is split over the batch axes (padded with copies of
     the last prompt to a multiple of their size), the cache follows it, and the parameters should already be
-    laid out by `shard_for_decoding`: decoding is sharded as training is.
+    laid out by `shard_for_decoding`: decoding is sharded as training is. Pass a `decoder(model)` when calling
+    more than once (it slices the layers' weights once; a model is sliced again on each call).
     """
     from mellama_jax.sharding import batch_sharding
 
     ids, mask = left_pad(prompts, 0, buckets=True)
     n = len(prompts)
-    graphdef, state = nnx.split(model)
+    parts = model if isinstance(model, Decoder) else decoder(model)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     if mesh is not None:
         sh = batch_sharding(mesh, rules)
@@ -166,7 +189,7 @@ def generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, e
         mask = jnp.concatenate([mask, jnp.repeat(mask[-1:], extra, 0)]) if extra else mask
         ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        out = _decode(graphdef, state, ids, mask, max_new_tokens, jnp.int32(-1 if eos_id is None else eos_id),
+        out = _decode(*parts, ids, mask, max_new_tokens, jnp.int32(-1 if eos_id is None else eos_id),
                       jax.random.key(seed), float(temperature), float(top_p),
                       _hashable(rules) if mesh is not None else None)
     return np.asarray(out)[:n]

@@ -250,7 +250,7 @@ def test_decoding_is_sharded_like_training(hf_pair, rng):
     from flax import nnx
 
     from mellama_jax.config import MeshConfig
-    from mellama_jax.generate import _decode, _hashable, generate, left_pad, shard_for_decoding
+    from mellama_jax.generate import _decode, _hashable, decoder, generate, left_pad, shard_for_decoding
     from mellama_jax.sharding import batch_sharding, make_mesh
 
     _, ours, cfg = hf_pair
@@ -261,12 +261,14 @@ def test_decoding_is_sharded_like_training(hf_pair, rng):
     np.testing.assert_array_equal(generate(sharded, prompts, 12, mesh=mesh, rules=layout.rules),
                                   generate(ours, prompts, 12))
     q = nnx.state(sharded)["layers"]["attn"]["wq"]["kernel"]
-    assert q.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    parts = decoder(sharded)  # each layer's slice keeps its layout
+    assert parts.layers[1]["attn"]["wq"]["kernel"].get_value().sharding.spec == jax.sharding.PartitionSpec(
+        "fsdp", "tensor")
     ids, mask = left_pad(prompts + [prompts[0]], 0, 64)
     sh = batch_sharding(mesh, layout.rules)
-    graphdef, state = nnx.split(sharded)
     with jax.set_mesh(mesh):
-        compiled = _decode.lower(graphdef, state, jax.device_put(jnp.asarray(ids), sh),
+        compiled = _decode.lower(*parts, jax.device_put(jnp.asarray(ids), sh),
                                  jax.device_put(jnp.asarray(mask), sh), 12, jnp.int32(-1), jax.random.key(0), 0.0,
                                  1.0, _hashable(layout.rules)).compile()
     assert compiled.output_shardings.spec == jax.sharding.PartitionSpec(("data", "fsdp"))

@@ -28,12 +28,12 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     from mellama_jax.config import load_model_preset
     from mellama_jax.convert.export import hf_config
     from mellama_jax.convert.hf import load_hf_state_dict
-    from mellama_jax.generate import generate
+    from mellama_jax.generate import decoder, generate
 
     cfg = load_model_preset(r.model)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()
-    ours = load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()})
+    ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}))
     rng = np.random.default_rng(seed)
     rows = []
     new_tokens = r.new_tokens

@@ -24,9 +24,10 @@ class JaxBackend:
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
         from mellama_jax.data.tokenizer import Tokenizer
+        from mellama_jax.generate import decoder
 
         self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
-        self.model = load_model(params, adapters)
+        model = load_model(params, adapters)
         self.mesh, self.rules = None, None
         if mesh:
             from mellama_jax.config import MeshConfig
@@ -35,14 +36,15 @@ class JaxBackend:
 
             layout = MeshConfig(ici={"data": 1, "fsdp": 1, "tensor": 1, **parse_layout(mesh)})
             self.mesh, self.rules = make_mesh(layout), layout.rules
-            self.model = shard_for_decoding(self.model, self.mesh, self.rules)
+            model = shard_for_decoding(model, self.mesh, self.rules)
+        self.decoder = decoder(model)  # the layers sliced once; the stacked copy goes with `model`
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> list[str]:
         from mellama_jax.generate import generate
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate(self.model, ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed, self.mesh,
+        out = generate(self.decoder, ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed, self.mesh,
                        self.rules)
         return [continuation(self.tokenizer.decode, p, row) for p, row in zip(ids, out)]
 
