@@ -95,7 +95,7 @@ class Decoder(NamedTuple):
     """A model laid out for decoding: each layer's weights sliced out of the stacked parameters once (copies, as
     MaxText's inference keeps them with scan_layers=False), beside the rest of the model. Made once per loaded
     model (`decoder`); slicing inside the compiled decode copied every layer's weights again on every `generate`
-    call, `eval` makes one per batch, and held them twice while it ran (13B in bf16: 26 GB more)."""
+    call, `eval` makes one per batch, and held them twice while it ran (docs/benchmarks.md)."""
     graphdef: nnx.GraphDef  # the model without its stacked layers
     state: nnx.State
     layer_graphdef: nnx.GraphDef
@@ -103,7 +103,8 @@ class Decoder(NamedTuple):
 
 
 def decoder(model: nnx.Module) -> Decoder:
-    """`model` laid out for decoding. The stacked layers stay in `model`: drop it to free them."""
+    """`model` laid out for decoding. The stacked layers stay in `model` (so while this runs the layer weights
+    are held twice): drop it to free them."""
     layers = model.unstacked_layers()
     shell = nnx.merge(*nnx.split(model))  # a second module graph over the same arrays
     del shell.layers

@@ -9,6 +9,7 @@ from mellama_jax.config import load_model_preset
 from mellama_jax.train import flops
 
 
+@pytest.mark.slow  # 14 s; bench pair and bench baseline's tests time the same steps (make test-all runs it)
 def test_bench_mesh_reports_each_layout(tmp_path):
     result = bench_mesh(MeshBenchRequest("tiny-gqa", ("data=8", "fsdp=4,tensor=2", "tensor=8"), seq=32, batch=8,
                                          remat="none", dtype="float32", warmup=1, steps=2, png=tmp_path / "mesh.png"))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from mellama_jax.bench.plan import PlanRequest, analytical, plan, plan_layout
 from mellama_jax.config import CONFIG_ROOT, load_config
@@ -28,6 +29,7 @@ def test_bad_layouts_are_reported_not_raised():
     assert "does not divide" in bad["error"] and good["fits"] is True
 
 
+@pytest.mark.slow  # 20 s of two CLI plans (make test-all runs it); the planner's rows are checked above
 def test_70b_on_160_devices_and_13b_on_8():
     out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--config",
                           str(CONFIG_ROOT / "me-llama-70b-pretrain.yaml"), "--devices", "160"],

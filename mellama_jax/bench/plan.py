@@ -164,9 +164,10 @@ def _tpu_row(cfg, small, devices, chip) -> dict:
     row["per_chip_batch"] = cfg.train.batch_size // cfg.train.grad_accum / batch_ways
     row["fits"] = row["xla_bytes"]["total"] <= chip.hbm_gib * GiB
     row["roofline_s"] = roofline_seconds(row["cost"]["flops"], row["cost"]["bytes_accessed"], chip)
-    # the step at 100% MFU: model FLOPs (6 per weight per token, plus attention) over the chips at peak
+    # the step at 100% MFU: model FLOPs (6 per trained weight per token, 4 per frozen one, plus attention) over
+    # the chips at peak
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    row["ideal_s"] = train_flops_per_token(cfg.model, cfg.train.seq_len) * tokens / len(devices) / (
+    row["ideal_s"] = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters) * tokens / len(devices) / (
         chip.bf16_tflops * 1e12)
     return row
 

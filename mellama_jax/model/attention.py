@@ -200,8 +200,8 @@ def _heads_last(out):
 def xla_attention(q, k, v, mask, causal=False, rotary=None):
     """The XLA reference; `causal` (queries and keys at the same positions) computes it in blocks of queries that
     skip the keys after them (`query_blocks`), with the same result. `rotary` (see `attend`) is applied in the
-    head-major layout the products read, in the pass that transposes q and k anyway: applied before, on the
-    projections' layout, it cost the CPU LoRA step 1.047x (paired, docs/benchmarks.md)."""
+    head-major layout the products read, in the pass that transposes q and k anyway (applied before, on the
+    projections' layout, it cost a CPU step more: docs/benchmarks.md)."""
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if rotary is not None:
         kh = rope.rotate(kh, rotary[0][:, None], rotary[1][:, None])
@@ -358,6 +358,9 @@ def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blo
         name = "xla"
     if isinstance(mask, (Packed, Segments)) and name not in ("cudnn", "splash"):
         mask = mask.mask
+    if rotary is not None and rotary[0].shape != q.shape[:2] + q.shape[-1:]:
+        raise ValueError(f"rotary cos/sin must be (batch, length, head_dim) = {q.shape[:2] + q.shape[-1:]}, "
+                         f"got {rotary[0].shape}")
     if name == "xla":
         return xla_attention(q, k, v, mask, causal, rotary)
     if rotary is not None:

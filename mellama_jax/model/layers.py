@@ -77,32 +77,43 @@ def _dot(a, b, contract: tuple[int, int], dtype):
                                preferred_element_type=jnp.float32)
 
 
+def _flat(x, a, b):
+    """x (..., in...), a (in..., rank), b (rank, out...) as (rows, in), (in, rank), (rank, out): free reshapes."""
+    return x.reshape(-1, math.prod(a.shape[:-1])), a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def lora_delta(x, a, b, scale: float, dtype):
-    """scale * (x @ a) @ b for x (rows, in), a (in, rank), b (rank, out): operands in `dtype`, fp32 out.
+    """scale * (x @ a) @ b for x (..., in...), a (in..., rank), b (rank, out...): operands in `dtype`, fp32 out.
 
-    Its own backward, because the adapter's matmuls are too narrow to hide anything: the scale multiplies the
-    rank-wide products (not a (rows, out) cotangent), and a's gradient is computed as (rank, in) and transposed;
-    as (in, rank) = x^T @ d(x a), XLA's CPU dot ran 5-7x slower (1024 x 512 rows, rank 8 to 256: it transposed
-    x for a product a few columns wide). LoRA steps: docs/benchmarks.md.
+    Its own backward, because the adapter's matmuls are too narrow to hide anything: there the scale multiplies
+    the rank-wide products (not the (rows, out) cotangent), and a's gradient is computed as (rank, in) and
+    transposed; XLA's CPU dot ran the (in, rank) = x^T @ d(x a) form several times slower (it transposed x for a
+    product a few columns wide; docs/benchmarks.md). It keeps x as the base projection's backward does (the
+    same array, not a reshaped copy that a scan would stack a second time).
     """
-    return scale * _dot(_dot(x, a, (1, 0), dtype), b, (1, 0), dtype)
+    return _lora_delta_fwd(x, a, b, scale, dtype)[0]
 
 
 def _lora_delta_fwd(x, a, b, scale, dtype):
-    xa = _dot(x, a, (1, 0), dtype)
-    return scale * _dot(xa, b, (1, 0), dtype), (x, a, b, xa.astype(dtype))
+    x2, a2, b2 = _flat(x, a, b)
+    xa = _dot(x2, a2, (1, 0), dtype)
+    y = scale * _dot(xa, b2, (1, 0), dtype)
+    return y.reshape(x.shape[:x.ndim + 1 - a.ndim] + b.shape[1:]), (x, a, b, xa.astype(dtype))
 
 
 def _lora_delta_bwd(scale, dtype, residuals, dy):
     x, a, b, xa = residuals
+    x2, a2, b2 = _flat(x, a, b)
+    dy = dy.reshape(-1, b2.shape[1])
     g = gradient_operand_dtype(dtype)
-    d_xa = scale * _dot(dy, b, (1, 1), g)  # (rows, rank)
+    d_xa = scale * _dot(dy, b2, (1, 1), g)  # (rows, rank)
     d_b = scale * _dot(xa, dy, (0, 0), g)  # (rank, out)
-    # the barrier keeps XLA from folding the transpose back into the product
-    d_a = jax.lax.optimization_barrier(_dot(d_xa, x, (0, 0), g)).T
-    d_x = _dot(d_xa, a, (1, 1), g)
-    return d_x.astype(x.dtype), d_a.astype(a.dtype), d_b.astype(b.dtype)
+    # the barrier keeps XLA from folding the transpose back into the product (elsewhere: a (rank, in) copy)
+    d_a = jax.lax.optimization_barrier(_dot(d_xa, x2, (0, 0), g)).T
+    d_x = _dot(d_xa, a2, (1, 1), g)
+    return (d_x.reshape(x.shape).astype(x.dtype), d_a.reshape(a.shape).astype(a.dtype),
+            d_b.reshape(b.shape).astype(b.dtype))
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
@@ -148,10 +159,8 @@ class Dense(nnx.Module):
             keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout,
                                         x.shape)
             xa = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
-        a, b = self.lora_a[...], self.lora_b[...]
-        rows = xa.reshape(-1, math.prod(a.shape[:-1]))
-        delta = lora_delta(rows, a.reshape(rows.shape[1], -1), b.reshape(b.shape[0], -1), self.lora_scale, self.dtype)
-        return checkpoint_name((y + delta.reshape(y.shape)).astype(out_dtype), "dense")
+        delta = lora_delta(xa, self.lora_a[...], self.lora_b[...], self.lora_scale, self.dtype)
+        return checkpoint_name((y + delta).astype(out_dtype), "dense")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

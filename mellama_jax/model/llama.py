@@ -205,8 +205,8 @@ class Llama(nnx.Module):
 
     def decode_hidden_states(self, tokens, cache, layers, positions=None, segment_ids=None):
         """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
-        over everything cached before them; `layers` are `unstacked_layers()`, made once per decoding and not
-        per token. Returns (final-norm hidden states (B, T, D), the updated cache)."""
+        over everything cached before them; `layers` are `unstacked_layers()`, made once per loaded model
+        (`generate.decoder`), not per call or token. Returns (final-norm hidden states (B, T, D), the updated cache)."""
         segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
         index, T = cache["index"], tokens.shape[-1]
         kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
