@@ -102,10 +102,11 @@ class Decoder(NamedTuple):
     layers: tuple  # one nnx.State per layer
 
 
-def decoder(model: nnx.Module) -> Decoder:
-    """`model` laid out for decoding. The stacked layers stay in `model` (so while this runs the layer weights
-    are held twice): drop it to free them."""
-    layers = model.unstacked_layers()
+def decoder(model: nnx.Module, consume: bool = False) -> Decoder:
+    """`model` laid out for decoding. The stacked layers stay in `model` (the layer weights are held twice while
+    both live) unless `consume`: then each stacked weight is freed as soon as it is sliced, and `model` is spent
+    (what a loader that drops the model anyway wants: `Llama.unstacked_layers`)."""
+    layers = model.unstacked_layers(consume)
     shell = nnx.merge(*nnx.split(model))  # a second module graph over the same arrays
     del shell.layers
     graphdef, state = nnx.split(shell)

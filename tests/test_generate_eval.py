@@ -62,6 +62,43 @@ def test_decoding_holds_the_layer_weights_once(rng):
     np.testing.assert_array_equal(generate(parts, prompts, 6), greedy_generate(model, prompts, 6))
 
 
+def test_a_consuming_decoder_frees_the_stacked_layers(rng):
+    """`decoder(model, consume=True)`, as `eval` loads a model: each stacked layer weight is freed once sliced, so
+    what stays live is the model's size, not its layers twice (as without `consume`); the tokens are the same."""
+    import dataclasses
+    import gc
+
+    import jax
+    from flax import nnx
+
+    from mellama_jax.config import load_model_preset
+    from mellama_jax.generate import decoder
+    from mellama_jax.model import Llama
+
+    cfg = dataclasses.replace(load_model_preset("tiny"), vocab_size=512)
+    reference = Llama(cfg, rngs=nnx.Rngs(0))
+
+    def live_bytes():
+        gc.collect()  # arrays other tests left in reference cycles must not be freed inside the measurement
+        return sum(x.nbytes for x in jax.live_arrays())
+
+    prompts = [list(rng.integers(3, 512, n)) for n in (4, 7)]
+    expected = greedy_generate(reference, prompts, 6)
+
+    def growth(consume: bool) -> float:  # live bytes added by making the decoder, in layer weights
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        stacked = jax.tree.leaves(nnx.state(model.layers))
+        before = live_bytes()
+        parts = decoder(model, consume=consume)
+        grown = (live_bytes() - before) / sum(x.nbytes for x in stacked)
+        assert all(x.is_deleted() for x in stacked) == consume
+        np.testing.assert_array_equal(generate(parts, prompts, 6), expected)
+        return grown
+
+    grown = {consume: growth(consume) for consume in (False, True)}
+    assert grown == {False: pytest.approx(1.0, abs=0.01), True: pytest.approx(0.0, abs=0.01)}
+
+
 def test_sampling_and_eos(hf_pair, rng):
     _, ours, cfg = hf_pair
     prompts = [list(rng.integers(3, cfg.vocab_size, 5))]

@@ -33,7 +33,7 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     cfg = load_model_preset(r.model)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()
-    ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}))
+    ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}), consume=True)
     rng = np.random.default_rng(seed)
     rows = []
     new_tokens = r.new_tokens

@@ -37,7 +37,7 @@ class JaxBackend:
             layout = MeshConfig(ici={"data": 1, "fsdp": 1, "tensor": 1, **parse_layout(mesh)})
             self.mesh, self.rules = make_mesh(layout), layout.rules
             model = shard_for_decoding(model, self.mesh, self.rules)
-        self.decoder = decoder(model)  # the layers sliced once; the stacked copy goes with `model`
+        self.decoder = decoder(model, consume=True)  # the layers sliced once, each stacked weight freed as it is
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> list[str]:

@@ -196,12 +196,22 @@ class Llama(nnx.Module):
                 h, _ = body(h, _layer_slice(xs, i))
         return self.norm(h)
 
-    def unstacked_layers(self) -> list[DecoderLayer]:
+    def unstacked_layers(self, consume: bool = False) -> list[DecoderLayer]:
         """The layers as separate modules, each holding its own slice of the stacked parameters (a copy).
         Decoding runs them one after another, unrolled, as MaxText's inference does (scan_layers=False): a
-        scanned decoder slices, and so copies, every layer's weights again for every token it decodes."""
+        scanned decoder slices, and so copies, every layer's weights again for every token it decodes.
+
+        consume=True frees each stacked weight once its slices exist, so this peaks at the model plus its largest
+        stacked weight instead of holding every layer twice; this model's layers are unusable afterwards."""
         graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, _layer_slice(state, i)) for i in range(self.cfg.num_layers)]
+        leaves, treedef = jax.tree.flatten(state)
+        slices = [[] for _ in range(self.cfg.num_layers)]
+        for stacked in leaves:
+            for i, layer in enumerate(slices):
+                layer.append(stacked[i])
+            if consume:
+                stacked.delete()
+        return [nnx.merge(graphdef, jax.tree.unflatten(treedef, layer)) for layer in slices]
 
     def decode_hidden_states(self, tokens, cache, layers, positions=None, segment_ids=None):
         """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
