@@ -209,7 +209,7 @@ class Llama(nnx.Module):
         for stacked in leaves:
             for i, layer in enumerate(slices):
                 layer.append(stacked[i])
-            if consume:
+            if consume and isinstance(stacked, jax.Array):  # (a host numpy array is the caller's)
                 stacked.delete()
         return [nnx.merge(graphdef, jax.tree.unflatten(treedef, layer)) for layer in slices]
 
