@@ -104,8 +104,8 @@ class Decoder(NamedTuple):
 
 def decoder(model: nnx.Module, consume: bool = False) -> Decoder:
     """`model` laid out for decoding. The stacked layers stay in `model` (the layer weights are held twice while
-    both live) unless `consume`: then each stacked weight is freed as soon as it is sliced, and `model` is spent
-    (what a loader that drops the model anyway wants: `Llama.unstacked_layers`)."""
+    both live) unless `consume`: then each stacked weight is freed as soon as it is sliced and `model` is spent,
+    for loaders that drop it anyway (see `Llama.unstacked_layers`)."""
     layers = model.unstacked_layers(consume)
     shell = nnx.merge(*nnx.split(model))  # a second module graph over the same arrays
     del shell.layers

@@ -52,7 +52,9 @@ def test_option_defaults_are_the_requests_defaults():
     an option whose default drifted from its request field's default would make the CLI and the API disagree."""
     import argparse
     import dataclasses
+    import inspect
 
+    from mellama_jax import cli
     from mellama_jax.bench import attention, decode, memory, mesh, plan, tokenize
     from mellama_jax.cli import build_parser
     from mellama_jax.convert import api
@@ -77,8 +79,8 @@ def test_option_defaults_are_the_requests_defaults():
         return parser
 
     def parsed_default(action):  # what argparse hands over when the option is not given
-        if action.nargs == "*" and action.default is None:
-            return ()
+        if action.nargs == "*" and action.default is None and not action.option_strings:
+            return ()  # a positional list given nothing: []
         if isinstance(action.default, str) and action.type is not None:
             return action.type(action.default)
         return action.default
@@ -96,3 +98,4 @@ def test_option_defaults_are_the_requests_defaults():
                 assert same(got, field.default), f"{' '.join(path)} --{field.name}: {got!r} vs {field.default!r}"
                 compared += 1
     assert compared > 80  # the table reaches the requests' defaulted fields
+    assert inspect.getsource(cli).count("_request(") - 1 == len(commands)  # every command that builds one
