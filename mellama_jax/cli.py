@@ -195,14 +195,14 @@ def _plot(args) -> int:
 def _convert(args) -> int:
     import json
 
-    from mellama_jax.convert import api
+    from mellama_jax.convert import api, verify
 
     if args.direction == "hf-to-jax":
         print(api.hf_to_jax(_request(api.ImportRequest, args)))
     elif args.direction == "jax-to-hf":
         print(api.jax_to_hf(_request(api.ExportRequest, args)))
     else:
-        report = api.verify(_request(api.VerifyRequest, args))
+        report = verify.verify(_request(verify.VerifyRequest, args))
         print(json.dumps(report, indent=1))
         return 0 if report["ok"] else 1
     return 0
@@ -442,6 +442,10 @@ def _add_eval(sub) -> None:
     bert_help = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
                  "skipped; another model is reported under its own name)")
     ev.add_argument("--tokenizer", help="jax: tokenizer.model (default: found with the parameters)")
+    ev.add_argument("--model-prompt", choices=["none", "mellama"], default="none",
+                    help="wrap each whole prompt as the authors' eval.py --model_prompt: none (their default) or "
+                         "mellama ('Human: \\n{prompt}\\n\\nAssistant: \\n', for chat models tuned with "
+                         "`prepare instruct --template mellama`)")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier eval output at --out")
     ev.add_argument("--bertscore-model", help=bert_help)
     ev.set_defaults(func=_eval)
@@ -476,13 +480,14 @@ def _add_convert(sub) -> None:
     j2h.add_argument("--model", help="model preset or YAML (default: model.yaml or the run's config.yaml)")
     j2h.add_argument("--adapters", help="a LoRA run's adapters/: write PEFT adapters (or --merge)")
     j2h.add_argument("--merge", action="store_true", help="fold the adapters into a full model")
-    ver = conv_sub.add_parser("verify", help="compare transformers and JAX logits on sample prompts")
+    ver = conv_sub.add_parser("verify", help="does transformers compute what our parameters do? Per layer, on "
+                                             "sample prompts; names the first layer that diverges")
     ver.add_argument("hf_dir", metavar="src", help="HF directory")
     ver.add_argument("params", metavar="dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
     ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
-    ver.add_argument("--max-logit-diff", type=float, default=0.5)
-    ver.add_argument("--max-kl", type=float, default=1e-3)
+    ver.add_argument("--tolerance", type=float, help="relative difference allowed per token and layer (default: "
+                                                      "fp32 rounding's, from the model's width and depth)")
     for p in (h2j, j2h, ver):
         p.set_defaults(func=_convert)
 
@@ -525,7 +530,7 @@ def _add_prepare(sub) -> None:
     ins.add_argument("--tokenizer", required=True)
     ins.add_argument("--out", required=True)
     ins.add_argument("--seq-len", type=POSITIVE, default=4096)
-    ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, or a template YAML file")
+    ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: wrapper), or a template YAML file")
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")

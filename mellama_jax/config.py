@@ -115,6 +115,8 @@ class LoraConfig:
     def validate(self, where: str = "lora") -> None:
         if self.rank <= 0:
             raise ConfigError(f"{where}.rank must be positive, got {self.rank}")
+        if self.alpha <= 0:  # the adapters' scale alpha / rank: 0 would train adapters that change nothing
+            raise ConfigError(f"{where}.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout must lie in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
@@ -226,7 +228,7 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
-        for key in ("steps", "epochs"):
+        for key in ("steps", "epochs", "z_loss"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key} must not be negative, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
@@ -241,15 +243,40 @@ class DataConfig:
         default_factory=lambda: {"biomedical": 15.0, "clinical": 1.0, "general": 4.0})
     holdout_documents: int = 0  # pretrain: documents per source kept out of training for the eval loss
     eval_path: str = ""  # lora/sft: a separately prepared evaluation set
+    # lora/sft: the instruction template the data must have been prepared with (`prepare instruct --template`);
+    # "": any. The chat recipes name the format the model is to be used in.
+    template: str = ""
     read_threads: int = 2
+
+    def validate(self, where: str = "data") -> None:
+        bad = {k: v for k, v in self.mixture.items() if v < 0}
+        if bad or not any(v > 0 for v in self.mixture.values()):
+            raise ConfigError(f"{where}.mixture: weights must not be negative and one must be positive, got "
+                              f"{self.mixture}")
+        if self.holdout_documents < 0:
+            raise ConfigError(f"{where}.holdout_documents must not be negative (0: no held-out documents), got "
+                              f"{self.holdout_documents}")
+        if self.read_threads < 1:
+            raise ConfigError(f"{where}.read_threads must be at least 1, got {self.read_threads}")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500  # steps between saves (and one at the end, and one on SIGTERM/SIGINT)
-    keep_last: int = 3
+    every: int = 500  # steps between saves (and one at the end, and one on SIGTERM/SIGINT); at least 1
+    keep_last: int = 3  # the newest checkpoints kept; at least 1 (the one a resume needs)
     keep_every: int = 0  # also keep every step that is a multiple of this; 0: none
     async_save: bool = True
+
+    def validate(self, where: str = "checkpoint") -> None:
+        if self.every < 1:
+            raise ConfigError(f"{where}.every must be at least 1 (a value above the run's steps saves only at the "
+                              f"end), got {self.every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"{where}.keep_last must be at least 1: the newest checkpoint is what a resume and "
+                              f"the non-finite guard rely on, got {self.keep_last}")
+        if self.keep_every < 0:
+            raise ConfigError(f"{where}.keep_every must not be negative (0: keep no extra steps), got "
+                              f"{self.keep_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +288,18 @@ class RunConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the device kind (CPU: measured)
     progress: bool = True
     plot: bool = True
+
+    def validate(self, where: str = "run") -> None:
+        # log_every is also the non-finite guard's cadence: 0 would leave a bad step unread until a save
+        for key in ("log_every", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be at least 1, got {getattr(self, key)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"{where}.eval_every must not be negative (0: evaluate at the end only), got "
+                              f"{self.eval_every}")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"{where}.peak_tflops must not be negative (0: from the device), got "
+                              f"{self.peak_tflops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +330,11 @@ class Config:
         self.mesh.validate("mesh")
         self.optimizer.validate("optimizer")
         self.train.validate("train")
+        self.data.validate("data")
+        self.checkpoint.validate("checkpoint")
+        self.run.validate("run")
+        if self.seed < 0:
+            raise ConfigError(f"seed must not be negative, got {self.seed}")
         if self.train.mode == "lora":
             self.lora.validate("lora")
         if self.train.seq_len > self.model.max_seq_len:

@@ -57,14 +57,14 @@ def test_option_defaults_are_the_requests_defaults():
     from mellama_jax import cli
     from mellama_jax.bench import attention, decode, memory, mesh, plan, tokenize
     from mellama_jax.cli import build_parser
-    from mellama_jax.convert import api
+    from mellama_jax.convert import api, verify
     from mellama_jax.data import instruct, prepare
     from mellama_jax.eval import rescore, run
 
     commands = {
         ("generate",): run.GenerateRequest, ("eval",): run.EvalRequest, ("eval-score",): rescore.RescoreRequest,
         ("plan",): plan.PlanRequest, ("convert", "hf-to-jax"): api.ImportRequest,
-        ("convert", "jax-to-hf"): api.ExportRequest, ("convert", "verify"): api.VerifyRequest,
+        ("convert", "jax-to-hf"): api.ExportRequest, ("convert", "verify"): verify.VerifyRequest,
         ("prepare", "pretrain"): prepare.PretrainDataRequest, ("prepare", "instruct"): instruct.InstructDataRequest,
         ("bench", "tokenize"): tokenize.TokenizeBenchRequest, ("bench", "mesh"): mesh.MeshBenchRequest,
         ("bench", "pair"): mesh.PairBenchRequest, ("bench", "attention"): attention.AttentionBenchRequest,

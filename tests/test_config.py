@@ -34,6 +34,17 @@ def test_preset_and_overrides(tmp_path):
     ("mesh: {ici: {fsdp: -1, tensor: -1}}\n", [], "at most one axis may be -1"),
     ("mesh: {rules: [[embed, fsdq]]}\n", [], "names mesh axes ['fsdq']"),
     ("model: {preset: tiny}\n", ["model.remat"], "not of the form key=value"),
+    # settings whose 0 or negative value would mean something other than a reader thinks: refused
+    ("checkpoint: {keep_last: 0}\n", [], "checkpoint.keep_last must be at least 1"),
+    ("checkpoint: {keep_every: -5}\n", [], "checkpoint.keep_every must not be negative"),
+    ("run: {eval_batches: 0}\n", [], "run.eval_batches must be at least 1"),
+    ("run: {eval_every: -1}\n", [], "run.eval_every must not be negative"),
+    ("data: {mixture: {biomedical: 15, clinical: -1}}\n", [], "weights must not be negative"),
+    ("data: {mixture: {biomedical: 0}}\n", [], "one must be positive"),
+    ("data: {read_threads: 0}\n", [], "data.read_threads must be at least 1"),
+    ("train: {mode: lora}\nlora: {alpha: 0}\n", [], "lora.alpha must be positive"),
+    ("train: {z_loss: -0.1}\n", [], "train.z_loss must not be negative"),
+    ("seed: -1\n", [], "seed must not be negative"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
     path = tmp_path / "bad.yaml"

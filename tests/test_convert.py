@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import hf_tiny_config
 from mellama_jax.cli import main
 from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
-from mellama_jax.convert.api import ExportRequest, ImportRequest, VerifyRequest, hf_to_jax, jax_to_hf, verify
+from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
+from mellama_jax.convert.verify import VerifyRequest, verify
 from mellama_jax.convert.hf import ConversionError, config_from_hf, load_hf_state_dict
 from mellama_jax.convert.peft import import_peft
 from mellama_jax.data.tokenizer import Tokenizer
@@ -313,6 +314,70 @@ def _break_pickle(d):
     (d / "model.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, d / "pytorch_model.bin")
     return "refused because unpickling can run arbitrary code"
+
+
+def plant(out: Path, dst: Path, fault) -> Path:
+    """A copy of the export `out` with one tensor changed as a release bug would change it."""
+    shutil.copytree(out, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    kind, name = fault
+    if kind == "swap":
+        other = name.replace("up_proj", "gate_proj")
+        t[name], t[other] = t[other], t[name]
+    else:
+        t[name] = (t[name].astype(np.float32) * {"scale": 1.01, "zero": 0.0}[kind]).astype(t[name].dtype)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+FAULTS = {  # fault -> the stage verify must name first (the residual stream after it diverges)
+    ("swap", "model.layers.0.mlp.up_proj.weight"): "layer 0",
+    ("scale", "model.layers.1.self_attn.q_proj.weight"): "layer 1",
+    ("zero", "model.norm.weight"): "final norm and lm_head (logits)",
+}
+EVERY_TENSOR = {("scale", f"model.layers.{i}.{n}.weight"): f"layer {i}" for i, n in (
+    (0, "self_attn.k_proj"), (1, "self_attn.v_proj"), (0, "self_attn.o_proj"), (1, "mlp.gate_proj"),
+    (0, "mlp.up_proj"), (1, "mlp.down_proj"), (0, "input_layernorm"), (1, "post_attention_layernorm"))}
+EVERY_TENSOR.update({("scale", "model.embed_tokens.weight"): "embedding",
+                     ("scale", "lm_head.weight"): "final norm and lm_head (logits)"})
+
+
+@pytest.fixture(scope="module")
+def verify_exports(tmp_path_factory, tokenizer_file):
+    tmp = tmp_path_factory.mktemp("verify")
+    src = make_hf_dir(tmp / "hf", 2, seed=3, tokenizer=tokenizer_file)
+    params = hf_to_jax(ImportRequest(src, tmp / "jax", dtype="float32"), progress=False)
+    return tmp, params, {d: jax_to_hf(ExportRequest(params, tmp / d, dtype=d), progress=False)
+                         for d in ("float32", "bfloat16")}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_passes_faithful_exports_and_names_the_layer_of_a_fault(verify_exports, dtype):
+    """A 1% change to one tensor moves that layer's output by ~1e-3 relative, a faithful export (same weights,
+    fp32 both sides) by ~1e-6; the old defaults (|logit diff| 0.5) passed the 1% change."""
+    tmp, params, outs = verify_exports
+    report = verify(VerifyRequest(outs[dtype], params))
+    assert report["ok"] and report["max_relative_diff"] < report["tolerance"] / 20, report
+    for fault, stage in FAULTS.items():
+        bad = verify(VerifyRequest(plant(outs[dtype], tmp / f"{dtype}-{fault[0]}", fault), params))
+        assert not bad["ok"] and bad["first_divergent"] == stage, (fault, bad)
+
+
+@pytest.mark.slow  # 10 more verifies (45 s): `make test-all`
+def test_verify_fails_a_one_percent_change_to_any_tensor(verify_exports):
+    tmp, params, outs = verify_exports
+    for fault, stage in EVERY_TENSOR.items():
+        bad = verify(VerifyRequest(plant(outs["bfloat16"], tmp / f"every-{fault[1]}", fault), params))
+        assert not bad["ok"] and bad["first_divergent"] == stage, (fault, bad)
+
+
+def test_verify_checks_a_merged_lora_export_against_the_adapters(lora_run, tmp_path):
+    src, base, run, _, _ = lora_run
+    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", adapters=run / "adapters", merge=True,
+                                     dtype="bfloat16"), progress=False)
+    assert verify(VerifyRequest(merged, base, adapters=run / "adapters"))["ok"]
+    plain = jax_to_hf(ExportRequest(base, tmp_path / "plain", dtype="bfloat16", tokenizer=src), progress=False)
+    assert not verify(VerifyRequest(plain, base, adapters=run / "adapters"))["ok"]  # the adapters left out
 
 
 @pytest.mark.parametrize("breaker", [_break_missing, _break_shape, _break_config, _break_truncated, _break_pickle],

@@ -118,3 +118,50 @@ def test_batches_weight_only_response_targets(tmp_path, llama2_tokenizer_path, l
                 assert (b["positions"][r][idx] == np.arange(len(idx))).all()
                 seen.append(llama_tok.decode(t[idx][w[idx] > 0]))
     assert sorted(seen) == sorted(r["response"] for r in rows)  # each response once, nothing else weighted
+
+
+# The Me-LLaMA authors' own records and chat wrapper (BIDS-Xu-Lab/Me-LLaMA @ 08c893f2), written out here as their
+# code writes them, independently of our reader: src/preprocess_instruct.py:43-47 and src/model_prompt.py:5-6.
+def authors_record(dataset, index, prompt, answer):
+    return {"id": f"{dataset}{index}", "conversations": [{"from": "human", "value": prompt},
+                                                         {"from": "agent", "value": answer}], "text": prompt}
+
+
+def mellama_prompt(ctx):
+    return f'Human: \n{ctx}\n\nAssistant: \n'
+
+
+def authors_mednli_examples():
+    entry = json.loads((SHARED_DATA / "me-llama-prompts" / "prompt_templates.json").read_text())["MedNLI"]
+    pairs = [("Premise: He denies chest pain. Hypothesis: The patient has angina.", "contradiction"),
+             ("Premise: Creatinine rose to 2.1. Hypothesis: The patient has kidney injury.", "entailment"),
+             ("Premise: She was started on heparin. Hypothesis: She has a history of smoking.", "neutral")]
+    return [(entry["prompt"].format(text=text), label) for text, label in pairs]
+
+
+@pytest.mark.parametrize("template", ["llama2_chat", "mellama"])
+def test_the_authors_records_prepare_like_the_same_sharegpt_conversations(tmp_path, llama2_tokenizer_path,
+                                                                          template):
+    examples = authors_mednli_examples()
+    theirs, sharegpt = tmp_path / "instructions.jsonl", tmp_path / "sharegpt.json"
+    theirs.write_text("".join(json.dumps(authors_record("MedNLI", i, p, a)) + "\n" for i, (p, a) in enumerate(examples)))
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
+                                    for p, a in examples]))
+    outs = []
+    for path in (theirs, sharegpt):
+        out = tmp_path / f"out-{path.stem}"
+        m = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, out, seq_len=256, template=template))
+        assert m["report"]["documents"] == 3 and m["report"]["skipped_total"] == 0
+        outs.append([np.frombuffer(r, np.int32) for r in
+                     __import__("grain").sources.ArrayRecordDataSource([str(out / "examples.arrayrecord")])])
+    assert len(outs[0]) == 3 and all((a == b).all() for a, b in zip(*outs))
+
+
+def test_the_mellama_template_is_the_authors_wrapper_token_for_token(llama_tok):
+    for prompt, answer in authors_mednli_examples():
+        conv = parse_record(authors_record("MedNLI", 0, prompt, answer))
+        ids, weights = render(conv, TEMPLATES["mellama"], llama_tok)
+        # their prompt keeps its own leading and trailing newlines inside the wrapper
+        expected = [llama_tok.bos_id] + llama_tok.encode(mellama_prompt(prompt)) + llama_tok.encode(answer)
+        assert ids == expected + [llama_tok.eos_id]
+        assert [t for t, w in zip(ids, weights) if w] == llama_tok.encode(answer) + [llama_tok.eos_id]

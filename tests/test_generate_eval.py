@@ -215,6 +215,32 @@ def test_eval_backends_agree_on_the_real_files(task, data, split, real_vocab_che
     assert again["notes"]["macro_f1"].startswith("scikit-learn macro F1 over the labels present")
 
 
+def test_eval_model_prompt_wraps_each_whole_prompt_as_the_authors_do(real_vocab_checkpoints, tmp_path):
+    """--model-prompt mellama: each prompt (few-shot demonstrations included) inside the authors' wrapper,
+    src/model_prompt.py:5-6 @ 08c893f2 (written out here), applied once to the whole context
+    (src/evaluator.py:255-259); the default is their no_prompt."""
+    from mellama_jax.eval.run import few_shot_prefix
+    from mellama_jax.eval.tasks import load_task, load_templates, render
+
+    def mellama_prompt(ctx):
+        return f'Human: \n{ctx}\n\nAssistant: \n'
+
+    params, exported = real_vocab_checkpoints
+    prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
+    data = SHARED_DATA / "medqa" / "test.jsonl"
+    summary = evaluate(EvalRequest("medqa", data, params, tmp_path / "out", prompts, limit=3, batch_size=3,
+                                   max_new_tokens=6, fewshot=1, fewshot_data=data, model_prompt="mellama"))
+    assert summary["model_prompt"] == "mellama"
+    templates = load_templates(prompts)
+    _, examples, entry = load_task("medqa", data, templates)
+    prefix = few_shot_prefix("medqa", data, 1, templates)
+    wrapped = [mellama_prompt(prefix + render(entry["prompt"], e.fields)) for e in examples[:3]]
+    rows = [json.loads(l) for l in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == HFBackend(exported).generate(wrapped, 6)
+    with pytest.raises(ValueError, match="--model-prompt must be one of"):
+        evaluate(EvalRequest("medqa", data, params, tmp_path / "bad", prompts, model_prompt="vicuna"))
+
+
 def test_eval_defaults_to_the_harness_generation_length(real_vocab_checkpoints, tmp_path):
     """The authors' harness: greedy, up to 256 new tokens, no stop sequence but EOS."""
     params, _ = real_vocab_checkpoints

@@ -249,6 +249,85 @@ def test_sft_epochs_follow_the_paper(data):
     assert rows < 10_000 and steps == rows * 5 // 8  # under 10k examples: 5 epochs
 
 
+def test_sft_epochs_count_examples_not_packed_rows(data, tmp_path):
+    """MedNLI's 11,232 training examples pack into a few hundred rows; the paper's rule (5 epochs under 10k
+    examples, else 3) is about examples, so this set trains 3 epochs: steps = rows * 3 // batch."""
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
+
+    path = tmp_path / "mednli.jsonl"
+    labels = ("entailment", "contradiction", "neutral")
+    path.write_text("".join(json.dumps({"prompt": f"Case {i % 10}?", "response": labels[i % 3]})
+                            + "\n" for i in range(11_232)))
+    m = prepare_instruct(InstructDataRequest([path], data / "tok", tmp_path / "packed", seq_len=64, pack=True))
+    assert m["report"]["documents"] == 11_232 and m["rows"] < 10_000
+    cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", [f"data.path={tmp_path / 'packed'}"])
+    assert build_data(cfg, 0, 1)[2] == m["rows"] * 3 // 8
+
+
+def cli_error(args):
+    """`mellama-jax train ...` in this process: (exit code, stderr lines)."""
+    import contextlib
+    import io
+
+    from mellama_jax.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train"] + args)
+    return code, [l for l in err.getvalue().splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.seq_len=32"], "prepared with --seq-len 64, longer than train.seq_len=32"),
+    (["data.template=mellama"], "prepared with the 'llama2_chat' template, but this recipe tunes in 'mellama'"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last must be at least 1"),
+    (["checkpoint.every=0"], "checkpoint.every must be at least 1"),
+    (["run.log_every=0"], "run.log_every must be at least 1"),
+    (["mesh.ici={data: 3, fsdp: 1, tensor: 1}"], "has 3 devices, but 8 are available"),
+    (["train.batch_size=12", "train.grad_accum=3"], "does not divide over the 8 batch shards"),
+    (["train.init_from=NOPE"], "no such parameter folder"),
+    (["train.init_from=DATA/ins"], "not a parameter checkpoint"),
+    (["train.init_from=OTHER"], "has shape"),
+])
+def test_a_start_that_fails_validation_writes_nothing(data, tmp_path, extra, message):
+    other = tmp_path / "other-size"
+    if "train.init_from=OTHER" in extra:  # a parameter export of another model size
+        from mellama_jax.model import Llama
+        from mellama_jax.train.checkpoint import save_params
+
+        cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", ["model.hidden_size=32", "model.intermediate_size=64"])
+        save_params(other, nnx.state(Llama(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
+    extra = [e.replace("NOPE", str(tmp_path / "nope")).replace("DATA", str(data)).replace("OTHER", str(other))
+             for e in extra]
+    run = tmp_path / "run"
+    code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}",
+                             f"data.path={data}/ins", "run.progress=false"] + extra)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not run.exists()
+
+
+def test_a_batch_without_targets_is_named_not_a_nan(data, tmp_path):
+    """`prepare instruct` skips examples whose response is cut away, and a run refuses data prepared longer than
+    it trains, so a batch of rows without one weighted token comes from data written otherwise: here the demo's
+    rows with every loss weight set to 0."""
+    import grain
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    shutil.copytree(data / "ins", tmp_path / "ins")
+    rows = [np.frombuffer(r, np.int32).reshape(3, -1).copy()
+            for r in grain.sources.ArrayRecordDataSource([str(data / "ins" / "examples.arrayrecord")])]
+    writer = ArrayRecordWriter(str(tmp_path / "ins" / "examples.arrayrecord"), "group_size:1")
+    for row in rows:
+        row[1] = 0
+        writer.write(row.tobytes())
+    writer.close()
+    run = tmp_path / "run"
+    code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}", "run.progress=false",
+                             f"data.path={tmp_path / 'ins'}", "train.steps=2", "run.log_every=1"])
+    assert code == 3 and "step 1: its batch holds no target token" in lines[-1], lines
+    assert "no checkpoint had been saved yet" in lines[-1]
+
+
 @pytest.mark.parametrize("name, size", [("me-llama-13b-pretrain", "llama2-13b"), ("me-llama-70b-pretrain", "llama2-70b")])
 def test_pretrain_recipes_carry_the_papers_settings(name, size):
     cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
@@ -266,6 +345,7 @@ def test_pretrain_recipes_carry_the_papers_settings(name, size):
 def test_lora_recipes_carry_the_papers_settings(name):
     cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
     assert cfg.train.mode == "lora" and cfg.train.epochs == 3
+    assert cfg.data.template == "mellama"  # the authors' chat wrapper (docs/evaluation.md)
     assert (cfg.optimizer.learning_rate, cfg.optimizer.weight_decay, cfg.optimizer.warmup_ratio) == (1e-5, 1e-5, 0.01)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, load_model, np_dtype,
+from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, np_dtype,
                                    require_tokenizer)
 from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, load_model_preset, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
@@ -110,7 +110,7 @@ class ExportRequest:
     overwrite: bool = False  # replace an earlier jax-to-hf output at dst
 
 
-def _model_config(params: Path, preset: str | None) -> ModelConfig:
+def model_config(params: Path, preset: str | None) -> ModelConfig:
     """The model of `params`: the named preset if given, else the one its folder or run records."""
     return load_model_preset(preset) if preset else find_model_config(params)[0]
 
@@ -120,7 +120,7 @@ def jax_to_hf(r: ExportRequest, *, progress: bool = True) -> Path:
     if r.merge and not r.adapters:
         raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
     src, adapters = Path(r.src), r.adapters
-    cfg = _model_config(src, r.model)
+    cfg = model_config(src, r.model)
     reader = ParamsReader(src)
     fetch = reader.read
     _check_params(reader, cfg)
@@ -159,59 +159,3 @@ def _check_adapters(reader: ParamsReader, cfg: ModelConfig, lora) -> None:
             expected[s.path[:-1] + ("lora_a",)] = (cfg.num_layers, *ins, lora.rank)
             expected[s.path[:-1] + ("lora_b",)] = (cfg.num_layers, lora.rank, *outs)
     _check_shapes(reader, expected, "adapter")
-
-
-SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
-                  "Patient is a 67 year old man presenting with chest pain",
-                  "Question: Which enzyme do statins inhibit? Answer:")
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyRequest:
-    """One `convert verify`: what `mellama-jax convert verify` parses, and what `verify` takes."""
-
-    hf_dir: str | Path  # a Hugging Face folder (the command's SRC)
-    params: str | Path  # our parameter checkpoint (the command's DST)
-    model: str | Path | None = None  # a model preset or YAML (default: found beside the checkpoint)
-    adapters: str | Path | None = None  # a LoRA run's adapters/ over params (to check a merged export)
-    max_logit_diff: float = 0.5  # ok: max |logit difference| at most this ...
-    max_kl: float = 1e-3  # ... and mean KL(transformers || ours) at most this
-
-
-def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
-    """Logits of transformers (CPU, fp32) and of our model (JAX; with `adapters`, the LoRA run's adapters over
-    `params`) on sample prompts: max |diff|, mean KL, and whether both are within the request's bounds."""
-    import jax.numpy as jnp
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from mellama_jax.data.tokenizer import Tokenizer
-
-    hf_dir, params = Path(r.hf_dir), Path(r.params)
-    if not hf_dir.is_dir():
-        raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
-    cfg = _model_config(params, r.model)
-    tok = Tokenizer.load(hf_dir)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
-                              f"{cfg.vocab_size}: not this model's tokenizer")
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ours = load_model(params, r.adapters, model=cfg)
-    max_diff, kls = 0.0, []
-    for prompt in prompts:
-        ids = tok.encode(prompt, bos=True)
-        with torch.no_grad():
-            ref = hf(torch.tensor([ids])).logits[0].numpy().astype(np.float64)
-        got = np.asarray(ours(jnp.asarray([ids])))[0].astype(np.float64)
-        max_diff = max(max_diff, float(np.abs(ref - got).max()))
-        p, q = _log_softmax(ref), _log_softmax(got)
-        kls.append(float(np.mean(np.sum(np.exp(p) * (p - q), -1))))
-    mean_kl = float(np.mean(kls))
-    return {"max_abs_logit_diff": max_diff, "mean_kl": mean_kl, "prompts": len(prompts),
-            "ok": max_diff <= r.max_logit_diff and mean_kl <= r.max_kl}
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """In float64 (numpy), so KL values near zero are not float32 rounding noise."""
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))

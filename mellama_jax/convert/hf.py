@@ -254,6 +254,10 @@ class HFCheckpoint:
             raise ConversionError(f"{self.directory}: unsupported tensor dtypes {sorted(dtypes)}")
         self.dtypes = dtypes
 
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype tensor `name` is stored in."""
+        return self._layout[self.names[name]][name][2]
+
     def nbytes(self, name: str) -> int:
         start, end, _, _ = self._layout[self.names[name]][name]
         return end - start

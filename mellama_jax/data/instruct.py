@@ -1,5 +1,5 @@
-"""Instruction data: read Alpaca (medalpaca) / Dolly / ShareGPT / prompt-response records (JSON, JSON Lines,
-Parquet, Arrow, `datasets` folders), render them through a prompt template,
+"""Instruction data: read Alpaca (medalpaca) / Dolly / ShareGPT (and the Me-LLaMA authors' human/agent records) /
+prompt-response records (JSON, JSON Lines, Parquet, Arrow, `datasets` folders), render them through a prompt template,
 tokenise with loss weight 1 on response tokens only, truncate or pack, and batch them on Grain.
 
 Each turn is tokenised piece by piece (as Meta's LLaMA-2 chat code does): the rendered user side gets weight 0
@@ -27,6 +27,8 @@ from mellama_jax.data.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
+    """The texts as the record holds them; a template decides whether surrounding whitespace is stripped."""
+
     turns: tuple[tuple[str, str], ...]  # (user, assistant) pairs
     system: str = ""
     input: str = ""  # Alpaca's optional context, joined to the first user message by the template
@@ -40,6 +42,7 @@ class Template:
     user_format: str = "{user}"
     input_format: str = "\n\n{input}"
     bos_each_turn: bool = False  # LLaMA-2 chat wraps every turn in <s> ... </s>
+    strip: bool = True  # strip each message's surrounding whitespace before rendering
 
 
 TEMPLATES = {
@@ -48,6 +51,10 @@ TEMPLATES = {
     "alpaca": Template("alpaca", preamble=("Below is an instruction that describes a task. Write a response that "
                                            "appropriately completes the request.\n\n"),
                        user_format="### Instruction:\n{user}\n\n### Response:\n", input_format="\n\n### Input:\n{input}"),
+    # The Me-LLaMA authors' chat wrapper, `mellama_prompt` in src/model_prompt.py:5-6 (BIDS-Xu-Lab/Me-LLaMA @
+    # 08c893f2), applied to the prompt text as it stands (their task prompts begin and end with newlines):
+    # docs/evaluation.md says which models were tuned and are evaluated in it.
+    "mellama": Template("mellama", user_format="Human: \n{user}\n\nAssistant: \n", strip=False),
 }
 
 
@@ -68,7 +75,8 @@ def load_template(name_or_path: str) -> Template:
 
 # ----------------------------------------------------------------------------------------- reading
 
-_USER, _ASSISTANT, _SYSTEM = {"human", "user"}, {"gpt", "assistant", "bot", "model"}, {"system"}
+# "agent": the Me-LLaMA authors' instruction records (src/preprocess_instruct.py:43-47, build_finetuning_instruction)
+_USER, _ASSISTANT, _SYSTEM = {"human", "user"}, {"gpt", "assistant", "bot", "model", "agent"}, {"system"}
 
 
 def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
@@ -90,10 +98,9 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
         extra = obj.get(context) or ""
         if not isinstance(extra, str):
             raise ValueError(f"missing field: {context!r} is not a string")
-        turns = ((instruction.strip(), output.strip()),)
-        return _checked(Conversation(turns, input=extra.strip()))
+        return _checked(Conversation(((instruction, output),), input=extra))
     if fmt == "prompt_response":
-        return _checked(Conversation(((text("prompt").strip(), text("response").strip()),)))
+        return _checked(Conversation(((text("prompt"), text("response")),)))
     if fmt == "sharegpt":
         messages = obj.get("conversations", obj.get("messages"))
         if not isinstance(messages, list):
@@ -107,11 +114,11 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
             if not isinstance(value, str):
                 raise ValueError(f"missing field: message {i} has no text")
             if role in _SYSTEM and i == 0:
-                system = value.strip()
+                system = value
             elif role in _USER and pending is None:
-                pending = value.strip()
+                pending = value
             elif role in _ASSISTANT and pending is not None:
-                turns.append((pending, value.strip()))
+                turns.append((pending, value))
                 pending = None
             else:
                 raise ValueError(f"invalid conversation: unexpected {role or 'unknown'!r} message at {i}")
@@ -124,7 +131,7 @@ def _checked(conv: Conversation) -> Conversation:
     if not conv.turns:
         raise ValueError("empty text: no complete user/assistant turn")
     for user, assistant in conv.turns:
-        if not user or not assistant:
+        if not user.strip() or not assistant.strip():
             raise ValueError("empty text: a turn has an empty message")
     return conv
 
@@ -153,19 +160,21 @@ def render(conv: Conversation, template: Template, tokenizer: Tokenizer,
     """Token ids and loss weights (1 exactly on response tokens, and EOS if train_on_eos)."""
     ids: list[int] = []
     weights: list[int] = []
+    clean = str.strip if template.strip else (lambda text: text)
 
     def add(tokens, weight):
         ids.extend(tokens)
         weights.extend([weight] * len(tokens))
 
     for i, (user, assistant) in enumerate(conv.turns):
+        user, assistant = clean(user), clean(assistant)
         if i == 0 or template.bos_each_turn:
             add([tokenizer.bos_id], 0)
         if i == 0:
-            if conv.input:
-                user = user + template.input_format.format(input=conv.input)
-            if conv.system:
-                user = template.system_format.format(system=conv.system) + user
+            if conv.input.strip():
+                user = user + template.input_format.format(input=clean(conv.input))
+            if conv.system.strip():
+                user = template.system_format.format(system=clean(conv.system)) + user
         prompt = (template.preamble if i == 0 else "") + template.user_format.format(user=user)
         add(tokenizer.encode(prompt), 0)
         add(tokenizer.encode(assistant), 1)
@@ -206,7 +215,7 @@ class InstructDataRequest:
     tokenizer: str | Path
     out: str | Path
     seq_len: int
-    template: str = "llama2_chat"  # llama2_chat, alpaca, or a template YAML file
+    template: str = "llama2_chat"  # llama2_chat, alpaca, mellama, or a template YAML file
     format: str = "auto"  # auto (told from each record), alpaca, dolly, sharegpt or prompt_response
     # "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose response would
     # be cut away entirely is skipped either way.

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mellama_jax.artifacts import check_destination, load_model, require_tokenizer
 from mellama_jax.eval.report import make_rows, score_rows, summarize, write
-from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render
+from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
 
 
 class JaxBackend:
@@ -161,11 +161,15 @@ class EvalRequest:
     hf_tokenizer: str = "sentencepiece"
     adapters: str | Path | None = None  # jax: a LoRA run's adapters/ over `model`
     tokenizer: str | Path | None = None  # jax: default, the one found with the parameters
+    # the authors' chat wrapper around each whole prompt: "none" (their default) or "mellama" (Human:/Assistant:,
+    # the format our chat-LoRA recipes tune in; docs/evaluation.md)
+    model_prompt: str = "none"
     overwrite: bool = False  # replace an earlier eval output at `out`
 
 
 def evaluate(r: EvalRequest) -> dict:
     inputs = [r.data, r.split, r.fewshot_data]
+    wrap_prompt("", r.model_prompt)  # an unknown wrapper fails here, before the model loads
     check_destination(r.out, "eval", r.overwrite, inputs)  # before hours of decoding, not after
     templates = load_templates(r.prompts)
     definition, examples, entry = load_task(r.task, r.data, templates, r.split)
@@ -174,13 +178,13 @@ def evaluate(r: EvalRequest) -> dict:
     max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
     runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters) if r.backend == "jax"
               else HFBackend(r.model, r.hf_tokenizer))
-    texts = [prefix + render(entry["prompt"], e.fields) for e in examples]
+    texts = [wrap_prompt(prefix + render(entry["prompt"], e.fields), r.model_prompt) for e in examples]
     outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
     rows = make_rows(definition, examples, outputs, entry.get("choices"))
     predictions, metrics = score_rows(definition, rows, r.bertscore_model)
     after_first = len(examples) - min(r.batch_size, len(examples))
     run = {"backend": r.backend, "model": str(r.model), "data": str(r.data), "fewshot": r.fewshot,
-           "max_new_tokens": max_new_tokens}
+           "model_prompt": r.model_prompt, "max_new_tokens": max_new_tokens}
     speed = {"examples_per_s": len(examples) / sum(times),
              # the first batch includes JAX's compilation
              "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}

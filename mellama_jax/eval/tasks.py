@@ -46,6 +46,17 @@ class Task:
 # The authors' harness decodes greedily up to 256 new tokens for every task, stopping only at EOS.
 HARNESS_MAX_NEW_TOKENS = 256
 
+# The authors' --model_prompt wrappers (src/model_prompt.py:1-12, BIDS-Xu-Lab/Me-LLaMA @ 08c893f2; default
+# no_prompt, src/eval.py:18), applied to the whole few-shot context, once (src/evaluator.py:255-259). The
+# `mellama` instruction template of `prepare instruct` renders training prompts the same way.
+MODEL_PROMPTS = {"none": "{ctx}", "mellama": "Human: \n{ctx}\n\nAssistant: \n"}
+
+
+def wrap_prompt(ctx: str, model_prompt: str = "none") -> str:
+    if model_prompt not in MODEL_PROMPTS:
+        raise ValueError(f"--model-prompt must be one of {sorted(MODEL_PROMPTS)}, got {model_prompt!r}")
+    return MODEL_PROMPTS[model_prompt].format(ctx=ctx)
+
 
 def load_templates(path: str | Path | None) -> dict:
     """Our templates (i2b2, BioNLI) overlaid by the user's file, the authors' prompt_templates.json."""

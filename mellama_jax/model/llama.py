@@ -196,6 +196,17 @@ class Llama(nnx.Module):
                 h, _ = body(h, _layer_slice(xs, i))
         return self.norm(h)
 
+    def layer_outputs(self, tokens) -> list[jax.Array]:
+        """The residual stream (B, T, D) after the embedding and after each layer, the layers run one at a time:
+        for comparing with another implementation layer by layer (`convert verify`)."""
+        segment_ids, cos, sin, h = self._inputs(tokens, None, None)
+        mask = attention.build_mask(segment_ids, self.cfg.attention, self.cfg.max_segments)
+        graphdef, state = nnx.split(self.layers)
+        stream = [h]
+        for i in range(self.cfg.num_layers):
+            stream.append(nnx.merge(graphdef, _layer_slice(state, i))(stream[-1], cos, sin, mask))
+        return stream
+
     def unstacked_layers(self, consume: bool = False) -> list[DecoderLayer]:
         """The layers as separate modules, each holding its own slice of the stacked parameters (a copy).
         Decoding runs them one after another, unrolled, as MaxText's inference does (scan_layers=False): a

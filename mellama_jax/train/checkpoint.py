@@ -53,6 +53,36 @@ def save_params(path: str | Path, params: nnx.State) -> None:
     checkpointer.wait_until_finished()
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params(path: str | Path, abstract: nnx.State) -> None:
+    """Refuse, in one line, a parameter folder that does not hold `abstract`'s parameters in their shapes: read
+    from its metadata alone, so a run can check `init_from` before it writes anything."""
+    where = f"train.init_from={path}"
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{where}: no such parameter folder")
+    try:
+        found = _shapes(ocp.StandardCheckpointer().metadata(path).item_metadata)
+    except Exception as e:  # orbax reports a folder that is no checkpoint with assorted exception types
+        raise ValueError(f"{where}: not a parameter checkpoint ({type(e).__name__}: {e})") from None
+    if not found:
+        raise ValueError(f"{where}: not a parameter checkpoint (no arrays in its metadata; init_from takes a run's "
+                         "params/ or `convert hf-to-jax` output)")
+    expected = _shapes(nnx.to_pure_dict(abstract))
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{where}: no parameter {missing[0]} (it holds {len(found)} arrays: another model, or "
+                         "not a parameter export?)")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise ValueError(f"{where}: {name} has shape {found[name]}, this model needs {shape} (another model "
+                             "size?)")
+
+
 def load_params(path: str | Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
     """Parameters saved by `save_params` (or `convert hf-to-jax`), restored into the given shardings."""
     path = Path(path).absolute()

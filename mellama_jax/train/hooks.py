@@ -54,6 +54,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class NoTargets(NonFiniteLoss):
+    """A step whose batch holds no token with loss weight: its loss is no number, and the data say why."""
+
+
 class FiniteGuard:
     """Stops the run at the first step whose loss or gradient norm is NaN or infinite.
 
@@ -71,12 +75,20 @@ class FiniteGuard:
 
     def check(self, info: StepInfo | None = None) -> None:
         for step, metrics in self.unchecked:
+            if "tokens" in metrics and float(metrics["tokens"]) == 0:
+                raise NoTargets(f"step {step}: its batch holds no target token (every loss weight is 0: the "
+                                "prompts fill train.seq_len, or the data hold no responses); stopped without "
+                                f"saving: {self._kept()}")
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
-                                    f"stopped without saving: the last good checkpoint (step "
-                                    f"{self.last_saved()}) is untouched")
+                                    f"stopped without saving: {self._kept()}")
         self.unchecked.clear()
+
+    def _kept(self) -> str:
+        saved = self.last_saved()
+        return ("no checkpoint had been saved yet" if saved is None else
+                f"the last good checkpoint (step {saved}) is untouched")
 
     def hooks(self, every: int) -> list[Hook]:
         return [Hook(self.record, every=1, at_end=False), Hook(self.check, every=every)]

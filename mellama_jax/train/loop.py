@@ -19,8 +19,10 @@ import jax
 
 from mellama_jax import sharding
 from mellama_jax.config import Config, to_dict
+from mellama_jax.config import ConfigError
 from mellama_jax.data.instruct import InstructSource, instruct_batches
-from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches)
+from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches,
+                                       read_manifest)
 from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
@@ -33,6 +35,7 @@ __all__ = ["NonFiniteLoss", "build_data", "run_steps", "train"]
 
 
 def epochs_for(cfg: Config, examples: int) -> int:
+    """The paper's epochs for `examples` instruction examples (not packed rows: the 10k rule counts examples)."""
     if cfg.train.epochs:
         return cfg.train.epochs
     if cfg.train.mode == "pretrain":
@@ -49,20 +52,42 @@ def build_data(cfg: Config, process_index: int, process_count: int):
         raise FileNotFoundError("data.path is empty: point it at a directory written by `mellama-jax prepare`")
     if t.mode == "pretrain":
         rows = pretrain_epoch_rows(d.path, d.mixture, t.seq_len, cfg.seed, d.holdout_documents)
+        epochs = epochs_for(cfg, rows)
         train = pretrain_batches(d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed, process_index,
                                  process_count, "train", d.holdout_documents)
         evaluation = (pretrain_eval_batches(d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed,
                                             d.holdout_documents, process_index, process_count)
                       if d.holdout_documents else None)
     else:
+        epochs = epochs_for(cfg, check_instruct_data(cfg, d.path))
+        if d.eval_path:
+            check_instruct_data(cfg, d.eval_path, "data.eval_path")
         rows = len(InstructSource(d.path))
         # An explicit train.steps longer than the epochs runs more (reshuffled) epochs.
-        epochs = max(epochs_for(cfg, rows), -(-t.steps * t.batch_size // rows))
-        train = instruct_batches(d.path, t.seq_len, t.batch_size, epochs, cfg.seed, process_index, process_count)
+        train = instruct_batches(d.path, t.seq_len, t.batch_size, max(epochs, -(-t.steps * t.batch_size // rows)),
+                                 cfg.seed, process_index, process_count)
         evaluation = (instruct_batches(d.eval_path, t.seq_len, t.batch_size, 1, cfg.seed, process_index,
                                        process_count, shuffle=False, pad=True) if d.eval_path else None)
-    steps = t.steps or max(1, rows * epochs_for(cfg, rows) // t.batch_size)
+    steps = t.steps or max(1, rows * epochs // t.batch_size)
     return train, evaluation, steps
+
+
+def check_instruct_data(cfg: Config, path: str, key: str = "data.path") -> int:
+    """Refuse instruction data that this run would silently cut or that was rendered in another template than
+    the recipe names; returns its number of examples (packed rows hold several)."""
+    manifest = read_manifest(path, "mellama-instruct-v1")
+    prepared, seq_len = int(manifest["seq_len"]), cfg.train.seq_len
+    if prepared > seq_len:
+        ways = (f"train with train.seq_len={prepared}, or " if prepared <= cfg.model.max_seq_len else "")
+        raise ConfigError(f"{key}={path} was prepared with --seq-len {prepared}, longer than train.seq_len={seq_len}: "
+                          f"examples past {seq_len} tokens would be cut, and those whose prompt fills {seq_len} "
+                          f"would train on nothing; {ways}prepare the data again with --seq-len {seq_len}")
+    template = cfg.data.template
+    if template and manifest.get("template") != template:
+        raise ConfigError(f"{key}={path} was prepared with the {manifest.get('template')!r} template, but this "
+                          f"recipe tunes in {template!r} (data.template); prepare the data again with --template "
+                          f"{template}, or set data.template={manifest.get('template')}")
+    return int(manifest.get("report", {}).get("documents") or manifest["rows"])
 
 
 def run_steps(step_fn, state, frozen, batches, start: int, steps: int, hooks, stop=lambda: False):
@@ -85,10 +110,15 @@ def train(cfg: Config) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     train_ds, eval_ds, steps = build_data(cfg, pi, pc)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    # Everything that can be checked is checked before the first file is written: data (above), run directory,
+    # mesh against the devices, the batch against the mesh, and the shapes in init_from.
     check_run_dir(cfg)
+    trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    if cfg.train.init_from:
+        checkpoint.check_params(cfg.train.init_from, _init_shapes(init, cfg))
     if pi == 0:
         write_run_files(cfg)
-    trainer, state, frozen = _initial_state(cfg)
+    state, frozen = _initial_state(cfg, trainer, init)
     iterator = iterate(train_ds, cfg.data.read_threads)
     mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)
     saved = mngr.latest_step()
@@ -142,14 +172,19 @@ def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, s
     return hooks
 
 
-def _initial_state(cfg: Config):
-    """(Trainer, TrainState, frozen): initialised on the mesh, then loaded from `init_from` if set."""
-    trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh))
+def _init_shapes(init, cfg: Config):
+    """The parameters `init_from` must hold, as shapes: the frozen base (lora) or the trained parameters."""
+    state, frozen = jax.eval_shape(init)
+    return frozen if cfg.train.mode == "lora" else state.params
+
+
+def _initial_state(cfg: Config, trainer, init):
+    """(TrainState, frozen): initialised on the mesh, then loaded from `init_from` if set."""
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
     if cfg.train.init_from:
         state, frozen = _load_initial_params(cfg, trainer, state, frozen)
-    return trainer, state, frozen
+    return state, frozen
 
 
 def _load_initial_params(cfg: Config, trainer, state, frozen):
