@@ -33,6 +33,7 @@ test-all: $(BIN)/.tpu
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m "" $(PYTEST_FLAGS)
 
 # Plants each bug listed in tests/mutants/*.yaml in a scratch copy and checks its tests fail (not part of `test`).
+# MUTANTS_ARGS="--changed origin/main": only the mutants of files changed since that commit.
 mutants: $(BIN)/.tpu
 	JAX_PLATFORMS=cpu $(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
 

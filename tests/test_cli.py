@@ -13,6 +13,18 @@ def test_info_for_70b_allocates_nothing(capsys):
     assert "'fsdp': 4, 'tensor': 2" in out
 
 
+def test_info_memory_figures_by_hand(capsys):
+    """LLaMA2-7B on 8 devices, FSDP over all 8 (the default mesh): every weight has an `embed` axis that FSDP
+    shards 8 ways except the 65 norm scales (2 per layer + the final one, 4096 each), which are replicated.
+    Parameters 6,738,415,616 in fp32: (6,738,415,616 - 266,240) x 4 / 8 + 266,240 x 4 = 3,370,139,648 bytes =
+    3.139 GiB per device; with fp32 gradients and two Adam moments laid out alike, x 4 = 12.555 GiB."""
+    assert main(["info", "--model", "llama2-7b"]) == 0
+    out = capsys.readouterr().out
+    per_device = (6_738_415_616 - 266_240) * 4 / 8 + 266_240 * 4
+    assert f"parameters {per_device / 2**30:.3f} GiB" in out and "parameters 3.139 GiB" in out
+    assert f"Adam moments {4 * per_device / 2**30:.3f} GiB" in out and "12.555 GiB" in out
+
+
 def test_info_reports_bad_config(capsys):
     assert main(["info", "--model", "llama2-70b", "mesh.ici.tensor=3"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -67,6 +67,25 @@ def test_round_trip_is_bit_exact(tmp_path, tokenizer_file, kv_heads, dtype):
     assert tok_cfg["add_bos_token"] is True and tok_cfg["add_eos_token"] is False
 
 
+def test_sharded_index_total_size_is_the_tensor_bytes(tmp_path, tokenizer_file):
+    """The index's metadata.total_size (what the Hub and loaders show as the model's size) against the shards as
+    safetensors itself reads them: the sum over tensors of elements x bytes per element."""
+    from safetensors import safe_open
+
+    src = make_hf_dir(tmp_path / "hf", 2, seed=12, tokenizer=tokenizer_file)
+    params = hf_to_jax(ImportRequest(src, tmp_path / "jax"), progress=False)
+    for dtype, size in (("bfloat16", 2), ("float32", 4)):
+        out = jax_to_hf(ExportRequest(params, tmp_path / dtype, dtype=dtype, shard_size=40_000), progress=False)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        total, names = 0, set()
+        for shard in set(index["weight_map"].values()):
+            with safe_open(str(out / shard), framework="np") as f:
+                for name in f.keys():
+                    total += int(np.prod(f.get_slice(name).get_shape())) * size
+                    names.add(name)
+        assert names == set(index["weight_map"]) and index["metadata"]["total_size"] == total
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_heads):
     src = make_hf_dir(tmp_path / "hf", kv_heads, seed=10 + kv_heads, tokenizer=tokenizer_file)

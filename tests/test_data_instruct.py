@@ -165,3 +165,17 @@ def test_the_mellama_template_is_the_authors_wrapper_token_for_token(llama_tok):
         expected = [llama_tok.bos_id] + llama_tok.encode(mellama_prompt(prompt)) + llama_tok.encode(answer)
         assert ids == expected + [llama_tok.eos_id]
         assert [t for t, w in zip(ids, weights) if w] == llama_tok.encode(answer) + [llama_tok.eos_id]
+
+
+def test_each_epoch_is_a_new_shuffle_of_every_example(tmp_path, llama2_tokenizer_path, llama_tok):
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(24)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "out", seq_len=32))
+    ds = instruct_batches(tmp_path / "out", 32, global_batch=4, epochs=3, seed=1)
+    answers = [llama_tok.decode(b["targets"][r][b["loss_weights"][r] > 0]) for k in range(len(ds))
+               for b in [ds[k]] for r in range(4)]
+    epochs = [answers[e * 24:(e + 1) * 24] for e in range(3)]
+    for epoch in epochs:  # each epoch: every example exactly once
+        assert sorted(epoch) == sorted(r["response"] for r in rows)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]

@@ -101,6 +101,37 @@ def test_packing_loses_and_duplicates_nothing(corpus):
     assert source.rows_per_epoch == -(-sum(map(len, expected.elements())) // 48)
 
 
+def _documents(source, first_row: int, rows: int, eos: int) -> list[tuple]:
+    """The documents (BOS ... EOS token runs) of `rows` consecutive rows, in the order they appear."""
+    stream = []
+    for r in range(first_row, first_row + rows):
+        row = source[r]
+        stream.extend(row["tokens"][row["segment_ids"] > 0].tolist())
+    docs, current = [], []
+    for t in stream:
+        current.append(t)
+        if t == eos:
+            docs.append(tuple(current))
+            current = []
+    assert not current
+    return docs
+
+
+def test_held_out_documents_never_reach_training_and_epochs_reshuffle(corpus):
+    """Against the input file: training and held-out documents together are the inputs exactly once each, the
+    held-out ones `holdout_documents` many; every training epoch holds all training documents, in a new order."""
+    tok = Tokenizer.load(corpus["tok"])
+    texts = [json.loads(line)["text"] for line in corpus["inputs"]["clinical"][0].read_text().splitlines()]
+    expected = Counter(tuple(tok.encode(t, bos=True, eos=True)) for t in texts)
+    train = PackedSource(corpus["out"], "clinical", seq_len=48, seed=3, split="train", holdout_documents=9)
+    held = PackedSource(corpus["out"], "clinical", seq_len=48, seed=3, split="eval", holdout_documents=9)
+    epochs = [_documents(train, e * train.rows_per_epoch, train.rows_per_epoch, tok.eos_id) for e in range(2)]
+    held_docs = _documents(held, 0, held.rows_per_epoch, tok.eos_id)
+    assert len(held_docs) == 9 and Counter(epochs[0]) + Counter(held_docs) == expected
+    assert Counter(epochs[1]) == Counter(epochs[0]) and epochs[1] != epochs[0]
+    assert _documents(held, held.rows_per_epoch, held.rows_per_epoch, tok.eos_id) == held_docs  # eval: fixed
+
+
 def test_long_documents_are_split_not_dropped(corpus):
     source = PackedSource(corpus["out"], "biomedical", seq_len=8, seed=0)
     total = sum(int((source[r]["segment_ids"] > 0).sum()) for r in range(source.rows_per_epoch))

@@ -283,3 +283,15 @@ def test_pubmed_titles_from_real_abstracts(tiny_checkpoints, tmp_path):
     assert res["jax"]["rouge1"] == res["hf"]["rouge1"] and 0.0 <= res["jax"]["rouge1"] <= 1.0
     first = json.loads((tmp_path / "jax" / "predictions.jsonl").read_text().splitlines()[0])
     assert first["gold"] == json.loads(path.read_text().splitlines()[0])["title"]
+
+
+def test_i2b2_concepts_in_any_order_give_the_same_gold(templates, files, tmp_path):
+    """A .con file lists concepts in no promised order: reversed, the gold must not change (against the CoNLL
+    file of the same sentences)."""
+    t = load_templates(templates)
+    shutil.copytree(files / "i2b2", tmp_path / "i2b2")
+    con = tmp_path / "i2b2" / "concept" / "r1.con"
+    con.write_text("\n".join(reversed(con.read_text().splitlines())) + "\n")
+    _, reordered, _ = load_task("i2b2", tmp_path / "i2b2", t)
+    _, from_conll, _ = load_task("i2b2", files / "i2b2.conll", t)
+    assert [e.gold for e in reordered] == [e.gold for e in from_conll]

@@ -128,3 +128,22 @@ def test_every_listed_mutant_still_applies():
             for test in m["tests"]:
                 assert (root / test.split("::")[0]).is_file(), (m["name"], test)
     assert len(names) > 90
+
+
+def test_changed_runs_only_the_mutants_of_changed_files(runner, repo, tmp_path, capsys):
+    (repo / "other.py").write_text("def half(x):\n    return x / 2\n")
+    (repo / "tests" / "test_other.py").write_text("from other import half\n\ndef test_half():\n    assert half(4) == 2\n")
+    (repo / "tests" / "mutants" / "other.yaml").write_text(
+        "- {name: half-doubles, file: other.py, find: 'x / 2', replace: 'x * 2', tests: [tests/test_other.py], why: w}\n")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], cwd=repo, check=True)
+    assert runner.main(["--root", str(repo), "--changed", "HEAD"]) == 0  # nothing changed: nothing to run
+    assert "no mutant's file or tests changed since HEAD" in capsys.readouterr().out
+    (repo / "other.py").write_text("def half(x):\n    # halves\n    return x / 2\n")
+    out = tmp_path / "changed.json"
+    assert runner.main(["--root", str(repo), "--changed", "HEAD", "--json", str(out)]) == 0
+    assert [r["name"] for r in json.loads(out.read_text())["mutants"]] == ["half-doubles"]
+    (repo / "tests" / "test_calc.py").write_text(TESTS + "\n")  # a changed test file selects its mutants too
+    assert runner.main(["--root", str(repo), "--changed", "HEAD", "--json", str(out)]) == 1  # calc's are mixed
+    assert len(json.loads(out.read_text())["mutants"]) == 7  # every calc.py mutant naming test_calc.py
+    assert runner.main(["--root", str(repo), "--changed", "no-such-rev"]) == 2

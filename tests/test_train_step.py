@@ -284,6 +284,7 @@ def _applied_gradient(rows: int, grad_accum: int, batch: dict):
     state = state._replace(opt_state=capture.init(state.params))
     after, metrics = make_train_step(trainer)(state, frozen, trainer.shard_batch(batch))
     grads = jax.tree.map(lambda g: np.asarray(g, np.float64), after.opt_state)
+    _applied_gradient.logged_loss = float(metrics["loss"])
     return grads, float(metrics["grad_norm"]), params, trainer, frozen
 
 
@@ -307,3 +308,48 @@ def test_accumulated_gradients_equal_the_big_batch_gradient(batches):
         assert np.linalg.norm(g.get_value() - r) <= 1e-5 * np.linalg.norm(r), path
     ref_norm = float(np.sqrt(sum(np.sum(np.square(v.get_value())) for v in ref.values())))
     assert grad_norm == pytest.approx(ref_norm, rel=1e-5)
+    # the loss the step logs is the whole batch's mean, not one microbatch's nor their sum
+    assert _applied_gradient.logged_loss == pytest.approx(float(mean_loss(jax.tree.map(jnp.asarray, params))),
+                                                          rel=1e-6)
+
+
+def test_lora_dropout_scales_the_kept_inputs():
+    """Inverted dropout, as PEFT's torch.nn.Dropout: a kept input is divided by 1 - p, a dropped one is 0, and
+    about p of them are dropped. With A = B = identity and a zero kernel the output is the dropped input itself."""
+    from mellama_jax.model.layers import Dense
+
+    D, p = 32, 0.25
+    dense = Dense((D,), (D,), ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.02,
+                  rngs=nnx.Rngs(0), lora_rank=D, lora_scale=1.0, lora_dropout=p)
+    dense.kernel.set_value(jnp.zeros((D, D)))
+    dense.lora_a.set_value(jnp.eye(D))
+    dense.lora_b.set_value(jnp.eye(D))
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (256, D)), jnp.float32)
+    y = np.asarray(dense(x, dropout_rng=jax.random.key(3)))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - p), rtol=1e-6)
+    n = y.size  # binomial: the dropped share within 5 standard deviations of p
+    assert abs((~kept).mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_equal(np.asarray(dense(x)), np.asarray(x))  # no key: no dropout (evaluation)
+
+
+def test_lora_dropout_draws_a_new_mask_every_step():
+    """The same batch from the same parameters at steps 0 and 1: with dropout the masks, and so the losses,
+    differ; without it they are equal (the control), and a step repeated gives the same loss (resumable)."""
+    from mellama_jax import sharding
+    from mellama_jax.train.step import build_trainer, make_train_step
+
+    batch = synthetic_batch(np.random.default_rng(5), 4, 16, 256)
+    losses = {}
+    for dropout in (0.0, 0.3):
+        cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.batch_size=4", "train.steps=4",
+                                 "train.mode=lora", f"lora.dropout={dropout}", "lora.base_dtype=float32",
+                                 "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+        trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
+        # B = 0 at init: give the adapters a value, so that their input's mask reaches the loss
+        state = state._replace(params=jax.tree.map(lambda v: v + 0.05, state.params))
+        step, sharded = make_train_step(trainer), trainer.shard_batch(batch)
+        losses[dropout] = [float(step(jax.tree.map(jnp.copy, state._replace(step=jnp.int32(k))), frozen,
+                                      sharded)[1]["loss"]) for k in (0, 1, 0)]
+    assert losses[0.0][0] == losses[0.0][1] == losses[0.0][2]
+    assert losses[0.3][0] != losses[0.3][1] and losses[0.3][0] == losses[0.3][2]

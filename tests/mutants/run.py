@@ -18,7 +18,9 @@ The copy sits next to a link to the checkout's sibling `shared/`, so tests that 
 they do in the checkout (instead of skipping, which would let a mutant survive unseen).
 
 This lives with the mutant lists, not in the package: it is a development tool that tests the tests.
-Usage: python tests/mutants/run.py [--only NAME ...] [--json FILE] [--baseline] [--timeout S]
+Usage: python tests/mutants/run.py [--only NAME ...] [--changed REV] [--json FILE] [--baseline] [--timeout S]
+--changed REV runs only the mutants whose file, or one of whose test files, differs from commit REV (committed,
+staged, unstaged or untracked): `make mutants MUTANTS_ARGS="--changed origin/main"` before a submission.
 Exit status: 0 every mutant killed; 1 some survived or are broken; 2 bad arguments or a bad mutant file.
 """
 
@@ -241,7 +243,23 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per mutant's test run (a timeout kills it)")
     p.add_argument("--baseline", action="store_true", help="first check that the named tests pass unmutated")
+    p.add_argument("--changed", metavar="REV", help="only mutants of files (or test files) changed since commit REV")
     return p.parse_args(argv)
+
+
+def changed_files(root: Path, rev: str) -> set[str]:
+    """Paths that differ from `rev` in the work tree, and untracked files; a bad revision is a MutantFileError."""
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            raise MutantFileError(f"--changed {rev}: {done.stderr.strip() or 'git failed'}")
+        return set(done.stdout.split())
+
+    return git("diff", "--name-only", rev, "--") | git("ls-files", "--others", "--exclude-standard")
+
+
+def touched(m: Mutant, changed: set[str]) -> bool:
+    return m.file in changed or any(t.split("::")[0] in changed for t in m.tests)
 
 
 def main(argv=None) -> int:
@@ -257,6 +275,16 @@ def main(argv=None) -> int:
         print(f"error: --only {unknown[0]}: no such mutant in {root / 'tests' / 'mutants'}/*.yaml", file=sys.stderr)
         return 2
     mutants = [m for m in mutants if not args.only or m.name in args.only]
+    if args.changed:
+        try:
+            changed = changed_files(root, args.changed)
+        except MutantFileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        mutants = [m for m in mutants if touched(m, changed)]
+        if not mutants:
+            print(f"no mutant's file or tests changed since {args.changed}")
+            return 0
     if not mutants:
         print(f"error: no mutants listed in {root / 'tests' / 'mutants'}/*.yaml", file=sys.stderr)
         return 2
