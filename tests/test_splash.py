@@ -132,6 +132,21 @@ def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():  # ~11 s of CPU: 
     assert row["roofline_s"] >= row["cost"]["flops"] / 459e12
 
 
+def test_gradient_operands_follow_the_compile_target_not_the_host():
+    """One platform function for model code: under a mesh of abstract TPU chips (what `plan --target tpu` compiles
+    for on a CPU host) gradient matmuls keep bf16 operands, as the TPU runs them; on the CPU host, fp32 copies."""
+    _libtpu_or_skip()
+    from mellama_jax.bench.tpu import topology_devices
+    from mellama_jax.model import layers
+
+    devices = topology_devices("v5p:2x2x1")
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(len(devices)), ("fsdp",))
+    with jax.set_mesh(mesh):
+        assert layers.target_platform() == "tpu"
+        assert layers.gradient_operand_dtype(jnp.bfloat16) == jnp.bfloat16
+    assert layers.gradient_operand_dtype(jnp.bfloat16) == jnp.float32  # this CPU host
+
+
 def test_plan_target_tpu_without_libtpu_says_which_extra(monkeypatch, capsys):
     """Where libtpu is missing, one line names the extra to install, and the exit code is 2."""
     from mellama_jax import cli

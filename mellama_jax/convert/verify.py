@@ -34,8 +34,8 @@ def tolerance_for(cfg: ModelConfig) -> float:
     A dot product of length K summed in another order moves by about sqrt(K) unit roundoffs (random-walk
     rounding); the residual stream adds one such error per layer, independently, so about sqrt(L) of them
     accumulate. The factor 64 covers the softmax, norms and SiLU between the products and the spread over tokens.
-    Tiny test models: ~1e-4; LLaMA2-70B (K = 28672, L = 80): ~6e-3. Measured: faithful exports sit 30-100x below
-    it, 1% changes to one tensor 10-1000x above it (docs/benchmarks.md)."""
+    Tiny test models: ~1e-4; LLaMA2-70B (K = 28672, L = 80): ~6e-3. Where faithful exports and planted faults
+    fall against it: docs/benchmarks.md."""
     widest = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
     return 64 * FP32_UNIT_ROUNDOFF * math.sqrt(widest) * math.sqrt(cfg.num_layers + 1)
 

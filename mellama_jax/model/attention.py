@@ -317,7 +317,7 @@ def splash_attention(q, k, v, mask, causal=True, blocks: tuple[int, int] = (512,
     if not isinstance(mask, (Segments, Packed)):
         return xla_attention(q, k, v, mask)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    local = functools.partial(_splash_local, blocks=tuple(blocks), interpret=target_platform() != "tpu")
+    local = functools.partial(_splash_local, blocks=tuple(blocks), interpret=layers.target_platform() != "tpu")
     if jax.sharding.get_abstract_mesh().empty:
         return local(q, k, v, mask.segment_ids)
     q_spec = _logical_spec(("activation_batch", None, "activation_heads", None))
@@ -333,18 +333,11 @@ IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention, "
 CAUSAL_ONLY = ("cudnn", "cudnn_causal", "splash")
 
 
-def target_platform() -> str:
-    """The platform being compiled for: the devices of the mesh in context (`plan --target tpu` compiles for
-    TPU devices from a CPU host), else JAX's default backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device.platform if device is not None else jax.default_backend()
-
-
 def resolve(implementation: str) -> str:
     """'auto': cuDNN flash attention on GPUs, splash attention on TPUs (both segment-aware), the XLA reference
     elsewhere."""
     if implementation == "auto":
-        return {"gpu": "cudnn", "tpu": "splash"}.get(target_platform(), "xla")
+        return {"gpu": "cudnn", "tpu": "splash"}.get(layers.target_platform(), "xla")
     return implementation
 
 

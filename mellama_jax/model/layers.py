@@ -32,11 +32,18 @@ def _contracting(x_ndim: int, n: int) -> tuple:
     return ((tuple(range(x_ndim - n, x_ndim)), tuple(range(n))), ((), ()))
 
 
+def target_platform() -> str:
+    """The platform being compiled for, the one answer to "which backend" for model code: the devices of the mesh
+    in context (`plan --target tpu` compiles for TPU devices from a CPU host), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def gradient_operand_dtype(dtype):
     """The operand dtype of gradient matmuls. XLA's CPU backend cannot run some bf16 x bf16 -> f32 dots (those with
     transposed operands fall to its generic dot, which lacks the type pair); there the gradients multiply fp32
     copies of the same bf16 values (exact, so the result differs only in summation order)."""
-    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if target_platform() == "cpu" else jnp.dtype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
