@@ -150,6 +150,54 @@ def test_launch_scripts_pass_shellcheck_and_dry_run():
                       "JAX_PLATFORMS=cpu python3 -m mellama_jax.cli train --config configs/x.yaml a=1")
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# stands in for srun: a task that saves on SIGTERM (exit code $SRUN_EXIT), or ends by itself after $SRUN_SECONDS
+trap 'echo "TERM $*" >> "$FAKE_LOG"; exit "${SRUN_EXIT:-0}"' TERM
+echo started >> "$FAKE_LOG"
+for ((i = 0; i < ${SRUN_SECONDS:-600} * 10; i++)); do sleep 0.1; done
+echo "finished" >> "$FAKE_LOG"
+"""
+
+
+@pytest.mark.parametrize("signal_name, srun_exit, requeued", [
+    ("SIGUSR1", "0", True),   # the time limit's warning: save, then requeue
+    ("SIGTERM", "0", True),   # preemption
+    ("SIGUSR1", "3", False),  # the save failed: no requeue, its exit code
+    (None, "0", False),       # the run finished by itself
+])
+def test_slurm_script_saves_and_requeues_on_its_warning_signal(tmp_path, signal_name, srun_exit, requeued):
+    """launch/slurm_gpu.sbatch with stand-ins for srun and scontrol on PATH: SLURM's warning (USR1, asked for
+    with --signal=B:USR1@600) or preemption (TERM) reaches the tasks as SIGTERM, and once they have saved the
+    job is requeued with `scontrol requeue $SLURM_JOB_ID`; a run that ends by itself is not."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "$*" >> "$SCONTROL_LOG"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    log, scontrol = tmp_path / "srun.log", tmp_path / "scontrol.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), SCONTROL_LOG=str(scontrol),
+               SLURM_JOB_ID="1234", PYTHON="python3", SRUN_EXIT=srun_exit, SRUN_SECONDS="600" if signal_name else "0")
+    assert "#SBATCH --signal=B:USR1@600" in (REPO / "launch" / "slurm_gpu.sbatch").read_text()
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "configs/x.yaml"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (log.exists() and "started" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    if signal_name:
+        proc.send_signal(getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (0 if srun_exit == "0" else 3), err
+    lines = log.read_text().splitlines()
+    assert lines[-1] == ("finished" if signal_name is None else
+                         "TERM --ntasks-per-node=1 --kill-on-bad-exit=1 python3 -m mellama_jax.cli train --config "
+                         "configs/x.yaml")
+    assert (scontrol.read_text().splitlines() if scontrol.exists() else []) == (["requeue 1234"] if requeued else [])
+
+
 @pytest.mark.slow  # 21 s; what a lent GPU runs: `make test-all` checks it
 def test_gpu_benchmark_script_runs_its_steps_on_a_cpu(tmp_path):
     """launch/bench_gpu.sh (what a lent GPU runs) in its SMOKE mode: tiny shapes, the headline row with its trace."""
