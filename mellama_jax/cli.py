@@ -173,14 +173,15 @@ def _train(args) -> int:
 
     distributed.initialize()  # before anything touches the devices
     from mellama_jax.config import load_config
+    from mellama_jax.train.hooks import NoTargets
     from mellama_jax.train.loop import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg)
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # a batch without targets is the data's fault: exit 2, as for other bad input
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 2 if isinstance(e, NoTargets) else 3
     return 0 if result["status"] == "finished" or result["status"].startswith("stopped") else 1
 
 
@@ -486,7 +487,7 @@ def _add_convert(sub) -> None:
     ver.add_argument("params", metavar="dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
     ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
-    ver.add_argument("--tolerance", type=float, help="relative difference allowed per token and layer (default: "
+    ver.add_argument("--tolerance", type=_number(float, 0.0, low_open=True), help="relative difference allowed per token and layer (default: "
                                                       "fp32 rounding's, from the model's width and depth)")
     for p in (h2j, j2h, ver):
         p.set_defaults(func=_convert)

@@ -221,11 +221,16 @@ class TrainConfig:
     epochs: int = 0  # 0: the paper's choice: pretrain 1, lora 3, sft 5 under 10k examples else 3
     z_loss: float = 0.0  # weight of log(Z)^2, keeps the softmax normaliser near 1
     init_from: str = ""  # parameters to start from: `convert hf-to-jax` output or a run's params/ directory
+    # A step whose loss or gradient norm is NaN or infinite leaves the parameters and optimizer state as they were
+    # (Levanter's skip-step; `skipped` in the metrics), and `max_skipped_steps` of them in a row stop the run.
+    # None: on for pretraining (a rare overflow at 70B scale is normal), off for lora/sft (there it is a bug).
+    skip_nonfinite: bool | None = None
+    max_skipped_steps: int = 5
 
     def validate(self, where: str = "train") -> None:
         if self.mode not in MODES:
             raise ConfigError(f"{where}.mode must be one of {MODES}, got {self.mode!r}")
-        for key in ("batch_size", "grad_accum"):
+        for key in ("batch_size", "grad_accum", "max_skipped_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
         for key in ("steps", "epochs", "z_loss"):
@@ -262,15 +267,15 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500  # steps between saves (and one at the end, and one on SIGTERM/SIGINT); at least 1
+    every: int = 500  # steps between saves (and one at the end, and one on SIGTERM/SIGINT); 0: those two only
     keep_last: int = 3  # the newest checkpoints kept; at least 1 (the one a resume needs)
     keep_every: int = 0  # also keep every step that is a multiple of this; 0: none
     async_save: bool = True
 
     def validate(self, where: str = "checkpoint") -> None:
-        if self.every < 1:
-            raise ConfigError(f"{where}.every must be at least 1 (a value above the run's steps saves only at the "
-                              f"end), got {self.every}")
+        if self.every < 0:
+            raise ConfigError(f"{where}.every must not be negative (0: save only at the end and on a stop), got "
+                              f"{self.every}")
         if self.keep_last < 1:
             raise ConfigError(f"{where}.keep_last must be at least 1: the newest checkpoint is what a resume and "
                               f"the non-finite guard rely on, got {self.keep_last}")
@@ -317,6 +322,12 @@ class Config:
     def __post_init__(self):
         if self.train.seq_len == 0:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seq_len=self.model.max_seq_len))
+
+    @property
+    def skips_nonfinite(self) -> bool:
+        """Whether a non-finite step is skipped (train.skip_nonfinite, or by mode)."""
+        skip = self.train.skip_nonfinite
+        return self.train.mode == "pretrain" if skip is None else skip
 
     @property
     def adapters(self) -> LoraConfig | None:

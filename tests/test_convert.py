@@ -382,6 +382,12 @@ def test_verify_passes_faithful_exports_and_names_the_layer_of_a_fault(verify_ex
         assert not bad["ok"] and bad["first_divergent"] == stage, (fault, bad)
 
 
+def test_verify_refuses_an_export_of_another_model(verify_exports):
+    tmp, params, outs = verify_exports
+    with pytest.raises(ConversionError, match=r"config.json: vocab_size is 512, the parameters' model has 256: not an export"):
+        verify(VerifyRequest(outs["float32"], params, model="tiny"))
+
+
 @pytest.mark.slow  # 10 more verifies (45 s): `make test-all`
 def test_verify_fails_a_one_percent_change_to_any_tensor(verify_exports):
     tmp, params, outs = verify_exports

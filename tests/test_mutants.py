@@ -147,3 +147,9 @@ def test_changed_runs_only_the_mutants_of_changed_files(runner, repo, tmp_path, 
     assert runner.main(["--root", str(repo), "--changed", "HEAD", "--json", str(out)]) == 1  # calc's are mixed
     assert len(json.loads(out.read_text())["mutants"]) == 7  # every calc.py mutant naming test_calc.py
     assert runner.main(["--root", str(repo), "--changed", "no-such-rev"]) == 2
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)  # back to the commit
+    with open(repo / "tests" / "mutants" / "other.yaml", "a") as f:  # a new mutant of an unchanged file runs
+        f.write("- {name: half-thirds, file: other.py, find: 'x / 2', replace: 'x / 3', tests: [tests/test_other.py], "
+                "why: w}\n")
+    assert runner.main(["--root", str(repo), "--changed", "HEAD", "--json", str(out)]) == 0
+    assert [r["name"] for r in json.loads(out.read_text())["mutants"]] == ["half-thirds"]

@@ -90,6 +90,21 @@ def test_finite_guard_names_the_first_bad_step_of_those_unchecked():
     assert (record.every, record.at_end, check.every, check.at_end) == (1, False, 5, True)
 
 
+def test_finite_guard_lets_skipped_steps_pass_until_too_many_in_a_row():
+    def skipped(step, flag=1):
+        return StepInfo(step, None, {"loss": jnp.float32(float("nan") if flag else 1.0), "grad_norm": jnp.float32(1),
+                                     "skipped": jnp.int32(flag)}, False, False)
+
+    guard = FiniteGuard(last_saved=lambda: 10, max_skipped=3)
+    for i in [skipped(11), skipped(12), skipped(13, 0), skipped(14), skipped(15)]:  # 2, then 2 in a row
+        guard.record(i)
+    guard.check()
+    assert guard.skipped_total == 4
+    guard.record(skipped(16))
+    with pytest.raises(NonFiniteLoss, match=r"steps 14-16: 3 in a row, each skipped.*\(step 10\) is untouched"):
+        guard.check()
+
+
 def test_checkpointing_saves_each_step_once_only_after_the_guard_passes(tmp_path):
     from mellama_jax.config import CheckpointConfig
 

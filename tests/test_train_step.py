@@ -353,3 +353,31 @@ def test_lora_dropout_draws_a_new_mask_every_step():
                                       sharded)[1]["loss"]) for k in (0, 1, 0)]
     assert losses[0.0][0] == losses[0.0][1] == losses[0.0][2]
     assert losses[0.3][0] != losses[0.3][1] and losses[0.3][0] == losses[0.3][2]
+
+
+def test_a_non_finite_step_is_skipped_and_the_run_goes_on(batches):
+    """A planted NaN batch (its loss weights): the update is skipped, parameters and optimizer state bit-equal to
+    before it, `skipped` = 1; the next batch trains as usual. With skipping off the NaN reaches the parameters."""
+    from mellama_jax import sharding
+    from mellama_jax.train.step import build_trainer, make_train_step
+
+    bad = dict(batches[1], loss_weights=np.where(batches[1]["loss_weights"] > 0, np.nan, 0).astype(np.float32))
+    for skip in (True, False):
+        cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.batch_size=8", "train.steps=4",
+                                 f"train.skip_nonfinite={str(skip).lower()}", "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+        trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
+        step = make_train_step(trainer)
+        state, m0 = step(state, frozen, trainer.shard_batch(batches[0]))
+        before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        state, m1 = step(state, frozen, trainer.shard_batch(bad))
+        after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        finite = all(np.isfinite(x).all() for x in jax.tree.leaves(after[0]))
+        if skip:
+            assert int(m0["skipped"]) == 0 and int(m1["skipped"]) == 1 and int(state.step) == 2
+            jax.tree.map(np.testing.assert_array_equal, after, before)
+            state, m2 = step(state, frozen, trainer.shard_batch(batches[2]))
+            assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
+            assert any((np.asarray(a) != b).any() for a, b in zip(jax.tree.leaves(state.params),
+                                                                   jax.tree.leaves(before[0])))
+        else:
+            assert int(m1["skipped"]) == 0 and not finite

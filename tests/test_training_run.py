@@ -220,7 +220,7 @@ def test_lora_trains_only_adapters(data, reference):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     args = ["--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")] + overrides(
         data, "pretrain", tmp_path, "checkpoint.every=1", "optimizer.learning_rate=1e30",
-        "optimizer.warmup_ratio=0.5", "optimizer.clip_norm=0")
+        "optimizer.warmup_ratio=0.5", "optimizer.clip_norm=0", "train.skip_nonfinite=false")
     proc = cli(args)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, output[-3000:]
@@ -281,7 +281,8 @@ def cli_error(args):
     (["train.seq_len=32"], "prepared with --seq-len 64, longer than train.seq_len=32"),
     (["data.template=mellama"], "prepared with the 'llama2_chat' template, but this recipe tunes in 'mellama'"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last must be at least 1"),
-    (["checkpoint.every=0"], "checkpoint.every must be at least 1"),
+    (["checkpoint.every=-1"], "checkpoint.every must not be negative"),
+    (["data.eval_path=DATA/long"], "data.eval_path=DATA/long was prepared with --seq-len 128"),
     (["run.log_every=0"], "run.log_every must be at least 1"),
     (["mesh.ici={data: 3, fsdp: 1, tensor: 1}"], "has 3 devices, but 8 are available"),
     (["train.batch_size=12", "train.grad_accum=3"], "does not divide over the 8 batch shards"),
@@ -297,8 +298,14 @@ def test_a_start_that_fails_validation_writes_nothing(data, tmp_path, extra, mes
 
         cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", ["model.hidden_size=32", "model.intermediate_size=64"])
         save_params(other, nnx.state(Llama(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
+    if "data.eval_path=DATA/long" in extra and not (data / "long").exists():  # evaluation data prepared longer
+        from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
+        from mellama_jax.demo import _demo_file
+
+        prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], data / "tok", data / "long", 128))
     extra = [e.replace("NOPE", str(tmp_path / "nope")).replace("DATA", str(data)).replace("OTHER", str(other))
              for e in extra]
+    message = message.replace("DATA", str(data))
     run = tmp_path / "run"
     code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}",
                              f"data.path={data}/ins", "run.progress=false"] + extra)
@@ -324,7 +331,7 @@ def test_a_batch_without_targets_is_named_not_a_nan(data, tmp_path):
     run = tmp_path / "run"
     code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}", "run.progress=false",
                              f"data.path={tmp_path / 'ins'}", "train.steps=2", "run.log_every=1"])
-    assert code == 3 and "step 1: its batch holds no target token" in lines[-1], lines
+    assert code == 2 and "step 1: its batch holds no target token" in lines[-1], lines
     assert "no checkpoint had been saved yet" in lines[-1]
 
 

@@ -5,7 +5,7 @@ run's adapters folded in as W + scale * A B, computed here from the model's own 
 each tensor has in the folder's safetensors files. transformers runs the folder in fp32 (a bf16 file upcasts
 exactly) and our model runs in fp32, so a faithful export differs only by fp32 rounding in differently ordered
 sums, whatever the export's dtype. The tolerance is derived from that (`tolerance_for`), not from the dtype's
-coarser step, so a 1% change to any one tensor fails. The residual stream is compared after the embedding and
+coarser step (on the test models a 1% change to any one tensor fails: docs/benchmarks.md). The residual stream is compared after the embedding and
 after every layer (forward hooks on transformers' modules), so a failure names the first layer that diverges.
 """
 
@@ -81,7 +81,11 @@ def expected_model(params: str | Path, adapters: str | Path | None, cfg: ModelCo
     graphdef, abstract = nnx.split(init_abstract(dataclasses.replace(cfg, param_dtype="float32", dtype="float32")))
     target = dict(nnx.to_flat_state(abstract))
     for spec in tensor_specs(cfg):
-        stored = hf.dtype(spec.hf_name.format(i=0))  # every layer of an export has the same dtype
+        dtypes = {hf.dtype(spec.hf_name.format(i=i)) for i in range(cfg.num_layers if spec.stacked else 1)}
+        if len(dtypes) > 1:
+            raise ConversionError(f"{hf.directory}: {spec.hf_name} is stored in several dtypes ({sorted(map(str, dtypes))}); "
+                                  "an export writes one")
+        stored = dtypes.pop()
         value = np.asarray(flat[spec.path].get_value(), np.float32).astype(stored).astype(np.float32)
         target[spec.path] = target[spec.path].replace(jnp.asarray(value))
     return nnx.merge(graphdef, nnx.from_flat_state(target))
@@ -131,6 +135,11 @@ def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
         raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
     cfg = model_config(params, r.model)
     hf = HFCheckpoint(hf_dir)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "rope_theta", "rms_norm_eps"):
+        if getattr(hf.config, key) != getattr(cfg, key):
+            raise ConversionError(f"{hf_dir}/config.json: {key} is {getattr(hf.config, key)}, the parameters' model "
+                                  f"has {getattr(cfg, key)}: not an export of these parameters")
     tok = Tokenizer.load(hf_dir)
     if tok.vocab_size > cfg.vocab_size:
         raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "

@@ -59,16 +59,19 @@ class NoTargets(NonFiniteLoss):
 
 
 class FiniteGuard:
-    """Stops the run at the first step whose loss or gradient norm is NaN or infinite.
+    """Stops the run at the first step whose loss or gradient norm is NaN or infinite, or, where the step skips
+    such updates (`skipped` in its metrics), at the `max_skipped`-th skipped step in a row.
 
     Reading a value to the host waits for its step to finish, so `record` (every step) only keeps the device
     scalars, and `check` reads all of them at once: on its own cadence, and before every save (`Checkpointing`
-    calls it), so nothing from a non-finite step is ever saved.
+    calls it), so nothing from a non-finite step is ever saved (a skipped step's state is the one before it).
     """
 
-    def __init__(self, last_saved: Callable[[], int | None]):
-        self.last_saved = last_saved
+    def __init__(self, last_saved: Callable[[], int | None], max_skipped: int = 1):
+        self.last_saved, self.max_skipped = last_saved, max_skipped
         self.unchecked: list[tuple[int, dict]] = []
+        self.skipped_in_a_row: list[int] = []
+        self.skipped_total = 0
 
     def record(self, info: StepInfo) -> None:
         self.unchecked.append((info.step, info.metrics))
@@ -80,6 +83,16 @@ class FiniteGuard:
                                 "prompts fill train.seq_len, or the data hold no responses); stopped without "
                                 f"saving: {self._kept()}")
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if int(metrics.get("skipped", 0)):
+                self.skipped_total += 1
+                self.skipped_in_a_row.append(step)
+                if len(self.skipped_in_a_row) >= self.max_skipped:
+                    first = self.skipped_in_a_row[0]
+                    raise NonFiniteLoss(f"non-finite loss at steps {first}-{step}: {len(self.skipped_in_a_row)} "
+                                        f"in a row, each skipped (train.max_skipped_steps={self.max_skipped}); "
+                                        f"stopped: {self._kept()}")
+                continue
+            self.skipped_in_a_row = []
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
                                     f"stopped without saving: {self._kept()}")

@@ -130,7 +130,7 @@ def train(cfg: Config) -> dict:
     log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
                 f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
                 + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
-    guard = FiniteGuard(mngr.latest_step)
+    guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = Checkpointing(mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)},
                            saved, guard.check)
     evaluation = (Evaluation(make_eval_step(trainer), trainer.shard_batch, frozen, eval_ds, cfg.run.eval_batches,
@@ -142,7 +142,7 @@ def train(cfg: Config) -> dict:
                                          map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
         mngr.wait_until_finished()
         result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
-                  "run_dir": str(run_dir)}
+                  "skipped_steps": guard.skipped_total, "run_dir": str(run_dir)}
         if step == steps:
             if evaluation is not None:
                 result["eval_loss"] = evaluation.last

@@ -17,8 +17,9 @@ from mellama_jax.config import Config, ConfigError, load_config, to_dict
 
 # Settings that may change between a run and its resumption: how it is laid out, logged and saved, not what
 # it computes (a checkpoint restores onto any mesh; attention kernels and remat give the same numbers), and its
-# length (train.steps / epochs: a run may be extended or cut short; the schedule follows the new length).
-RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "model.attention", "model.remat",
+# length (train.steps / epochs: a run may be extended or cut short; the schedule follows the new length);
+# data.template only checks what the data were prepared with.
+RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "data.template", "model.attention", "model.remat",
                      "model.scan_unroll", "model.scan_layers", "model.max_segments", "train.steps", "train.epochs")
 
 

@@ -166,6 +166,7 @@ def make_train_step(trainer: Trainer) -> Callable:
     cfg, mesh = trainer.cfg, trainer.mesh
     n_micro, z_weight = cfg.train.grad_accum, cfg.train.z_loss
     use_dropout = cfg.train.mode == "lora" and cfg.lora.dropout > 0
+    skip_nonfinite = cfg.skips_nonfinite
     batch_spec = trainer.batch_sharding.spec
     param_sh = trainer.state_shardings.params
 
@@ -201,11 +202,17 @@ def make_train_step(trainer: Trainer) -> Callable:
                                                   jnp.arange(n_micro)))
             updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            grad_norm = optax.global_norm(grads)
+            finite = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
+            if skip_nonfinite:  # a non-finite step changes nothing but the step count (and the data position)
+                params, opt_state = (jax.tree.map(lambda new, old: jnp.where(finite, new, old), new, old)
+                                     for new, old in ((params, state.params), (opt_state, state.opt_state)))
             metrics = {
                 "loss": ce / total_weight,
                 "z_loss": z / total_weight,
                 "tokens": jnp.sum(batch["loss_weights"]),
-                "grad_norm": optax.global_norm(grads),
+                "grad_norm": grad_norm,
+                "skipped": jnp.logical_and(skip_nonfinite, ~finite).astype(jnp.int32),
                 "learning_rate": trainer.schedule(state.step),
                 # above model.max_segments, cudnn attention takes its slower masked kernel (the loop says so)
                 "documents_per_row_max": jnp.max(attention.documents_per_row(batch["segment_ids"])),

@@ -20,7 +20,8 @@ they do in the checkout (instead of skipping, which would let a mutant survive u
 This lives with the mutant lists, not in the package: it is a development tool that tests the tests.
 Usage: python tests/mutants/run.py [--only NAME ...] [--changed REV] [--json FILE] [--baseline] [--timeout S]
 --changed REV runs only the mutants whose file, or one of whose test files, differs from commit REV (committed,
-staged, unstaged or untracked): `make mutants MUTANTS_ARGS="--changed origin/main"` before a submission.
+staged, unstaged or untracked), and those listed or edited since REV: `make mutants MUTANTS_ARGS="--changed
+origin/main"` before a submission.
 Exit status: 0 every mutant killed; 1 some survived or are broken; 2 bad arguments or a bad mutant file.
 """
 
@@ -255,11 +256,27 @@ def changed_files(root: Path, rev: str) -> set[str]:
             raise MutantFileError(f"--changed {rev}: {done.stderr.strip() or 'git failed'}")
         return set(done.stdout.split())
 
-    return git("diff", "--name-only", rev, "--") | git("ls-files", "--others", "--exclude-standard")
+    return git("diff", "--name-only", "--relative", rev, "--") | git("ls-files", "--others", "--exclude-standard")
 
 
-def touched(m: Mutant, changed: set[str]) -> bool:
-    return m.file in changed or any(t.split("::")[0] in changed for t in m.tests)
+def listed_before(root: Path, rev: str) -> dict[str, dict]:
+    """The mutant entries as the lists at `rev` had them, by name (a list that did not exist then: none)."""
+    entries = {}
+    for path in sorted((root / "tests" / "mutants").glob("*.yaml")):
+        shown = subprocess.run(["git", "show", f"{rev}:./{path.relative_to(root)}"], cwd=root, capture_output=True,
+                               text=True)
+        for raw in (yaml.safe_load(shown.stdout) or []) if shown.returncode == 0 else []:
+            if isinstance(raw, dict) and "name" in raw:
+                entries[raw["name"]] = raw
+    return entries
+
+
+def touched(m: Mutant, changed: set[str], before: dict[str, dict]) -> bool:
+    """The mutant's file or one of its test files changed, or the mutant itself is new or edited."""
+    old = before.get(m.name)
+    edited = old is None or any(old.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in (
+        ("file", m.file), ("find", m.find), ("replace", m.replace), ("tests", m.tests)))
+    return edited or m.file in changed or any(t.split("::")[0] in changed for t in m.tests)
 
 
 def main(argv=None) -> int:
@@ -281,7 +298,8 @@ def main(argv=None) -> int:
         except MutantFileError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        mutants = [m for m in mutants if touched(m, changed)]
+        before = listed_before(root, args.changed)
+        mutants = [m for m in mutants if touched(m, changed, before)]
         if not mutants:
             print(f"no mutant's file or tests changed since {args.changed}")
             return 0
