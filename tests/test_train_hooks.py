@@ -286,3 +286,26 @@ def test_the_runs_hooks_save_on_a_stop_and_export_at_the_end(tiny, tmp_path):
     assert (step, stopped, saved) == (8, False, [5, 8])
     assert lines[2:] == [(6, "train"), (8, "train"), (8, "eval")]
     assert (tmp_path / "params").exists()
+
+
+def test_stop_on_signal_asks_the_other_processes_only_on_logging_steps(monkeypatch):
+    """Two processes' worth of StopOnSignal (JAX's allgather replaced by a recorder standing in for the other
+    process): the collective, which makes the host wait for the step, runs after steps 5 and 10 only, starting
+    from a resume at step 3; a signal after step 6 stops the run after step 10, where every process agrees."""
+    from jax.experimental import multihost_utils
+
+    gathered = []
+
+    def allgather(local):
+        gathered.append(bool(local[0]))
+        return np.array([local, [False]])
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    with StopOnSignal(process_count=2, every=5, start=3) as stop:
+        decisions = []
+        for step in range(4, 13):
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+            decisions.append((step, stop.requested()))
+    assert stop.collectives == 2 and gathered == [False, True]
+    assert [step for step, stop_now in decisions if stop_now] == [10]

@@ -194,12 +194,17 @@ def plot_curves(run_dir: Path, info: StepInfo) -> None:
 
 class StopOnSignal:
     """SIGTERM or SIGINT (a scheduler's preemption notice, Ctrl-C) asks the run to stop after the current step;
-    all processes stop at the same step if any of them was signalled. The previous handlers come back on exit."""
+    all processes stop at the same step if any of them was signalled. The previous handlers come back on exit.
+
+    With several processes the decision needs a collective, which waits for the step to finish on every host; it
+    is taken only after every `every`-th step (the steps that log, whose metrics the host reads anyway), so the
+    other steps are queued without waiting. All processes count the same steps, so they agree where to stop."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, process_count: int = 1):
-        self.process_count, self.received = process_count, None
+    def __init__(self, process_count: int = 1, every: int = 1, start: int = 0):
+        self.process_count, self.every, self.received = process_count, max(every, 1), None
+        self.step, self.collectives = start, 0
 
     def __enter__(self) -> StopOnSignal:
         self.previous = {s: signal.signal(s, self._receive) for s in self.SIGNALS}
@@ -213,11 +218,16 @@ class StopOnSignal:
         self.received = signal.Signals(number).name
 
     def requested(self) -> bool:
+        """Called once after each step."""
+        self.step += 1
         local = self.received is not None
         if self.process_count == 1:
             return local
+        if self.step % self.every:
+            return False
         from jax.experimental import multihost_utils
 
+        self.collectives += 1
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
     @property

@@ -137,7 +137,7 @@ def train(cfg: Config) -> dict:
                              log) if eval_ds is not None else None)
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
     hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, export, start, main=pi == 0)
-    with StopOnSignal(pc) as stop, contextlib.closing(mngr), contextlib.closing(log):
+    with StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
         state, step, stopped = run_steps(make_train_step(trainer), state, frozen,
                                          map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
         mngr.wait_until_finished()
