@@ -309,3 +309,45 @@ def test_stop_on_signal_asks_the_other_processes_only_on_logging_steps(monkeypat
             decisions.append((step, stop.requested()))
     assert stop.collectives == 2 and gathered == [False, True]
     assert [step for step, stop_now in decisions if stop_now] == [10]
+
+
+def test_goodput_charges_each_category_by_the_hosts_clock(tmp_path):
+    """A fake clock: start-up 10 s, the first step call (compiling, its step included) 20 s, 9 more steps at 1 s,
+    one checkpoint save of 5 s: wall 44 s, stepping 9 s over 10 steps (0.9 s each); 2 steps redone after a resume
+    and 1 skipped cost 2.7 s of it: goodput = 6.3 / 44."""
+    from mellama_jax.train.goodput import Goodput, steps_logged_before, summary_line
+
+    now = [0.0]
+    g = Goodput(clock=lambda: now[0])
+
+    def step(x):
+        now[0] += 1.0
+        return x
+
+    def compile_then_step(x):
+        now[0] += 19.0
+        return step(x)
+
+    first = {"done": False}
+
+    def step_fn(x):
+        if not first["done"]:
+            first["done"] = True
+            return compile_then_step(x)
+        return step(x)
+
+    now[0] = 10.0
+    run = g.first_call_compiles(step_fn)
+    save = g.timed("checkpoint", lambda: now.__setitem__(0, now[0] + 5.0))
+    for k in range(10):
+        run(k)
+        if k == 4:
+            save()
+    r = g.report(steps_run=10, redone=2, skipped=1)
+    assert (r["startup_s"], r["compile_s"], r["checkpoint_s"], r["wall_s"]) == (10.0, 20.0, 5.0, 44.0)
+    # stepping = 44 - 10 (start-up) - 20 (compile, the first step's own second included) - 5 = 9 s over 10 steps
+    assert r["redone_s"] == pytest.approx(1.8) and r["skipped_s"] == pytest.approx(0.9)
+    assert r["productive_s"] == pytest.approx(9 - 2.7) and r["goodput"] == pytest.approx(6.3 / 44)
+    assert summary_line(r).startswith("goodput 14% of 44 s (startup 10.0 s, compile 20.0 s, checkpoint 5.0 s")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n{"step": 7, "kind": "eval"}\nnot json\n')
+    assert steps_logged_before(tmp_path / "metrics.jsonl") == 7 and steps_logged_before(tmp_path / "none") == 0

@@ -95,10 +95,13 @@ def test_sigkill_then_resume_is_bit_exact(mode, data, reference, tmp_path):
     proc.wait()
     at_kill = committed()
     assert at_kill, "no checkpoint was committed before the kill"
+    logged = max(json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines())
     proc = cli(args)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     assert f"resuming at step {max(at_kill)}" in output
+    # goodput: the steps the killed attempt had done past its last checkpoint are charged as redone
+    assert json.loads((tmp_path / "summary.json").read_text())["goodput"]["redone_steps"] == logged - max(at_kill)
     assert losses(tmp_path) == ref_losses  # every step, bit for bit
     assert len(ref_losses) == 12 and ref_losses[12] < ref_losses[1]
 
@@ -123,6 +126,10 @@ def test_run_outputs(reference):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "params").exists() and (run_dir / "summary.json").exists()
+    g = json.loads((run_dir / "summary.json").read_text())["goodput"]
+    parts = g["startup_s"] + g["compile_s"] + g["checkpoint_s"] + g["evaluation_s"] + g["productive_s"]
+    assert 0 < g["goodput"] < 1 and g["compile_s"] > 0 and g["evaluation_s"] > 0 and parts <= g["wall_s"] * 1.001
+    assert (g["redone_steps"], g["skipped_steps"]) == (0, 0)
     from mellama_jax.plot import plot_run
 
     assert all(p.exists() and p.stat().st_size > 1000 for p in plot_run(run_dir))

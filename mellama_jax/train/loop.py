@@ -25,6 +25,7 @@ from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch
                                        read_manifest)
 from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
+from mellama_jax.train.goodput import Goodput, steps_logged_before, summary_line
 from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
                                      NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves, run_hooks)
 from mellama_jax.train.metrics import MetricsLogger
@@ -106,6 +107,7 @@ def run_steps(step_fn, state, frozen, batches, start: int, steps: int, hooks, st
 
 
 def train(cfg: Config) -> dict:
+    goodput = Goodput()
     run_dir = Path(cfg.run.dir)
     pi, pc = jax.process_index(), jax.process_count()
     train_ds, eval_ds, steps = build_data(cfg, pi, pc)
@@ -126,29 +128,33 @@ def train(cfg: Config) -> dict:
         state, _ = checkpoint.restore(mngr, saved, checkpoint.abstract_like(state, trainer.state_shardings),
                                       iterator)
     start = int(saved or 0)
+    redone = max(0, steps_logged_before(run_dir / "metrics.jsonl") - start) if start else 0
     log = MetricsLogger(run_dir, steps, start, pi == 0, cfg.run.progress)
     log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
                 f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
                 + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
-    saving = Checkpointing(mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)},
-                           saved, guard.check)
+    saving = goodput.timed("checkpoint", Checkpointing(
+        mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
     evaluation = (Evaluation(make_eval_step(trainer), trainer.shard_batch, frozen, eval_ds, cfg.run.eval_batches,
                              log) if eval_ds is not None else None)
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
-    hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, export, start, main=pi == 0)
+    timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
+    hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, main=pi == 0)
     with StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
-        state, step, stopped = run_steps(make_train_step(trainer), state, frozen,
+        state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
                                          map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
-        mngr.wait_until_finished()
+        goodput.timed("checkpoint", mngr.wait_until_finished)()
         result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
                   "skipped_steps": guard.skipped_total, "run_dir": str(run_dir)}
         if step == steps:
             if evaluation is not None:
                 result["eval_loss"] = evaluation.last
             result["export"] = str(export)
+        result["goodput"] = goodput.report(step - start, min(redone, step - start), guard.skipped_total)
         log.message(f"{result['status']} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
-                    + (f"; parameters {export}" if "export" in result else ""))
+                    + (f"; parameters {export}" if "export" in result else "") + "; "
+                    + summary_line(result["goodput"]))
     if pi == 0:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
     return result
