@@ -13,11 +13,12 @@ import contextlib
 import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 
 import jax
 
-from mellama_jax import sharding
+from mellama_jax import distributed, sharding
 from mellama_jax.config import Config, to_dict
 from mellama_jax.config import ConfigError
 from mellama_jax.data.instruct import InstructSource, instruct_batches
@@ -123,6 +124,7 @@ def train(cfg: Config) -> dict:
     state, frozen = _initial_state(cfg, trainer, init)
     iterator = iterate(train_ds, cfg.data.read_threads)
     mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)
+    distributed.resume_point = lambda: _resume_point(mngr.latest_step())  # what a dead peer's message names
     saved = mngr.latest_step()
     if saved is not None:
         state, _ = checkpoint.restore(mngr, saved, checkpoint.abstract_like(state, trainer.state_shardings),
@@ -142,8 +144,13 @@ def train(cfg: Config) -> dict:
     timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
     hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, main=pi == 0)
     with StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
-        state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
-                                         map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
+        try:
+            state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
+                                             map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
+        except jax.errors.JaxRuntimeError as e:
+            if pc > 1 and PEER_LOST.search(str(e)):  # a collective noticed before the heartbeat did
+                distributed.peer_lost(str(e))
+            raise
         goodput.timed("checkpoint", mngr.wait_until_finished)()
         result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
                   "skipped_steps": guard.skipped_total, "run_dir": str(run_dir)}
@@ -158,6 +165,15 @@ def train(cfg: Config) -> dict:
     if pi == 0:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# What a collective says when a peer died: Gloo (CPU), NCCL (GPU), the coordination service.
+PEER_LOST = re.compile(r"Gloo|NCCL|Connection (closed|reset)|heartbeat|task .*(died|failed|disconnected)|"
+                       r"UNAVAILABLE|DEADLINE_EXCEEDED|coordination service", re.IGNORECASE)
+
+
+def _resume_point(step: int | None) -> str:
+    return f"checkpoint {step}" if step is not None else "the start (no checkpoint was saved yet)"
 
 
 def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, start: int, main: bool) -> list:
