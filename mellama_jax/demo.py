@@ -71,8 +71,10 @@ def _run(out: Path, started: float) -> dict:
         f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=50", "run.progress=false"])
     result = train(pre)
     first, last = _first_last_loss(out / "pretrain")
+    start, end = result["held_out_at_step_0"], result["held_out"]
+    by_source = ", ".join(f"{k[5:]} {start[k]:.2f} -> {end[k]:.2f}" for k in end if k.startswith("loss/"))
     print(f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
-          f"{result['eval_loss']:.2f}; parameters -> {result['export']}")
+          f"{start['loss']:.2f} -> {result['eval_loss']:.2f} ({by_source}); parameters -> {result['export']}")
 
     lora = load_config(CONFIG_ROOT / "tiny-lora.yaml", [
         f"data.path={out}/data/instruct", f"run.dir={out}/lora", f"train.init_from={result['export']}",

@@ -1,4 +1,4 @@
-"""PNG curves of a run from its metrics.jsonl: loss (train and eval) and throughput."""
+"""PNG curves of a run from its metrics.jsonl: loss (train, eval, and eval per source) and throughput."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if evals:
         ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval (held out)")
+        for key in sorted({k for r in evals for k in r if k.startswith("loss/")}):  # per source of the mixture
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            ax.plot(*zip(*points), ".--", label=f"eval: {key[5:]}")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=f"loss: {run_dir.name}")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -113,3 +113,16 @@ def test_data_of_the_wrong_kind_is_named(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip() and "tokenising" not in line]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "run").exists()
+
+
+def test_token_bytes_add_up_to_the_texts_utf8_length(llama2_tokenizer_path):
+    """Bits per byte divides by the held-out text's bytes, summed from per-token byte lengths: for LLaMA's
+    tokenizer a text's tokens add up to its UTF-8 length plus the one-space prefix SentencePiece adds."""
+    from mellama_jax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(llama2_tokenizer_path)
+    sizes = tok.token_bytes()
+    for text in ("Metformin lowers hepatic glucose production.", "Temp 38.5\u00b0C,\nSpO\u2082 94%",
+                 "\u6cbb\u7597 \u2014 na\u00efve   spaces", "\U0001F9EA lab"):
+        assert sizes[tok.encode(text)].sum() == len((" " + text).encode()), text
+    assert sizes[[tok.bos_id, tok.eos_id]].sum() == 0

@@ -166,7 +166,7 @@ def test_mixture_token_shares_follow_the_weights(corpus):
     tokens = Counter()
     for k in range(200):  # 20,000 rows
         b = batches[k]
-        for sid, n in zip(b["source_id"], (b["segment_ids"] > 0).sum(-1)):
+        for sid, n in zip(b["source_ids"][:, 0], (b["segment_ids"] > 0).sum(-1)):
             tokens[int(sid)] += int(n)
     total = sum(tokens.values())
     for i, w in enumerate(weights.values()):

@@ -205,9 +205,9 @@ def test_evaluation_pools_tokens_over_batches(tiny, tmp_path):
         log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll = log_z - np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
         total, weight = total + (nll * b["loss_weights"]).sum(), weight + b["loss_weights"].sum()
-    assert hook.last == pytest.approx(total / weight, rel=1e-5)
+    assert hook.last["loss"] == pytest.approx(total / weight, rel=1e-5)
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert (line["step"], line["kind"], line["loss"]) == (7, "eval", hook.last)
+    assert (line["step"], line["kind"], line["loss"]) == (7, "eval", hook.last["loss"])
 
 
 def test_export_writes_the_final_parameters_only_at_the_end(tiny, tmp_path):
@@ -351,3 +351,42 @@ def test_goodput_charges_each_category_by_the_hosts_clock(tmp_path):
     assert summary_line(r).startswith("goodput 14% of 44 s (startup 10.0 s, compile 20.0 s, checkpoint 5.0 s")
     (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n{"step": 7, "kind": "eval"}\nnot json\n')
     assert steps_logged_before(tmp_path / "metrics.jsonl") == 7 and steps_logged_before(tmp_path / "none") == 0
+
+
+def test_held_out_loss_per_source_and_bits_per_byte(tiny, tmp_path):
+    """Two sources in the same batches (rows tagged by source): each source's loss equals an independent numpy
+    forward over that source's rows only; bits per byte = nats / ln 2 / the UTF-8 bytes of the predicted tokens
+    (here a made-up byte table); the first evaluation at step 0 is kept, and the summary gives the change."""
+    trainer, state, frozen, _ = tiny
+    from mellama_jax.train.step import make_eval_step
+
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(2):
+        b = synthetic_batch(rng, 8, 16, trainer.cfg.model.vocab_size)
+        b["source_ids"] = np.repeat(rng.integers(0, 2, (8, 1)), 16, axis=1).astype(np.int32)
+        batches.append(b)
+    token_bytes = rng.integers(1, 5, trainer.cfg.model.vocab_size)
+    log = MetricsLogger(tmp_path, 10, 0, True, False, tensorboard=False)
+    hook = Evaluation(make_eval_step(trainer, 2), functools.partial(trainer.shard_batch, extra=("source_ids",)),
+                      frozen, batches, max_batches=2, log=log, sources=("biomedical", "general"),
+                      token_bytes=token_bytes)
+    hook(StepInfo(0, state, None, False, False))
+    log.close()
+    nats, weights, nbytes = np.zeros(2), np.zeros(2), np.zeros(2)
+    for b in batches:
+        inputs = [jnp.asarray(b[k], jnp.int32) for k in ("inputs", "positions", "segment_ids")]
+        logits = np.asarray(trainer.model(state.params, frozen)(*inputs), np.float64)
+        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll = log_z - np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
+        for s in range(2):
+            rows = b["source_ids"][:, 0] == s
+            nats[s] += (nll * b["loss_weights"])[rows].sum()
+            weights[s] += b["loss_weights"][rows].sum()
+            nbytes[s] += (token_bytes[b["targets"]] * (b["loss_weights"] > 0))[rows].sum()
+    for s, name in enumerate(("biomedical", "general")):
+        assert hook.last[f"loss/{name}"] == pytest.approx(nats[s] / weights[s], rel=1e-5)
+        assert hook.last[f"bpb/{name}"] == pytest.approx(nats[s] / np.log(2) / nbytes[s], rel=1e-5)
+    assert hook.last["loss"] == pytest.approx(nats.sum() / weights.sum(), rel=1e-5)
+    summary = hook.summary()
+    assert summary["held_out_at_step_0"] == summary["held_out"] and summary["held_out_change"]["loss/general"] == 0

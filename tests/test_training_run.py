@@ -121,9 +121,15 @@ def test_lr_schedule_logged_is_closed_form_cosine(reference):
 def test_run_outputs(reference):
     run_dir = reference["pretrain"][0]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_keys = {"loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "tokens"}
-    assert train_keys <= set(records[0])
-    assert [r["step"] for r in records if r["kind"] == "eval"] == [6, 12]
+    train_keys = {"loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "tokens", "skipped"}
+    assert train_keys <= set(next(r for r in records if r["kind"] == "train"))
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6, 12]  # before the first step too: the forgetting probe
+    per_source = {f"{m}/{s}" for m in ("loss", "bpb") for s in ("biomedical", "clinical", "general")}
+    assert per_source | {"loss", "bpb"} <= set(evals[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["held_out_change"]["loss/general"] == pytest.approx(
+        evals[-1]["loss/general"] - evals[0]["loss/general"]) and summary["held_out"]["loss"] < evals[0]["loss"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "params").exists() and (run_dir / "summary.json").exists()
     g = json.loads((run_dir / "summary.json").read_text())["goodput"]

@@ -113,7 +113,7 @@ def to_example(row: dict) -> dict:
     weights = ((seg > 0) & (seg == np.roll(seg, -1))).astype(np.float32)
     weights[-1] = 0.0
     return {"inputs": tokens, "targets": targets, "positions": row["positions"], "segment_ids": seg,
-            "loss_weights": weights, "source_id": row["source_id"]}
+            "loss_weights": weights, "source_ids": np.full_like(seg, row["source_id"])}
 
 
 def empty_like(example: dict) -> dict:
@@ -167,8 +167,9 @@ def pretrain_eval_batches(directory: str | Path, weights: dict[str, float], seq_
                           seed: int, holdout_documents: int, process_index: int = 0,
                           process_count: int = 1) -> grain.MapDataset:
     """One pass over the held-out documents of every active source, in a fixed order."""
+    active = [name for name, w in weights.items() if w > 0]  # source ids as in pretrain_batches: active ones
     sources = [PackedSource(directory, name, seq_len, seed, "eval", holdout_documents, i)
-               for i, (name, w) in enumerate(weights.items()) if w > 0]
+               for i, name in enumerate(active)]
     index = [(s, r) for s, src in enumerate(sources) for r in range(src.rows_per_epoch)]
     rows = grain.MapDataset.source(index).map(lambda sr: to_example(sources[sr[0]][sr[1]]))
     return shard_batches(pad_to_batches(rows, global_batch), global_batch, process_index, process_count)

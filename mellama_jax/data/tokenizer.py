@@ -64,3 +64,15 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
+
+    def token_bytes(self) -> "np.ndarray":
+        """UTF-8 bytes of the text each piece stands for ('▁' is a space, a byte-fallback piece is one byte, control
+        and unknown pieces none): summed over a text's tokens, its length in bytes (for bits per byte)."""
+        import numpy as np
+
+        sizes = np.zeros(self.vocab_size, np.int64)
+        for i in range(self.vocab_size):
+            if self.sp.IsControl(i) or self.sp.IsUnknown(i):
+                continue
+            sizes[i] = 1 if self.sp.IsByte(i) else len(self.sp.IdToPiece(i).replace("\u2581", " ").encode())
+        return sizes

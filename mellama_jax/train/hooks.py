@@ -145,25 +145,64 @@ class DocumentsWarning:
                              f"avoids that")
 
 
-def held_out_loss(eval_fn, shard_batch, params, frozen, batches, max_batches: int) -> float:
-    """Mean cross-entropy per loss-weighted token over the first `max_batches` batches."""
-    total, weight = 0.0, 0.0
-    for k in range(min(len(batches), max_batches)):
-        ce, w = eval_fn(params, frozen, shard_batch(batches[k]))
-        total, weight = total + float(ce), weight + float(w)
-    return total / max(weight, 1.0)
-
-
 class Evaluation:
-    """The held-out loss, logged as an `eval` line; `last` is the latest value."""
+    """The held-out loss, logged as an `eval` line: `loss` over all held-out tokens and, with several sources,
+    `loss/NAME` per source; `bpb` (and `bpb/NAME`), bits per byte of the held-out text, where the tokenizer's
+    byte lengths are given, so that runs with other tokenizers compare. `last` holds the latest values, `first`
+    (with `first_step`) those of the first evaluation: at step 0, the model before training (forgetting probe).
 
-    def __init__(self, eval_fn, shard_batch, frozen, batches, max_batches: int, log):
-        self.loss = lambda params: held_out_loss(eval_fn, shard_batch, params, frozen, batches, max_batches)
-        self.log, self.last = log, None
+    The same batches every time (the first `max_batches`); each source's tokens are pooled over them, not a mean
+    of batch means."""
+
+    def __init__(self, eval_fn, shard_batch, frozen, batches, max_batches: int, log,
+                 sources: tuple[str, ...] = (), token_bytes: np.ndarray | None = None):
+        self.eval_fn, self.shard_batch, self.frozen, self.log = eval_fn, shard_batch, frozen, log
+        self.batches, self.count = batches, min(len(batches), max_batches)
+        self.sources = tuple(sources)
+        self.bytes = None if token_bytes is None else self._held_out_bytes(token_bytes)
+        self.first = self.first_step = self.last = None
+
+    def _held_out_bytes(self, token_bytes: np.ndarray) -> np.ndarray:
+        """UTF-8 bytes of the predicted tokens, per source (all in one when there is one)."""
+        sizes = np.zeros(max(len(self.sources), 1))
+        for k in range(self.count):
+            batch = self.batches[k]
+            counted = token_bytes[batch["targets"]] * (batch["loss_weights"] > 0)
+            source = batch["source_ids"] if len(self.sources) > 1 else np.zeros_like(batch["targets"])
+            np.add.at(sizes, source.ravel(), counted.ravel())
+        return sizes
+
+    def values(self, params) -> dict:
+        ce = weight = 0.0
+        for k in range(self.count):
+            c, w = self.eval_fn(params, self.frozen, self.shard_batch(self.batches[k]))
+            ce, weight = ce + np.asarray(c, np.float64), weight + np.asarray(w, np.float64)
+        out = {"loss": float(ce.sum() / max(weight.sum(), 1.0))}
+        if self.bytes is not None:
+            out["bpb"] = float(ce.sum() / math.log(2) / max(self.bytes.sum(), 1.0))
+        if len(self.sources) > 1:
+            for s, name in enumerate(self.sources):
+                out[f"loss/{name}"] = float(ce[s] / max(weight[s], 1.0))
+                if self.bytes is not None:
+                    out[f"bpb/{name}"] = float(ce[s] / math.log(2) / max(self.bytes[s], 1.0))
+        return out
 
     def __call__(self, info: StepInfo) -> None:
-        self.last = self.loss(info.state.params)
-        self.log.log(info.step, {"loss": self.last}, "eval")
+        self.last = self.values(info.state.params)
+        if self.first is None:
+            self.first, self.first_step = self.last, info.step
+        self.log.log(info.step, self.last, "eval")
+
+    def summary(self) -> dict:
+        """The last values; from a run evaluated before its first step, each one's change since then (a rise of
+        the general source's loss is forgetting)."""
+        if self.last is None:
+            return {}
+        out = {"held_out": self.last}
+        if self.first_step == 0:
+            out["held_out_at_step_0"] = self.first
+            out["held_out_change"] = {k: self.last[k] - self.first[k] for k in self.last}
+        return out
 
 
 class Checkpointing:

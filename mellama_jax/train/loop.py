@@ -22,6 +22,7 @@ from mellama_jax import distributed, sharding
 from mellama_jax.config import Config, to_dict
 from mellama_jax.config import ConfigError
 from mellama_jax.data.instruct import InstructSource, instruct_batches
+from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches,
                                        read_manifest)
 from mellama_jax.model import attention
@@ -138,8 +139,9 @@ def train(cfg: Config) -> dict:
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = goodput.timed("checkpoint", Checkpointing(
         mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
-    evaluation = (Evaluation(make_eval_step(trainer), trainer.shard_batch, frozen, eval_ds, cfg.run.eval_batches,
-                             log) if eval_ds is not None else None)
+    evaluation = _evaluation(cfg, trainer, frozen, eval_ds, log) if eval_ds is not None else None
+    if evaluation is not None and start == 0:
+        evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
     timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
     hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, main=pi == 0)
@@ -156,7 +158,8 @@ def train(cfg: Config) -> dict:
                   "skipped_steps": guard.skipped_total, "run_dir": str(run_dir)}
         if step == steps:
             if evaluation is not None:
-                result["eval_loss"] = evaluation.last
+                result["eval_loss"] = evaluation.last["loss"]
+                result.update(evaluation.summary())
             result["export"] = str(export)
         result["goodput"] = goodput.report(step - start, min(redone, step - start), guard.skipped_total)
         log.message(f"{result['status']} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
@@ -174,6 +177,17 @@ PEER_LOST = re.compile(r"Gloo|NCCL|Connection (closed|reset)|heartbeat|task .*(d
 
 def _resume_point(step: int | None) -> str:
     return f"checkpoint {step}" if step is not None else "the start (no checkpoint was saved yet)"
+
+
+def _evaluation(cfg: Config, trainer, frozen, batches, log) -> Evaluation:
+    """Held-out loss, per source of the mixture (pretraining), with bits per byte from the data's tokenizer."""
+    sources = tuple(n for n, w in cfg.data.mixture.items() if w > 0) if cfg.train.mode == "pretrain" else ()
+    tokenizer = Path(cfg.data.path) / "tokenizer.model"
+    token_bytes = Tokenizer.load(tokenizer).token_bytes() if tokenizer.exists() else None
+    extra = ("source_ids",) if len(sources) > 1 else ()
+    return Evaluation(make_eval_step(trainer, max(len(sources), 1)),
+                      functools.partial(trainer.shard_batch, extra=extra), frozen, batches, cfg.run.eval_batches,
+                      log, sources, token_bytes)
 
 
 def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, start: int, main: bool) -> list:

@@ -90,10 +90,11 @@ class Trainer:
     def model(self, params, frozen) -> Llama:
         return nnx.merge(self.graphdef, params, frozen)
 
-    def shard_batch(self, batch: dict) -> dict:
-        """This process's rows of the global batch (numpy) -> global arrays on the mesh."""
+    def shard_batch(self, batch: dict, extra: tuple[str, ...] = ()) -> dict:
+        """This process's rows of the global batch (numpy) -> global arrays on the mesh; `extra`: more (B, T)
+        keys to take along (the evaluation's `source_ids`)."""
         out = {}
-        for k in BATCH_KEYS:
+        for k in BATCH_KEYS + extra:
             local = np.asarray(batch[k], np.float32 if k == "loss_weights" else np.int32)
             shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
             out[k] = jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
@@ -232,17 +233,23 @@ def make_train_step(trainer: Trainer) -> Callable:
     return run
 
 
-def make_eval_step(trainer: Trainer) -> Callable:
-    """`eval(params, frozen, batch) -> (sum of weighted cross-entropy, sum of weights)`, no dropout."""
+def make_eval_step(trainer: Trainer, sources: int = 1) -> Callable:
+    """`eval(params, frozen, batch) -> (weighted cross-entropy sums, weight sums)`, each of shape (sources,):
+    per source, by the batch's `source_ids` (a row's source index on each token) when there are several; no
+    dropout."""
     cfg, mesh = trainer.cfg, trainer.mesh
+    keys = BATCH_KEYS + (("source_ids",) if sources > 1 else ())
 
     def evaluate(params, frozen, batch):
         with nn.logical_axis_rules(cfg.mesh.rules):
             logits = trainer.model(params, frozen)(batch["inputs"], batch["positions"], batch["segment_ids"])
-            ce, _ = token_losses(logits, batch["targets"], batch["loss_weights"])
-            return ce, jnp.sum(batch["loss_weights"])
+            weights = batch["loss_weights"][None]
+            if sources > 1:
+                weights = weights * (batch["source_ids"][None] == jnp.arange(sources)[:, None, None])
+            ce = jax.vmap(lambda w: token_losses(logits, batch["targets"], w)[0])(weights)
+            return ce, jnp.sum(weights, axis=(1, 2))
 
-    batch_sh = {k: trainer.batch_sharding for k in BATCH_KEYS}
+    batch_sh = {k: trainer.batch_sharding for k in keys}
     jitted = jax.jit(evaluate, in_shardings=(trainer.state_shardings.params, trainer.frozen_shardings, batch_sh),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
 
