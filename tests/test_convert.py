@@ -84,6 +84,19 @@ def test_sharded_index_total_size_is_the_tensor_bytes(tmp_path, tokenizer_file):
                     total += int(np.prod(f.get_slice(name).get_shape())) * size
                     names.add(name)
         assert names == set(index["weight_map"]) and index["metadata"]["total_size"] == total
+        # greedy shards, as the shard size promises: each full enough that its successor's first tensor would
+        # not have fitted, and none over the size unless a lone tensor is larger
+        files = sorted(set(index["weight_map"].values()))
+        sizes = []
+        for shard in files:
+            with safe_open(str(out / shard), framework="np") as f:
+                sizes.append([int(np.prod(f.get_slice(n).get_shape())) * size for n in f.keys()])
+        first_of = {shard: next(n for n in index["weight_map"] if index["weight_map"][n] == shard) for shard in files}
+        for k in range(len(files) - 1):
+            with safe_open(str(out / files[k + 1]), framework="np") as f:
+                head = int(np.prod(f.get_slice(first_of[files[k + 1]]).get_shape())) * size
+            assert sum(sizes[k]) + head > 40_000, (dtype, files[k])
+        assert all(sum(s) <= 40_000 or len(s) == 1 for s in sizes)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])

@@ -179,3 +179,29 @@ def test_each_epoch_is_a_new_shuffle_of_every_example(tmp_path, llama2_tokenizer
     for epoch in epochs:  # each epoch: every example exactly once
         assert sorted(epoch) == sorted(r["response"] for r in rows)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
+def test_json_lines_under_a_json_name_are_read(tmp_path):
+    """`datasets`' to_json writes JSON Lines even under a .json name: the reader tells them from a JSON list by
+    the first byte, not by the suffix alone."""
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(3)]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    for name in ("lines.json", "list.json"):
+        report = Report()
+        convs = [c for _, c in read_conversations(tmp_path / name, report)]
+        assert [c.turns[0][1] for c in convs] == [r["output"] for r in rows] and not report.skipped, name
+
+
+def test_packing_fills_a_row_exactly(tmp_path, llama2_tokenizer_path, llama_tok):
+    """Two examples whose tokens add up to seq_len share one row; one token more starts a second row."""
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": "Dose of metformin?", "response": "500 mg twice daily."},
+            {"prompt": "Class of statins?", "response": "HMG-CoA reductase inhibitors."}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    lengths = [len(render(parse_record(r), TEMPLATES["llama2_chat"], llama_tok)[0]) for r in rows]
+    exact = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "exact",
+                                                 seq_len=sum(lengths), pack=True))
+    over = prepare_instruct(InstructDataRequest([path], llama2_tokenizer_path, tmp_path / "over",
+                                                seq_len=sum(lengths) - 1, pack=True, truncation="drop"))
+    assert exact["rows"] == 1 and over["rows"] == 2

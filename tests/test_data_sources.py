@@ -387,3 +387,30 @@ def test_bench_tokenize_times_each_process_and_thread_count(tmp_path, tok):
     assert [(r["workers"], r["threads"]) for r in result["runs"]] == want
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     assert result["tokens"] == sum(len(doc) * n for doc, n in expected(tok, texts).items())
+
+
+# ------------------------------------------------------------------ behaviours the blind mutant round found untested
+
+
+def test_a_not_equal_filter_keeps_rows_without_the_field(tmp_path, tok):
+    """docs/data.md: `where=FIELD!=V` keeps the rows whose FIELD is none of the values, and a row without FIELD
+    is kept (while `where=FIELD=V` drops it)."""
+    rng = np.random.default_rng(4)
+    rows = [{"text": words(rng), "meta": {"kind": k}} for k in ("note", "echo", "note")]
+    rows += [{"text": words(rng)} for _ in range(2)]  # no meta at all
+    (tmp_path / "rows.jsonl").write_bytes(jsonl(rows))
+    spec = f"jsonl:{tmp_path}/rows.jsonl?where=meta.kind!=echo"
+    m = prepare_pretrain(PretrainDataRequest({"c": [spec]}, tok, tmp_path / "out"), progress=False)
+    check(tmp_path / "out", "c", tok, [r["text"] for r in rows if r.get("meta", {}).get("kind") != "echo"], m)
+    spec = f"jsonl:{tmp_path}/rows.jsonl?where=meta.kind=note"
+    m = prepare_pretrain(PretrainDataRequest({"c": [spec]}, tok, tmp_path / "eq"), progress=False)
+    check(tmp_path / "eq", "c", tok, [r["text"] for r in rows if r.get("meta", {}).get("kind") == "note"], m)
+
+
+def test_plain_text_keeps_its_last_document_without_a_trailing_blank_line(tmp_path, tok):
+    rng = np.random.default_rng(5)
+    texts = [words(rng) for _ in range(3)]
+    (tmp_path / "notes.txt").write_text("\n\n".join(texts))  # no newline after the last document
+    m = prepare_pretrain(PretrainDataRequest({"c": [f"txt:{tmp_path}/notes.txt"]}, tok, tmp_path / "out"),
+                         progress=False)
+    check(tmp_path / "out", "c", tok, texts, m)

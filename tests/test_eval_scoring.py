@@ -220,3 +220,14 @@ def test_i2b2_alignment_and_entity_scores_by_hand():
     assert (m["entity_precision"], m["entity_recall"], m["entity_f1"]) == (0.5, 0.5, 0.5)
     assert spans('x <span class="test">CT</span> <span class="foo">y</span>') == [("CT", "test")]
     assert gold_html(["BP", "<", "90"], ["B-test", "O", "O"]) == '<span class="test">BP</span> &lt; 90'
+
+
+def test_gold_html_keeps_adjacent_concepts_of_one_type_apart():
+    """i2b2's BIO tags: a B- tag starts a new concept even right after one of the same type (two problems listed
+    back to back), so the gold HTML has two spans, and seqeval counts two entities."""
+    from mellama_jax.eval.ner_html import gold_html
+
+    tokens = ["fever", "cough", "and", "chest", "pain"]
+    tags = ["B-problem", "B-problem", "O", "B-problem", "I-problem"]
+    assert gold_html(tokens, tags) == ('<span class="problem">fever</span> <span class="problem">cough</span> and '
+                                       '<span class="problem">chest pain</span>')

@@ -123,6 +123,8 @@ def test_run_outputs(reference):
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_keys = {"loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "tokens", "skipped"}
     assert train_keys <= set(next(r for r in records if r["kind"] == "train"))
+    for r in (r for r in records if r["kind"] == "train"):  # a step is the whole batch, all microbatches: 16 x 64
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(16 * 64)
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 6, 12]  # before the first step too: the forgetting probe
     per_source = {f"{m}/{s}" for m in ("loss", "bpb") for s in ("biomedical", "clinical", "general")}
