@@ -275,3 +275,17 @@ def test_bad_predictions_file_gets_one_line_and_writes_nothing(lines, message, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # nothing written
+
+
+def test_eval_score_refuses_a_multi_label_gold_outside_the_choices(tmp_path, capsys):
+    """HoC rows: every gold label must be one of the row's choices, not just one of them."""
+    from mellama_jax.eval.tasks import BLUE_HOC_LABELS
+
+    row = {"task": "hoc", "id": "7", "choices": list(BLUE_HOC_LABELS), "output": "cellular energetics"}
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({**row, "gold": ["cellular energetics", "inducing angiogenesis"]}) + "\n"
+                    + json.dumps({**row, "id": "8", "gold": ["cellular energetics", "cell cycle"]}) + "\n")
+    code = main(["eval", "score", "--task", "hoc", "--predictions", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "predictions.jsonl:2: gold" in err and "not among the choices" in err, err
+    assert not (tmp_path / "out").exists()
