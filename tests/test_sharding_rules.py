@@ -55,3 +55,12 @@ def test_bytes_per_device_of_70b_on_8_devices():
     # fsdp=8 splits every matrix 8 ways; only the (small) norm scales are replicated.
     norms = (2 * 80 + 1) * 8192 * 4
     assert per_device == (68_976_648_192 * 4 - norms) // 8 + norms
+
+
+def test_layouts_put_tpu_slices_on_data_parallelism():
+    """`plan --slices S` / a multi-slice layout: inside a slice the given layout, across slices plain data
+    parallelism over the data-center network (each slice holds a whole replica; only gradients cross slices)."""
+    cfg = load_config(None, sharding.layout_overrides("fsdp=4,tensor=2", slices=3))
+    assert cfg.mesh.ici == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert cfg.mesh.dcn == {"data": 3, "fsdp": 1, "tensor": 1}
+    assert load_config(None, sharding.layout_overrides("data=8")).mesh.dcn == {"data": 1, "fsdp": 1, "tensor": 1}
