@@ -126,3 +126,19 @@ def test_token_bytes_add_up_to_the_texts_utf8_length(llama2_tokenizer_path):
                  "\u6cbb\u7597 \u2014 na\u00efve   spaces", "\U0001F9EA lab"):
         assert sizes[tok.encode(text)].sum() == len((" " + text).encode()), text
     assert sizes[[tok.bos_id, tok.eos_id]].sum() == 0
+
+
+def test_the_destination_rule_by_hand(tmp_path):
+    """--overwrite replaces only an earlier output of the same command; a destination that holds, or lies
+    inside, an input is refused whatever the flags (docs: README, artifacts)."""
+    from mellama_jax.artifacts import atomic_output, check_destination
+
+    with atomic_output(tmp_path / "eval-out", "eval") as out:
+        (out / "summary.json").write_text("{}")
+    with pytest.raises(OutputError, match="holds a 'eval' output; --overwrite replaces only an earlier 'hf-model'"):
+        check_destination(tmp_path / "eval-out", "hf-model", overwrite=True)
+    assert check_destination(tmp_path / "eval-out", "eval", overwrite=True) == (tmp_path / "eval-out").resolve()
+    (tmp_path / "run" / "params").mkdir(parents=True)
+    for dest in (tmp_path / "run", tmp_path / "run" / "params" / "hf"):
+        with pytest.raises(OutputError, match="overlap the input"):
+            check_destination(dest, "hf-model", overwrite=True, inputs=[tmp_path / "run" / "params"])

@@ -43,3 +43,13 @@ def test_70b_on_160_devices_and_13b_on_8():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| 18.19 |" in [l for l in out.stdout.splitlines() if l.startswith("| config")][0]
+
+
+def test_planned_activations_follow_the_microbatch_not_the_global_batch():
+    """Gradient accumulation runs one microbatch at a time: 32 sequences in 4 microbatches hold the activations
+    of 8, as a batch of 8 does, and a quarter of what 32 at once hold (every term is linear in the sequences)."""
+    common = ["model=tiny-gqa", "train.seq_len=32", "train.steps=2", "mesh.ici={data: 2, fsdp: 4, tensor: 1}"]
+    accumulated = analytical(load_config(None, common + ["train.batch_size=32", "train.grad_accum=4"]))
+    small = analytical(load_config(None, common + ["train.batch_size=8"]))
+    whole = analytical(load_config(None, common + ["train.batch_size=32"]))
+    assert accumulated["activations"] == small["activations"] == whole["activations"] // 4
