@@ -111,3 +111,15 @@ def test_option_defaults_are_the_requests_defaults():
                 compared += 1
     assert compared > 80  # the table reaches the requests' defaulted fields
     assert inspect.getsource(cli).count("_request(") - 1 == len(commands)  # every command that builds one
+
+
+def test_generate_takes_temperature_zero_as_greedy():
+    """`--temperature 0` is greedy decoding, as its help says (the default), not a usage error; below 0 is."""
+    import pytest
+
+    from mellama_jax.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--temperature", "0"])
+    assert args.temperature == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--temperature", "-0.5"])
