@@ -7,10 +7,10 @@ Detection order (the first that applies wins, and is logged):
   3. Cloud TPU VM pods (TPU_WORKER_HOSTNAMES / TPU_WORKER_ID, or TPU_ACCELERATOR_TYPE): JAX's own detection
   4. otherwise: a single process, nothing to initialise
 MELLAMA_CPU_DEVICES=N gives each process N simulated CPU devices (development and CI).
-A process that dies is noticed by the others through the coordination service's heartbeat after
-`heartbeat_timeout_seconds` (MELLAMA_HEARTBEAT_TIMEOUT, default 100): each survivor then says so in one line,
-naming where a re-launch resumes (`resume_point`, set by the run), and exits with code 4, where JAX's client
-would abort the process with a stack dump.
+A process that dies is noticed by the others: when a collective fails first (Gloo, NCCL), a survivor says so in
+one line, naming where a re-launch resumes (`resume_point`, set by the run), and exits with code 4 (`peer_lost`);
+otherwise JAX's coordination service aborts it after `heartbeat_timeout_seconds` (MELLAMA_HEARTBEAT_TIMEOUT,
+default 100). (jaxlib's client takes a missed-heartbeat callback, but a Python one fails to receive its status.)
 """
 
 from __future__ import annotations
@@ -38,30 +38,6 @@ def peer_lost(detail: str = "") -> None:
     os._exit(EXIT_PEER_LOST)
 
 
-def _on_missed_heartbeat(*status) -> None:
-    """Called by JAX's distributed client (on its own thread) when the coordination service reports a dead
-    task; JAX's default is to abort the process."""
-    peer_lost(str(status[0]) if status else "")
-
-
-def _initialize_with_our_callback(jax, **kw) -> None:
-    """jax.distributed.initialize, with the client's missed-heartbeat callback ours: JAX does not pass one, so the
-    factory it calls is wrapped for the duration of the call (its keyword is part of jaxlib's client API)."""
-    from jax._src.lib import _jax
-
-    real = _jax.get_distributed_runtime_client
-
-    def client(*args, **kwargs):
-        kwargs.setdefault("missed_heartbeat_callback", _on_missed_heartbeat)
-        return real(*args, **kwargs)
-
-    _jax.get_distributed_runtime_client = client
-    try:
-        jax.distributed.initialize(**kw)
-    finally:
-        _jax.get_distributed_runtime_client = real
-
-
 def detect(env: dict | None = None) -> str:
     env = os.environ if env is None else env
     if env.get("COORDINATOR_ADDRESS") and env.get("NUM_PROCESSES"):
@@ -87,11 +63,11 @@ def initialize(env: dict | None = None) -> str:
         return method
     heartbeat = int(env.get("MELLAMA_HEARTBEAT_TIMEOUT", "100"))
     if method == "env":
-        _initialize_with_our_callback(jax, coordinator_address=env["COORDINATOR_ADDRESS"],
-                                      num_processes=int(env["NUM_PROCESSES"]), process_id=int(env["PROCESS_ID"]),
-                                      heartbeat_timeout_seconds=heartbeat)
+        jax.distributed.initialize(coordinator_address=env["COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["NUM_PROCESSES"]), process_id=int(env["PROCESS_ID"]),
+                                   heartbeat_timeout_seconds=heartbeat)
     else:  # JAX detects SLURM and Cloud TPU pods itself
-        _initialize_with_our_callback(jax, heartbeat_timeout_seconds=heartbeat)
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     _initialized = True
     log.warning("jax.distributed (%s): process %d of %d, %d local / %d global devices", method,
                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from mellama_jax.cli import main
 
 
@@ -30,6 +32,7 @@ def test_info_reports_bad_config(capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 2 minutes, and `make demo` runs the same pipeline; `make test-all` runs it
 def test_demo_runs_the_whole_pipeline(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "demo", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)

@@ -249,6 +249,7 @@ def test_readme_path_runs_on_a_run_with_no_extra_flags(ws):
     assert saved["model"]["num_kv_heads"] == load_config(CONFIG_ROOT / "tiny-pretrain.yaml").model.num_kv_heads
 
 
+@pytest.mark.slow  # 100 s of two conversions and verifies; the verify and export tests cover the pieces
 def test_release_and_import_scripts(ws, tmp_path):
     """convert/: a run to a verified HF release (full, and LoRA as PEFT adapter + merged), and back."""
     repo = Path(__file__).resolve().parents[1]

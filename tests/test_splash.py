@@ -136,10 +136,17 @@ def test_gradient_operands_follow_the_compile_target_not_the_host():
     """One platform function for model code: under a mesh of abstract TPU chips (what `plan --target tpu` compiles
     for on a CPU host) gradient matmuls keep bf16 operands, as the TPU runs them; on the CPU host, fp32 copies."""
     _libtpu_or_skip()
+    import os
+
     from mellama_jax.bench.tpu import topology_devices
     from mellama_jax.model import layers
 
-    devices = topology_devices("v5p:2x2x1")
+    environ = dict(os.environ)  # libtpu's start-up sets TPU_* variables that later runs would take for a pod
+    try:
+        devices = topology_devices("v5p:2x2x1")
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     mesh = jax.sharding.Mesh(np.array(devices).reshape(len(devices)), ("fsdp",))
     with jax.set_mesh(mesh):
         assert layers.target_platform() == "tpu"

@@ -355,6 +355,7 @@ def test_lora_dropout_draws_a_new_mask_every_step():
     assert losses[0.3][0] != losses[0.3][1] and losses[0.3][0] == losses[0.3][2]
 
 
+@pytest.mark.slow  # 23 s; the guard's side is in the default suite (test_train_hooks)
 def test_a_non_finite_step_is_skipped_and_the_run_goes_on(batches):
     """A planted NaN batch (its loss weights): the update is skipped, parameters and optimizer state bit-equal to
     before it, `skipped` = 1; the next batch trains as usual. With skipping off the NaN reaches the parameters."""
