@@ -30,6 +30,7 @@ def test_bench_mesh_reports_each_layout(tmp_path):
     assert markdown(result).count("\n") == 4
 
 
+@pytest.mark.slow  # 29 s; `bench pair` tests time the same steps (make test-all runs it)
 def test_bench_baseline_runs_both_sides():
     result = bench_baseline(BaselineBenchRequest("tiny", seq=32, batch=2, lora_rank=4, warmup=1, steps=2))
     for part in ("full", "lora"):

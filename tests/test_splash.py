@@ -90,6 +90,7 @@ def test_splash_choice_config_and_decoding():
                                   attention.attend(q, k, v, bool_mask, "xla"))
 
 
+@pytest.mark.slow  # 25 s; splash against the reference is checked kernel by kernel above
 def test_train_step_with_splash_equals_xla_under_a_mesh():  # ~25 s of CPU: the splash step interpreted
     """The tiny grouped-query model's real train step (scanned layers, full remat) on 8 devices as data 2 x fsdp
     2 x tensor 2, so splash runs in a shard_map with a quarter of the rows and half of the (KV) heads on each
