@@ -311,6 +311,15 @@ def _bench_decode(args) -> int:
     return 0
 
 
+def _bench_load(args) -> int:
+    import json
+
+    from mellama_jax.bench.load import LoadBenchRequest, bench_load
+
+    print(json.dumps(bench_load(_request(LoadBenchRequest, args)), indent=1))
+    return 0
+
+
 def _generate(args) -> int:
     from mellama_jax.eval.run import GenerateRequest, complete
 
@@ -412,6 +421,11 @@ def _add_generate(sub) -> None:
     gen.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     gen.add_argument("--mesh", help='decode sharded over the devices, e.g. "data=4,tensor=2"')
     gen.add_argument("--adapters", help="a LoRA run's adapters/ directory (--model is then the base)")
+    gen.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                     help="parameters and computation (default bfloat16, as LLaMA2 ships; logits in float32)")
+    gen.add_argument("--truncate", action="store_true",
+                     help="a prompt too long for the model keeps BOS and its last tokens (as `eval` does) instead "
+                          "of being refused")
     gen.set_defaults(func=_generate)
 
 
@@ -438,6 +452,8 @@ def _add_eval(sub) -> None:
     ev.add_argument("--seed", type=int, default=0, help="which few-shot demonstrations are drawn")
     ev.add_argument("--mesh", help='jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
     ev.add_argument("--adapters", help="jax: a LoRA run's adapters/ directory (--model is then the base)")
+    ev.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="both backends: parameters and computation (default bfloat16, as LLaMA2 ships)")
     ev.add_argument("--hf-tokenizer", choices=["sentencepiece", "transformers"], default="sentencepiece",
                     help="hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer")
     bert_help = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
@@ -636,12 +652,23 @@ def _add_bench_compare(bench_sub) -> None:
     bmem.set_defaults(func=_bench_memory)
     bdec = bench_sub.add_parser("decode", help="KV-cache decoding tokens/s beside transformers' generate")
     bdec.add_argument("--model", default="bench-60m", help="model preset (random weights, shared by both)")
-    bdec.add_argument("--batches", type=_positive_list, default=(1, 16), help="comma-separated batch sizes")
+    bdec.add_argument("--batches", type=_positive_list, default=(1, 16, 64), help="comma-separated batch sizes")
+    bdec.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                      help="both sides: parameters and computation")
     bdec.add_argument("--prompt-len", type=POSITIVE, default=64)
     bdec.add_argument("--new-tokens", type=POSITIVE, default=64)
     bdec.add_argument("--repeats", type=POSITIVE, default=5,
                       help="interleaved runs of each side; the best and the median are reported")
     bdec.set_defaults(func=_bench_decode)
+    bload = bench_sub.add_parser("load", help="peak resident memory of `generate` on a bf16 checkpoint vs its size")
+    bload.add_argument("--model", default="llama2-13b", help="model preset whose width is used (random weights)")
+    bload.add_argument("--layers", type=POSITIVE, default=2)
+    bload.add_argument("--meshes", type=_layouts, default="tensor=4;none",
+                       help='";"-separated decoding layouts; none: a single device')
+    bload.add_argument("--devices", type=POSITIVE, default=4, help="simulated CPU devices")
+    bload.add_argument("--dtypes", type=_names, default="bfloat16,float32",
+                       help="comma-separated dtypes the bf16 checkpoint is loaded as")
+    bload.set_defaults(func=_bench_load)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,10 +61,26 @@ def test_bench_pair_interleaves_variants(capsys):
 def test_bench_decode_compares_the_same_tokens():
     from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    result = bench_decode(DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1))
+    result = bench_decode(DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1,
+                                             dtype="float32"))
     for row in result["rows"]:
         assert row["same_tokens"]  # both sides decoded the same greedy continuation
         assert row["ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["hf_tokens_per_s"])
+
+
+def test_bench_load_reports_each_layout_in_a_fresh_process():
+    """`bench load` on a tiny width: every row ran (no error line) and its peaks are real process figures: at
+    least the model, above the once-loaded peak by no more than the decode's own memory."""
+    from mellama_jax.bench.load import GiB, LoadBenchRequest, bench_load
+
+    result = bench_load(LoadBenchRequest("tiny", layers=1, meshes=("tensor=2", "none"), dtypes=("bfloat16",),
+                                         devices=2))
+    assert [(r["mesh"], r["dtype"]) for r in result["rows"]] == [("tensor=2", "bfloat16"), ("none", "bfloat16")]
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert row["loaded_peak_rss_gib"] * GiB > result["model_gib"] * GiB
+        assert row["peak_rss_gib"] >= row["loaded_peak_rss_gib"]
+        assert row["ratio"] == pytest.approx(row["peak_rss_gib"] / result["model_gib"])
 
 
 @pytest.mark.slow

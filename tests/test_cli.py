@@ -70,7 +70,7 @@ def test_option_defaults_are_the_requests_defaults():
     import inspect
 
     from mellama_jax import cli
-    from mellama_jax.bench import attention, decode, memory, mesh, plan, tokenize
+    from mellama_jax.bench import attention, decode, load, memory, mesh, plan, tokenize
     from mellama_jax.cli import build_parser
     from mellama_jax.convert import api, verify
     from mellama_jax.data import instruct, prepare
@@ -84,7 +84,7 @@ def test_option_defaults_are_the_requests_defaults():
         ("bench", "tokenize"): tokenize.TokenizeBenchRequest, ("bench", "mesh"): mesh.MeshBenchRequest,
         ("bench", "pair"): mesh.PairBenchRequest, ("bench", "attention"): attention.AttentionBenchRequest,
         ("bench", "baseline"): mesh.BaselineBenchRequest, ("bench", "memory"): memory.MemoryBenchRequest,
-        ("bench", "decode"): decode.DecodeBenchRequest,
+        ("bench", "decode"): decode.DecodeBenchRequest, ("bench", "load"): load.LoadBenchRequest,
     }
 
     def command(parser, path):

@@ -442,13 +442,18 @@ def test_cli_convert_and_verify(tmp_path, tokenizer_file, capsys):
 
 
 def test_decoding_reads_lora_adapters(lora_run, tmp_path):
-    """generate/eval's JAX backend on base + adapters decodes as transformers does on the merged export."""
+    """generate/eval's JAX backend on base + adapters decodes as transformers does on the merged export, on one
+    device and with base and adapters restored straight into a tensor-parallel mesh."""
     from mellama_jax.eval.run import HFBackend, JaxBackend
 
     _, base, run, _, _ = lora_run
     merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters",
                                      merge=True), progress=False)
     prompts = ["the patient was given", "aspirin"]
-    ours = JaxBackend(base, adapters=run / "adapters").generate(prompts, 8)
-    assert ours == HFBackend(merged).generate(prompts, 8)
-    assert ours != JaxBackend(base).generate(prompts, 8)  # the adapters change the output
+    ours = JaxBackend(base, adapters=run / "adapters", dtype="float32").generate(prompts, 8)
+    assert ours == HFBackend(merged, dtype="float32").generate(prompts, 8)
+    assert ours != JaxBackend(base, dtype="float32").generate(prompts, 8)  # the adapters change the output
+    sharded = JaxBackend(base, adapters=run / "adapters", dtype="float32", mesh="data=4,tensor=2")
+    assert sharded.generate(prompts, 8) == ours
+    lora_b = sharded.model.decoder.layers[0]["attn"]["wq"]["lora_b"].get_value()
+    assert lora_b.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # (rank, heads, head_dim)

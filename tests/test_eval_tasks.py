@@ -235,10 +235,10 @@ def test_few_shot_and_sharded_decoding(tiny_checkpoints, templates, files, tmp_p
     with pytest.raises(ValueError, match="fewer than the 5"):
         few_shot_prefix("mednli", files / "mli_test_v1.jsonl", 5, t)
     plain = evaluate(EvalRequest("hoc", files / "hoc_test.tsv", params, tmp_path / "one", templates,
-                                 max_new_tokens=6, fewshot=1, fewshot_data=files / "hoc_test.tsv"))
+                                 max_new_tokens=6, fewshot=1, fewshot_data=files / "hoc_test.tsv", dtype="float32"))
     sharded = evaluate(EvalRequest("hoc", files / "hoc_test.tsv", params, tmp_path / "mesh", templates,
                                    max_new_tokens=6, fewshot=1, fewshot_data=files / "hoc_test.tsv",
-                                   mesh="data=2,fsdp=2,tensor=2"))
+                                   mesh="data=2,fsdp=2,tensor=2", dtype="float32"))
     outputs = {d: [json.loads(l)["output"] for l in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
                for d in ("one", "mesh")}
     assert outputs["one"] == outputs["mesh"] and plain["macro_f1"] == sharded["macro_f1"]
@@ -279,7 +279,7 @@ def test_pubmed_titles_from_real_abstracts(tiny_checkpoints, tmp_path):
     hf_dir, params = tiny_checkpoints
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     res = {b: evaluate(EvalRequest("pubmed-title", path, m, tmp_path / b, prompts, b, limit=4, batch_size=4,
-                                   max_new_tokens=8)) for b, m in (("jax", params), ("hf", hf_dir))}
+                                   max_new_tokens=8, dtype="float32")) for b, m in (("jax", params), ("hf", hf_dir))}
     assert res["jax"]["rouge1"] == res["hf"]["rouge1"] and 0.0 <= res["jax"]["rouge1"] <= 1.0
     first = json.loads((tmp_path / "jax" / "predictions.jsonl").read_text().splitlines()[0])
     assert first["gold"] == json.loads(path.read_text().splitlines()[0])["title"]

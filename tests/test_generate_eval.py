@@ -165,7 +165,7 @@ def real_vocab_checkpoints(templates, tmp_path_factory):
     """A random tiny model over the LLaMA 2 vocabulary: our checkpoint and its transformers export."""
     root = tmp_path_factory.mktemp("eval-real")
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_tiny_config(2, vocab_size=32000)).eval()
+    hf = LlamaForCausalLM(hf_tiny_config(2, vocab_size=32000, max_position_embeddings=512)).eval()
     hf.save_pretrained(root / "hf")
     shutil.copyfile(SHARED_DATA / "llama2-tokenizer" / "tokenizer.model", root / "hf" / "tokenizer.model")
     params = hf_to_jax(ImportRequest(root / "hf", root / "jax"), progress=False)
@@ -177,11 +177,11 @@ def test_generate_command_text_matches_transformers_and_cuts_at_stop(real_vocab_
     sequence cuts each one before its first occurrence; sampling repeats with its seed."""
     params, exported = real_vocab_checkpoints
     prompts = ["Metformin is", "The patient was admitted with"]
-    r = GenerateRequest(params, prompts, max_new_tokens=8)
+    r = GenerateRequest(params, prompts, max_new_tokens=8, dtype="float32")
     texts = complete(r)
-    assert texts == HFBackend(exported).generate(prompts, 8) and len(texts[0]) >= 4
+    assert texts == HFBackend(exported, dtype="float32").generate(prompts, 8) and len(texts[0]) >= 4
     stop = texts[0][2:4]
-    assert complete(GenerateRequest(params, prompts, max_new_tokens=8, stop=[stop]))[0] == \
+    assert complete(GenerateRequest(params, prompts, max_new_tokens=8, stop=[stop], dtype="float32"))[0] == \
         texts[0][:texts[0].find(stop)]
     sampled = GenerateRequest(params, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     assert complete(sampled) == complete(sampled)
@@ -199,7 +199,7 @@ def test_eval_backends_agree_on_the_real_files(task, data, split, real_vocab_che
     for backend, model in (("jax", params), ("hf", exported)):
         results[backend] = evaluate(EvalRequest(task, SHARED_DATA / data, model, tmp_path / backend, prompts,
                                                 backend, split=SHARED_DATA / split if split else None, limit=4,
-                                                batch_size=2, max_new_tokens=6))
+                                                batch_size=2, max_new_tokens=6, dtype="float32"))
     rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()]
             for b in results}
     assert [r["output"] for r in rows["jax"]] == [r["output"] for r in rows["hf"]]
@@ -229,14 +229,15 @@ def test_eval_model_prompt_wraps_each_whole_prompt_as_the_authors_do(real_vocab_
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     data = SHARED_DATA / "medqa" / "test.jsonl"
     summary = evaluate(EvalRequest("medqa", data, params, tmp_path / "out", prompts, limit=3, batch_size=3,
-                                   max_new_tokens=6, fewshot=1, fewshot_data=data, model_prompt="mellama"))
+                                   max_new_tokens=6, fewshot=1, fewshot_data=data, model_prompt="mellama",
+                                   dtype="float32"))
     assert summary["model_prompt"] == "mellama"
     templates = load_templates(prompts)
     _, examples, entry = load_task("medqa", data, templates)
     prefix = few_shot_prefix("medqa", data, 1, templates)
     wrapped = [mellama_prompt(prefix + render(entry["prompt"], e.fields)) for e in examples[:3]]
     rows = [json.loads(l) for l in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
-    assert [r["output"] for r in rows] == HFBackend(exported).generate(wrapped, 6)
+    assert [r["output"] for r in rows] == HFBackend(exported, dtype="float32").generate(wrapped, 6)
     with pytest.raises(ValueError, match="--model-prompt must be one of"):
         evaluate(EvalRequest("medqa", data, params, tmp_path / "bad", prompts, model_prompt="vicuna"))
 

@@ -15,13 +15,16 @@ class DecodeBenchRequest:
     """One `bench decode` run: what `mellama-jax bench decode` parses, and what `bench_decode` takes."""
 
     model: str = "bench-60m"  # a model preset; random weights, shared by both sides
-    batches: tuple[int, ...] = (1, 16)  # one row per batch size
+    batches: tuple[int, ...] = (1, 16, 64)  # one row per batch size
     prompt_len: int = 64
     new_tokens: int = 64  # every row decodes exactly this many (no EOS)
     repeats: int = 5  # interleaved runs of each side; the best and the median are reported
+    dtype: str = "bfloat16"  # both sides: parameters and computation
 
 
 def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
+    import dataclasses as dc
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,10 +33,11 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     from mellama_jax.convert.hf import load_hf_state_dict
     from mellama_jax.generate import decoder, generate
 
-    cfg = load_model_preset(r.model)
+    cfg = dc.replace(load_model_preset(r.model), param_dtype=r.dtype, dtype=r.dtype)
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()
+    hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()  # initialised in float32, then cast
     ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}), consume=True)
+    hf = hf.to(getattr(torch, r.dtype))
     rng = np.random.default_rng(seed)
     rows = []
     new_tokens = r.new_tokens
@@ -66,6 +70,7 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
             row[f"{name}_tokens_per_s_median"] = batch * new_tokens / float(np.median(seconds))
         row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
         row["same_tokens"] = bool((first == hf_tokens).all())
+        row["same_tokens_fraction"] = float((first == hf_tokens).mean())  # bf16: the two may part ways late
         rows.append(row)
-    return {"model": r.model, "prompt_len": r.prompt_len, "new_tokens": new_tokens,
+    return {"model": r.model, "dtype": r.dtype, "prompt_len": r.prompt_len, "new_tokens": new_tokens,
             "threads": torch.get_num_threads(), "rows": rows}

@@ -88,8 +88,8 @@ def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dic
         (tmp / "summary.md").write_text(markdown([summary]))
 
 
-RUN_KEYS = {"task", "kind", "rule", "backend", "model", "data", "predictions", "fewshot", "model_prompt",
-            "max_new_tokens", "bertscore", "examples_per_s_after_first_batch", "notes"}
+RUN_KEYS = {"task", "kind", "rule", "backend", "model", "data", "predictions", "fewshot", "model_prompt", "dtype",
+            "truncated_prompts", "max_new_tokens", "bertscore", "examples_per_s_after_first_batch", "notes"}
 
 
 def markdown(summaries: list[dict]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -17,36 +18,45 @@ from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templ
 
 
 class JaxBackend:
-    """Our model from a parameter checkpoint (hf-to-jax output or a run's params/), tokenizer beside it."""
+    """Our model from a parameter checkpoint (hf-to-jax output or a run's params/), tokenizer beside it, loaded
+    straight into the decoding mesh (`inference.load_for_decoding`)."""
 
     def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None,
-                 adapters: str | Path | None = None):
+                 adapters: str | Path | None = None, dtype: str = "bfloat16", batch_size: int = 1,
+                 truncate: bool = True):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
-        adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base."""
+        adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base.
+        truncate: cut an over-long prompt as the authors' harness did (`inference.fit_prompt`), else refuse it."""
         from mellama_jax.data.tokenizer import Tokenizer
-        from mellama_jax.generate import decoder
+        from mellama_jax.inference import load_for_decoding
 
         self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
-        model = load_model(params, adapters)
-        self.mesh, self.rules = None, None
-        if mesh:
-            from mellama_jax.config import MeshConfig
-            from mellama_jax.generate import shard_for_decoding
-            from mellama_jax.sharding import make_mesh, parse_layout
-
-            layout = MeshConfig(ici={"data": 1, "fsdp": 1, "tensor": 1, **parse_layout(mesh)})
-            self.mesh, self.rules = make_mesh(layout), layout.rules
-            model = shard_for_decoding(model, self.mesh, self.rules)
-        self.decoder = decoder(model, consume=True)  # the layers sliced once, each stacked weight freed as it is
+        self.model = load_for_decoding(params, adapters, dtype, mesh, batch_size)
+        self.truncate, self.truncated = truncate, 0
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> list[str]:
-        from mellama_jax.generate import generate
-
-        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate(self.decoder, ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed, self.mesh,
-                       self.rules)
+        ids = fitted(self, [self.tokenizer.encode(p, bos=True) for p in prompts], self.model.cfg.max_seq_len,
+                     max_new_tokens)
+        out = self.model.generate(ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed)
         return [continuation(self.tokenizer.decode, p, row) for p, row in zip(ids, out)]
+
+
+def fitted(backend, prompts: list[list[int]], positions: int, max_new_tokens: int) -> list[list[int]]:
+    """Each prompt within the model's positions (`inference.fit_prompt`), counted in `backend.truncated`; with
+    `backend.truncate` off, an over-long prompt is refused in one line instead."""
+    from mellama_jax.inference import fit_prompt
+
+    out = []
+    for i, ids in enumerate(prompts):
+        kept, cut = fit_prompt(ids, positions, max_new_tokens)
+        if cut and not backend.truncate:
+            raise ValueError(f"prompt {i + 1} has {len(ids)} tokens; with {max_new_tokens} new tokens it needs "
+                             f"{len(ids) + max_new_tokens} positions, the model has {positions}: shorten it, lower "
+                             f"--max-new-tokens, or pass --truncate (keeps BOS and its last {len(kept) - 1} tokens)")
+        backend.truncated += cut
+        out.append(kept)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +73,15 @@ class GenerateRequest:
     stop: tuple[str, ...] | list[str] | None = None  # each continuation ends before the first of these
     mesh: str | None = None  # decode sharded over the devices, e.g. "data=4,tensor=2"
     adapters: str | Path | None = None  # a LoRA run's adapters/ over `model`
+    dtype: str = "bfloat16"  # parameters and computation (logits and softmax in float32 either way)
+    truncate: bool = False  # cut a prompt too long for the model as `eval` does, instead of refusing it
 
 
 def complete(r: GenerateRequest) -> list[str]:
     """The continuation of each prompt, cut at the first stop sequence."""
     from mellama_jax.generate import truncate_at_stop
 
-    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters)
+    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate)
     texts = backend.generate(list(r.prompt), r.max_new_tokens, r.temperature, r.top_p, r.seed)
     return [truncate_at_stop(text, r.stop or ()) for text in texts]
 
@@ -91,7 +103,7 @@ class HFBackend:
     [29871, 491]), so on such prompts the two backends see different tokens.
     """
 
-    def __init__(self, hf_dir: str | Path, tokenizer: str = "sentencepiece"):
+    def __init__(self, hf_dir: str | Path, tokenizer: str = "sentencepiece", dtype: str = "bfloat16"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +116,8 @@ class HFBackend:
             self.sp = Tokenizer.load(Path(hf_dir) / "tokenizer.model")
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.truncate, self.truncated = True, 0
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         if self.sp is not None:
@@ -117,7 +130,7 @@ class HFBackend:
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         from mellama_jax.generate import left_pad
 
-        encoded = self._encode(prompts)
+        encoded = fitted(self, self._encode(prompts), self.model.config.max_position_embeddings, max_new_tokens)
         ids, mask = left_pad(encoded, 0)  # LLaMA has no pad token; padded positions are masked
         ids, mask = (self.torch.tensor(a, dtype=self.torch.long, device=self.device) for a in (ids, mask))
         with self.torch.no_grad():
@@ -157,6 +170,7 @@ class EvalRequest:
     fewshot_data: str | Path | None = None
     seed: int = 0  # which few-shot demonstrations are drawn
     mesh: str | None = None  # jax: decode sharded over the devices
+    dtype: str = "bfloat16"  # both backends: parameters and computation
     bertscore_model: str | None = None
     hf_tokenizer: str = "sentencepiece"
     adapters: str | Path | None = None  # jax: a LoRA run's adapters/ over `model`
@@ -176,15 +190,20 @@ def evaluate(r: EvalRequest) -> dict:
     examples = examples[:r.limit] if r.limit else examples
     prefix = few_shot_prefix(r.task, r.fewshot_data, r.fewshot, templates, r.seed)
     max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
-    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters) if r.backend == "jax"
-              else HFBackend(r.model, r.hf_tokenizer))
+    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, r.batch_size) if r.backend == "jax"
+              else HFBackend(r.model, r.hf_tokenizer, r.dtype))
     texts = [wrap_prompt(prefix + render(entry["prompt"], e.fields), r.model_prompt) for e in examples]
     outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
     rows = make_rows(definition, examples, outputs, entry.get("choices"))
     predictions, metrics = score_rows(definition, rows, r.bertscore_model)
     after_first = len(examples) - min(r.batch_size, len(examples))
+    if runner.truncated:
+        print(f"eval: {runner.truncated} of {len(texts)} prompts did not fit the model's positions with "
+              f"{max_new_tokens} new tokens; each kept BOS and its last tokens, as the authors' harness did "
+              "(summary.json: truncated_prompts)", file=sys.stderr)
     run = {"backend": r.backend, "model": str(r.model), "data": str(r.data), "fewshot": r.fewshot,
-           "model_prompt": r.model_prompt, "max_new_tokens": max_new_tokens}
+           "model_prompt": r.model_prompt, "max_new_tokens": max_new_tokens, "dtype": r.dtype,
+           "truncated_prompts": runner.truncated}
     speed = {"examples_per_s": len(examples) / sum(times),
              # the first batch includes JAX's compilation
              "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}

@@ -12,10 +12,12 @@ the previous checkpoints usable. Restores go straight into the current mesh's sh
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -83,14 +85,27 @@ def check_params(path: str | Path, abstract: nnx.State) -> None:
                              "size?)")
 
 
+def _read_budget(path: Path, abstract: nnx.State) -> float:
+    """Orbax's in-flight read budget (GB of 1e9 bytes) for about one tensor at a time: the largest array's elements
+    at the wider of its stored and its target itemsize (a cast read counts in the target's), with a margin."""
+    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+    itemsize = max(np.dtype(x.dtype).itemsize for x in jax.tree.leaves(metadata) + jax.tree.leaves(abstract))
+    largest = max(math.prod(x.shape) for x in jax.tree.leaves(metadata))
+    return 1.25 * largest * itemsize / 1e9
+
+
 def load_params(path: str | Path, abstract: nnx.State, shardings: nnx.State) -> nnx.State:
-    """Parameters saved by `save_params` (or `convert hf-to-jax`), restored into the given shardings."""
+    """Parameters saved by `save_params` (or `convert hf-to-jax`), restored into the given shardings, and cast to
+    `abstract`'s dtypes as they are read. Each device receives only its own shards; the host reads about one
+    tensor at a time (`_read_budget`; Orbax's default, 96 GB, would let a 70B load read everything at once), so
+    it never holds a second copy of the model."""
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no parameter checkpoint here")
     target = nnx.to_pure_dict(abstract_like(abstract, shardings))
     try:
-        restored = ocp.StandardCheckpointer().restore(path, target)
+        checkpointer = ocp.StandardCheckpointer(restore_concurrent_gb=_read_budget(path, abstract))
+        restored = checkpointer.restore(path, target)
     except Exception as e:  # orbax reports structure/shape mismatches with assorted exception types
         raise ValueError(f"{path}: cannot restore parameters for this model ({type(e).__name__}: {e})") from None
     state = jax.tree.map(lambda x: x, abstract)  # a copy with the same Variables
