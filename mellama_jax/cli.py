@@ -143,6 +143,20 @@ def _prepare_merge(args) -> int:
     return 0
 
 
+def _prepare_overlap(args) -> int:
+    from mellama_jax.data.overlap import OverlapRequest, find_overlap
+
+    report = find_overlap(_request(OverlapRequest, args))
+    print(f"{report['documents_scanned']:,} documents scanned in {report['seconds']:.1f} s "
+          f"({report['workers']} processes); {report['documents_matched']:,} share a {report['n']}-word window "
+          "with a test example")
+    for task, t in report["tasks"].items():
+        print(f"  {task}: {t['overlapping']:,} of {t['examples']:,} examples overlap ({100 * t['share']:.2f}%); "
+              f"{t['too_short']:,} shorter than {report['n']} words")
+    print(f"wrote {args.out}/overlap.json" + (f" and {report['filtered']}" if "filtered" in report else ""))
+    return 0
+
+
 def _prepare_instruct(args) -> int:
     import json
 
@@ -464,6 +478,8 @@ def _add_eval(sub) -> None:
                          "mellama ('Human: \\n{prompt}\\n\\nAssistant: \\n', for chat models tuned with "
                          "`prepare instruct --template mellama`)")
     ev.add_argument("--overwrite", action="store_true", help="replace an earlier eval output at --out")
+    ev.add_argument("--overlap", help="`prepare overlap`'s overlap.json: also score the examples it found no "
+                                      "training document overlapping (summary.json: clean)")
     ev.add_argument("--bertscore-model", help=bert_help)
     ev.set_defaults(func=_eval)
     # `eval score ...` is rewritten to `eval-score ...` in main(): `eval`'s own options stay as they were
@@ -556,6 +572,20 @@ def _add_prepare(sub) -> None:
     ins.add_argument("--strict", action="store_true")
     ins.add_argument("--overwrite", action="store_true", help="replace an earlier `prepare instruct` output")
     ins.set_defaults(func=_prepare_instruct)
+    ovl = prep_sub.add_parser("overlap", help="benchmark test examples sharing a 13-word window with prepared "
+                                              "pretraining data (contamination); optionally a copy without them")
+    ovl.add_argument("--data", required=True, help="a `prepare pretrain` output")
+    ovl.add_argument("--task", dest="tasks", action="append", required=True, metavar="TASK=FILE",
+                     help="repeatable: a task and the file `eval --task TASK --data FILE` reads")
+    ovl.add_argument("--split", dest="splits", action="append", default=[], metavar="TASK=FILE",
+                     help="PubMedQA: its test split's id -> label file")
+    ovl.add_argument("--prompts", help="the authors' prompt_templates.json (all tasks but i2b2 and bionli)")
+    ovl.add_argument("--out", required=True, help="a new folder for overlap.json")
+    ovl.add_argument("--n", type=POSITIVE, default=13, help="words per window (default 13, GPT-3's)")
+    ovl.add_argument("--workers", type=NON_NEGATIVE, default=0, help="processes scanning shards (0: all cores)")
+    ovl.add_argument("--filtered-out", help="also write a copy of --data without the overlapping documents")
+    ovl.add_argument("--overwrite", action="store_true", help="replace earlier outputs of this command")
+    ovl.set_defaults(func=_prepare_overlap)
 
 
 def _add_bench_speed(bench_sub) -> None:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from mellama_jax.artifacts import atomic_output
+from mellama_jax.data.corpus import BadRecord, read_json_file
 from mellama_jax.eval.ner_html import ner_metrics, spans
 from mellama_jax.eval.scoring import (METRIC_NOTES, classification_metrics, extractive_metrics, first_choice,
                                       labels_in, multilabel_metrics, single_choice, summary_metrics)
@@ -75,6 +76,23 @@ def summarize(task: Task, metrics: dict, run: dict) -> dict:
     return {"task": task.name, "kind": task.kind, "rule": rule_of(task), **run, **metrics, "notes": notes(metrics)}
 
 
+def overlapping_ids(overlap: str | Path, task: str) -> set[str]:
+    """The ids of `task`'s examples that `prepare overlap` found sharing a window with training data."""
+    report = read_json_file(overlap, "not an overlap.json of `prepare overlap`")
+    tasks = report.get("tasks", {}) if isinstance(report, dict) else {}
+    if task not in tasks:
+        raise BadRecord(f"{overlap}: no task {task!r} in this overlap report (it covers {sorted(tasks)})")
+    return set(tasks[task]["overlapping_ids"])
+
+
+def clean_subset(task: Task, rows: list[dict], dirty: set[str], bertscore_model: str | None = None) -> dict:
+    """The metrics on the examples no training document shares a window with (Llama 2's contamination analysis
+    reports them beside the full set): {"examples", "overlapping", metrics}."""
+    clean = [row for row in rows if row["id"] not in dirty]
+    metrics = score_rows(task, clean, bertscore_model)[1] if clean else {}
+    return {"examples": len(clean), "overlapping": len(rows) - len(clean), **metrics}
+
+
 def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dict, inputs=(),
           overwrite: bool = False) -> None:
     """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically, into a new
@@ -85,7 +103,9 @@ def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dic
             for row, p in zip(rows, predictions):
                 f.write(json.dumps({**row, "prediction": p}) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-        (tmp / "summary.md").write_text(markdown([summary]))
+        clean = summary.get("clean")
+        rows_md = [summary] + ([{**summary, **clean, "task": f"{summary['task']} (clean)"}] if clean else [])
+        (tmp / "summary.md").write_text(markdown(rows_md))
 
 
 RUN_KEYS = {"task", "kind", "rule", "backend", "model", "data", "predictions", "fewshot", "model_prompt", "dtype",

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mellama_jax.artifacts import check_destination, load_model, require_tokenizer
-from mellama_jax.eval.report import make_rows, score_rows, summarize, write
+from mellama_jax.eval.report import clean_subset, make_rows, overlapping_ids, score_rows, summarize, write
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
 
 
@@ -179,12 +179,14 @@ class EvalRequest:
     # the format our chat-LoRA recipes tune in; docs/evaluation.md)
     model_prompt: str = "none"
     overwrite: bool = False  # replace an earlier eval output at `out`
+    overlap: str | Path | None = None  # `prepare overlap`'s overlap.json: metrics on the clean subset too
 
 
 def evaluate(r: EvalRequest) -> dict:
     inputs = [r.data, r.split, r.fewshot_data]
     wrap_prompt("", r.model_prompt)  # an unknown wrapper fails here, before the model loads
     check_destination(r.out, "eval", r.overwrite, inputs)  # before hours of decoding, not after
+    dirty = overlapping_ids(r.overlap, r.task) if r.overlap else set()
     templates = load_templates(r.prompts)
     definition, examples, entry = load_task(r.task, r.data, templates, r.split)
     examples = examples[:r.limit] if r.limit else examples
@@ -208,6 +210,8 @@ def evaluate(r: EvalRequest) -> dict:
              # the first batch includes JAX's compilation
              "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
     summary = {**summarize(definition, metrics, run), **speed}
+    if r.overlap:
+        summary["clean"] = {"report": str(r.overlap), **clean_subset(definition, rows, dirty, r.bertscore_model)}
     write(r.out, rows, predictions, summary, inputs=inputs, overwrite=r.overwrite)
     return summary
 

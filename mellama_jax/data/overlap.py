@@ -1,0 +1,242 @@
+"""`prepare overlap`: which benchmark test examples share a long n-gram with the training data, and optionally a
+copy of the prepared pretraining data without the documents they share it with.
+
+The rule is GPT-3's (Brown et al. 2020, appendix C): text lower-cased, everything but letters and digits turned
+into spaces, split into words; an example overlaps when any of its 13-word windows occurs in a training document.
+Words rather than tokens make the rule independent of the tokenizer and blind to case, punctuation and spacing,
+which copies of a benchmark in a web or PubMed dump differ in; Llama 2's token-level rule (skip-grams allowing
+mismatches, over a percentage of the example) needs the raw tokens of both sides and is tuned to their tokenizer.
+An example with fewer than n words has no window and counts as clean (reported as `too_short`).
+
+The test side is small: each window of each example is hashed (64 bits from crc32s of its words) into one sorted
+array; a hit is confirmed on the words themselves, so a hash collision cannot report an overlap. The training side
+is read in pieces of `CHUNK` documents by worker processes (each decodes its documents with the dataset's
+tokenizer and looks their windows up by binary search), so memory stays at one document per worker plus the test
+windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mellama_jax.artifacts import atomic_output, check_destination
+from mellama_jax.data.corpus import BadRecord
+
+WORD = re.compile(r"[^\W_]+")  # letters and digits; all else separates words
+PRIME = np.uint64(1099511628211)
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def window_hashes(ws: list[str], n: int) -> np.ndarray:
+    """A 64-bit hash of each n-word window (a polynomial over the words' crc32s; wraps modulo 2^64)."""
+    if len(ws) < n:
+        return np.zeros(0, np.uint64)
+    ids = np.array([zlib.crc32(w.encode()) for w in ws], np.uint64)
+    h = np.zeros(len(ws) - n + 1, np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * PRIME + ids[k:len(ws) - n + 1 + k]
+    return h
+
+
+@dataclasses.dataclass
+class TestSide:
+    """Every window of every example: hashes (sorted) and, for each hash, the (task, example, words) it came from."""
+
+    n: int
+    hashes: np.ndarray
+    owners: dict  # hash -> [(task, example index, window words)]
+
+
+def test_side(examples: dict[str, list[str]], n: int) -> TestSide:
+    owners: dict[int, list] = {}
+    for task, texts in examples.items():
+        for i, text in enumerate(texts):
+            ws = words(text)
+            for j, h in enumerate(window_hashes(ws, n).tolist()):
+                owners.setdefault(h, []).append((task, i, tuple(ws[j:j + n])))
+    return TestSide(n, np.array(sorted(owners), np.uint64), owners)
+
+
+_SIDE: TestSide | None = None
+_TOKENIZER = None
+
+
+def _init(side: TestSide, tokenizer_proto: bytes) -> None:
+    global _SIDE, _TOKENIZER
+    from mellama_jax.data.tokenizer import Tokenizer
+
+    _SIDE, _TOKENIZER = side, Tokenizer(tokenizer_proto)
+
+
+CHUNK = 1000  # documents per unit of work, so that one big shard still spreads over the processes
+
+
+def scan_records(directory: str, source: str, shard: str, dtype: str, start: int, stop: int) -> tuple[int, list]:
+    """(documents read, [(task, example index, source, shard, record)]) for records [start, stop) of a shard."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    side, hits = _SIDE, []
+    reader = ArrayRecordReader(str(Path(directory) / source / f"{shard}.arrayrecord"))
+    stop = min(stop, reader.num_records())
+    for record in range(start, stop):
+        ws = words(_TOKENIZER.decode(np.frombuffer(reader.read([record])[0], dtype).tolist()))
+        h = window_hashes(ws, side.n)
+        at = np.minimum(np.searchsorted(side.hashes, h), max(len(side.hashes) - 1, 0))
+        found = np.flatnonzero(side.hashes[at] == h) if len(side.hashes) else np.zeros(0, int)
+        seen = set()
+        for j in found.tolist():
+            window = tuple(ws[j:j + side.n])
+            for task, i, owner_window in side.owners[int(h[j])]:
+                if owner_window == window and (task, i) not in seen:
+                    seen.add((task, i))
+                    hits.append((task, i, source, shard, record))
+    reader.close()
+    return max(stop - start, 0), hits
+
+
+def _records(data: Path, source: str, shard: str) -> int:
+    return len(np.load(data / source / f"{shard}.lengths.npy"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlapRequest:
+    """One `prepare overlap` run: what `mellama-jax prepare overlap` parses, and what `find_overlap` takes."""
+
+    data: str | Path  # a `prepare pretrain` output
+    tasks: tuple[str, ...]  # "TASK=FILE" (the files `eval --task TASK --data FILE` reads)
+    out: str | Path  # a new folder for overlap.json
+    splits: tuple[str, ...] = ()  # "TASK=FILE": PubMedQA's id -> label file
+    prompts: str | Path | None = None  # the authors' prompt_templates.json (tasks other than i2b2 and bionli)
+    n: int = 13
+    workers: int = 0  # processes scanning shards; 0: one per core
+    filtered_out: str | Path | None = None  # also write a copy of `data` without the overlapping documents
+    overwrite: bool = False
+
+
+def _pairs(items, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        if "=" not in item:
+            raise BadRecord(f"{what} {item!r}: expected TASK=FILE")
+        task, path = item.split("=", 1)
+        pairs[task] = path
+    return pairs
+
+
+def task_texts(r: OverlapRequest) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each task's example texts (its template fields, joined) and ids."""
+    from mellama_jax.eval.tasks import load_task, load_templates
+
+    templates, splits = load_templates(r.prompts), _pairs(r.splits, "--split")
+    texts, ids = {}, {}
+    for task, path in _pairs(r.tasks, "--task").items():
+        _, examples, _ = load_task(task, path, templates, splits.get(task))
+        texts[task] = [" ".join(str(v) for v in e.fields.values()) for e in examples]
+        ids[task] = [e.id for e in examples]
+    return texts, ids
+
+
+def find_overlap(r: OverlapRequest) -> dict:
+    from mellama_jax.data.pretrain import read_manifest
+
+    if r.n < 1:
+        raise BadRecord(f"--n {r.n}: a window needs at least one word")
+    data = Path(r.data)
+    manifest = read_manifest(data, "mellama-pretrain-v1")
+    check_destination(r.out, "overlap", r.overwrite, [data])
+    if r.filtered_out:
+        check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data])
+    texts, ids = task_texts(r)
+    side = test_side(texts, r.n)
+    units = [(source, shard, start, start + CHUNK) for source, entry in manifest["sources"].items()
+             for shard in entry["shards"] for start in range(0, _records(data, source, shard), CHUNK)]
+    workers = r.workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    documents, hits = 0, []
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_init,
+                             initargs=(side, (data / "tokenizer.model").read_bytes())) as pool:
+        futures = [pool.submit(scan_records, str(data), *unit[:2], manifest["token_dtype"], *unit[2:])
+                   for unit in units]
+        for future in futures:
+            count, found = future.result()
+            documents += count
+            hits.extend(found)
+    seconds = time.perf_counter() - started
+    report = {"rule": f"GPT-3's: lower-cased words of letters and digits, {r.n}-word windows", "n": r.n,
+              "data": str(data), "documents_scanned": documents, "seconds": seconds,
+              "documents_per_s": documents / seconds if seconds else None, "workers": workers,
+              "documents_matched": len({(s, sh, rec) for _, _, s, sh, rec in hits}),
+              # peak resident memory of this process and of the largest worker (a worker's figure exists once the
+              # pool has ended, here)
+              "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
+              "tasks": {}}
+    for task, task_ids in ids.items():
+        mine = sorted({(i, s, sh, rec) for t, i, s, sh, rec in hits if t == task})
+        dirty = sorted({i for i, *_ in mine})
+        report["tasks"][task] = {
+            "examples": len(task_ids), "overlapping": len(dirty), "share": len(dirty) / len(task_ids),
+            "too_short": sum(len(words(t)) < r.n for t in texts[task]),
+            "overlapping_ids": [task_ids[i] for i in dirty],
+            "matches": [{"id": task_ids[i], "source": s, "document": f"{s}/{sh}#{rec}"} for i, s, sh, rec in mine]}
+    with atomic_output(r.out, "overlap", r.overwrite, [data]) as tmp:
+        (tmp / "overlap.json").write_text(json.dumps(report, indent=1))
+    if r.filtered_out:
+        drop = {(s, sh, rec) for _, _, s, sh, rec in hits}
+        report["filtered"] = str(write_filtered(data, manifest, drop, r.filtered_out, r.overwrite))
+    return report
+
+
+KIND_FILTERED = "prepare-pretrain"  # the filtered copy is a prepared dataset like any other
+
+
+def write_filtered(data: Path, manifest: dict, drop: set, out: str | Path, overwrite: bool) -> Path:
+    """A copy of the prepared dataset `data` without the records in `drop` ((source, shard, record)); its
+    manifest counts what is left and how many documents each source lost (`overlap_removed`)."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    dtype = np.dtype(manifest["token_dtype"])
+    manifest = json.loads(json.dumps(manifest))
+    with atomic_output(out, KIND_FILTERED, overwrite, [data]) as tmp:
+        for name in ("tokenizer.model", "plan.json"):
+            if (data / name).exists():
+                shutil.copyfile(data / name, tmp / name)
+        for source, entry in manifest["sources"].items():
+            (tmp / source).mkdir()
+            removed = tokens = documents = 0
+            for shard in entry["shards"]:
+                reader = ArrayRecordReader(str(data / source / f"{shard}.arrayrecord"))
+                writer = ArrayRecordWriter(str(tmp / source / f"{shard}.arrayrecord"), "group_size:1")
+                lengths = []
+                for record in range(reader.num_records()):
+                    if (source, shard, record) in drop:
+                        removed += 1
+                        continue
+                    raw = reader.read([record])[0]
+                    writer.write(raw)
+                    lengths.append(len(raw) // dtype.itemsize)
+                writer.close()
+                reader.close()
+                np.save(tmp / source / f"{shard}.lengths.npy", np.array(lengths, np.int32))
+                if (data / source / f"{shard}.done.json").exists():
+                    shutil.copyfile(data / source / f"{shard}.done.json", tmp / source / f"{shard}.done.json")
+                documents, tokens = documents + len(lengths), tokens + sum(lengths)
+            entry.update(documents=documents, tokens=tokens, overlap_removed=removed)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return Path(out)
