@@ -574,7 +574,7 @@ def _add_prepare(sub) -> None:
     ins.set_defaults(func=_prepare_instruct)
     ovl = prep_sub.add_parser("overlap", help="benchmark test examples sharing a 13-word window with prepared "
                                               "pretraining data (contamination); optionally a copy without them")
-    ovl.add_argument("--data", required=True, help="a `prepare pretrain` output")
+    ovl.add_argument("--data", required=True, help="a `prepare pretrain` or `prepare instruct` output")
     ovl.add_argument("--task", dest="tasks", action="append", required=True, metavar="TASK=FILE",
                      help="repeatable: a task and the file `eval --task TASK --data FILE` reads")
     ovl.add_argument("--split", dest="splits", action="append", default=[], metavar="TASK=FILE",

@@ -127,3 +127,21 @@ def test_eval_scores_the_clean_subset_beside_the_full_set(planted, demo_data, tm
     with pytest.raises(Exception, match="no task 'mednli' in this overlap report"):
         evaluate(EvalRequest("mednli", test, params, tmp_path / "eval2", max_new_tokens=4,
                              overlap=tmp_path / "report" / "overlap.json"))
+
+
+def test_instruction_data_is_scanned_too(planted, demo_data, tmp_path):
+    """A prepared instruction set: the example whose response quotes A is found (row 1); a filtered copy is
+    refused in one line (instruction data are re-prepared from their inputs instead)."""
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
+
+    _, test = planted
+    records = [{"instruction": "Say hello.", "input": "", "output": "Hello."},
+               {"instruction": "Summarise the finding.", "input": "", "output": A.upper() + "."}]
+    (tmp_path / "ins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_instruct(InstructDataRequest([tmp_path / "ins.jsonl"], demo_data / "tok", tmp_path / "ins", 256))
+    report = find_overlap(OverlapRequest(tmp_path / "ins", (f"bionli={test}",), tmp_path / "report", workers=1))
+    assert report["tasks"]["bionli"]["matches"] == [{"id": "a", "source": "instruct",
+                                                     "document": "instruct/examples#1"}]
+    with pytest.raises(Exception, match="--filtered-out copies pretraining data"):
+        find_overlap(OverlapRequest(tmp_path / "ins", (f"bionli={test}",), tmp_path / "r2", workers=1,
+                                    filtered_out=tmp_path / "clean"))

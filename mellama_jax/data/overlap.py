@@ -87,15 +87,24 @@ def _init(side: TestSide, tokenizer_proto: bytes) -> None:
 CHUNK = 1000  # documents per unit of work, so that one big shard still spreads over the processes
 
 
-def scan_records(directory: str, source: str, shard: str, dtype: str, start: int, stop: int) -> tuple[int, list]:
-    """(documents read, [(task, example index, source, shard, record)]) for records [start, stop) of a shard."""
+def _token_ids(raw: bytes, dtype: str) -> list[int]:
+    """A record's token ids: a pretraining document's tokens, or row 0 of an instruction record (ids, weights,
+    segments as int32)."""
+    if dtype == "instruct":
+        return np.frombuffer(raw, np.int32).reshape(3, -1)[0].tolist()
+    return np.frombuffer(raw, dtype).tolist()
+
+
+def scan_records(path: str, source: str, shard: str, dtype: str, start: int, stop: int) -> tuple[int, list]:
+    """(documents read, [(task, example index, source, shard, record)]) for records [start, stop) of a file."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    side, hits = _SIDE, []
-    reader = ArrayRecordReader(str(Path(directory) / source / f"{shard}.arrayrecord"))
+    side, hits, read = _SIDE, [], 0
+    reader = ArrayRecordReader(path)
     stop = min(stop, reader.num_records())
     for record in range(start, stop):
-        ws = words(_TOKENIZER.decode(np.frombuffer(reader.read([record])[0], dtype).tolist()))
+        read += 1
+        ws = words(_TOKENIZER.decode(_token_ids(reader.read([record])[0], dtype)))
         h = window_hashes(ws, side.n)
         at = np.minimum(np.searchsorted(side.hashes, h), max(len(side.hashes) - 1, 0))
         found = np.flatnonzero(side.hashes[at] == h) if len(side.hashes) else np.zeros(0, int)
@@ -107,25 +116,31 @@ def scan_records(directory: str, source: str, shard: str, dtype: str, start: int
                     seen.add((task, i))
                     hits.append((task, i, source, shard, record))
     reader.close()
-    return max(stop - start, 0), hits
+    return read, hits
 
 
-def _records(data: Path, source: str, shard: str) -> int:
-    return len(np.load(data / source / f"{shard}.lengths.npy"))
+def _files(data: Path, manifest: dict) -> list[tuple[str, str, str, str, int]]:
+    """(path, source, shard, record format, records) of each file of a prepared directory: a pretraining
+    dataset's shards, or an instruction dataset's one file (source "instruct")."""
+    if manifest.get("format") == "mellama-instruct-v1":
+        return [(str(data / "examples.arrayrecord"), "instruct", "examples", "instruct", manifest["rows"])]
+    return [(str(data / source / f"{shard}.arrayrecord"), source, shard, manifest["token_dtype"],
+             len(np.load(data / source / f"{shard}.lengths.npy")))
+            for source, entry in manifest["sources"].items() for shard in entry["shards"]]
 
 
 @dataclasses.dataclass(frozen=True)
 class OverlapRequest:
     """One `prepare overlap` run: what `mellama-jax prepare overlap` parses, and what `find_overlap` takes."""
 
-    data: str | Path  # a `prepare pretrain` output
+    data: str | Path  # a `prepare pretrain` (or `prepare instruct`) output
     tasks: tuple[str, ...]  # "TASK=FILE" (the files `eval --task TASK --data FILE` reads)
     out: str | Path  # a new folder for overlap.json
     splits: tuple[str, ...] = ()  # "TASK=FILE": PubMedQA's id -> label file
     prompts: str | Path | None = None  # the authors' prompt_templates.json (tasks other than i2b2 and bionli)
     n: int = 13
     workers: int = 0  # processes scanning shards; 0: one per core
-    filtered_out: str | Path | None = None  # also write a copy of `data` without the overlapping documents
+    filtered_out: str | Path | None = None  # pretraining data: also write a copy without the overlapping documents
     overwrite: bool = False
 
 
@@ -158,21 +173,25 @@ def find_overlap(r: OverlapRequest) -> dict:
     if r.n < 1:
         raise BadRecord(f"--n {r.n}: a window needs at least one word")
     data = Path(r.data)
-    manifest = read_manifest(data, "mellama-pretrain-v1")
+    manifest = read_manifest(data)
+    if manifest.get("format") not in ("mellama-pretrain-v1", "mellama-instruct-v1"):
+        raise BadRecord(f"{data}/manifest.json: not a `prepare pretrain` or `prepare instruct` output")
     check_destination(r.out, "overlap", r.overwrite, [data])
+    if r.filtered_out and manifest["format"] != "mellama-pretrain-v1":
+        raise BadRecord(f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
+                        "overlap.json names from the inputs and prepare them again")
     if r.filtered_out:
         check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data])
     texts, ids = task_texts(r)
     side = test_side(texts, r.n)
-    units = [(source, shard, start, start + CHUNK) for source, entry in manifest["sources"].items()
-             for shard in entry["shards"] for start in range(0, _records(data, source, shard), CHUNK)]
+    units = [(path, source, shard, kind, start, start + CHUNK)
+             for path, source, shard, kind, count in _files(data, manifest) for start in range(0, count, CHUNK)]
     workers = r.workers or os.cpu_count() or 1
     started = time.perf_counter()
     documents, hits = 0, []
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_init,
                              initargs=(side, (data / "tokenizer.model").read_bytes())) as pool:
-        futures = [pool.submit(scan_records, str(data), *unit[:2], manifest["token_dtype"], *unit[2:])
-                   for unit in units]
+        futures = [pool.submit(scan_records, *unit) for unit in units]
         for future in futures:
             count, found = future.result()
             documents += count
