@@ -2,6 +2,7 @@
 
 import statistics
 
+import numpy as np
 import pytest
 
 from mellama_jax.bench.mesh import BaselineBenchRequest, MeshBenchRequest, bench_baseline, bench_mesh, markdown
@@ -122,3 +123,18 @@ def test_bench_trace_sums_device_kernels_by_category(tmp_path):
         json.dump({"traceEvents": events[1:2] + events[-1:]}, f)
     with pytest.raises(ValueError, match="no device kernels"):
         summarize(path)
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b", "llama2-70b"])
+def test_matmul_weights_counted_are_the_models_kernels(preset):
+    """The FLOPs formula's weights against the model itself: every projection kernel and the LM head of the
+    abstract model (no memory), GQA included (70B: 8 KV heads of 64), embedding and norms excluded."""
+    from flax import nnx
+
+    from mellama_jax.model import init_abstract
+
+    cfg = load_model_preset(preset)
+    state = nnx.state(init_abstract(cfg), nnx.Param)
+    kernels = sum(int(np.prod(v.shape)) for path, v in nnx.to_flat_state(state) if path[-1] == "kernel")
+    assert flops.matmul_params(cfg) == kernels
+    assert preset != "llama2-7b" or kernels == 6_738_415_616 - 32000 * 4096 - 65 * 4096  # Meta's 7B count

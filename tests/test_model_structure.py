@@ -188,3 +188,21 @@ def test_lora_adds_alpha_over_rank_times_a_b(rng):
     got, ref = np.asarray(with_lora(ids)), np.asarray(plain(ids))
     assert np.abs(ref - np.asarray(_lora_and_base(cfg, lora)[2](ids))).max() > 1e-2  # the adapters matter
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+
+def test_lora_backward_matches_autodiff_of_its_formula(rng):
+    """The adapter's own backward against jax.grad of scale * (x @ a) @ b written plainly in fp32, with both
+    factors non-zero and a scale (alpha / rank) other than 1, so that each gradient's factor of scale shows."""
+    from mellama_jax.model.layers import lora_delta
+
+    x, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((6, 8), (8, 2), (2, 5)))
+    weights = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    scale = 2.5
+
+    def loss(fn):
+        return lambda x, a, b: jnp.sum(weights * fn(x, a, b))
+
+    ours = jax.grad(loss(lambda x, a, b: lora_delta(x, a, b, scale, jnp.float32)), argnums=(0, 1, 2))(x, a, b)
+    ref = jax.grad(loss(lambda x, a, b: scale * (x @ a) @ b), argnums=(0, 1, 2))(x, a, b)
+    for got, want in zip(ours, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

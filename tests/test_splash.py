@@ -153,6 +153,38 @@ def test_gradient_operands_follow_the_compile_target_not_the_host():
         assert layers.target_platform() == "tpu"
         assert layers.gradient_operand_dtype(jnp.bfloat16) == jnp.bfloat16
     assert layers.gradient_operand_dtype(jnp.bfloat16) == jnp.float32  # this CPU host
+    # the program itself: the train step (bf16 compute) lowered for the TPU chips multiplies bf16 operands in every
+    # dot, forward (10) and gradients (20); lowered for this host's CPUs the 20 gradient dots take fp32 copies
+    tpu, cpu = (_dot_operand_types(_lowered_train_step(d)) for d in (devices, jax.devices()[:len(devices)]))
+    assert tpu == {("bf16", "bf16"): 30}
+    assert cpu == {("bf16", "bf16"): 10, ("f32", "f32"): 20}
+
+
+def _lowered_train_step(devices) -> str:
+    """The StableHLO of tiny-gqa's train step in bf16 (xla attention), lowered for `devices` as `plan` does."""
+    from mellama_jax import sharding
+    from mellama_jax.config import load_config
+    from mellama_jax.train.checkpoint import abstract_like
+    from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
+
+    cfg = load_config(None, ["model=tiny-gqa", "model.dtype=bfloat16", "model.attention=xla", "train.seq_len=64",
+                             "train.batch_size=4", "train.steps=2", "mesh.ici={data: 1, fsdp: -1, tensor: 1}"])
+    trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+    state, frozen = jax.eval_shape(init)
+    batch = {k: jax.ShapeDtypeStruct((4, 64), jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    with jax.set_mesh(trainer.mesh):
+        return make_train_step(trainer).jitted.lower(abstract_like(state, trainer.state_shardings),
+                                                     abstract_like(frozen, trainer.frozen_shardings), batch).as_text()
+
+
+def _dot_operand_types(stablehlo: str) -> dict:
+    """{(lhs element type, rhs element type): count} over the module's dot_generals."""
+    import collections
+    import re
+
+    found = re.findall(r"stablehlo.dot_general[^\n]*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)", stablehlo)
+    return dict(collections.Counter((a.split("x")[-1], b.split("x")[-1]) for a, b in found))
 
 
 def test_plan_target_tpu_without_libtpu_says_which_extra(monkeypatch, capsys):
