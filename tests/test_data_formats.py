@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from data_helpers import tiny_tokenizer, write_corpus
-from mellama_jax.artifacts import OutputError
+from mellama_jax.artifacts import OutputError, check_destination
 from mellama_jax.config import CONFIG_ROOT
 from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.instruct import (Conversation, InstructDataRequest, InstructSource, prepare_instruct,
@@ -142,3 +142,13 @@ def test_the_destination_rule_by_hand(tmp_path):
     for dest in (tmp_path / "run", tmp_path / "run" / "params" / "hf"):
         with pytest.raises(OutputError, match="overlap the input"):
             check_destination(dest, "hf-model", overwrite=True, inputs=[tmp_path / "run" / "params"])
+
+
+def test_an_existing_empty_folder_is_a_new_destination(tmp_path):
+    """A folder made ahead (empty, as `mkdir -p` or a scheduler leaves it) takes any command's output without
+    --overwrite; one holding a file does not."""
+    (tmp_path / "made").mkdir()
+    assert check_destination(tmp_path / "made", "eval") == (tmp_path / "made").resolve()
+    (tmp_path / "made" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        check_destination(tmp_path / "made", "eval")

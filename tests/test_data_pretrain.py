@@ -218,3 +218,16 @@ def test_resume_from_iterator_state_in_a_new_process(corpus, processes):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         pretrain_batches(tmp_path, {"a": 1}, 32, 8)
+
+
+def test_rerun_prepares_again_a_shard_whose_input_changed(tmp_path):
+    """A re-run into the same folder reuses a finished shard only while its input is the one it was made from:
+    after the file gains two documents, the shard is written again and the manifest counts them."""
+    rng = np.random.default_rng(1)
+    tok = tiny_tokenizer(tmp_path / "tok")
+    path = write_corpus(tmp_path, "clinical", 20, rng)
+    request = PretrainDataRequest({"clinical": [path]}, tok, tmp_path / "out")
+    assert prepare_pretrain(request, progress=False)["sources"]["clinical"]["documents"] == 20
+    with open(path, "a") as f:
+        f.write("".join(json.dumps({"text": f"one more clinical note number {i}"}) + "\n" for i in range(2)))
+    assert prepare_pretrain(request, progress=False)["sources"]["clinical"]["documents"] == 22

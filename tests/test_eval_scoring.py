@@ -231,3 +231,12 @@ def test_gold_html_keeps_adjacent_concepts_of_one_type_apart():
     tags = ["B-problem", "B-problem", "O", "B-problem", "I-problem"]
     assert gold_html(tokens, tags) == ('<span class="problem">fever</span> <span class="problem">cough</span> and '
                                        '<span class="problem">chest pain</span>')
+
+
+def test_alignment_continues_a_split_gold_word_inside_its_entity():
+    """The output splits the gold word "CTscan" (B-test) into "CT" and "scan": "CT" pairs with the word's start,
+    and its rest "scan" continues the same entity (I-test), not a second one (which would make seqeval count two
+    gold entities)."""
+    pred, gold = align(read_html('<span class="test">CT</span>scan done'),
+                       read_html('<span class="test">CTscan</span> done'))
+    assert (pred, gold) == (["B-test", "O", "O"], ["B-test", "I-test", "O"])

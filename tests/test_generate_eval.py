@@ -290,3 +290,9 @@ def test_eval_score_refuses_a_multi_label_gold_outside_the_choices(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and "predictions.jsonl:2: gold" in err and "not among the choices" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_sequence_at_the_very_start_leaves_nothing():
+    assert truncate_at_stop("Question: next", ["Question:"]) == ""
+    assert truncate_at_stop("\n\nQuestion: next", ["Question:", "\n\n"]) == ""
+    assert truncate_at_stop("no stop here", ["Question:"]) == "no stop here"

@@ -64,3 +64,12 @@ def test_layouts_put_tpu_slices_on_data_parallelism():
     assert cfg.mesh.ici == {"data": 1, "fsdp": 4, "tensor": 2}
     assert cfg.mesh.dcn == {"data": 3, "fsdp": 1, "tensor": 1}
     assert load_config(None, sharding.layout_overrides("data=8")).mesh.dcn == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_ici_minus_one_takes_one_hosts_share_of_the_devices():
+    """16 devices over 2 hosts (dcn data=2): ici's -1 is what is left of one host's 8 devices, here fsdp 4 beside
+    tensor 2; an ici asking for all 16 is refused, naming the 8 available to it."""
+    cfg = MeshConfig(ici={"data": 1, "fsdp": -1, "tensor": 2}, dcn={"data": 2, "fsdp": 1, "tensor": 1})
+    assert sharding.mesh_shape(cfg, 16, 2) == ({"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ConfigError, match="16 devices, but 8 are available"):
+        sharding.mesh_shape(MeshConfig(ici={"data": 1, "fsdp": 8, "tensor": 2}, dcn=cfg.dcn), 16, 2)

@@ -145,6 +145,15 @@ def test_schedule_matches_transformers_cosine_with_warmup():
         hf.step()
 
 
+def test_cosine_schedule_ends_at_its_floor():
+    """min_lr_ratio 0.1, by hand: warmup of 10 steps to 1e-3, then lr = 1e-4 + (1e-3 - 1e-4) (1 + cos(pi t / 90)) / 2
+    over the remaining 90 steps: half way (t = 45) 5.5e-4, at the end exactly the floor 1e-4."""
+    ours = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.1, min_lr_ratio=0.1), 100)
+    assert float(ours(10)) == pytest.approx(1e-3)
+    assert float(ours(55)) == pytest.approx(5.5e-4, rel=1e-5)
+    assert float(ours(100)) == pytest.approx(1e-4, rel=1e-5)
+
+
 def test_weight_decay_spares_norms():
     from mellama_jax.model import init_abstract
     from mellama_jax.train.optimizer import decay_mask
