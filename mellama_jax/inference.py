@@ -4,7 +4,8 @@ the model's positions as the authors' harness did.
 
 Memory per device, counted before anything loads (the arithmetic of `info`: each array's shard under the rule
 table): the parameters; the largest stacked layer weight once more, which `decoder(consume=True)` holds while it
-slices that weight into per-layer copies; and the KV cache for the batch at the full context. Activations are not
+slices that weight into per-layer copies; and the KV cache for the batch, as long as `generate` makes it for the
+longest prompt that fits (its padded width bucket plus the new tokens: `cache_length`). Activations are not
 counted (with flash attention they are small beside these).
 """
 
@@ -19,20 +20,27 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from mellama_jax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig
-from mellama_jax.sharding import bytes_per_device, make_mesh, parse_layout, state_shardings
+from mellama_jax.sharding import _resolve, bytes_per_device, make_mesh, parse_layout, state_shardings
 
 GiB = 1024 ** 3
 AXES = ("data", "fsdp", "tensor")
 DTYPES = ("bfloat16", "float32")
 
 
-def layout_of(text: str | None) -> dict[str, int]:
-    """"tensor=4" -> {"data": 1, "fsdp": 1, "tensor": 4}; None -> one device."""
+def layout_of(text: str | None, devices: int | None = None) -> dict[str, int]:
+    """"tensor=4" -> {"data": 1, "fsdp": 1, "tensor": 4}; None -> one device. An axis of -1 takes the rest of
+    `devices`."""
     layout = {axis: 1 for axis in AXES}
     layout.update(parse_layout(text) if text else {})
     unknown = sorted(set(layout) - set(AXES))
     if unknown:
         raise ConfigError(f"--mesh {text}: unknown axis {unknown[0]} (decoding meshes use {', '.join(AXES)})")
+    if any(v < 1 and v != -1 for v in layout.values()) or list(layout.values()).count(-1) > 1:
+        raise ConfigError(f"--mesh {text}: axis sizes must be positive (or one of them -1: the rest)")
+    if -1 in layout.values():
+        if devices is None:
+            raise ConfigError(f"--mesh {text}: -1 needs the device count")
+        layout = _resolve(layout, devices, "ici")
     return layout
 
 
@@ -79,16 +87,16 @@ def check_fits(cfg: ModelConfig, lora: LoraConfig | None, dtype: str, layout: di
         return
     head = (f"{cfg.name} in {dtype} needs {need / GiB:.1f} GiB per device on {layout_text(layout)} (parameters, "
             f"KV cache for {batch} x {length} positions), a device has {device_bytes / GiB:.1f} GiB")
-    tried = None
+    least = None  # the candidate needing the least memory, for the message when none fits
     for candidate in _candidates(devices):
         try:
             fits = decoding_bytes(cfg, lora, dtype, candidate, rules, batch, length)
         except ConfigError:  # a dimension that does not divide over this layout
             continue
-        tried = (candidate, fits)
         if fits <= device_bytes:
             raise ConfigError(f"{head}: pass --mesh {layout_text(candidate)} ({fits / GiB:.1f} GiB per device)")
-    best = f" (--mesh {layout_text(tried[0])} needs {tried[1] / GiB:.1f} GiB)" if tried else ""
+        least = min(least or (candidate, fits), (candidate, fits), key=lambda c: c[1])
+    best = f" (--mesh {layout_text(least[0])} needs {least[1] / GiB:.1f} GiB)" if least else ""
     raise ConfigError(f"{head}: it does not fit the {devices} devices here{best}; use more devices, a smaller "
                       "--batch-size, or --dtype bfloat16")
 
@@ -115,10 +123,18 @@ class DecodingModel:
         return generate(self.decoder, ids, max_new_tokens, eos_id, temperature, top_p, seed, self.mesh, self.rules)
 
 
+def cache_length(positions: int, max_new_tokens: int) -> int:
+    """The longest KV cache `generate` makes: a prompt cut to the room left (`fit_prompt`), padded to its width
+    bucket, plus the new tokens."""
+    from mellama_jax.generate import bucket
+
+    return bucket(max(positions - max_new_tokens, 1)) + max_new_tokens
+
+
 def load_for_decoding(params: str | Path, adapters: str | Path | None = None, dtype: str = "bfloat16",
-                      mesh: str | None = None, batch: int = 1, length: int | None = None) -> DecodingModel:
+                      mesh: str | None = None, batch: int = 1, max_new_tokens: int = 256) -> DecodingModel:
     """The model of `params` (and `adapters`) in `dtype` on the layout `mesh` ("data=2,tensor=4"; None: this
-    host's first device), after checking it fits there (`check_fits`)."""
+    host's first device), after checking it fits there (`check_fits`) for `batch` rows of `max_new_tokens`."""
     from mellama_jax.artifacts import find_model_config, load_model
     from mellama_jax.generate import decoder
 
@@ -126,10 +142,10 @@ def load_for_decoding(params: str | Path, adapters: str | Path | None = None, dt
         raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     cfg = find_model_config(params)[0]
     lora = find_model_config(adapters)[1] if adapters else None
-    layout = layout_of(mesh)
+    layout = layout_of(mesh, len(jax.devices()))
     rules = MeshConfig().rules
-    check_fits(cfg, lora, dtype, layout, rules, batch, length or cfg.max_seq_len, device_memory(),
-               len(jax.devices()))
+    check_fits(cfg, lora, dtype, layout, rules, batch, cache_length(cfg.max_seq_len, max_new_tokens),
+               device_memory(), len(jax.devices()))
     placed = make_mesh(MeshConfig(ici=layout), jax.devices()) if mesh else None
     model = load_model(params, adapters, cfg, dtype, placed, rules)
     return DecodingModel(decoder(model, consume=True), model.cfg, placed, rules if placed is not None else None)

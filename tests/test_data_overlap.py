@@ -97,6 +97,13 @@ def test_bad_arguments_get_one_line(planted, tmp_path, capsys):
     assert "not a prepared dataset" in capsys.readouterr().err
     assert main(["prepare", "overlap", "--data", str(data), "--task", f"bionli={test}", "--out", str(data)]) == 2
     assert "overlap the input" in capsys.readouterr().err
+    assert main(["prepare", "overlap", "--data", str(data), "--task", f"bionli={test}", "--task", f"bionli={test}",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"tasks": {"bionli": {}}}')
+    assert main(["eval", "--task", "bionli", "--data", str(test), "--model", str(tmp_path), "--out",
+                 str(tmp_path / "e"), "--overlap", str(tmp_path / "bad.json")]) == 2
+    assert "has no list of overlapping_ids" in capsys.readouterr().err
 
 
 def test_eval_scores_the_clean_subset_beside_the_full_set(planted, demo_data, tmp_path):
@@ -118,7 +125,7 @@ def test_eval_scores_the_clean_subset_beside_the_full_set(planted, demo_data, tm
     shutil.copyfile(demo_data / "tok" / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
     params = hf_to_jax(ImportRequest(tmp_path / "hf", tmp_path / "jax"), progress=False)
     summary = evaluate(EvalRequest("bionli", test, params, tmp_path / "eval", max_new_tokens=4, dtype="float32",
-                                   overlap=tmp_path / "report" / "overlap.json"))
+                                   overlap=tmp_path / "report"))  # the folder `prepare overlap` wrote
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     clean = [row for row in rows if row["id"] in ("c", "d", "e")]
     assert summary["clean"]["examples"] == 3 and summary["clean"]["overlapping"] == 2
@@ -145,3 +152,15 @@ def test_instruction_data_is_scanned_too(planted, demo_data, tmp_path):
     with pytest.raises(Exception, match="--filtered-out copies pretraining data"):
         find_overlap(OverlapRequest(tmp_path / "ins", (f"bionli={test}",), tmp_path / "r2", workers=1,
                                     filtered_out=tmp_path / "clean"))
+
+
+def test_a_clean_row_without_clean_examples_shows_no_full_set_figures(tmp_path):
+    """Every example overlapped: the clean row of summary.md must not repeat the full set's accuracy."""
+    from mellama_jax.eval.report import write
+
+    summary = {"task": "bionli", "backend": "jax", "accuracy": 0.75, "examples": 4,
+               "clean": {"examples": 0, "overlapping": 4}}
+    write(tmp_path / "out", [], [], summary)
+    clean_row = next(line for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+                     if line.startswith("| bionli (clean) |"))
+    assert "0.7500" not in clean_row and "skipped" in clean_row

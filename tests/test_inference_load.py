@@ -172,6 +172,20 @@ def test_a_model_too_big_for_one_device_names_the_mesh_that_fits():
     check_fits(cfg, None, "bfloat16", layout_of(None), rules, 1, 4096, None, 8)  # CPU: no limit, no check
 
 
+def test_mesh_layouts_and_cache_length():
+    """-1 takes the rest of the devices; sizes below 1 are refused in one line. The cache `generate` makes for the
+    longest prompt that fits 4096 positions with 256 new tokens: 3840 prompt positions padded to their bucket
+    (4096, the next of 3072, 4096, ...) plus the 256: 4352."""
+    from mellama_jax.generate import bucket
+    from mellama_jax.inference import cache_length
+
+    assert layout_of("tensor=2,fsdp=-1", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    for bad in ("tensor=0", "tensor=-2", "fsdp=-1,data=-1"):
+        with pytest.raises(ConfigError, match="axis sizes must be positive"):
+            layout_of(bad, 8)
+    assert bucket(3840) == 4096 and cache_length(4096, 256) == 4352
+
+
 def test_an_over_long_prompt_keeps_what_the_harness_keeps(eight_heads, tmp_path, capsys):
     """The harness: `tok_encode(context)[max_gen_toks - max_length:]` (lm_eval/base.py:447), the context encoded
     without BOS. With 256 positions and 8 new tokens it keeps the last 248 tokens; ours keeps BOS and the last 247,

@@ -70,7 +70,10 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
             row[f"{name}_tokens_per_s_median"] = batch * new_tokens / float(np.median(seconds))
         row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
         row["same_tokens"] = bool((first == hf_tokens).all())
-        row["same_tokens_fraction"] = float((first == hf_tokens).mean())  # bf16: the two may part ways late
+        # bf16: the two round differently and part ways at a near-tie; the share of each row before that point
+        differs = first != hf_tokens
+        row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens))
+                                              / new_tokens)
         rows.append(row)
     return {"model": r.model, "dtype": r.dtype, "prompt_len": r.prompt_len, "new_tokens": new_tokens,
             "threads": torch.get_num_threads(), "rows": rows}

@@ -91,7 +91,8 @@ def bench_load(r: LoadBenchRequest) -> dict:
                 out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.load", str(ckpt), mesh, dtype],
                                      env=env, capture_output=True, text=True)
                 if out.returncode:
-                    rows.append({"mesh": mesh, "dtype": dtype, "error": out.stderr.strip().splitlines()[-1]})
+                    rows.append({"mesh": mesh, "dtype": dtype,  # a child killed for memory leaves no stderr
+                                 "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]})
                     continue
                 got = json.loads(out.stdout.strip().splitlines()[-1])
                 loaded, peak = got["loaded_peak_rss_bytes"], got["peak_rss_bytes"]

@@ -150,6 +150,8 @@ def _pairs(items, what: str) -> dict[str, str]:
         if "=" not in item:
             raise BadRecord(f"{what} {item!r}: expected TASK=FILE")
         task, path = item.split("=", 1)
+        if task in pairs:
+            raise BadRecord(f"{what} {task}: given twice ({pairs[task]}, {path})")
         pairs[task] = path
     return pairs
 
@@ -181,7 +183,7 @@ def find_overlap(r: OverlapRequest) -> dict:
         raise BadRecord(f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
                         "overlap.json names from the inputs and prepare them again")
     if r.filtered_out:
-        check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data])
+        check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data, r.out])
     texts, ids = task_texts(r)
     side = test_side(texts, r.n)
     units = [(path, source, shard, kind, start, start + CHUNK)
@@ -206,11 +208,12 @@ def find_overlap(r: OverlapRequest) -> dict:
               "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
               "tasks": {}}
+    files = _pairs(r.tasks, "--task")
     for task, task_ids in ids.items():
         mine = sorted({(i, s, sh, rec) for t, i, s, sh, rec in hits if t == task})
         dirty = sorted({i for i, *_ in mine})
         report["tasks"][task] = {
-            "examples": len(task_ids), "overlapping": len(dirty), "share": len(dirty) / len(task_ids),
+            "data": files[task], "examples": len(task_ids), "overlapping": len(dirty), "share": len(dirty) / len(task_ids),
             "too_short": sum(len(words(t)) < r.n for t in texts[task]),
             "overlapping_ids": [task_ids[i] for i in dirty],
             "matches": [{"id": task_ids[i], "source": s, "document": f"{s}/{sh}#{rec}"} for i, s, sh, rec in mine]}
@@ -227,15 +230,15 @@ KIND_FILTERED = "prepare-pretrain"  # the filtered copy is a prepared dataset li
 
 def write_filtered(data: Path, manifest: dict, drop: set, out: str | Path, overwrite: bool) -> Path:
     """A copy of the prepared dataset `data` without the records in `drop` ((source, shard, record)); its
-    manifest counts what is left and how many documents each source lost (`overlap_removed`)."""
+    manifest counts what is left and how many documents each source lost (`overlap_removed`). The preparation's
+    plan and per-shard reports stay behind: they describe the unfiltered shards, and `prepare merge` or a re-run
+    would rebuild the manifest from them."""
     from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
     dtype = np.dtype(manifest["token_dtype"])
     manifest = json.loads(json.dumps(manifest))
     with atomic_output(out, KIND_FILTERED, overwrite, [data]) as tmp:
-        for name in ("tokenizer.model", "plan.json"):
-            if (data / name).exists():
-                shutil.copyfile(data / name, tmp / name)
+        shutil.copyfile(data / "tokenizer.model", tmp / "tokenizer.model")
         for source, entry in manifest["sources"].items():
             (tmp / source).mkdir()
             removed = tokens = documents = 0
@@ -253,8 +256,6 @@ def write_filtered(data: Path, manifest: dict, drop: set, out: str | Path, overw
                 writer.close()
                 reader.close()
                 np.save(tmp / source / f"{shard}.lengths.npy", np.array(lengths, np.int32))
-                if (data / source / f"{shard}.done.json").exists():
-                    shutil.copyfile(data / source / f"{shard}.done.json", tmp / source / f"{shard}.done.json")
                 documents, tokens = documents + len(lengths), tokens + sum(lengths)
             entry.update(documents=documents, tokens=tokens, overlap_removed=removed)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

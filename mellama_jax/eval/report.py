@@ -77,12 +77,19 @@ def summarize(task: Task, metrics: dict, run: dict) -> dict:
 
 
 def overlapping_ids(overlap: str | Path, task: str) -> set[str]:
-    """The ids of `task`'s examples that `prepare overlap` found sharing a window with training data."""
+    """The ids of `task`'s examples that `prepare overlap` found sharing a window with training data (`overlap`:
+    its overlap.json, or the folder holding it)."""
+    overlap = Path(overlap) / "overlap.json" if Path(overlap).is_dir() else Path(overlap)
     report = read_json_file(overlap, "not an overlap.json of `prepare overlap`")
-    tasks = report.get("tasks", {}) if isinstance(report, dict) else {}
+    tasks = report.get("tasks") if isinstance(report, dict) else None
+    if not isinstance(tasks, dict):
+        raise BadRecord(f"{overlap}: not an overlap report of `prepare overlap` (no tasks)")
     if task not in tasks:
         raise BadRecord(f"{overlap}: no task {task!r} in this overlap report (it covers {sorted(tasks)})")
-    return set(tasks[task]["overlapping_ids"])
+    ids = tasks[task].get("overlapping_ids") if isinstance(tasks[task], dict) else None
+    if not isinstance(ids, list):
+        raise BadRecord(f"{overlap}: task {task!r} has no list of overlapping_ids")
+    return {str(i) for i in ids}
 
 
 def clean_subset(task: Task, rows: list[dict], dirty: set[str], bertscore_model: str | None = None) -> dict:
@@ -104,7 +111,9 @@ def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dic
                 f.write(json.dumps({**row, "prediction": p}) + "\n")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         clean = summary.get("clean")
-        rows_md = [summary] + ([{**summary, **clean, "task": f"{summary['task']} (clean)"}] if clean else [])
+        # the clean row holds the clean subset's figures alone: a metric it lacks (no clean example) reads "skipped"
+        rows_md = [summary] + ([{"task": f"{summary['task']} (clean)", "backend": summary.get("backend"), **clean}]
+                               if clean else [])
         (tmp / "summary.md").write_text(markdown(rows_md))
 
 

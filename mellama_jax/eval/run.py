@@ -23,15 +23,16 @@ class JaxBackend:
 
     def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None,
                  adapters: str | Path | None = None, dtype: str = "bfloat16", batch_size: int = 1,
-                 truncate: bool = True):
+                 truncate: bool = True, max_new_tokens: int = 256):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base.
-        truncate: cut an over-long prompt as the authors' harness did (`inference.fit_prompt`), else refuse it."""
+        truncate: cut an over-long prompt as the authors' harness did (`inference.fit_prompt`), else refuse it.
+        batch_size, max_new_tokens: the largest call to expect, for the memory check before loading."""
         from mellama_jax.data.tokenizer import Tokenizer
         from mellama_jax.inference import load_for_decoding
 
         self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
-        self.model = load_for_decoding(params, adapters, dtype, mesh, batch_size)
+        self.model = load_for_decoding(params, adapters, dtype, mesh, batch_size, max_new_tokens)
         self.truncate, self.truncated = truncate, 0
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -81,7 +82,8 @@ def complete(r: GenerateRequest) -> list[str]:
     """The continuation of each prompt, cut at the first stop sequence."""
     from mellama_jax.generate import truncate_at_stop
 
-    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate)
+    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate,
+                         r.max_new_tokens)
     texts = backend.generate(list(r.prompt), r.max_new_tokens, r.temperature, r.top_p, r.seed)
     return [truncate_at_stop(text, r.stop or ()) for text in texts]
 
@@ -192,7 +194,8 @@ def evaluate(r: EvalRequest) -> dict:
     examples = examples[:r.limit] if r.limit else examples
     prefix = few_shot_prefix(r.task, r.fewshot_data, r.fewshot, templates, r.seed)
     max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
-    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, r.batch_size) if r.backend == "jax"
+    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, r.batch_size,
+                         max_new_tokens=max_new_tokens) if r.backend == "jax"
               else HFBackend(r.model, r.hf_tokenizer, r.dtype))
     texts = [wrap_prompt(prefix + render(entry["prompt"], e.fields), r.model_prompt) for e in examples]
     outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
