@@ -43,6 +43,8 @@ def test_preset_and_overrides(tmp_path):
     ("data: {mixture: {biomedical: 0}}\n", [], "one must be positive"),
     ("data: {read_threads: 0}\n", [], "data.read_threads must be at least 1"),
     ("train: {mode: lora}\nlora: {alpha: 0}\n", [], "lora.alpha must be positive"),
+    # dropout 1 drops every adapter input and divides the kept ones by 1 - 1 = 0
+    ("train: {mode: lora}\nlora: {dropout: 1.0}\n", [], "lora.dropout must lie in [0, 1), got 1.0"),
     ("train: {z_loss: -0.1}\n", [], "train.z_loss must not be negative"),
     ("seed: -1\n", [], "seed must not be negative"),
 ])

@@ -438,6 +438,12 @@ def test_cli_convert_and_verify(tmp_path, tokenizer_file, capsys):
     t["model.norm.weight"] = t["model.norm.weight"] * 3  # a wrong model: verify must fail
     save_file(t, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
     assert main(["convert", "verify", str(tmp_path / "out"), str(tmp_path / "jax")]) == 1
+    t["model.norm.weight"] = t["model.norm.weight"] / 3
+    t["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")  # NaN differences are failures, not passes
+    save_file(t, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["convert", "verify", str(tmp_path / "out"), str(tmp_path / "jax")]) == 1
+    assert '"ok": false' in capsys.readouterr().out
     assert main(["convert", "hf-to-jax", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
 
 

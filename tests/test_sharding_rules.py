@@ -73,3 +73,13 @@ def test_ici_minus_one_takes_one_hosts_share_of_the_devices():
     assert sharding.mesh_shape(cfg, 16, 2) == ({"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 1, "tensor": 1})
     with pytest.raises(ConfigError, match="16 devices, but 8 are available"):
         sharding.mesh_shape(MeshConfig(ici={"data": 1, "fsdp": 8, "tensor": 2}, dcn=cfg.dcn), 16, 2)
+
+
+def test_a_dimension_must_divide_not_merely_exceed_the_mesh_axis():
+    """12 rows over an 8-way fsdp axis: larger than 8, but 12 % 8 = 4, so it is refused naming the parameter;
+    16 divides."""
+    mesh = sharding.make_mesh(MeshConfig(ici={"data": 1, "fsdp": 8, "tensor": 1}))
+    rules = MeshConfig().rules
+    with pytest.raises(ConfigError, match="w: dimension 12 .* does not divide over mesh axes"):
+        sharding.named_sharding(mesh, ("embed", None), rules, (12, 4), "w")
+    assert sharding.named_sharding(mesh, ("embed", None), rules, (16, 4), "w").shard_shape((16, 4)) == (2, 4)

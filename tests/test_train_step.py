@@ -342,6 +342,27 @@ def test_lora_dropout_scales_the_kept_inputs():
     np.testing.assert_array_equal(np.asarray(dense(x)), np.asarray(x))  # no key: no dropout (evaluation)
 
 
+def test_lora_dropout_masks_differ_between_projections():
+    """Two adapted projections of one layer (lora_id 0 and 1: wq and wk) with the same weights, input and step key
+    must drop different inputs (PEFT gives each adapter its own Dropout): the dropped positions differ, while a
+    projection asked twice drops the same ones."""
+    from mellama_jax.model.layers import Dense
+
+    D = 32
+
+    def projection(lora_id):
+        dense = Dense((D,), (D,), ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.02,
+                      rngs=nnx.Rngs(0), lora_rank=D, lora_scale=1.0, lora_dropout=0.5, lora_id=lora_id)
+        dense.kernel.set_value(jnp.zeros((D, D)))
+        dense.lora_a.set_value(jnp.eye(D))
+        dense.lora_b.set_value(jnp.eye(D))
+        return dense
+
+    x, key = jnp.ones((8, D), jnp.float32), jax.random.key(7)
+    wq, wk = (np.asarray(projection(i)(x, dropout_rng=key)) == 0 for i in (0, 1))
+    assert (wq != wk).any() and (wq == (np.asarray(projection(0)(x, dropout_rng=key)) == 0)).all()
+
+
 def test_lora_dropout_draws_a_new_mask_every_step():
     """The same batch from the same parameters at steps 0 and 1: with dropout the masks, and so the losses,
     differ; without it they are equal (the control), and a step repeated gives the same loss (resumable)."""
