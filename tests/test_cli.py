@@ -73,7 +73,7 @@ def test_option_defaults_are_the_requests_defaults():
     from mellama_jax.bench import attention, decode, load, memory, mesh, plan, tokenize
     from mellama_jax.cli import build_parser
     from mellama_jax.convert import api, verify
-    from mellama_jax.data import instruct, prepare
+    from mellama_jax.data import instruct, overlap, prepare
     from mellama_jax.eval import rescore, run
 
     commands = {
@@ -81,6 +81,7 @@ def test_option_defaults_are_the_requests_defaults():
         ("plan",): plan.PlanRequest, ("convert", "hf-to-jax"): api.ImportRequest,
         ("convert", "jax-to-hf"): api.ExportRequest, ("convert", "verify"): verify.VerifyRequest,
         ("prepare", "pretrain"): prepare.PretrainDataRequest, ("prepare", "instruct"): instruct.InstructDataRequest,
+        ("prepare", "overlap"): overlap.OverlapRequest,
         ("bench", "tokenize"): tokenize.TokenizeBenchRequest, ("bench", "mesh"): mesh.MeshBenchRequest,
         ("bench", "pair"): mesh.PairBenchRequest, ("bench", "attention"): attention.AttentionBenchRequest,
         ("bench", "baseline"): mesh.BaselineBenchRequest, ("bench", "memory"): memory.MemoryBenchRequest,
