@@ -53,3 +53,49 @@ def test_planned_activations_follow_the_microbatch_not_the_global_batch():
     small = analytical(load_config(None, common + ["train.batch_size=8"]))
     whole = analytical(load_config(None, common + ["train.batch_size=32"]))
     assert accumulated["activations"] == small["activations"] == whole["activations"] // 4
+
+
+def test_search_candidates_by_hand_on_a_small_case():
+    """tiny-gqa (2 KV heads) on 4 devices, global batch 8, one remat policy. Layouts (tensor, fsdp, data):
+    tensor 4 cannot split 2 KV heads, leaving (1,1,4), (1,2,2), (1,4,1) with 4 batch shards and (2,1,2), (2,2,1)
+    with 2. Accumulation k keeps 8 / k rows per microbatch, which must divide by the shards: k in {1, 2} for 4
+    shards, {1, 2, 4} for 2. 3 x 2 + 2 x 3 = 12 candidates."""
+    from mellama_jax.bench.search import candidates
+
+    cfg = load_config(None, ["model=tiny-gqa", "train.batch_size=8", "train.steps=1"])
+    found = candidates(cfg, 4, 1, remats=("full",))
+    assert len(found) == 12
+    assert {c.ici["tensor"] for c in found} == {1, 2}
+    assert sorted({(c.ici["fsdp"] * c.ici["data"], c.grad_accum) for c in found}) == [
+        (2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]
+
+
+def test_search_candidates_for_70b_on_160_gpus_keep_the_batch_and_divide():
+    """The 70B recipe on 20 hosts of 8: every candidate uses all 160 devices, keeps the recipe's global batch of
+    2,560 sequences in microbatches that split evenly over its batch shards, and every parameter dimension divides
+    over the axes it is sharded on (checked here from the rule table, dimension by dimension); the recipe's own
+    layout is among them."""
+    import math
+
+    from flax import nnx
+
+    from mellama_jax.bench.search import candidates
+    from mellama_jax.model import init_abstract
+    from mellama_jax.sharding import logical_to_spec
+
+    cfg = load_config(CONFIG_ROOT / "me-llama-70b-pretrain.yaml")
+    found = candidates(cfg, 8, 20, remats=("full",))
+    params = nnx.to_flat_state(nnx.state(init_abstract(cfg.model), nnx.Param))
+    for c in found:
+        assert math.prod(c.ici.values()) == 8 and math.prod(c.dcn.values()) == 20
+        shards = c.ici["data"] * c.ici["fsdp"] * c.dcn["data"] * c.dcn["fsdp"]
+        assert 2560 % c.grad_accum == 0 and (2560 // c.grad_accum) % shards == 0
+        sizes = {a: c.ici[a] * c.dcn[a] for a in c.ici}
+        for _, var in params:
+            spec = logical_to_spec(var.get_metadata()["out_sharding"], cfg.mesh.rules)
+            for dim, axes in zip(var.shape, tuple(spec) + (None,) * (len(var.shape) - len(spec))):
+                axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+                assert dim % math.prod(sizes[a] for a in axes) == 0
+    recipe = (cfg.mesh.ici, cfg.mesh.dcn, cfg.train.grad_accum)
+    assert any((c.ici, c.dcn, c.grad_accum) == recipe for c in found)
+    assert all(c.ici["tensor"] <= 8 for c in found) and len(found) > 50

@@ -1,0 +1,81 @@
+"""The candidates a layout search ranks (the first part of `plan --search`): every way to lay a recipe's train step
+over a cluster that the rule table can shard and that keeps the recipe's global batch.
+
+A candidate is a mesh (data x fsdp x tensor inside a host or slice; data x fsdp across them), a gradient
+accumulation and a rematerialisation policy. Kept only when every parameter dimension divides over the mesh axes
+the rule table maps it to (the check `sharding.state_shardings` makes before any compile), and when each
+microbatch (global batch / accumulation) splits evenly over the batch shards (data x fsdp, every host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mellama_jax.config import REMAT_POLICIES, Config, ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    ici: dict  # axis -> size within a host (or TPU slice)
+    dcn: dict  # axis -> size across hosts
+    grad_accum: int
+    remat: str
+
+    def overrides(self) -> list[str]:
+        """The config overrides that run this candidate."""
+        shape = lambda sizes: "{" + ", ".join(f"{a}: {sizes[a]}" for a in AXES) + "}"  # noqa: E731
+        return [f"mesh.ici={shape(self.ici)}", f"mesh.dcn={shape(self.dcn)}", f"train.grad_accum={self.grad_accum}",
+                f"model.remat={self.remat}"]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(devices_per_host: int, hosts: int) -> list[tuple[dict, dict]]:
+    """(ici, dcn) pairs using every device: data x fsdp x tensor inside a host, data x fsdp across hosts (tensor
+    parallelism stays on the fast links inside a host)."""
+    found = []
+    for tensor in divisors(devices_per_host):
+        for fsdp in divisors(devices_per_host // tensor):
+            ici = {"data": devices_per_host // (tensor * fsdp), "fsdp": fsdp, "tensor": tensor}
+            for across in divisors(hosts):
+                found.append((ici, {"data": hosts // across, "fsdp": across, "tensor": 1}))
+    return found
+
+
+def _shardable(params, rules, ici: dict, dcn: dict) -> bool:
+    """Whether every parameter divides over this mesh under the rule table (abstract: no devices needed)."""
+    from jax.sharding import AbstractMesh
+
+    from mellama_jax.sharding import state_shardings
+
+    try:
+        state_shardings(params, AbstractMesh(tuple(ici[a] * dcn[a] for a in AXES), AXES), rules)
+    except ConfigError:
+        return False
+    return True
+
+
+def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
+               remats: tuple[str, ...] = REMAT_POLICIES) -> list[Candidate]:
+    """Every candidate for `cfg` (its model, rule table and global batch `train.batch_size`) on `hosts` hosts of
+    `devices_per_host` devices, in a fixed order: layout, then accumulation, then remat policy."""
+    from flax import nnx
+
+    from mellama_jax.model import init_abstract
+
+    params = nnx.state(init_abstract(cfg.model), nnx.Param)
+    batch = cfg.train.batch_size
+    found = []
+    for ici, dcn in layouts(devices_per_host, hosts):
+        if not _shardable(params, cfg.mesh.rules, ici, dcn):
+            continue
+        shards = ici["data"] * ici["fsdp"] * dcn["data"] * dcn["fsdp"]
+        for accum in divisors(batch):
+            if (batch // accum) % shards:
+                continue
+            found += [Candidate(ici, dcn, accum, remat) for remat in remats]
+    return found
