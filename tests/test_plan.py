@@ -99,3 +99,24 @@ def test_search_candidates_for_70b_on_160_gpus_keep_the_batch_and_divide():
     recipe = (cfg.mesh.ici, cfg.mesh.dcn, cfg.train.grad_accum)
     assert any((c.ici, c.dcn, c.grad_accum) == recipe for c in found)
     assert all(c.ici["tensor"] <= 8 for c in found) and len(found) > 50
+
+
+@pytest.mark.slow  # ~70 s: one compile per candidate
+def test_search_pruning_never_drops_a_candidate_the_compiler_fits():
+    """tiny on 8 simulated devices, every layout and accumulation (one remat policy): each candidate's step is
+    compiled (what `plan` does) and its XLA total taken; with the budget set to the median total, every candidate
+    that compiles within it survives the pruning (the state bound is at most the compiled arguments)."""
+    import statistics
+
+    from mellama_jax.bench.search import candidates, prune, state_bytes
+
+    base = ["model=tiny", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
+    found = candidates(load_config(None, base), 8, 1, remats=("full",))
+    configs = [(c, load_config(None, base + c.overrides())) for c in found]
+    compiled = {id(c): plan_layout(cfg)["xla_bytes"] for c, cfg in configs}
+    for c, cfg in configs:
+        assert state_bytes(cfg) <= compiled[id(c)]["arguments"], c
+    budget = statistics.median(x["total"] for x in compiled.values())
+    kept = {id(c) for c, _ in prune(configs, budget)}
+    assert {id(c) for c, _ in configs if compiled[id(c)]["total"] <= budget} <= kept
+    assert len(kept) < len(configs)  # and it does prune something at this budget

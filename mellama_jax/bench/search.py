@@ -79,3 +79,18 @@ def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
                 continue
             found += [Candidate(ici, dcn, accum, remat) for remat in remats]
     return found
+
+
+def state_bytes(cfg: Config) -> int:
+    """Per-device bytes of the train state alone (parameters and optimizer moments, `plan.analytical`): a lower
+    bound on any compiled step's memory, since its arguments hold that state."""
+    from mellama_jax.bench.plan import analytical
+
+    estimate = analytical(cfg)
+    return estimate["params"] + estimate["optimizer"]
+
+
+def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float) -> list[tuple[Candidate, Config]]:
+    """The candidates whose train state alone fits `memory_bytes` per device. Pruning on a lower bound never drops
+    one the compiler would fit; what is left is compiled to decide."""
+    return [(c, cfg) for c, cfg in configs if state_bytes(cfg) <= memory_bytes]
