@@ -120,3 +120,32 @@ def test_search_pruning_never_drops_a_candidate_the_compiler_fits():
     kept = {id(c) for c, _ in prune(configs, budget)}
     assert {id(c) for c, _ in configs if compiled[id(c)]["total"] <= budget} <= kept
     assert len(kept) < len(configs)  # and it does prune something at this budget
+
+
+def test_collective_bytes_by_hand():
+    """What each device sends for a collective's result of B bytes over a group of n (rings): all-gather B (n-1)/n,
+    all-reduce 2 B (n-1)/n, reduce-scatter B (n-1). Compiled on 8 devices: summing a sharded (8, 1024) f32 array
+    over its sharded axis all-reduces 4,096 bytes, 2 x 4096 x 7/8 = 7,168; replicating it all-gathers 32,768 bytes,
+    x 7/8 = 28,672. And the other spellings of the groups, on written lines."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mellama_jax.bench.search import collective_bytes
+
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.device_put(jnp.zeros((8, 1024), jnp.float32), NamedSharding(mesh, P("x")))
+    whole = NamedSharding(mesh, P())
+    assert collective_bytes(jax.jit(lambda a: (a * 2).sum(0), out_shardings=whole).lower(x).compile().as_text()) == 7168
+    assert collective_bytes(jax.jit(lambda a: a + 1, out_shardings=whole).lower(x).compile().as_text()) == 28672
+    # on a 4 x 2 mesh the sum runs over the 4-way axis only: 2 x 4096 x 3/4 = 6,144
+    mesh2 = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    x2 = jax.device_put(jnp.zeros((8, 1024), jnp.float32), NamedSharding(mesh2, P("x")))
+    summed = jax.jit(lambda a: (a * 2).sum(0), out_shardings=NamedSharding(mesh2, P()))
+    assert collective_bytes(summed.lower(x2).compile().as_text()) == 6144
+    lines = ["%a = bf16[256]{0} all-reduce(%p), replica_groups=[2,4]<=[8], to_apply=%add",  # 2 x 512 x 3/4
+             "%b = f32[16]{0} reduce-scatter(%q), replica_groups={{0,1},{2,3}}, dimensions={0}",  # 64 x 1
+             "%c = (f32[4]{0}, f32[4]{0}) all-reduce(%r, %s), replica_groups={{0,1,2,3}}",  # 2 x 32 x 3/4
+             "%d = (f32[2]{0}, f32[8]{0}) all-gather-start(%t), replica_groups={{0,1,2,3}}, dimensions={0}",  # 32 x 3/4
+             "%e = f32[8]{0} all-gather-done(%d)", "%f = f32[8]{0} add(%u, %v)"]
+    assert collective_bytes("\n".join(lines)) == 768 + 64 + 48 + 24

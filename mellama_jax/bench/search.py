@@ -10,6 +10,8 @@ microbatch (global batch / accumulation) splits evenly over the batch shards (da
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 from mellama_jax.config import REMAT_POLICIES, Config, ConfigError
 
@@ -94,3 +96,48 @@ def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float) -> list[
     """The candidates whose train state alone fits `memory_bytes` per device. Pruning on a lower bound never drops
     one the compiler would fit; what is left is compiled to decide."""
     return [(c, cfg) for c, cfg in configs if state_bytes(cfg) <= memory_bytes]
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+# the bytes each device sends for an op's result of B bytes over a group of n (ring algorithms)
+_MOVED = {"all-gather": lambda b, n: b * (n - 1) / n, "all-reduce": lambda b, n: 2 * b * (n - 1) / n,
+          "reduce-scatter": lambda b, n: b * (n - 1), "all-to-all": lambda b, n: b * (n - 1) / n,
+          "collective-permute": lambda b, n: b}
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                         r"(-start)?\((.*)$")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def _group_size(attributes: str) -> int:
+    """Devices per group from an HLO op's replica_groups, in any of its three spellings."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attributes)
+    if mesh:  # mesh['axis_0'=8,'axis_1'=2] {'axis_0'}: the product of the listed axes
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", attributes)
+    if iota:  # [groups,size]<=[devices]
+        return int(iota.group(2))
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", attributes)
+    if listed:  # {{0,1,2,3},{4,5,6,7}}
+        return len(listed.group(1).split(","))
+    pairs = re.search(r"source_target_pairs=\{([^}]*)\}", attributes)
+    return 2 if pairs else 1
+
+
+def collective_bytes(hlo: str) -> float:
+    """Bytes each device sends over its links in one run of a compiled module (`compiled.as_text()`): every
+    collective's result, weighted by what a ring moves for it over its group (`_MOVED`); async pairs counted once."""
+    total = 0.0
+    for line in hlo.splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
+        result, op, start, attributes = match.groups()
+        shapes = _SHAPE.findall(result)
+        if start and op == "all-gather":  # all-gather-start's result is (operand, gathered): the latter
+            shapes = shapes[-1:]
+        size = sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dtype, dims in shapes)
+        total += _MOVED[op](size, max(_group_size(attributes), 1))
+    return total

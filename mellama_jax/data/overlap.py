@@ -213,7 +213,8 @@ def find_overlap(r: OverlapRequest) -> dict:
         mine = sorted({(i, s, sh, rec) for t, i, s, sh, rec in hits if t == task})
         dirty = sorted({i for i, *_ in mine})
         report["tasks"][task] = {
-            "data": files[task], "examples": len(task_ids), "overlapping": len(dirty), "share": len(dirty) / len(task_ids),
+            "data": files[task], "examples": len(task_ids), "overlapping": len(dirty),
+            "share": len(dirty) / len(task_ids),
             "too_short": sum(len(words(t)) < r.n for t in texts[task]),
             "overlapping_ids": [task_ids[i] for i in dirty],
             "matches": [{"id": task_ids[i], "source": s, "document": f"{s}/{sh}#{rec}"} for i, s, sh, rec in mine]}
