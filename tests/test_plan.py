@@ -149,3 +149,38 @@ def test_collective_bytes_by_hand():
              "%d = (f32[2]{0}, f32[8]{0}) all-gather-start(%t), replica_groups={{0,1,2,3}}, dimensions={0}",  # 32 x 3/4
              "%e = f32[8]{0} all-gather-done(%d)", "%f = f32[8]{0} add(%u, %v)"]
     assert collective_bytes("\n".join(lines)) == 768 + 64 + 48 + 24
+
+
+def test_step_cost_counts_the_gradient_all_reduce_by_hand():
+    """tiny at 4 layers, pure data parallelism over 8 devices: the step's collectives are the fp32 gradients'
+    all-reduce. Parameters by hand: a layer holds q, k, v, o (4 x 64 x 64) + the MLP (3 x 64 x 176) + 2 norms (64)
+    = 50,304; 4 layers, embedding and head (2 x 256 x 64) and the final norm: 234,048. A ring all-reduce sends
+    2 x 4 B x 234,048 x 7/8 = 1,638,336 bytes per device, plus a few scalars (the loss and its normaliser); the
+    layers are extrapolated from 1- and 2-layer compiles. With the data axis crossing hosts (dcn) the same bytes go
+    over the slow links instead."""
+    from mellama_jax.bench.search import step_cost
+
+    base = ["model=tiny", "model.num_layers=4", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
+    cfg = load_config(None, base + ["mesh.ici={data: 8, fsdp: 1, tensor: 1}"])
+    fast = step_cost(cfg, ())
+    assert 1_638_336 <= fast["ici_bytes"] <= 1_638_336 + 100 and fast["dcn_bytes"] == 0
+    slow = step_cost(load_config(None, base + ["mesh.ici={data: 4, fsdp: 1, tensor: 1}",
+                                               "mesh.dcn={data: 2, fsdp: 1, tensor: 1}"]), (0,))
+    assert slow["ici_bytes"] == 0 and slow["dcn_bytes"] == fast["ici_bytes"]
+    assert slow["flops"] == fast["flops"] > 0
+
+
+@pytest.mark.slow  # ~15 s: three compiles per candidate
+def test_search_ranking_by_hand_and_in_order():
+    """The roofline by hand on an A100 (312 TFLOP/s, 2.039 TB/s HBM, 300 GB/s NVLink, 25 GB/s InfiniBand):
+    1e12 FLOPs -> 3.205 ms, 3e8 bytes over NVLink -> 1 ms, 2.5e7 over InfiniBand -> 1 ms. Two candidates compiled
+    on 8 devices come back fitting first, then fastest first."""
+    from mellama_jax.bench.search import TARGETS, candidates, rank, step_seconds
+
+    assert step_seconds(1e12, 0.0, 3e8, 2.5e7, TARGETS["a100"]) == pytest.approx(1e12 / 312e12 + 2e-3)
+    base = ["model=tiny", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
+    found = candidates(load_config(None, base), 8, 1, remats=("full",))[-2:]  # accumulation 4 and 8
+    rows = rank([(c, load_config(None, base + c.overrides())) for c in found], TARGETS["a100"], 80 * 2**30)
+    assert len(rows) == 2 and all(r["fits"] for r in rows)
+    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"]) for r in rows)

@@ -125,12 +125,14 @@ def _group_size(attributes: str) -> int:
     return 2 if pairs else 1
 
 
-def collective_bytes(hlo: str) -> float:
+def collective_bytes(hlo: str, slow_axes: tuple[int, ...] | None = None) -> float | tuple[float, float]:
     """Bytes each device sends over its links in one run of a compiled module (`compiled.as_text()`): every
-    collective's result, weighted by what a ring moves for it over its group (`_MOVED`); async pairs counted once."""
-    total = 0.0
+    collective's result, weighted by what a ring moves for it over its group (`_MOVED`); async pairs counted once.
+    Given `slow_axes` (the mesh dimensions that cross hosts; may be empty), (bytes on fast links, bytes of the
+    collectives whose group spans a slow axis, which the slow links pace)."""
+    total, slow = 0.0, 0.0
     for line in hlo.splitlines():
-        match = _COLLECTIVE.search(line)
+        match = _COLLECTIVE.search(re.sub(r"/\*.*?\*/", "", line))  # long tuples carry /*index=5*/ comments
         if not match:
             continue
         result, op, start, attributes = match.groups()
@@ -139,5 +141,79 @@ def collective_bytes(hlo: str) -> float:
             shapes = shapes[-1:]
         size = sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
                    for dtype, dims in shapes)
-        total += _MOVED[op](size, max(_group_size(attributes), 1))
-    return total
+        moved = _MOVED[op](size, max(_group_size(attributes), 1))
+        if slow_axes and set(_group_axes(attributes)) & set(slow_axes):
+            slow += moved
+        else:
+            total += moved
+    return total if slow_axes is None else (total, slow)
+
+
+def _group_axes(attributes: str) -> list[int]:
+    """The mesh dimensions (0, 1, ...) an op's group runs over, when its replica_groups name them."""
+    mesh = re.search(r"replica_groups=mesh\[[^\]]*\]\s*\{([^}]*)\}", attributes)
+    return [int(a) for a in re.findall(r"'axis_(\d+)'", mesh.group(1))] if mesh else []
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The figures a ranking uses for one device (vendors' published numbers; bf16 dense peak, no sparsity)."""
+
+    name: str
+    peak_tflops: float
+    hbm_tb_per_s: float
+    ici_gb_per_s: float  # each way, to the other devices of its host (NVLink) or slice (TPU ICI)
+    dcn_gb_per_s: float  # each way, to other hosts (InfiniBand NICs, one per GPU; TPU data-center network)
+
+
+TARGETS = {
+    # NVLink 3: 600 GB/s both ways; DGX A100: one 200 Gb/s HDR InfiniBand NIC per GPU
+    "a100": Target("A100-SXM4-80GB", 312.0, 2.039, 300.0, 25.0),
+    # NVLink 4: 900 GB/s both ways; DGX H100: one 400 Gb/s NDR NIC per GPU
+    "h100": Target("H100-SXM5-80GB", 989.0, 3.35, 450.0, 50.0),
+}
+
+
+def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target) -> float:
+    """A roofline step time: compute at peak or memory traffic at full bandwidth, whichever is longer, plus the
+    collectives' bytes over their links with no overlap (an upper bound on what overlapping them would give)."""
+    compute = max(flops / (t.peak_tflops * 1e12), bytes_accessed / (t.hbm_tb_per_s * 1e12))
+    return compute + ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
+
+
+def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
+    """The whole step's FLOPs, memory traffic and collective bytes per device. XLA's analysis counts a loop's body
+    once (the scanned layers as one), so the step is compiled with one and with two layers unrolled and the
+    difference, one layer, extrapolated to the model's depth; grad_accum multiplies the lot."""
+    from mellama_jax.bench.plan import _compile, _cost
+
+    def measured(layers: int) -> dict:
+        small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers, scan_unroll=layers))
+        compiled = _compile(small, devices)[0]
+        ici, dcn = collective_bytes(compiled.as_text(), slow_axes)
+        return {**_cost(compiled), "ici_bytes": ici, "dcn_bytes": dcn}
+
+    one, two = measured(1), measured(2)
+    layers, accum = cfg.model.num_layers, cfg.train.grad_accum
+    return {k: (one[k] + (layers - 1) * (two[k] - one[k])) * accum for k in one}
+
+
+def rank(configs: list[tuple[Candidate, Config]], target: Target, memory_bytes: float, devices=None) -> list[dict]:
+    """Each candidate compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
+    roofline step time on `target`; those that fit first, fastest first."""
+    from mellama_jax.bench.plan import plan_layout
+    from mellama_jax.train.flops import train_flops_per_token
+
+    rows = []
+    for candidate, cfg in configs:
+        slow = tuple(i for i, a in enumerate(AXES) if candidate.dcn[a] > 1)
+        memory = plan_layout(cfg, devices)["xla_bytes"]["total"]
+        cost = step_cost(cfg, slow, devices)
+        seconds = step_seconds(cost["flops"], cost["bytes_accessed"], cost["ici_bytes"], cost["dcn_bytes"], target)
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        count = math.prod(candidate.ici.values()) * math.prod(candidate.dcn.values())
+        model_flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters) * tokens
+        rows.append({"candidate": candidate, "memory_bytes": memory, "fits": memory <= memory_bytes, **cost,
+                     "step_s": seconds, "tokens_per_s": tokens / seconds,
+                     "mfu": model_flops / (count * target.peak_tflops * 1e12 * seconds)})
+    return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
