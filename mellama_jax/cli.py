@@ -346,6 +346,15 @@ def _generate(args) -> int:
 def _plan(args) -> int:
     from mellama_jax.bench import plan
 
+    if args.search:
+        import json
+
+        from mellama_jax.bench import search
+
+        result = search.search(_request(search.SearchRequest, args, config=args.config))
+        print(json.dumps(result, indent=1) if args.json else search.markdown(result))
+        return 0 if result["command"] else 1
+
     run, table = (plan.plan_tpu, plan.markdown_tpu) if args.target == "tpu" else (plan.plan, plan.markdown)
     result = run(_request(plan.PlanRequest, args))
     print(plan.report(result, table))
@@ -418,6 +427,15 @@ def _add_plan(sub) -> None:
                      help="tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)")
     pln.add_argument("--topology", help="tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
     pln.add_argument("--slices", type=POSITIVE, default=1, help="tpu: slices of --topology, data parallel across them (dcn)")
+    pln.add_argument("--search", action="store_true",
+                     help="rank the layouts, accumulations and remat policies that fit (--devices, --gpu)")
+    pln.add_argument("--devices-per-host", type=POSITIVE, default=8, help="--search: devices per host (default 8)")
+    pln.add_argument("--gpu", choices=("a100", "h100"), default="a100", help="--search: the figures ranked on")
+    pln.add_argument("--tokens", type=_number(float, 0.0, low_open=True), default=129e9,
+                     help="--search: the training budget in tokens, for days to the end (default 129e9)")
+    pln.add_argument("--max-compiles", type=POSITIVE, default=8, help="--search: survivors compiled and ranked")
+    pln.add_argument("--remats", type=_names, default="full", help="--search: comma-separated remat policies")
+    pln.add_argument("--json", action="store_true", help="--search: the result as JSON")
     pln.add_argument("overrides", nargs="*")
     pln.set_defaults(func=_plan)
 

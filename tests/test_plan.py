@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -184,3 +185,30 @@ def test_search_ranking_by_hand_and_in_order():
     assert len(rows) == 2 and all(r["fits"] for r in rows)
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] == pytest.approx(16 * 32 / r["step_s"]) for r in rows)
+
+
+@pytest.mark.slow  # ~20 s: two candidates, three compiles each
+def test_plan_search_prints_a_ranked_table_and_a_launch_command_that_dry_runs(capsys):
+    """`plan --search` on tiny over 8 devices (one host), two candidates compiled: JSON rows fitting first and
+    fastest first, the counts of each stage, and a launch command for the best that the sbatch script accepts
+    (its dry run prints the per-process command with the chosen layout)."""
+    import json
+    import os
+    import shlex
+
+    from mellama_jax.cli import main
+
+    recipe = str(CONFIG_ROOT / "tiny-pretrain.yaml")
+    code = main(["plan", "--search", "--config", recipe, "--devices", "8", "--max-compiles", "2", "--json",
+                 "train.batch_size=16", "train.seq_len=32", "train.steps=1"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["compiled"] == 2 and result["survivors"] <= result["candidates"]
+    steps = [r["step_s"] for r in result["rows"]]
+    assert steps == sorted(steps) and all(r["fits"] for r in result["rows"])
+    command = shlex.split(result["command"])
+    assert command[:3] == ["sbatch", "--nodes=1", "launch/slurm_gpu.sbatch"] and command[3] == recipe
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *command[3:]], cwd=repo, capture_output=True,
+                         text=True, env=dict(os.environ, DRY_RUN="1", NODES="1"))
+    assert dry.returncode == 0, dry.stderr
+    assert "mesh.ici={data: " in dry.stdout and f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 
 from mellama_jax.config import REMAT_POLICIES, Config, ConfigError
 
@@ -198,8 +199,8 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     return {k: (one[k] + (layers - 1) * (two[k] - one[k])) * accum for k in one}
 
 
-def rank(configs: list[tuple[Candidate, Config]], target: Target, memory_bytes: float, devices=None) -> list[dict]:
-    """Each candidate compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
+def rank(configs, target: Target, memory_bytes: float, devices=None) -> list[dict]:
+    """Each (candidate, config) compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
     roofline step time on `target`; those that fit first, fastest first."""
     from mellama_jax.bench.plan import plan_layout
     from mellama_jax.train.flops import train_flops_per_token
@@ -217,3 +218,75 @@ def rank(configs: list[tuple[Candidate, Config]], target: Target, memory_bytes: 
                      "step_s": seconds, "tokens_per_s": tokens / seconds,
                      "mfu": model_flops / (count * target.peak_tflops * 1e12 * seconds)})
     return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRequest:
+    """One `plan --search` run: what `mellama-jax plan --search` parses, and what `search` takes."""
+
+    config: str | None = None  # a recipe YAML
+    model: str | None = None  # a model preset over the config's
+    overrides: tuple[str, ...] = ()
+    devices: int | None = None  # all devices of the cluster (simulated here)
+    devices_per_host: int = 8
+    memory_gib: float = 80.0
+    gpu: str = "a100"  # the Target the ranking uses
+    tokens: float = 129e9  # the training budget, for days to the end
+    max_compiles: int = 8  # survivors compiled and ranked, in candidate order
+    remats: tuple[str, ...] = ("full",)
+
+
+def search(r: SearchRequest, progress: bool = True) -> dict:
+    """Candidates -> pruned on the train state -> the first `max_compiles` compiled and ranked (see the module)."""
+    import jax
+    from tqdm import tqdm
+
+    from mellama_jax.config import load_config
+
+    if not r.devices or r.devices % r.devices_per_host:
+        raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
+                          f"{r.devices_per_host} (--devices-per-host)")
+    if r.gpu not in TARGETS:
+        raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of {sorted(TARGETS)}")
+    try:
+        jax.config.update("jax_num_cpu_devices", r.devices)
+    except RuntimeError:  # the backend is up already (tests): use it if it has the right size
+        if jax.device_count() != r.devices:
+            raise
+    started = time.perf_counter()
+    overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
+    cfg = load_config(r.config, overrides)
+    found = candidates(cfg, r.devices_per_host, r.devices // r.devices_per_host, r.remats)
+    memory = r.memory_gib * 2**30
+    survivors = prune([(c, load_config(r.config, overrides + c.overrides())) for c in found], memory)
+    chosen = survivors[:r.max_compiles]
+    rows = rank(tqdm(chosen, desc="compiling", disable=not progress), TARGETS[r.gpu], memory)
+    for row in rows:
+        row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
+    best = next((row for row in rows if row["fits"]), None)
+    command = None
+    if best is not None:
+        extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
+        command = (f"sbatch --nodes={r.devices // r.devices_per_host} launch/slurm_gpu.sbatch "
+                   f"{r.config or 'CONFIG'} {extra}")
+    return {"model": cfg.model.name, "devices": r.devices, "gpu": TARGETS[r.gpu].name, "memory_gib": r.memory_gib,
+            "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
+            "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
+
+
+def _plain(row: dict) -> dict:
+    c = row["candidate"]
+    return {**{k: v for k, v in row.items() if k != "candidate"}, "ici": c.ici, "dcn": c.dcn,
+            "grad_accum": c.grad_accum, "remat": c.remat}
+
+
+def markdown(result: dict) -> str:
+    head = ("| ici (data, fsdp, tensor) | dcn | accum | remat | GiB per device | fits | step s | tokens/s | MFU | "
+            "days |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {tuple(r['ici'].values())} | {tuple(r['dcn'].values())} | {r['grad_accum']} | {r['remat']} | "
+             f"{r['memory_bytes'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | {r['step_s']:.3g} | "
+             f"{r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['days_to_budget']:.1f} |" for r in result["rows"]]
+    return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB): "
+            f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
+            f"in {result['search_s']:.0f} s\n\n" + head + "\n".join(lines)
+            + (f"\n\nbest: {result['command']}" if result["command"] else "\n\nnone fits"))
