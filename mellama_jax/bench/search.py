@@ -93,6 +93,12 @@ def state_bytes(cfg: Config) -> int:
     return estimate["params"] + estimate["optimizer"]
 
 
+def _estimate(cfg: Config) -> int:
+    from mellama_jax.bench.plan import analytical
+
+    return sum(analytical(cfg).values())
+
+
 def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float) -> list[tuple[Candidate, Config]]:
     """The candidates whose train state alone fits `memory_bytes` per device. Pruning on a lower bound never drops
     one the compiler would fit; what is left is compiled to decide."""
@@ -237,7 +243,8 @@ class SearchRequest:
 
 
 def search(r: SearchRequest, progress: bool = True) -> dict:
-    """Candidates -> pruned on the train state -> the first `max_compiles` compiled and ranked (see the module)."""
+    """Candidates -> pruned on the train state -> `max_compiles` of the survivors compiled and ranked, those the
+    analytical estimate expects to fit first (see the module)."""
     import jax
     from tqdm import tqdm
 
@@ -259,7 +266,8 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     found = candidates(cfg, r.devices_per_host, r.devices // r.devices_per_host, r.remats)
     memory = r.memory_gib * 2**30
     survivors = prune([(c, load_config(r.config, overrides + c.overrides())) for c in found], memory)
-    chosen = survivors[:r.max_compiles]
+    # compile first those the analytical estimate (activations included) expects to fit, in candidate order
+    chosen = sorted(survivors, key=lambda pair: _estimate(pair[1]) > memory)[:r.max_compiles]
     rows = rank(tqdm(chosen, desc="compiling", disable=not progress), TARGETS[r.gpu], memory)
     for row in rows:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
