@@ -84,25 +84,22 @@ def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
     return found
 
 
-def state_bytes(cfg: Config) -> int:
-    """Per-device bytes of the train state alone (parameters and optimizer moments, `plan.analytical`): a lower
-    bound on any compiled step's memory, since its arguments hold that state."""
+def state_bytes(cfg: Config, estimate: dict | None = None) -> int:
+    """Per-device bytes of the train state alone (parameters and optimizer moments, `plan.analytical`, or its
+    `estimate` already made): a lower bound on any compiled step's memory, since its arguments hold that state."""
     from mellama_jax.bench.plan import analytical
 
-    estimate = analytical(cfg)
+    estimate = estimate or analytical(cfg)
     return estimate["params"] + estimate["optimizer"]
 
 
-def _estimate(cfg: Config) -> int:
-    from mellama_jax.bench.plan import analytical
-
-    return sum(analytical(cfg).values())
-
-
-def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float) -> list[tuple[Candidate, Config]]:
+def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float,
+          estimates: dict | None = None) -> list[tuple[Candidate, Config]]:
     """The candidates whose train state alone fits `memory_bytes` per device. Pruning on a lower bound never drops
-    one the compiler would fit; what is left is compiled to decide."""
-    return [(c, cfg) for c, cfg in configs if state_bytes(cfg) <= memory_bytes]
+    one the compiler would fit; what is left is compiled to decide. `estimates`: `plan.analytical` of each config,
+    by id, when the caller has them."""
+    estimates = estimates or {}
+    return [(c, cfg) for c, cfg in configs if state_bytes(cfg, estimates.get(id(cfg))) <= memory_bytes]
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -248,6 +245,7 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     import jax
     from tqdm import tqdm
 
+    from mellama_jax.bench.plan import analytical
     from mellama_jax.config import load_config
 
     if not r.devices or r.devices % r.devices_per_host:
@@ -265,9 +263,11 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     cfg = load_config(r.config, overrides)
     found = candidates(cfg, r.devices_per_host, r.devices // r.devices_per_host, r.remats)
     memory = r.memory_gib * 2**30
-    survivors = prune([(c, load_config(r.config, overrides + c.overrides())) for c in found], memory)
+    configs = [(c, load_config(r.config, overrides + c.overrides())) for c in found]
+    estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
+    survivors = prune(configs, memory, estimates)
     # compile first those the analytical estimate (activations included) expects to fit, in candidate order
-    chosen = sorted(survivors, key=lambda pair: _estimate(pair[1]) > memory)[:r.max_compiles]
+    chosen = sorted(survivors, key=lambda pair: sum(estimates[id(pair[1])].values()) > memory)[:r.max_compiles]
     rows = rank(tqdm(chosen, desc="compiling", disable=not progress), TARGETS[r.gpu], memory)
     for row in rows:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
