@@ -739,27 +739,38 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["eval-score", *argv[2:]]
     args = build_parser().parse_args(argv)  # argparse: one line and exit code 2 for bad options
     from mellama_jax.compile_cache import enable as enable_compile_cache
+
+    enable_compile_cache(args.command)  # before JAX compiles anything
+    code, why = _run(args)
+    from mellama_jax import distributed
+
+    distributed.leave(code == 0, why)  # this job's other processes, if any, stop watching this one
+    return code
+
+
+def _run(args) -> tuple[int, str]:
+    """(exit code, the error line if any)."""
     from mellama_jax.config import ConfigError
     from mellama_jax.data.corpus import BadRecord
 
-    enable_compile_cache(args.command)  # before JAX compiles anything
     try:
-        return args.func(args)
+        return args.func(args), ""
     except (ConfigError, FileNotFoundError, NotADirectoryError, BadRecord, ValueError) as e:
-        print("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+        line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print("error: " + line, file=sys.stderr)
+        return 2, line
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted"
     except BrokenPipeError:  # the reader went away (`... | head`): nothing left to say, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return 141
+        return 141, ""
     except Exception as e:
         import traceback
 
         print(f"error: internal error, please report it: {type(e).__name__}: {e}", file=sys.stderr)
         traceback.print_exc()
-        return 1
+        return 1, f"internal error: {type(e).__name__}"
 
 
 if __name__ == "__main__":

@@ -7,16 +7,23 @@ Detection order (the first that applies wins, and is logged):
   3. Cloud TPU VM pods (TPU_WORKER_HOSTNAMES / TPU_WORKER_ID, or TPU_ACCELERATOR_TYPE): JAX's own detection
   4. otherwise: a single process, nothing to initialise
 MELLAMA_CPU_DEVICES=N gives each process N simulated CPU devices (development and CI).
-A process that dies is noticed by the others: when a collective fails first (Gloo, NCCL), a survivor says so in
-one line, naming where a re-launch resumes (`resume_point`, set by the run), and exits with code 4 (`peer_lost`);
-otherwise JAX's coordination service aborts it after `heartbeat_timeout_seconds` (MELLAMA_HEARTBEAT_TIMEOUT,
-default 100). (jaxlib's client takes a missed-heartbeat callback, but a Python one fails to receive its status.)
+A process that dies is noticed by the others, which say so in one line naming where a re-launch resumes
+(`resume_point`, set by the run) and exit with code 4 (`peer_lost`). Two ways notice it: a collective that fails
+(Gloo, NCCL), or our `Watchdog`, whose heartbeats go through the coordination service's key-value store and time
+out after MELLAMA_HEARTBEAT_TIMEOUT seconds (default 100). JAX's own heartbeat is given twice that: it aborts the
+process from C++ with a stack dump (jaxlib's client takes a missed-heartbeat callback, but a Python one fails to
+receive its status), so ours must fire first. A process that ends, cleanly or with an error, says so in the store
+(`leave`), so its peers do not take a finished process for a dead one.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
+import threading
+import time
 
 log = logging.getLogger("mellama_jax.distributed")
 
@@ -29,13 +36,80 @@ resume_point = lambda: "its last checkpoint"  # noqa: E731
 def peer_lost(detail: str = "") -> None:
     """End this process at once: one line and exit code 4. With a peer gone, closing the checkpoint manager or
     JAX's distributed client would wait on the dead process (and JAX's client would abort this one)."""
-    import sys
-
     detail = detail.strip().splitlines()[0][:200] if detail.strip() else "its heartbeats stopped"
     sys.stdout.flush()
     print(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch "
           f"the same command on every host: it resumes from {resume_point()}", file=sys.stderr, flush=True)
     os._exit(EXIT_PEER_LOST)
+
+
+BEAT = "mellama/beat/"  # + process index: a counter while alive, then "done" or "failed: <why>"
+
+
+class Watchdog(threading.Thread):
+    """Beats every `interval` seconds and watches the other processes' beats; a peer whose beat has not moved for
+    `timeout` seconds, that left with an error, or a coordinator that no longer answers, ends this process
+    (`peer_lost`). A daemon thread: it runs while the main thread waits in a collective that will never return
+    (NCCL does not notice a dead peer)."""
+
+    def __init__(self, client, me: int, count: int, timeout: float, interval: float = 1.0):
+        super().__init__(name="mellama-watchdog", daemon=True)
+        self.client, self.me, self.count, self.timeout, self.interval = client, me, count, timeout, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        now = time.monotonic()
+        seen = {p: (None, now) for p in range(self.count) if p != self.me}  # peer -> (last beat, when it changed)
+        beat = 0
+        while not self.stopped.wait(self.interval):
+            beat += 1
+            try:
+                self.client.key_value_set(f"{BEAT}{self.me}", str(beat), allow_overwrite=True)
+                beats = dict(self.client.key_value_dir_get(BEAT))
+            except Exception as e:  # the store lives in process 0's coordination service
+                if not self.stopped.is_set():
+                    peer_lost(f"the coordinator, process 0, does not answer: {str(e).splitlines()[0][:120]}")
+                return
+            now = time.monotonic()
+            for peer, (last, since) in list(seen.items()):
+                value = beats.get(f"{BEAT}{peer}")
+                if value == "done":
+                    del seen[peer]
+                elif value is not None and value.startswith("failed"):
+                    peer_lost(f"process {peer} {value}")
+                elif value != last:
+                    seen[peer] = (value, now)
+                elif now - since > self.timeout:
+                    peer_lost(f"process {peer} sent no heartbeat for {self.timeout:.0f} s")
+
+    def leave(self, status: str) -> None:
+        """Stop beating and tell the peers how this process ended ('done', or 'failed: ...')."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        try:
+            self.client.key_value_set(f"{BEAT}{self.me}", status, allow_overwrite=True)
+        except Exception:  # the coordinator is gone: nobody is left to tell
+            pass
+
+
+_watchdog: Watchdog | None = None
+
+
+def leave(ok: bool, why: str = "") -> None:
+    """Called once the command has ended: peers stop watching this process ('failed' ends them too)."""
+    if _watchdog is not None:
+        _watchdog.leave("done" if ok else f"failed: {why.strip()[:200] or 'stopped with an error'}")
+
+
+def _start_watchdog(timeout: float) -> None:
+    global _watchdog
+    import jax
+    from jax._src import distributed as jax_distributed  # the client JAX made; no public handle to it
+
+    _watchdog = Watchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(), timeout)
+    _watchdog.start()
+    atexit.register(leave, False, "exited before its command ended")  # no-op after a leave(); runs before JAX's
 
 
 def detect(env: dict | None = None) -> str:
@@ -65,10 +139,11 @@ def initialize(env: dict | None = None) -> str:
     if method == "env":
         jax.distributed.initialize(coordinator_address=env["COORDINATOR_ADDRESS"],
                                    num_processes=int(env["NUM_PROCESSES"]), process_id=int(env["PROCESS_ID"]),
-                                   heartbeat_timeout_seconds=heartbeat)
+                                   heartbeat_timeout_seconds=2 * heartbeat)
     else:  # JAX detects SLURM and Cloud TPU pods itself
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        jax.distributed.initialize(heartbeat_timeout_seconds=2 * heartbeat)
     _initialized = True
+    _start_watchdog(heartbeat)
     log.warning("jax.distributed (%s): process %d of %d, %d local / %d global devices", method,
                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return method
