@@ -15,11 +15,13 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from mellama_jax import storage
 from mellama_jax.config import ConfigError, LoraConfig, ModelConfig, load_config, model_config_from_file
 
 MARKER = ".mellama-output.json"  # {"kind": ...}: which command wrote this folder
@@ -44,7 +46,7 @@ def np_dtype(name: str):
 def output_kind(path: str | Path) -> str | None:
     """The kind of output our marker says `path` holds, or None."""
     try:
-        return json.loads((Path(path) / MARKER).read_text())["kind"]
+        return json.loads((storage.path(path) / MARKER).read_text())["kind"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -58,15 +60,21 @@ def _describe(path: Path) -> str:
     return f"a '{kind}' output" if kind else "files this command did not write"
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
+def _overlaps(a, b) -> bool:
+    a, b = str(a).rstrip("/"), str(b).rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _absolute(location):
+    """The absolute (for a local path, resolved) path object of a location, local or in a bucket."""
+    return storage.path(location) if storage.is_remote(location) else Path(location).absolute().resolve()
 
 
 def check_destination(dest: str | Path, kind: str, overwrite: bool = False, inputs=()) -> Path:
     """Raise OutputError unless `kind` may write `dest` (see the module's rule); returns the absolute path."""
-    dest = Path(dest).absolute().resolve()
+    dest = _absolute(dest)
     for src in inputs:
-        if src is not None and _overlaps(dest, Path(src).absolute().resolve()):
+        if src is not None and _overlaps(dest, _absolute(src)):
             raise OutputError(f"{dest}: the output would overlap the input {src}; choose another output folder")
     if not dest.exists():
         return dest
@@ -101,8 +109,13 @@ def _remove_empty(folders: list[Path]) -> None:
 @contextlib.contextmanager
 def atomic_output(dest: str | Path, kind: str, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it becomes `dest` (marked as `kind`), on failure it and any
-    parent folders made for it are removed. `dest` is checked first (check_destination)."""
+    parent folders made for it are removed. `dest` is checked first (check_destination). In a bucket the folder
+    is built locally and uploaded once complete, the marker last (storage.upload)."""
     dest = check_destination(dest, kind, overwrite, inputs)
+    if storage.is_remote(dest):
+        with _remote_output(dest, kind) as tmp:
+            yield tmp
+        return
     created = _make_parents(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -121,11 +134,32 @@ def atomic_output(dest: str | Path, kind: str, overwrite: bool = False, inputs=(
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def _remote_output(dest, kind: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="mellama-output-") as tmp:
+        yield Path(tmp)
+        (Path(tmp) / MARKER).write_text(json.dumps({"kind": kind}))
+        storage.remove_tree(dest)  # an earlier output of this kind (check_destination allowed it), or nothing
+        try:
+            storage.upload(Path(tmp), dest, last=MARKER)
+        except BaseException:
+            storage.remove_tree(dest)  # no half-uploaded folder left behind
+            raise
+
+
+def write_text_atomic(path, text: str) -> None:
     """Replace one file's contents all at once (a crash leaves the old or the new file, never half of one)."""
-    path = Path(path)
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """As write_text_atomic; in a bucket an object is replaced whole by one write."""
+    path = storage.path(path)
+    if storage.is_remote(path):
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 

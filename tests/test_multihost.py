@@ -249,3 +249,61 @@ def test_gpu_benchmark_script_runs_its_steps_on_a_cpu(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert '"tokens_per_s"' in log and "error" not in log
     assert {p.name for p in (tmp_path / "prof" / "data1").iterdir()} == {"trace.json.gz", "hlo.txt.gz"}
+
+
+def test_a_run_in_a_bucket_resumes_after_a_process_is_killed(pretrain_runs, data, bucket, tmp_path):
+    """No shared disk (a TPU pod): run directory, data and init_from on the bucket. One process is SIGKILLed after
+    a checkpoint; the other stops in one line naming that checkpoint; the same command resumes and ends with the
+    parameters of an uninterrupted run."""
+    import numpy as np
+    from flax import nnx
+
+    from mellama_jax import storage
+    from mellama_jax.model import init_abstract
+    from mellama_jax.train.checkpoint import load_params_local
+
+    root, config, _ = pretrain_runs
+    where = f"{bucket}/killed"
+    storage.upload(data / "pre", f"{where}/data")
+    storage.upload(root / "one" / "params", f"{where}/init")
+
+    def settings(run, data_path, init):
+        return common(run, f"data.path={data_path}", f"train.init_from={init}", "train.batch_size=16",
+                      "train.steps=60", "checkpoint.every=10", "checkpoint.async_save=false", "run.log_every=10")
+
+    local(config, settings(tmp_path / "reference", data / "pre", root / "one" / "params"))
+    in_bucket = settings(f"{where}/run", f"{where}/data", f"{where}/init")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "mellama_jax.cli", "train", "--config", str(config), *in_bucket],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2",
+                                       PROCESS_ID=str(i), MELLAMA_CPU_DEVICES="4", MELLAMA_HEARTBEAT_TIMEOUT="5",
+                                       JAX_PLATFORMS="cpu")) for i in range(2)]
+    uploaded = storage.path(f"{where}/run/metrics.jsonl")  # uploaded right after each checkpoint
+    deadline = time.time() + 300
+    while not uploaded.exists():
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].communicate()
+    assert procs[0].returncode == 4, err[-3000:]
+    stopped = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(stopped) == 1 and "resumes from checkpoint " in stopped[0], err[-3000:]
+    resumed = local(config, in_bucket)
+    assert "resuming at step " in resumed.stdout, resumed.stdout[-2000:]
+
+    abstract = nnx.split(init_abstract(load_config(config).model))[1]
+    expected = nnx.to_flat_state(load_params_local(tmp_path / "reference" / "params", abstract))
+    got = dict(nnx.to_flat_state(load_params_local(f"{where}/run/params", abstract)))
+    for name, value in expected:
+        np.testing.assert_array_equal(np.asarray(got[name].get_value()), np.asarray(value.get_value()),
+                                      err_msg=str(name))
+    assert sorted(logged_losses_in(f"{where}/run")) == list(range(10, 61, 10))
+
+
+def logged_losses_in(run_dir: str) -> dict[int, float]:
+    from mellama_jax import storage
+
+    local_copy = storage.fetch(f"{run_dir}/metrics.jsonl").parent
+    return losses(local_copy)

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mellama_jax import storage
 from mellama_jax.config import CheckpointConfig
 
 
@@ -28,7 +29,7 @@ def manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManag
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, save_interval_steps=1,
         enable_async_checkpointing=cfg.async_save, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(storage.path(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
@@ -51,7 +52,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator) ->
 def save_params(path: str | Path, params: nnx.State) -> None:
     """Parameters alone, as a nested dict of arrays: the format `init_from` and `convert` read."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(path).absolute(), nnx.to_pure_dict(params), force=True)
+    checkpointer.save(storage.path(path), nnx.to_pure_dict(params), force=True)
     checkpointer.wait_until_finished()
 
 
@@ -64,7 +65,7 @@ def check_params(path: str | Path, abstract: nnx.State) -> None:
     """Refuse, in one line, a parameter folder that does not hold `abstract`'s parameters in their shapes: read
     from its metadata alone, so a run can check `init_from` before it writes anything."""
     where = f"train.init_from={path}"
-    path = Path(path).absolute()
+    path = storage.path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{where}: no such parameter folder")
     try:
@@ -85,7 +86,7 @@ def check_params(path: str | Path, abstract: nnx.State) -> None:
                              "size?)")
 
 
-def _read_budget(path: Path, abstract: nnx.State) -> float:
+def _read_budget(path, abstract: nnx.State) -> float:
     """Orbax's in-flight read budget (GB of 1e9 bytes) for about one tensor at a time: the largest array's elements
     at the wider of its stored and its target itemsize (a cast read counts in the target's), with a margin."""
     metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
@@ -99,7 +100,7 @@ def load_params(path: str | Path, abstract: nnx.State, shardings: nnx.State) -> 
     `abstract`'s dtypes as they are read. Each device receives only its own shards; the host reads about one
     tensor at a time (`_read_budget`; Orbax's default, 96 GB, would let a 70B load read everything at once), so
     it never holds a second copy of the model."""
-    path = Path(path).absolute()
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no parameter checkpoint here")
     target = nnx.to_pure_dict(abstract_like(abstract, shardings))

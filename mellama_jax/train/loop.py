@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from mellama_jax import distributed, sharding
+from mellama_jax import distributed, sharding, storage
 from mellama_jax.config import Config, to_dict
 from mellama_jax.config import ConfigError
 from mellama_jax.data.instruct import InstructSource, instruct_batches
@@ -108,11 +108,21 @@ def run_steps(step_fn, state, frozen, batches, start: int, steps: int, hooks, st
     return state, step, stopping
 
 
+def local_data(cfg: Config) -> Config:
+    """`cfg` with its data read from this host's disk: data in a bucket is fetched into the local cache first
+    (ArrayRecord and sentencepiece read local files); the run's config.yaml keeps the bucket's path."""
+    d = cfg.data
+    fetched = dataclasses.replace(d, path=str(storage.fetch(d.path)) if d.path else d.path,
+                                  eval_path=str(storage.fetch(d.eval_path)) if d.eval_path else d.eval_path)
+    return dataclasses.replace(cfg, data=fetched)
+
+
 def train(cfg: Config) -> dict:
     goodput = Goodput()
-    run_dir = Path(cfg.run.dir)
+    run_dir, mirror = storage.path(cfg.run.dir), storage.RunMirror(cfg.run.dir)
     pi, pc = jax.process_index(), jax.process_count()
-    train_ds, eval_ds, steps = build_data(cfg, pi, pc)
+    data = local_data(cfg).data
+    train_ds, eval_ds, steps = build_data(dataclasses.replace(cfg, data=data), pi, pc)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     # Everything that can be checked is checked before the first file is written: data (above), run directory,
     # mesh against the devices, the batch against the mesh, and the shapes in init_from.
@@ -131,20 +141,22 @@ def train(cfg: Config) -> dict:
         state, _ = checkpoint.restore(mngr, saved, checkpoint.abstract_like(state, trainer.state_shardings),
                                       iterator)
     start = int(saved or 0)
-    redone = max(0, steps_logged_before(run_dir / "metrics.jsonl") - start) if start else 0
-    log = MetricsLogger(run_dir, steps, start, pi == 0, cfg.run.progress)
+    if pi == 0:
+        mirror.pull()
+    redone = max(0, steps_logged_before(mirror.local / "metrics.jsonl") - start) if start else 0
+    log = MetricsLogger(mirror.local, steps, start, pi == 0, cfg.run.progress)
     log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
                 f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
                 + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = goodput.timed("checkpoint", Checkpointing(
         mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
-    evaluation = _evaluation(cfg, trainer, frozen, eval_ds, log) if eval_ds is not None else None
+    evaluation = _evaluation(dataclasses.replace(cfg, data=data), trainer, frozen, eval_ds, log) if eval_ds is not None else None
     if evaluation is not None and start == 0:
         evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
     timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
-    hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, main=pi == 0)
+    hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, mirror if pi == 0 else None)
     with StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
         try:
             state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
@@ -166,6 +178,7 @@ def train(cfg: Config) -> dict:
                     + (f"; parameters {export}" if "export" in result else "") + "; "
                     + summary_line(result["goodput"]))
     if pi == 0:
+        mirror.sync()
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -190,8 +203,9 @@ def _evaluation(cfg: Config, trainer, frozen, batches, log) -> Evaluation:
                       log, sources, token_bytes)
 
 
-def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, start: int, main: bool) -> list:
-    """What runs after a step, in order: the guard's check before anything reads or saves the step's values."""
+def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export, start: int, mirror) -> list:
+    """What runs after a step, in order: the guard's check before anything reads or saves the step's values.
+    `mirror`: the run's small files (process 0 only), uploaded with each checkpoint when the run is in a bucket."""
     peak = flops.peak_tflops_per_device(trainer.mesh.size, cfg.run.peak_tflops)
     mfu = functools.partial(flops.mfu, cfg.model, cfg.train.seq_len, peak_flops_per_device=peak * 1e12,
                             num_devices=trainer.mesh.size, lora=cfg.adapters)
@@ -203,8 +217,10 @@ def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export: Path, s
     if evaluation is not None:
         hooks.append(Hook(evaluation, every=cfg.run.eval_every))
     hooks += [Hook(saving, every=cfg.checkpoint.every, at_stop=True), Hook(functools.partial(export_params, export))]
-    if main and cfg.run.plot:
-        hooks.append(Hook(functools.partial(plot_curves, Path(cfg.run.dir)), at_stop=True))
+    if mirror is not None and cfg.run.plot:
+        hooks.append(Hook(functools.partial(plot_curves, mirror.local), at_stop=True))
+    if mirror is not None and mirror.remote:
+        hooks.append(Hook(lambda info: (log.flush(), mirror.sync()), every=cfg.checkpoint.every, at_stop=True))
     return hooks
 
 

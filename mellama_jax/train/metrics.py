@@ -62,6 +62,10 @@ class MetricsLogger:
         else:
             print(text, flush=True)
 
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
         for thing in (self.bar, self.tb, self.file):
             if thing is not None:

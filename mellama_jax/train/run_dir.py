@@ -7,12 +7,10 @@ It carries its config.yaml and the tokenizer of its data, so `generate`, `eval` 
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import yaml
 
-from mellama_jax.artifacts import OutputError, write_text_atomic
+from mellama_jax import storage
+from mellama_jax.artifacts import OutputError, write_bytes_atomic, write_text_atomic
 from mellama_jax.config import Config, ConfigError, load_config, to_dict
 
 # Settings that may change between a run and its resumption: how it is laid out, logged and saved, not what
@@ -41,8 +39,8 @@ def config_differences(saved: Config, new: Config) -> list[str]:
 
 def check_run_dir(cfg: Config) -> None:
     """Raise (one line, before anything is written) unless `cfg` may start or resume in cfg.run.dir."""
-    run_dir = Path(cfg.run.dir)
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+    run_dir = storage.path(cfg.run.dir)
+    if cfg.train.init_from and not storage.path(cfg.train.init_from).exists():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no such parameter folder")
     if not run_dir.exists():
         return
@@ -54,7 +52,7 @@ def check_run_dir(cfg: Config) -> None:
             raise OutputError(f"run.dir={run_dir}: holds files but no run (no config.yaml); choose a new run.dir")
         return
     try:
-        saved = load_config(saved_path)
+        saved = load_config(storage.fetch(str(saved_path)))
     except ConfigError as e:
         raise ConfigError(f"run.dir={run_dir}: cannot resume, its config.yaml does not load ({e})") from None
     differ = config_differences(saved, cfg)
@@ -71,14 +69,12 @@ def _get(cfg: Config, dotted: str):
 
 def write_run_files(cfg: Config) -> None:
     """config.yaml, and the data's tokenizer.model so that the run's exports find it."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = storage.path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tokenizer = Path(cfg.data.path) / "tokenizer.model"
+    tokenizer = storage.path(cfg.data.path) / "tokenizer.model"
     if tokenizer.exists() and not (run_dir / "tokenizer.model").exists():
-        tmp = run_dir / ".tokenizer.model.tmp"
-        shutil.copyfile(tokenizer, tmp)
-        tmp.replace(run_dir / "tokenizer.model")
+        write_bytes_atomic(run_dir / "tokenizer.model", tokenizer.read_bytes())
 
 
 def open_run_dir(cfg: Config) -> None:
