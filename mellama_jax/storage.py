@@ -1,4 +1,4 @@
-"""Where files live: local folders, or object storage (gs://, and s3:// through the same layer).
+"""Where files live: local folders, or a Google Cloud Storage bucket (gs://).
 
 Cloud TPU pods have no shared disk, so a run that several hosts write, and data every host reads, live in a
 bucket. What each kind of file does there:
@@ -7,8 +7,8 @@ bucket. What each kind of file does there:
   and writes arrays through TensorStore's gcs and s3 drivers.
 - Inputs that a library reads as local files (ArrayRecord shards, sentencepiece models, safetensors, a parameter
   folder that the converters read) are fetched once into a local cache (`fetch`): MELLAMA_CACHE, default
-  ~/.cache/mellama-jax, mirroring the bucket's paths, each file checked by its size, under a lock so that the
-  processes of one host fetch it once.
+  ~/.cache/mellama-jax, mirroring the bucket's paths; a file is fetched again when its size differs or the
+  object was written after the copy was made; under a lock, so that the processes of one host fetch it once.
 - Folder outputs (convert, eval, prepare) are built locally and uploaded when complete, their marker file last
   (`upload`): a bucket has no rename, and a folder without the marker is not taken for a finished output.
 - A run directory's small files (metrics.jsonl, TensorBoard events, plots) are written to a local mirror and
@@ -21,11 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-SCHEMES = {"gs://": "gcsfs", "s3://": "s3fs"}  # scheme -> the fsspec package etils.epath needs for it
-
-
 def is_remote(path: str | os.PathLike | None) -> bool:
-    return path is not None and str(path).startswith(tuple(SCHEMES))
+    """A URL (scheme://...) rather than a local path."""
+    return path is not None and "://" in str(path)
 
 
 def path(location: str | os.PathLike):
@@ -33,12 +31,13 @@ def path(location: str | os.PathLike):
     if not is_remote(location):
         return Path(location).absolute()
     text = str(location)
-    package = SCHEMES[text[:5]]
+    if not text.startswith("gs://"):  # s3:// would take s3fs and TensorStore's s3 driver: not tested, not offered
+        raise FileNotFoundError(f"{text}: only local paths and gs:// buckets are supported")
     try:
-        __import__(package)
+        import gcsfs  # noqa: F401  (etils.epath's backend for gs://)
     except ImportError:
-        raise FileNotFoundError(f"{text}: {text[:5]} paths need the {package} package (pip install "
-                                f"'mellama-jax[cloud]')") from None
+        raise FileNotFoundError(f"{text}: gs:// paths need the gcsfs package (pip install 'mellama-jax[gcs]')") \
+            from None
     from etils import epath
 
     return epath.Path(text)
@@ -55,9 +54,10 @@ def cached(remote: str) -> Path:
 
 
 def _fetch_file(src, dest: Path) -> None:
-    size = src.stat().length
-    if dest.is_file() and dest.stat().st_size == size:
-        return
+    remote = src.stat()
+    size = remote.length
+    if dest.is_file() and dest.stat().st_size == size and dest.stat().st_mtime >= remote.mtime:
+        return  # fetched after the object was last written
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     with src.open("rb") as r, open(tmp, "wb") as w:

@@ -300,6 +300,15 @@ def test_a_run_in_a_bucket_resumes_after_a_process_is_killed(pretrain_runs, data
         np.testing.assert_array_equal(np.asarray(got[name].get_value()), np.asarray(value.get_value()),
                                       err_msg=str(name))
     assert sorted(logged_losses_in(f"{where}/run")) == list(range(10, 61, 10))
+    # the run's export, read from the bucket with the run files above it that name the model and tokenizer
+    from mellama_jax.cli import main
+    from test_convert import all_tensors
+
+    assert main(["convert", "jax-to-hf", f"{where}/run/params", f"{where}/hf", "--dtype", "float32"]) == 0
+    assert main(["convert", "jax-to-hf", str(tmp_path / "reference" / "params"), str(tmp_path / "hf"), "--dtype",
+                 "float32"]) == 0
+    exported, reference = all_tensors(storage.fetch(f"{where}/hf")), all_tensors(tmp_path / "hf")
+    assert sorted(exported) == sorted(reference) and all((exported[k] == reference[k]).all() for k in reference)
 
 
 def logged_losses_in(run_dir: str) -> dict[int, float]:

@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from mellama_jax import storage
 from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, np_dtype,
                                    require_tokenizer)
 from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, load_model_preset, to_dict
@@ -62,12 +63,12 @@ def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
     holds model.yaml (our ModelConfig) and tokenizer.model when the source has one."""
     from mellama_jax.sharding import parse_layout
 
-    src, dst = Path(r.src), Path(r.dst)
+    src, dst = storage.fetch(r.src), r.dst  # a folder in a bucket is read from the local cache (storage.py)
     hf = HFCheckpoint(src)
     cfg = hf.config
     chunks = shard_chunks(cfg, parse_layout(r.mesh)) if r.mesh else {}
     out_dtype = np_dtype(r.dtype) if r.dtype else None
-    with atomic_output(dst, "params", r.overwrite, inputs=[src]) as tmp:
+    with atomic_output(dst, "params", r.overwrite, inputs=[r.src]) as tmp:
         writer = ParamsWriter(tmp)
         specs = tensor_specs(cfg)
         total = sum(hf.nbytes(name) for name in hf.names)  # bytes read from the source
@@ -119,12 +120,14 @@ def jax_to_hf(r: ExportRequest, *, progress: bool = True) -> Path:
     """A parameter checkpoint -> a Hugging Face folder, or PEFT adapters."""
     if r.merge and not r.adapters:
         raise ConfigError("--merge needs --adapters (the LoRA run's adapters/ to fold in)")
-    src, adapters = Path(r.src), r.adapters
+    # from a bucket: fetched with the run files above them (config.yaml, tokenizer.model) that name the model
+    src = storage.fetch(r.src, context=3)
+    adapters = storage.fetch(r.adapters, context=3) if r.adapters else None
     cfg = model_config(src, r.model)
     reader = ParamsReader(src)
     fetch = reader.read
     _check_params(reader, cfg)
-    inputs = [src, adapters]
+    inputs = [r.src, r.adapters]
     if adapters is not None:
         areader = ParamsReader(adapters)
         lora = adapters_config(adapters)

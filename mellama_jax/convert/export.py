@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mellama_jax import storage
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import TensorSpec, tensor_specs
 from mellama_jax.artifacts import atomic_output, np_dtype
@@ -99,7 +100,7 @@ def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_mod
               overwrite: bool = False, inputs=()) -> Path:
     """Write a Hugging Face LLaMA directory; returns its path. Nothing is left behind on failure; `out_dir`
     follows artifacts' destination rule (`inputs`: folders it must not overlap)."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     with atomic_output(out, "hf-model", overwrite, inputs) as tmp:
         shards = _plan_shards(cfg, dtype, shard_bytes)
         names = (["model.safetensors"] if len(shards) == 1 else

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mellama_jax import storage
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import ConversionError, TensorSpec, tensor_specs
 from mellama_jax.artifacts import atomic_output
@@ -33,7 +34,7 @@ def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: st
                 base_model: str = "", dtype: str = "float32", overwrite: bool = False, inputs=()) -> Path:
     """fetch(path, layer) gives our lora_a / lora_b arrays; writes a PEFT adapter directory atomically
     (artifacts' destination rule)."""
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     with atomic_output(out, "peft-adapter", overwrite, inputs) as tmp:
         entries = {}
         for spec in _targets(cfg, lora):

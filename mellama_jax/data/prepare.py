@@ -31,6 +31,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
+from mellama_jax import storage
 from mellama_jax.artifacts import MARKER, OutputError, check_destination, output_kind, write_text_atomic
 from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.readers import documents
@@ -249,6 +250,9 @@ def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict |
     if not 0 <= r.shard_index < r.num_shards:
         raise ValueError(f"--shard-index {r.shard_index} is not in 0..{r.num_shards - 1} "
                          f"(--num-shards {r.num_shards})")
+    if storage.is_remote(r.out):  # it resumes unit by unit in its folder, which a bucket cannot hold in place
+        raise OutputError(f"{r.out}: prepare writes a local folder; copy it to the bucket when it is done "
+                          "(gcloud storage cp -r), and train with data.path on the bucket")
     out = Path(r.out)
     specs = parse_sources(r.sources, r.fields)
     tokenizer = Tokenizer.load(r.tokenizer)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mellama_jax import storage
 from mellama_jax.artifacts import check_destination, load_model, require_tokenizer
 from mellama_jax.eval.report import clean_subset, make_rows, overlapping_ids, score_rows, summarize, write
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
@@ -194,9 +195,11 @@ def evaluate(r: EvalRequest) -> dict:
     examples = examples[:r.limit] if r.limit else examples
     prefix = few_shot_prefix(r.task, r.fewshot_data, r.fewshot, templates, r.seed)
     max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
-    runner = (JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, r.batch_size,
+    model = storage.fetch(r.model, context=3)  # from a bucket: into the local cache, with its run's files
+    adapters = storage.fetch(r.adapters, context=3) if r.adapters else None
+    runner = (JaxBackend(model, r.tokenizer, r.mesh, adapters, r.dtype, r.batch_size,
                          max_new_tokens=max_new_tokens) if r.backend == "jax"
-              else HFBackend(r.model, r.hf_tokenizer, r.dtype))
+              else HFBackend(model, r.hf_tokenizer, r.dtype))
     texts = [wrap_prompt(prefix + render(entry["prompt"], e.fields), r.model_prompt) for e in examples]
     outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
     rows = make_rows(definition, examples, outputs, entry.get("choices"))
