@@ -212,3 +212,51 @@ def test_plan_search_prints_a_ranked_table_and_a_launch_command_that_dry_runs(ca
                          text=True, env=dict(os.environ, DRY_RUN="1", NODES="1"))
     assert dry.returncode == 0, dry.stderr
     assert "mesh.ici={data: " in dry.stdout and f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout
+
+
+def test_traffic_estimate_by_hand():
+    """tiny-gqa (P parameters, counted from the model), fp32 weights, batch 16 x 32 on 8 devices of an A100
+    host (300 GB/s NVLink, 25 GB/s InfiniBand):
+    - fsdp 8, accumulation 2: 2 x (2 x 4 + 4) B x P x 7/8 over NVLink;
+    - data 8 across 8 hosts: 2 x 4 B x P x 7/8 over InfiniBand;
+    - tensor 2 x data 4, accumulation 1: 3 x 2 x layers x 2 x (4 x 32 x hidden x 4 B) x 1/2 over NVLink, plus data's
+      all-reduce of P/2."""
+    from mellama_jax.bench.search import TARGETS, Candidate, parameter_count, traffic_seconds
+
+    cfg = load_config(None, ["model=tiny-gqa", "train.batch_size=16", "train.seq_len=32"])
+    p, a100, m = parameter_count(cfg), TARGETS["a100"], cfg.model
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    fsdp = Candidate({"data": 1, "fsdp": 8, "tensor": 1}, one, 2, "full")
+    assert traffic_seconds(fsdp, cfg, a100, p) == pytest.approx(2 * 12 * p * 7 / 8 / 300e9)
+    data = Candidate(one, {"data": 8, "fsdp": 1, "tensor": 1}, 1, "full")
+    assert traffic_seconds(data, cfg, a100, p) == pytest.approx(8 * p * 7 / 8 / 25e9)
+    tensor = Candidate({"data": 4, "fsdp": 1, "tensor": 2}, one, 1, "full")
+    activations = 4 * 32 * m.hidden_size * 4
+    assert traffic_seconds(tensor, cfg, a100, p) == pytest.approx(
+        (3 * 2 * m.num_layers * 2 * activations / 2 + 8 * p / 2 * 3 / 4) / 300e9)
+
+
+@pytest.mark.slow  # ~20 s: libtpu's compiler, three candidates
+def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs(capsys):
+    """`plan --search --target tpu`: candidates over a v5p slice's chips, compiled by the TPU compiler, ranked on
+    v5p's figures, and the best as a `launch/tpu_pod.sh` command whose dry run carries the chosen layout."""
+    import json
+    import os
+    import shlex
+
+    from mellama_jax.cli import main
+
+    recipe = str(CONFIG_ROOT / "tiny-pretrain.yaml")
+    code = main(["plan", "--search", "--target", "tpu", "--topology", "v5p:2x2x1", "--config", recipe,
+                 "--max-compiles", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["gpu"] == "TPU v5p" and result["devices"] == 4 and result["memory_gib"] == 95
+    assert result["compiled"] == 2 and [r["step_s"] for r in result["rows"]] == sorted(
+        r["step_s"] for r in result["rows"])
+    command = shlex.split(result["command"])
+    assert command[:3] == ["TPU_NAME=...", "ZONE=...", "launch/tpu_pod.sh"] and command[3] == recipe
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["bash", "launch/tpu_pod.sh", *command[3:]], cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, DRY_RUN="1", WORKERS="1", TPU_NAME="x", ZONE="y"))
+    assert dry.returncode == 0, dry.stderr
+    assert f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout

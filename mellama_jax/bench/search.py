@@ -175,6 +175,10 @@ TARGETS = {
     "a100": Target("A100-SXM4-80GB", 312.0, 2.039, 300.0, 25.0),
     # NVLink 4: 900 GB/s both ways; DGX H100: one 400 Gb/s NDR NIC per GPU
     "h100": Target("H100-SXM5-80GB", 989.0, 3.35, 450.0, 50.0),
+    # TPU v5p (cloud.google.com/tpu/docs/v5p): 459 TFLOP/s bf16, 2,765 GB/s HBM, ICI 4,800 Gbps per chip (600 GB/s
+    # over its links, 300 each way); across slices, the data-center network: 200 Gbps per TPU VM (Compute
+    # Engine's ct5p-hightpu-4t machine type) shared by its 4 chips, 6.25 GB/s per chip
+    "v5p": Target("TPU v5p", 459.0, 2.765, 300.0, 6.25),
 }
 
 
@@ -183,6 +187,40 @@ def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_byte
     collectives' bytes over their links with no overlap (an upper bound on what overlapping them would give)."""
     compute = max(flops / (t.peak_tflops * 1e12), bytes_accessed / (t.hbm_tb_per_s * 1e12))
     return compute + ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
+
+
+def parameter_count(cfg: Config) -> int:
+    import jax
+    from flax import nnx
+
+    from mellama_jax.model import init_abstract
+
+    return sum(x.size for x in jax.tree.leaves(nnx.state(init_abstract(cfg.model), nnx.Param)))
+
+
+def traffic_seconds(candidate: Candidate, cfg: Config, target: Target, params: int) -> float:
+    """A by-hand estimate of one step's time on the links, for choosing which survivors to compile (the compiled
+    module's own collectives rank them after). Per device, ring algorithms: FSDP gathers the bf16-or-fp32 weights
+    twice per microbatch (forward, and again for the rematerialised backward) and reduce-scatters fp32 gradients
+    once; data parallelism all-reduces the gradients once per step; tensor parallelism all-reduces two activations
+    per layer, three times per microbatch (forward, recomputed forward, backward). A group that spans hosts runs at
+    the slow links' speed. `params`: the model's parameter count (`parameter_count`)."""
+    ici, dcn, m = candidate.ici, candidate.dcn, cfg.model
+    tensor, fsdp, data = ici["tensor"], ici["fsdp"] * dcn["fsdp"], ici["data"] * dcn["data"]
+    speed = lambda axis: (target.dcn_gb_per_s if dcn[axis] > 1 else target.ici_gb_per_s) * 1e9  # noqa: E731
+    weight = 2 if m.param_dtype == "bfloat16" else 4
+    shard = params / tensor  # what FSDP and data parallelism move, per device, before their own split
+    micro = cfg.train.batch_size // candidate.grad_accum // (fsdp * data)  # sequences per device
+    activation = micro * cfg.train.seq_len * m.hidden_size * (2 if m.dtype == "bfloat16" else 4)
+    seconds = 0.0
+    if fsdp > 1:
+        seconds += candidate.grad_accum * (2 * weight + 4) * shard * (fsdp - 1) / fsdp / speed("fsdp")
+    if data > 1:
+        seconds += 2 * 4 * shard / fsdp * (data - 1) / data / speed("data")
+    if tensor > 1:
+        seconds += candidate.grad_accum * 3 * 2 * m.num_layers * 2 * activation * (tensor - 1) / tensor / \
+            speed("tensor")
+    return seconds
 
 
 def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
@@ -233,7 +271,10 @@ class SearchRequest:
     devices: int | None = None  # all devices of the cluster (simulated here)
     devices_per_host: int = 8
     memory_gib: float = 80.0
-    gpu: str = "a100"  # the Target the ranking uses
+    gpu: str = "a100"  # the Target the ranking uses (target gpu)
+    target: str = "cpu"  # GPUs compiled for as simulated CPU devices; "tpu": the chips of `topology`, TPU compiler
+    topology: str | None = None  # tpu: CHIP:SHAPE, e.g. v5p:4x4x8 (128 chips, a v5p-256)
+    slices: int = 1  # tpu: slices of `topology`; ici inside a slice, dcn across them
     tokens: float = 129e9  # the training budget, for days to the end
     max_compiles: int = 8  # survivors compiled and ranked, in candidate order
     remats: tuple[str, ...] = ("full",)
@@ -242,44 +283,94 @@ class SearchRequest:
 def search(r: SearchRequest, progress: bool = True) -> dict:
     """Candidates -> pruned on the train state -> `max_compiles` of the survivors compiled and ranked, those the
     analytical estimate expects to fit first (see the module)."""
-    import jax
     from tqdm import tqdm
 
     from mellama_jax.bench.plan import analytical
     from mellama_jax.config import load_config
 
-    if not r.devices or r.devices % r.devices_per_host:
-        raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
-                          f"{r.devices_per_host} (--devices-per-host)")
-    if r.gpu not in TARGETS:
-        raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of {sorted(TARGETS)}")
-    try:
-        jax.config.update("jax_num_cpu_devices", r.devices)
-    except RuntimeError:  # the backend is up already (tests): use it if it has the right size
-        if jax.device_count() != r.devices:
-            raise
     started = time.perf_counter()
+    cluster = _tpu_cluster(r) if r.target == "tpu" else _gpu_cluster(r)
     overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
     cfg = load_config(r.config, overrides)
-    found = candidates(cfg, r.devices_per_host, r.devices // r.devices_per_host, r.remats)
-    memory = r.memory_gib * 2**30
+    found = candidates(cfg, cluster.per_group, cluster.groups, r.remats)
+    memory = cluster.memory_gib * 2**30
     configs = [(c, load_config(r.config, overrides + c.overrides())) for c in found]
     estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
     survivors = prune(configs, memory, estimates)
-    # compile first those the analytical estimate (activations included) expects to fit, in candidate order
-    chosen = sorted(survivors, key=lambda pair: sum(estimates[id(pair[1])].values()) > memory)[:r.max_compiles]
-    rows = rank(tqdm(chosen, desc="compiling", disable=not progress), TARGETS[r.gpu], memory)
+    # compile first those the analytical estimate (activations included) expects to fit, least time on the links
+    # first (`traffic_seconds`), then in candidate order
+    params = parameter_count(cfg)
+    chosen = sorted(survivors, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory,
+                                                 traffic_seconds(pair[0], pair[1], cluster.target, params)))
+    chosen = chosen[:r.max_compiles]
+    rows = rank(tqdm(chosen, desc="compiling", disable=not progress), cluster.target, memory, cluster.devices)
     for row in rows:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
     best = next((row for row in rows if row["fits"]), None)
     command = None
     if best is not None:
         extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
-        command = (f"sbatch --nodes={r.devices // r.devices_per_host} launch/slurm_gpu.sbatch "
-                   f"{r.config or 'CONFIG'} {extra}")
-    return {"model": cfg.model.name, "devices": r.devices, "gpu": TARGETS[r.gpu].name, "memory_gib": r.memory_gib,
+        command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
+    return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
+            "memory_gib": cluster.memory_gib,
             "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """What a search lays its candidates over: `groups` of `per_group` devices (hosts of GPUs, TPU slices) joined by
+    the slow network, the device figures, the devices compiled for (None: JAX's, simulated CPUs) and the launcher."""
+
+    per_group: int
+    groups: int
+    target: Target
+    memory_gib: float
+    devices: list | None
+    launcher: str
+
+    @property
+    def count(self) -> int:
+        return self.per_group * self.groups
+
+
+def _simulate(count: int) -> None:
+    """`count` CPU devices: the GPUs compiled for, or (TPU) the mesh the analytical estimate lays out."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend is up already (tests): use it if it has the right size
+        if jax.device_count() != count:
+            raise
+
+
+def _gpu_cluster(r: SearchRequest) -> Cluster:
+    if not r.devices or r.devices % r.devices_per_host:
+        raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
+                          f"{r.devices_per_host} (--devices-per-host)")
+    if r.gpu not in ("a100", "h100"):
+        raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
+    _simulate(r.devices)
+    hosts = r.devices // r.devices_per_host
+    return Cluster(r.devices_per_host, hosts, TARGETS[r.gpu], r.memory_gib, None,
+                   f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch")
+
+
+def _tpu_cluster(r: SearchRequest) -> Cluster:
+    """The chips of `r.slices` slices of `r.topology`; ICI spans a slice, so the whole slice is one group."""
+    from mellama_jax.bench.tpu import chip_of, topology_devices
+
+    if not r.topology:
+        raise ConfigError("plan --search --target tpu needs --topology, e.g. v5p:4x4x8")
+    name, chip = chip_of(r.topology)
+    if name not in TARGETS:
+        raise ConfigError(f"plan --search --target tpu: the interconnect of {name} is not known here; "
+                          f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}")
+    devices = topology_devices(r.topology, r.slices)
+    _simulate(len(devices))
+    return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, devices,
+                   f"TPU_NAME=... ZONE=... launch/tpu_pod.sh")
 
 
 def _plain(row: dict) -> dict:
