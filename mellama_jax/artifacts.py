@@ -142,8 +142,11 @@ def _remote_output(dest, kind: str) -> Iterator[Path]:
         storage.remove_tree(dest)  # an earlier output of this kind (check_destination allowed it), or nothing
         try:
             storage.upload(Path(tmp), dest, last=MARKER)
-        except BaseException:
+        except BaseException as e:
             storage.remove_tree(dest)  # no half-uploaded folder left behind
+            if isinstance(e, OSError):  # the bucket or the network failed us: a one-line error, not a bug
+                raise OutputError(f"{dest}: the upload failed ({type(e).__name__}: {e}); nothing was left "
+                                  "there, run the command again") from None
             raise
 
 

@@ -435,6 +435,9 @@ def _add_plan(sub) -> None:
                      help="--search: the training budget in tokens, for days to the end (default 129e9)")
     pln.add_argument("--max-compiles", type=POSITIVE, default=8, help="--search: survivors compiled and ranked")
     pln.add_argument("--remats", type=_names, default="full", help="--search: comma-separated remat policies")
+    pln.add_argument("--calibrate", type=_number(int, 0), default=0,
+                     help="--search: run the best N that fit on this host's devices and compare (ranked on this "
+                          "host's measured figures)")
     pln.add_argument("--json", action="store_true", help="--search: the result as JSON")
     pln.add_argument("overrides", nargs="*")
     pln.set_defaults(func=_plan)

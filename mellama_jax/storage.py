@@ -75,16 +75,27 @@ CONTEXT = ("config.yaml", "model.yaml", "tokenizer.model")  # what commands look
 
 
 def fetch(remote: str | os.PathLike, context: int = 0) -> Path:
-    """The local copy of a remote file or folder (the folder's whole tree), fetched unless already cached at the
-    same sizes; with `context`, also the CONTEXT files of that many folders above it (a run's config.yaml and
-    tokenizer beside its params/). A local path is returned as it is."""
+    """The local copy of a remote file or folder (the folder's whole tree), each file fetched unless its cached
+    copy has its size and is newer than it; with `context`, also the CONTEXT files of that many folders above it
+    (a run's config.yaml and tokenizer beside its params/). A local path is returned as it is. A failed transfer
+    is a one-line ValueError naming the location."""
     if not is_remote(remote):
         return Path(remote)
-    from filelock import FileLock
-
     src, dest = path(remote), cached(str(remote))
     if not src.exists():
         raise FileNotFoundError(f"{remote}: no such file or folder")
+    try:
+        _fetch(src, dest, context)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # the bucket or the network failed us
+        raise ValueError(f"{remote}: fetching it failed ({type(e).__name__}: {e}); run the command again") from None
+    return dest
+
+
+def _fetch(src, dest: Path, context: int) -> None:
+    from filelock import FileLock
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if src.is_dir():
@@ -102,7 +113,6 @@ def fetch(remote: str | os.PathLike, context: int = 0) -> Path:
             for name in CONTEXT:
                 if (folder / name).exists():
                     _fetch_file(folder / name, local / name)
-    return dest
 
 
 def upload(local: Path, remote: str | os.PathLike, last: str | None = None, names=None) -> None:

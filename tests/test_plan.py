@@ -260,3 +260,36 @@ def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs(capsys):
                          env=dict(os.environ, DRY_RUN="1", WORKERS="1", TPU_NAME="x", ZONE="y"))
     assert dry.returncode == 0, dry.stderr
     assert f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout
+
+
+def test_spearman_by_hand():
+    """Ranks (1, 2, 3, 4) against (2, 1, 4, 3): d = (1, 1, 1, 1), rho = 1 - 6 * 4 / (4 * 15) = 0.6; ties take their
+    average rank: (1, 2, 2, 3) against itself is 1; reversed order is -1."""
+    from mellama_jax.bench.search import spearman
+
+    assert spearman([0.1, 0.2, 0.3, 0.4], [2.0, 1.0, 4.0, 3.0]) == pytest.approx(0.6)
+    assert spearman([1, 5, 5, 9], [1, 5, 5, 9]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy.stats.spearmanr
+
+
+@pytest.mark.slow  # ~1-2 min: six candidates compiled three times each, then run
+def test_plan_search_calibrates_against_runs_on_this_host(capsys):
+    """`--calibrate 6` on 8 simulated devices: six candidates that fit are run (bench mesh's timing), each with its
+    prediction from this host's measured figures, and the rank correlation of the two is reported."""
+    import json
+
+    from mellama_jax.bench.search import spearman
+    from mellama_jax.cli import main
+
+    code = main(["plan", "--search", "--config", str(CONFIG_ROOT / "tiny-pretrain.yaml"), "--devices", "8",
+                 "--max-compiles", "6", "--calibrate", "6", "--json", "train.batch_size=16", "train.seq_len=32"])
+    result = json.loads(capsys.readouterr().out)
+    runs = result["calibration"]["runs"]
+    assert code == 0 and len(runs) == 6 and result["gpu"] == "this host's CPU / 8"
+    fitting = [r for r in result["rows"] if r["fits"]][:6]
+    assert [(r["ici"], r["grad_accum"]) for r in runs] == [(r["ici"], r["grad_accum"]) for r in fitting]
+    assert [r["predicted_s"] for r in runs] == [r["step_s"] for r in fitting]
+    assert all(r["measured_s"] > 0 for r in runs)
+    assert result["calibration"]["spearman"] == pytest.approx(
+        spearman([r["predicted_s"] for r in runs], [r["measured_s"] for r in runs]))

@@ -136,3 +136,63 @@ def test_prepare_refuses_a_bucket_in_one_line(demo_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: gs://mellama-test/prepared: prepare writes a local")
     assert not Path("gs:").exists() and not (Path.cwd() / "gs:").exists()
+
+
+def test_a_failed_upload_is_one_line_and_leaves_nothing_in_the_bucket(bucket, tmp_path, tokenizer_file,  # noqa: F811
+                                                                      monkeypatch, capsys):
+    """The network fails after the first object of an output is written (gcsfs raising on the second, as a reset
+    connection would): one line, and the objects already written are removed."""
+    src = make_hf_dir(tmp_path / "hf", 2, seed=5, tokenizer=tokenizer_file)
+    bucket_path = type(storage.path(f"{bucket}/x"))
+    real_open, writes = bucket_path.open, []
+
+    def failing_open(self, mode="r", *args, **kwargs):
+        if "w" in mode:
+            writes.append(self.name)
+            if len(writes) == 2:
+                raise ConnectionResetError("connection reset by peer")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(bucket_path, "open", failing_open)
+    dst = f"{bucket}/upload-fails/jax"
+    assert main(["convert", "hf-to-jax", str(src), dst]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(writes) == 2 and len(err) == 1 and "Traceback" not in stderr, stderr
+    assert err[0] == (f"error: {dst}: the upload failed (ConnectionResetError: connection reset by peer); nothing "
+                      "was left there, run the command again")
+    monkeypatch.undo()
+    assert not storage.path(dst).exists()
+
+
+@pytest.mark.parametrize("where", ["bucket", "local"])
+def test_an_output_beside_its_input_is_allowed_and_one_inside_it_refused(where, bucket, tmp_path, tokenizer_file,  # noqa: F811
+                                                                         capsys):
+    """`.../jax` -> `.../jax-hf` shares a prefix with its input but not a folder: allowed. `.../jax/hf` is inside it:
+    refused in one line, in a bucket as on a disk."""
+    root = f"{bucket}/beside" if where == "bucket" else str(tmp_path)
+    src = make_hf_dir(tmp_path / "hf", 2, seed=6, tokenizer=tokenizer_file)
+    assert main(["convert", "hf-to-jax", str(src), f"{root}/jax"]) == 0
+    assert main(["convert", "jax-to-hf", f"{root}/jax", f"{root}/jax-hf", "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["convert", "jax-to-hf", f"{root}/jax", f"{root}/jax/hf", "--dtype", "float32"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "the output would overlap the input" in err[0], err
+
+
+def test_a_failed_fetch_is_one_line(bucket, tmp_path, monkeypatch):
+    """Reading an object fails (a reset connection): one line naming the location, not a traceback."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.yaml").write_text("seed: 1\n")
+    storage.upload(tmp_path / "src", f"{bucket}/fetch-fails")
+    bucket_path = type(storage.path(f"{bucket}/x"))
+    real_open = bucket_path.open
+
+    def failing_open(self, mode="r", *args, **kwargs):
+        if "r" in mode:
+            raise ConnectionResetError("connection reset by peer")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(bucket_path, "open", failing_open)
+    with pytest.raises(ValueError, match=r"^gs://mellama-test/fetch-fails: fetching it failed \(ConnectionResetError"):
+        storage.fetch(f"{bucket}/fetch-fails")  # a ValueError is what the CLI prints as one line (exit code 2)

@@ -94,14 +94,14 @@ class _Step:
         return peak, self.mfu(statistics.median(times), peak) if peak else None
 
 
-def _compile_step(overrides: list[str], seed: int = 0, devices: list | None = None) -> _Step:
+def _compile_step(overrides: list[str], seed: int = 0, devices: list | None = None, config=None) -> _Step:
     import jax
 
     from mellama_jax.sharding import make_mesh
     from mellama_jax.config import load_config
     from mellama_jax.train.step import make_train_step, plan_trainer
 
-    cfg = load_config(None, ["train.steps=1000"] + list(overrides))
+    cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     trainer, init = plan_trainer(cfg, make_mesh(cfg.mesh, devices))
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
@@ -127,12 +127,13 @@ def _cpu_peak_probe():
 
 
 def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
-                    devices: list | None = None, profile_dir: str | Path | None = None) -> dict:
+                    devices: list | None = None, profile_dir: str | Path | None = None, config=None) -> dict:
+    """`config` (a recipe YAML, default the built-in defaults) with `overrides`, timed on `devices`."""
     import jax
 
     from mellama_jax.train import flops
 
-    step = _compile_step(overrides, seed, devices)
+    step = _compile_step(overrides, seed, devices, config)
     cfg, n = step.cfg, step.trainer.mesh.size
     B, T = cfg.train.batch_size, cfg.train.seq_len
     # Each step donates the state it is given, so the timed calls thread it through. On a CPU the peak is the

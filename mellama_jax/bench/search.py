@@ -278,6 +278,7 @@ class SearchRequest:
     tokens: float = 129e9  # the training budget, for days to the end
     max_compiles: int = 8  # survivors compiled and ranked, in candidate order
     remats: tuple[str, ...] = ("full",)
+    calibrate: int = 0  # run the best this many that fit on this host's devices, ranked on this host's figures
 
 
 def search(r: SearchRequest, progress: bool = True) -> dict:
@@ -289,7 +290,12 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     from mellama_jax.config import load_config
 
     started = time.perf_counter()
+    if r.calibrate and r.target == "tpu":
+        raise ConfigError("plan --search --calibrate runs the candidates on this host's devices: not with --target "
+                          "tpu")
     cluster = _tpu_cluster(r) if r.target == "tpu" else _gpu_cluster(r)
+    if r.calibrate:  # the predictions are compared with this host's devices, so they use this host's figures
+        cluster = dataclasses.replace(cluster, target=host_target(cluster.count))
     overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
     cfg = load_config(r.config, overrides)
     found = candidates(cfg, cluster.per_group, cluster.groups, r.remats)
@@ -311,8 +317,9 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     if best is not None:
         extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
+    calibration = calibrate(rows, r.config, overrides, r.calibrate, progress) if r.calibrate else None
     return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib,
+            "memory_gib": cluster.memory_gib, "calibration": calibration,
             "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
 
@@ -373,6 +380,66 @@ def _tpu_cluster(r: SearchRequest) -> Cluster:
                    f"TPU_NAME=... ZONE=... launch/tpu_pod.sh")
 
 
+def copy_gb_per_s(megabytes: int = 256) -> float:
+    """This host's memory bandwidth, measured: the best of three copies of a buffer (read plus write bytes)."""
+    import numpy as np
+
+    source = np.ones(megabytes << 17)  # 8-byte elements
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best / 1e9
+
+
+def host_target(count: int) -> Target:
+    """The figures of `count` simulated devices sharing this host: each has 1/count of the measured matmul rate and
+    of the measured copy bandwidth, which also paces their collectives (between simulated devices, a copy)."""
+    from mellama_jax.train.flops import measured_matmul_tflops
+
+    tflops, copy = measured_matmul_tflops(), copy_gb_per_s()
+    return Target(f"this host's CPU / {count}", tflops / count, copy / count / 1e3, copy / count, copy / count)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (ties take their average rank)."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+
+
+def calibrate(rows: list[dict], config, overrides: list[str], k: int, progress: bool = True) -> dict:
+    """The best `k` ranked rows that fit, each run for a few steps on this host's devices (`bench mesh`'s timing):
+    predicted against measured step time, and Spearman's rank correlation of the two."""
+    from tqdm import tqdm
+
+    from mellama_jax.bench.mesh import jax_step_timing
+
+    runs = []
+    for row in tqdm([r for r in rows if r["fits"]][:k], desc="calibrating", disable=not progress):
+        timing = jax_step_timing(overrides + row["candidate"].overrides(), warmup=1, steps=3, config=config)
+        runs.append({**{key: v for key, v in _plain(row).items() if key in ("ici", "dcn", "grad_accum", "remat")},
+                     "predicted_s": row["step_s"], "measured_s": timing["step_s_median"]})
+    rho = spearman([x["predicted_s"] for x in runs], [x["measured_s"] for x in runs]) if len(runs) > 1 else None
+    return {"runs": runs, "spearman": rho}
+
+
 def _plain(row: dict) -> dict:
     c = row["candidate"]
     return {**{k: v for k, v in row.items() if k != "candidate"}, "ici": c.ici, "dcn": c.dcn,
@@ -388,4 +455,14 @@ def markdown(result: dict) -> str:
     return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB): "
             f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
             f"in {result['search_s']:.0f} s\n\n" + head + "\n".join(lines)
-            + (f"\n\nbest: {result['command']}" if result["command"] else "\n\nnone fits"))
+            + (f"\n\nbest: {result['command']}" if result["command"] else "\n\nnone fits")
+            + (_calibration_markdown(result["calibration"]) if result.get("calibration") else ""))
+
+
+def _calibration_markdown(calibration: dict) -> str:
+    lines = [f"| {tuple(r['ici'].values())} | {r['grad_accum']} | {r['remat']} | {r['predicted_s']:.3g} | "
+             f"{r['measured_s']:.3g} |" for r in calibration["runs"]]
+    rho = calibration["spearman"]
+    return ("\n\nmeasured on this host's devices:\n\n| ici (data, fsdp, tensor) | accum | remat | predicted s | "
+            "measured s |\n|---|---|---|---|---|\n" + "\n".join(lines)
+            + (f"\n\nSpearman's rank correlation: {rho:.2f}" if rho is not None else ""))
