@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     code, why = _run(args)
     from mellama_jax import distributed
 
-    distributed.leave(code == 0, why)  # this job's other processes, if any, stop watching this one
+    distributed.leave(code, why)  # this job's other processes, if any, stop watching this one (or stop, if it failed)
     return code
 
 

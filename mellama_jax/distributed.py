@@ -33,14 +33,30 @@ EXIT_PEER_LOST = 4
 resume_point = lambda: "its last checkpoint"  # noqa: E731
 
 
+_ending = threading.Lock()  # held by the thread that ends the process (the watchdog's, or the main one)
+
+
 def peer_lost(detail: str = "") -> None:
     """End this process at once: one line and exit code 4. With a peer gone, closing the checkpoint manager or
     JAX's distributed client would wait on the dead process (and JAX's client would abort this one)."""
+    if not _ending.acquire(blocking=False):  # the other thread is ending it already, with its own line
+        threading.Event().wait()
     detail = detail.strip().splitlines()[0][:200] if detail.strip() else "its heartbeats stopped"
     sys.stdout.flush()
     print(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch "
           f"the same command on every host: it resumes from {resume_point()}", file=sys.stderr, flush=True)
-    os._exit(EXIT_PEER_LOST)
+    _exit(EXIT_PEER_LOST)
+
+
+def _exit(code: int) -> None:
+    """Exit now, without JAX's shutdown (a barrier that a lost or failed peer never reaches, and whose failure JAX
+    answers with an abort and a stack dump). Process 0 holds the key-value store the others read: it lingers for
+    two of their polls, so that they read why and end in their own line, not lose the store under them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _watchdog is not None and _watchdog.me == 0:
+        time.sleep(2 * _watchdog.interval + 0.5)
+    os._exit(code)
 
 
 BEAT = "mellama/beat/"  # + process index: a counter while alive, then "done" or "failed: <why>"
@@ -96,10 +112,18 @@ class Watchdog(threading.Thread):
 _watchdog: Watchdog | None = None
 
 
-def leave(ok: bool, why: str = "") -> None:
-    """Called once the command has ended: peers stop watching this process ('failed' ends them too)."""
-    if _watchdog is not None:
-        _watchdog.leave("done" if ok else f"failed: {why.strip()[:200] or 'stopped with an error'}")
+def leave(code: int, why: str = "") -> None:
+    """Called once the command has ended with exit `code`: peers stop watching this process. A failed one ends
+    here, once its peers can read why (they end too, naming it)."""
+    if _watchdog is None:
+        return
+    if code == 0:
+        _watchdog.leave("done")
+        return
+    if not _ending.acquire(blocking=False):  # a lost peer is ending this process already
+        threading.Event().wait()
+    _watchdog.leave(f"failed: {why.strip()[:200] or f'exit code {code}'}")
+    _exit(code)
 
 
 def _start_watchdog(timeout: float) -> None:
@@ -109,7 +133,7 @@ def _start_watchdog(timeout: float) -> None:
 
     _watchdog = Watchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(), timeout)
     _watchdog.start()
-    atexit.register(leave, False, "exited before its command ended")  # no-op after a leave(); runs before JAX's
+    atexit.register(_watchdog.leave, "failed: exited before its command ended")  # no-op after a leave()
 
 
 def detect(env: dict | None = None) -> str:

@@ -41,7 +41,12 @@ def path(location: str | os.PathLike):
     except ImportError:
         raise FileNotFoundError(f"{text}: gs:// paths need the gcsfs package (pip install 'mellama-jax[gcs]')") \
             from None
+    import fsspec.config
     from etils import epath
+
+    # gcsfs keeps folder listings for the life of the process: a file another host (or process) writes later would
+    # never be seen by exists(). The processes of a run share the bucket, so every question goes to the bucket.
+    fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
     return epath.Path(text)
 

@@ -125,6 +125,27 @@ def test_a_dead_process_stops_the_others(data, tmp_path):
                                             "*** Check failure")), err[-3000:]
 
 
+def test_a_process_that_fails_stops_the_others_naming_its_error(data, tmp_path):
+    """One host lacks the data (exit 2, its one-line error): the other stops at once with that error in its own line,
+    not after a heartbeat timeout, and not by JAX's abort."""
+    port = free_port()
+    procs = []
+    for i, data_path in enumerate([data / "pre", tmp_path / "not-copied-here"]):
+        env = dict(os.environ, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(i),
+                   MELLAMA_CPU_DEVICES="4", MELLAMA_HEARTBEAT_TIMEOUT="60", JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, "-m", "mellama_jax.cli", "train", "--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")]
+        cmd += common(tmp_path / "run", f"data.path={data_path}", "train.steps=100000", "train.batch_size=16")
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    started = time.time()
+    _, err = procs[0].communicate(timeout=180)
+    _, err1 = procs[1].communicate(timeout=60)
+    assert procs[1].returncode == 2 and f"{tmp_path / 'not-copied-here'}" in err1, err1[-2000:]
+    assert procs[0].returncode == 4 and time.time() - started < 60, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "(process 1 failed: " in lines[0] and "not-copied-here" in lines[0], err[-3000:]
+
+
 PEER = """
 import os, signal, sys, time
 from mellama_jax import distributed
@@ -133,22 +154,27 @@ if os.environ["PROCESS_ID"] == "1":
     {one}
 else:
     time.sleep({wait})
-    distributed.leave(True)
+    distributed.leave(0)
     print("finished", flush=True)
 """
 
 
-@pytest.mark.parametrize("one, wait, code, line", [
-    ("os.kill(os.getpid(), signal.SIGKILL)", 30, 4, "process 1 sent no heartbeat for 3 s"),
-    ("distributed.leave(False, 'data.path=x: no such folder')", 30, 4,
+@pytest.mark.parametrize("one, wait, timeout, code, line", [
+    ("os.kill(os.getpid(), signal.SIGKILL)", 30, 3, 4, "process 1 sent no heartbeat for 3 s"),
+    ("distributed.leave(2, 'data.path=x: no such folder')", 30, 3, 4,
      "process 1 failed: data.path=x: no such folder"),
-    ("distributed.leave(True)", 8, 0, None),  # past both timeouts: a finished peer is not a dead one
-], ids=["killed", "failed", "finished"])
-def test_the_watchdog_tells_dead_failed_and_finished_peers_apart(one, wait, code, line):
+    ("distributed.leave(0)", 8, 3, 0, None),  # past both timeouts: a finished peer is not a dead one
+    # alive for longer than the timeout, then its beats pause for ~2 s (a C call holding the GIL: a backtracking
+    # regex), well inside the timeout: a slow peer is not a dead one
+    ("time.sleep(8); import re; re.match(r'(a+)+$', 'a' * 26 + 'b'); time.sleep(3); distributed.leave(0)", 16,
+     6, 0, None),
+], ids=["killed", "failed", "finished", "paused"])
+def test_the_watchdog_tells_dead_failed_finished_and_paused_peers_apart(one, wait, timeout, code, line):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", PEER.format(one=one, wait=wait)], cwd=REPO, text=True,
                               env=dict(os.environ, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2",
-                                       PROCESS_ID=str(i), MELLAMA_HEARTBEAT_TIMEOUT="3", JAX_PLATFORMS="cpu"),
+                                       PROCESS_ID=str(i), MELLAMA_HEARTBEAT_TIMEOUT=str(timeout),
+                                       JAX_PLATFORMS="cpu"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
     out, err = procs[0].communicate(timeout=120)
     procs[1].communicate(timeout=60)
@@ -290,6 +316,7 @@ def test_a_run_in_a_bucket_resumes_after_a_process_is_killed(pretrain_runs, data
     assert procs[0].returncode == 4, err[-3000:]
     stopped = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(stopped) == 1 and "resumes from checkpoint " in stopped[0], err[-3000:]
+    shutil.rmtree(storage.cache_root())  # the re-launch may land on other hosts: nothing of this one's disk is left
     resumed = local(config, in_bucket)
     assert "resuming at step " in resumed.stdout, resumed.stdout[-2000:]
 

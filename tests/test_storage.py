@@ -196,3 +196,20 @@ def test_a_failed_fetch_is_one_line(bucket, tmp_path, monkeypatch):
     monkeypatch.setattr(bucket_path, "open", failing_open)
     with pytest.raises(ValueError, match=r"^gs://mellama-test/fetch-fails: fetching it failed \(ConnectionResetError"):
         storage.fetch(f"{bucket}/fetch-fails")  # a ValueError is what the CLI prints as one line (exit code 2)
+
+
+def test_a_file_another_process_writes_later_is_seen(bucket, tmp_path):
+    """gcsfs would answer exists() from the folder listing it read first, for the life of the process: a file
+    another host writes afterwards (a checkpoint, uploaded metrics) would never appear."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("x")
+    storage.upload(tmp_path / "a", f"{bucket}/later")
+    assert [p.name for p in storage.path(f"{bucket}/later").iterdir()] == ["x"]
+    assert not storage.path(f"{bucket}/later/y").exists()
+    subprocess.run([sys.executable, "-c", f"from mellama_jax import storage; storage.path('{bucket}/later/y')"
+                    ".write_text('y')"], check=True)
+    assert storage.path(f"{bucket}/later/y").exists()
+    assert storage.fetch(f"{bucket}/later").joinpath("y").read_text() == "y"
