@@ -293,3 +293,27 @@ def test_plan_search_calibrates_against_runs_on_this_host(capsys):
     assert all(r["measured_s"] > 0 for r in runs)
     assert result["calibration"]["spearman"] == pytest.approx(
         spearman([r["predicted_s"] for r in runs], [r["measured_s"] for r in runs]))
+
+
+def test_compile_order_covers_layouts_before_accumulations():
+    """Survivors expected to fit come first; among them one candidate per layout (the least link time) before any
+    layout's second; the order inside each class is by the link-time estimate."""
+    from mellama_jax.bench.plan import analytical
+    from mellama_jax.bench.search import TARGETS, candidates, compile_order, parameter_count, traffic_seconds
+
+    base = ["model=tiny", "train.batch_size=16", "train.seq_len=32"]
+    cfg = load_config(None, base)
+    pairs = [(c, load_config(None, base + c.overrides())) for c in candidates(cfg, 8, 1, remats=("full",))]
+    estimates = {id(c): analytical(c) for _, c in pairs}
+    memory = sorted(sum(e.values()) for e in estimates.values())[len(pairs) // 2]  # about half expected to fit
+    params, a100 = parameter_count(cfg), TARGETS["a100"]
+    order = compile_order(pairs, estimates, memory, a100, params)
+    assert sorted(id(c) for _, c in order) == sorted(id(c) for _, c in pairs)
+    fits = [sum(estimates[id(c)].values()) <= memory for _, c in order]
+    assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(fits)
+    fitting = order[:sum(fits)]
+    layouts = [(tuple(c.ici.values()), tuple(c.dcn.values())) for c, _ in fitting]
+    distinct = len(set(layouts))
+    assert len(set(layouts[:distinct])) == distinct  # every fitting layout once before any repeats
+    times = [traffic_seconds(c, k, a100, params) for c, k in fitting[:distinct]]
+    assert times == sorted(times)

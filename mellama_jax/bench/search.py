@@ -223,6 +223,21 @@ def traffic_seconds(candidate: Candidate, cfg: Config, target: Target, params: i
     return seconds
 
 
+def compile_order(survivors: list[tuple[Candidate, Config]], estimates: dict, memory: float, target: Target,
+                  params: int) -> list[tuple[Candidate, Config]]:
+    """Which survivors to compile first: those the analytical estimate (activations included) expects to fit;
+    among them, each mesh layout's best before any layout's second (so that a bounded number of compiles covers
+    layouts, not the accumulations of one); by least time on the links (`traffic_seconds`), then candidate order."""
+    ordered = sorted(survivors, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory,
+                                                  traffic_seconds(pair[0], pair[1], target, params)))
+    seen, repeat = set(), {}
+    for candidate, cfg in ordered:
+        layout = (tuple(candidate.ici.values()), tuple(candidate.dcn.values()))
+        repeat[id(cfg)] = layout in seen
+        seen.add(layout)
+    return sorted(ordered, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory, repeat[id(pair[1])]))
+
+
 def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     """The whole step's FLOPs, memory traffic and collective bytes per device. XLA's analysis counts a loop's body
     once (the scanned layers as one), so the step is compiled with one and with two layers unrolled and the
@@ -303,12 +318,7 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     configs = [(c, load_config(r.config, overrides + c.overrides())) for c in found]
     estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
     survivors = prune(configs, memory, estimates)
-    # compile first those the analytical estimate (activations included) expects to fit, least time on the links
-    # first (`traffic_seconds`), then in candidate order
-    params = parameter_count(cfg)
-    chosen = sorted(survivors, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory,
-                                                 traffic_seconds(pair[0], pair[1], cluster.target, params)))
-    chosen = chosen[:r.max_compiles]
+    chosen = compile_order(survivors, estimates, memory, cluster.target, parameter_count(cfg))[:r.max_compiles]
     rows = rank(tqdm(chosen, desc="compiling", disable=not progress), cluster.target, memory, cluster.devices)
     for row in rows:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
