@@ -296,8 +296,8 @@ def test_plan_search_calibrates_against_runs_on_this_host(capsys):
 
 
 def test_compile_order_covers_layouts_before_accumulations():
-    """Survivors expected to fit come first; among them one candidate per layout (the least link time) before any
-    layout's second; the order inside each class is by the link-time estimate."""
+    """Survivors expected to fit come first; among them one candidate per in-host layout (the least link time) before
+    any layout's second; the order inside each class is by the link-time estimate."""
     from mellama_jax.bench.plan import analytical
     from mellama_jax.bench.search import TARGETS, candidates, compile_order, parameter_count, traffic_seconds
 
@@ -312,7 +312,7 @@ def test_compile_order_covers_layouts_before_accumulations():
     fits = [sum(estimates[id(c)].values()) <= memory for _, c in order]
     assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(fits)
     fitting = order[:sum(fits)]
-    layouts = [(tuple(c.ici.values()), tuple(c.dcn.values())) for c, _ in fitting]
+    layouts = [tuple(c.ici.values()) for c, _ in fitting]
     distinct = len(set(layouts))
     assert len(set(layouts[:distinct])) == distinct  # every fitting layout once before any repeats
     times = [traffic_seconds(c, k, a100, params) for c, k in fitting[:distinct]]

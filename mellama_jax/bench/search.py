@@ -226,13 +226,14 @@ def traffic_seconds(candidate: Candidate, cfg: Config, target: Target, params: i
 def compile_order(survivors: list[tuple[Candidate, Config]], estimates: dict, memory: float, target: Target,
                   params: int) -> list[tuple[Candidate, Config]]:
     """Which survivors to compile first: those the analytical estimate (activations included) expects to fit;
-    among them, each mesh layout's best before any layout's second (so that a bounded number of compiles covers
-    layouts, not the accumulations of one); by least time on the links (`traffic_seconds`), then candidate order."""
+    among them, each in-host (in-slice) layout's best before any layout's second, so that a bounded number of
+    compiles covers layouts, not the accumulations or cross-host splits of one; best by least time on the links
+    (`traffic_seconds`, a rough guide: the compiled module decides), then candidate order."""
     ordered = sorted(survivors, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory,
                                                   traffic_seconds(pair[0], pair[1], target, params)))
     seen, repeat = set(), {}
     for candidate, cfg in ordered:
-        layout = (tuple(candidate.ici.values()), tuple(candidate.dcn.values()))
+        layout = tuple(candidate.ici.values())
         repeat[id(cfg)] = layout in seen
         seen.add(layout)
     return sorted(ordered, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory, repeat[id(pair[1])]))
