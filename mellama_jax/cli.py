@@ -353,7 +353,7 @@ def _plan(args) -> int:
 
         result = search.search(_request(search.SearchRequest, args, config=args.config))
         print(json.dumps(result, indent=1) if args.json else search.markdown(result))
-        return 0 if result["command"] else 1
+        return 0 if result["fits"] else 1
 
     run, table = (plan.plan_tpu, plan.markdown_tpu) if args.target == "tpu" else (plan.plan, plan.markdown)
     result = run(_request(plan.PlanRequest, args))

@@ -42,9 +42,20 @@ def peer_lost(detail: str = "") -> None:
     if not _ending.acquire(blocking=False):  # the other thread is ending it already, with its own line
         threading.Event().wait()
     detail = detail.strip().splitlines()[0][:200] if detail.strip() else "its heartbeats stopped"
+    _end(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch the "
+         f"same command on every host: it resumes from {resume_point()}")
+
+
+def peer_failed(peer: int, why: str) -> None:
+    """End this process because process `peer` ended with an error (its own line says which): one line, exit 4."""
+    if not _ending.acquire(blocking=False):
+        threading.Event().wait()
+    _end(f"error: process {peer} of this job failed ({why}); this process stops too")
+
+
+def _end(line: str) -> None:
     sys.stdout.flush()
-    print(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch "
-          f"the same command on every host: it resumes from {resume_point()}", file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
     _exit(EXIT_PEER_LOST)
 
 
@@ -72,6 +83,7 @@ class Watchdog(threading.Thread):
         super().__init__(name="mellama-watchdog", daemon=True)
         self.client, self.me, self.count, self.timeout, self.interval = client, me, count, timeout, interval
         self.stopped = threading.Event()
+        self.status_lock = threading.Lock()  # a beat never lands after the final status
 
     def run(self) -> None:
         now = time.monotonic()
@@ -80,7 +92,10 @@ class Watchdog(threading.Thread):
         while not self.stopped.wait(self.interval):
             beat += 1
             try:
-                self.client.key_value_set(f"{BEAT}{self.me}", str(beat), allow_overwrite=True)
+                with self.status_lock:
+                    if self.stopped.is_set():
+                        return
+                    self.client.key_value_set(f"{BEAT}{self.me}", str(beat), allow_overwrite=True)
                 beats = dict(self.client.key_value_dir_get(BEAT))
             except Exception as e:  # the store lives in process 0's coordination service
                 if not self.stopped.is_set():
@@ -91,8 +106,11 @@ class Watchdog(threading.Thread):
                 value = beats.get(f"{BEAT}{peer}")
                 if value == "done":
                     del seen[peer]
-                elif value is not None and value.startswith("failed"):
-                    peer_lost(f"process {peer} {value}")
+                elif value is not None and value.startswith("failed: "):
+                    # an error every process meets (a bad config) is this one's to report in its own line: give
+                    # the main thread two polls to reach it first
+                    self.stopped.wait(2 * self.interval)
+                    peer_failed(peer, value[len("failed: "):])
                 elif value != last:
                     seen[peer] = (value, now)
                 elif now - since > self.timeout:
@@ -100,13 +118,14 @@ class Watchdog(threading.Thread):
 
     def leave(self, status: str) -> None:
         """Stop beating and tell the peers how this process ended ('done', or 'failed: ...')."""
-        if self.stopped.is_set():
-            return
-        self.stopped.set()
-        try:
-            self.client.key_value_set(f"{BEAT}{self.me}", status, allow_overwrite=True)
-        except Exception:  # the coordinator is gone: nobody is left to tell
-            pass
+        with self.status_lock:
+            if self.stopped.is_set():
+                return
+            self.stopped.set()
+            try:
+                self.client.key_value_set(f"{BEAT}{self.me}", status, allow_overwrite=True)
+            except Exception:  # the coordinator is gone: nobody is left to tell
+                pass
 
 
 _watchdog: Watchdog | None = None

@@ -7,7 +7,7 @@ bucket. What each kind of file does there:
   and writes arrays through TensorStore's gcs and s3 drivers.
 - Inputs that a library reads as local files (ArrayRecord shards, sentencepiece models, safetensors, a parameter
   folder that the converters read) are fetched once into a local cache (`fetch`): MELLAMA_CACHE, default
-  ~/.cache/mellama-jax, mirroring the bucket's paths; a file is fetched again when its size differs or the
+  ~/.cache/mellama-jax (it must be on the host's own disk, not shared between hosts), mirroring the bucket's paths; a file is fetched again when its size differs or the
   object was written after the copy was made; under a lock, so that the processes of one host fetch it once.
 - Folder outputs (convert, eval, prepare) are built locally and uploaded when complete, their marker file last
   (`upload`): a bucket has no rename, and a folder without the marker is not taken for a finished output.
@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,13 +70,17 @@ def _fetch_file(src, dest: Path) -> None:
     if dest.is_file() and dest.stat().st_size == size and dest.stat().st_mtime >= remote.mtime:
         return  # fetched after the object was last written
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with src.open("rb") as r, open(tmp, "wb") as w:
-        shutil.copyfileobj(r, w, 16 << 20)
-    if tmp.stat().st_size != size:
-        tmp.unlink()
-        raise OSError(f"{src}: fetched {tmp.stat().st_size} bytes of {size}")
-    tmp.replace(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with src.open("rb") as r, open(tmp, "wb") as w:
+            shutil.copyfileobj(r, w, 16 << 20)
+        got = tmp.stat().st_size
+        if got != size:
+            raise OSError(f"{src}: fetched {got} bytes of {size}")
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a broken transfer leaves no partial copy behind
+        raise
 
 
 CONTEXT = ("config.yaml", "model.yaml", "tokenizer.model")  # what commands look for beside and above a folder
@@ -113,7 +120,8 @@ def _fetch(src, dest: Path, context: int) -> None:
         else:
             _fetch_file(src, dest)
         folder, local = src, dest
-        for _ in range(context):
+        below_bucket = len(str(src).partition("://")[2].strip("/").split("/")) - 1
+        for _ in range(min(context, below_bucket)):  # never above the bucket itself
             folder, local = folder.parent, local.parent
             for name in CONTEXT:
                 if (folder / name).exists():
@@ -164,8 +172,19 @@ class RunMirror:
                 fetch(f"{self.run_dir}/{name}")
 
     def sync(self, *_) -> None:
+        """Upload the mirrored files; a failure is a warning (the next checkpoint's sync tries again), never the end
+        of a run whose checkpoints are safe."""
         if not self.remote:
             return
+        try:
+            self._upload()
+        except (OSError, ValueError) as e:
+            print(f"warning: {self.run_dir}: uploading metrics failed ({type(e).__name__}: {e}); retried at the next "
+                  "checkpoint", file=sys.stderr, flush=True)
+
+    close = sync  # the run's last upload (contextlib.closing)
+
+    def _upload(self) -> None:
         names = [p.relative_to(self.local) for name in self.FILES for p in (
             self.local.joinpath(name).rglob("*") if self.local.joinpath(name).is_dir()
             else [self.local / name]) if p.is_file()]

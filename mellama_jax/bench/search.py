@@ -306,9 +306,9 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     from mellama_jax.config import load_config
 
     started = time.perf_counter()
-    if r.calibrate and r.target == "tpu":
-        raise ConfigError("plan --search --calibrate runs the candidates on this host's devices: not with --target "
-                          "tpu")
+    if r.calibrate and (r.target == "tpu" or jax_backend() != "cpu"):
+        raise ConfigError("plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS="
+                          "cpu), whose figures it measures; not with --target tpu or on an accelerator")
     cluster = _tpu_cluster(r) if r.target == "tpu" else _gpu_cluster(r)
     if r.calibrate:  # the predictions are compared with this host's devices, so they use this host's figures
         cluster = dataclasses.replace(cluster, target=host_target(cluster.count))
@@ -325,12 +325,12 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
     best = next((row for row in rows if row["fits"]), None)
     command = None
-    if best is not None:
+    if best is not None and not (r.target == "tpu" and r.slices > 1):  # tpu_pod.sh launches one slice
         extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
     calibration = calibrate(rows, r.config, overrides, r.calibrate, progress) if r.calibrate else None
     return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib, "calibration": calibration,
+            "memory_gib": cluster.memory_gib, "calibration": calibration, "fits": best is not None,
             "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
 
@@ -388,7 +388,13 @@ def _tpu_cluster(r: SearchRequest) -> Cluster:
     devices = topology_devices(r.topology, r.slices)
     _simulate(len(devices))
     return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, devices,
-                   f"TPU_NAME=... ZONE=... launch/tpu_pod.sh")
+                   "TPU_NAME=... ZONE=... launch/tpu_pod.sh")
+
+
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
 
 
 def copy_gb_per_s(megabytes: int = 256) -> float:
@@ -432,7 +438,8 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = ranks(a), ranks(b)
     ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    spread = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / spread if spread else None  # all equal on one side: no order to compare
 
 
 def calibrate(rows: list[dict], config, overrides: list[str], k: int, progress: bool = True) -> dict:
@@ -444,10 +451,16 @@ def calibrate(rows: list[dict], config, overrides: list[str], k: int, progress: 
 
     runs = []
     for row in tqdm([r for r in rows if r["fits"]][:k], desc="calibrating", disable=not progress):
-        timing = jax_step_timing(overrides + row["candidate"].overrides(), warmup=1, steps=3, config=config)
-        runs.append({**{key: v for key, v in _plain(row).items() if key in ("ici", "dcn", "grad_accum", "remat")},
-                     "predicted_s": row["step_s"], "measured_s": timing["step_s_median"]})
-    rho = spearman([x["predicted_s"] for x in runs], [x["measured_s"] for x in runs]) if len(runs) > 1 else None
+        run = {**{key: v for key, v in _plain(row).items() if key in ("ici", "dcn", "grad_accum", "remat")},
+               "predicted_s": row["step_s"]}
+        try:
+            run["measured_s"] = jax_step_timing(overrides + row["candidate"].overrides(), warmup=1, steps=3,
+                                                config=config)["step_s_median"]
+        except Exception as e:  # one candidate that cannot run (out of memory) is a result, not the search's end
+            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        runs.append(run)
+    timed = [x for x in runs if "measured_s" in x]
+    rho = spearman([x["predicted_s"] for x in timed], [x["measured_s"] for x in timed]) if len(timed) > 1 else None
     return {"runs": runs, "spearman": rho}
 
 
@@ -466,13 +479,16 @@ def markdown(result: dict) -> str:
     return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB): "
             f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
             f"in {result['search_s']:.0f} s\n\n" + head + "\n".join(lines)
-            + (f"\n\nbest: {result['command']}" if result["command"] else "\n\nnone fits")
+            + (f"\n\nbest: {result['command']}" if result["command"] else
+               "\n\nbest: the first row (launch/tpu_pod.sh starts one slice: launch several with your multislice "
+               "setup)" if result["fits"] else "\n\nnone fits")
             + (_calibration_markdown(result["calibration"]) if result.get("calibration") else ""))
 
 
 def _calibration_markdown(calibration: dict) -> str:
     lines = [f"| {tuple(r['ici'].values())} | {r['grad_accum']} | {r['remat']} | {r['predicted_s']:.3g} | "
-             f"{r['measured_s']:.3g} |" for r in calibration["runs"]]
+             + (f"{r['measured_s']:.3g} |" if "measured_s" in r else f"failed: {r['error'][:80]} |")
+             for r in calibration["runs"]]
     rho = calibration["spearman"]
     return ("\n\nmeasured on this host's devices:\n\n| ici (data, fsdp, tensor) | accum | remat | predicted s | "
             "measured s |\n|---|---|---|---|---|\n" + "\n".join(lines)

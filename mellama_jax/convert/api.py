@@ -14,7 +14,7 @@ import yaml
 from tqdm import tqdm
 
 from mellama_jax import storage
-from mellama_jax.artifacts import (adapters_config, atomic_output, find_model_config, np_dtype,
+from mellama_jax.artifacts import (adapters_config, atomic_output, check_destination, find_model_config, np_dtype,
                                    require_tokenizer)
 from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, load_model_preset, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
@@ -63,6 +63,7 @@ def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
     holds model.yaml (our ModelConfig) and tokenizer.model when the source has one."""
     from mellama_jax.sharding import parse_layout
 
+    check_destination(r.dst, "params", r.overwrite, inputs=[r.src])  # before a bucket's model is fetched
     src, dst = storage.fetch(r.src), r.dst  # a folder in a bucket is read from the local cache (storage.py)
     hf = HFCheckpoint(src)
     cfg = hf.config

@@ -121,12 +121,12 @@ def train(cfg: Config) -> dict:
     goodput = Goodput()
     run_dir, mirror = storage.path(cfg.run.dir), storage.RunMirror(cfg.run.dir)
     pi, pc = jax.process_index(), jax.process_count()
-    data = local_data(cfg).data
-    train_ds, eval_ds, steps = build_data(dataclasses.replace(cfg, data=data), pi, pc)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-    # Everything that can be checked is checked before the first file is written: data (above), run directory,
-    # mesh against the devices, the batch against the mesh, and the shapes in init_from.
+    # Everything that can be checked is checked before the first file is written: run directory (before data in a
+    # bucket is fetched), data, mesh against the devices, the batch against the mesh, and the shapes in init_from.
     check_run_dir(cfg)
+    fetched = local_data(cfg)
+    train_ds, eval_ds, steps = build_data(fetched, pi, pc)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh))
     if cfg.train.init_from:
         checkpoint.check_params(cfg.train.init_from, _init_shapes(init, cfg))
@@ -151,13 +151,16 @@ def train(cfg: Config) -> dict:
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = goodput.timed("checkpoint", Checkpointing(
         mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
-    evaluation = _evaluation(dataclasses.replace(cfg, data=data), trainer, frozen, eval_ds, log) if eval_ds is not None else None
+    evaluation = _evaluation(dataclasses.replace(cfg, data=fetched.data), trainer, frozen, eval_ds, log) if eval_ds is not None else None
     if evaluation is not None and start == 0:
         evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
     timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
     hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, mirror if pi == 0 else None)
-    with StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
+    # the mirror's last upload comes after the log and the checkpoints are closed, and after a failure too
+    uploads = contextlib.closing(mirror) if pi == 0 else contextlib.nullcontext()
+    with uploads, StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), \
+            contextlib.closing(log):
         try:
             state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
                                              map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
@@ -178,7 +181,6 @@ def train(cfg: Config) -> dict:
                     + (f"; parameters {export}" if "export" in result else "") + "; "
                     + summary_line(result["goodput"]))
     if pi == 0:
-        mirror.sync()
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
     return result
 
