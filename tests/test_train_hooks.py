@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from mellama_jax.config import LoraConfig, load_config, load_model_preset
+from mellama_jax.storage import RunMirror
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
                                      NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves)
@@ -267,7 +268,8 @@ def test_the_runs_hooks_save_on_a_stop_and_export_at_the_end(tiny, tmp_path):
         guard = FiniteGuard(mngr.latest_step)
         saving = Checkpointing(mngr, iterator, {}, start or None, guard.check)
         evaluation = Evaluation(eval_step, trainer.shard_batch, frozen, data, 2, log)
-        hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, tmp_path / "params", start, main=True)
+        hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, tmp_path / "params", start,
+                       RunMirror(str(tmp_path)))  # process 0's, of a local run directory: plots, no uploads
         step_fn, done = counting(make_train_step(trainer))
         out = run_steps(step_fn, restored if start else state, frozen, map(trainer.shard_batch, iterator), start,
                         steps, hooks, lambda: len(done) == stop_after)
