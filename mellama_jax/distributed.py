@@ -39,8 +39,6 @@ _ending = threading.Lock()  # held by the thread that ends the process (the watc
 def peer_lost(detail: str = "") -> None:
     """End this process at once: one line and exit code 4. With a peer gone, closing the checkpoint manager or
     JAX's distributed client would wait on the dead process (and JAX's client would abort this one)."""
-    if not _ending.acquire(blocking=False):  # the other thread is ending it already, with its own line
-        threading.Event().wait()
     detail = detail.strip().splitlines()[0][:200] if detail.strip() else "its heartbeats stopped"
     _end(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch the "
          f"same command on every host: it resumes from {resume_point()}")
@@ -48,12 +46,12 @@ def peer_lost(detail: str = "") -> None:
 
 def peer_failed(peer: int, why: str) -> None:
     """End this process because process `peer` ended with an error (its own line says which): one line, exit 4."""
-    if not _ending.acquire(blocking=False):
-        threading.Event().wait()
     _end(f"error: process {peer} of this job failed ({why}); this process stops too")
 
 
 def _end(line: str) -> None:
+    if not _ending.acquire(blocking=False):  # the other thread is ending it already, with its own line
+        threading.Event().wait()
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)
     _exit(EXIT_PEER_LOST)

@@ -34,6 +34,17 @@ class PlanRequest:
     slices: int = 1  # tpu: slices of `topology`, data parallel across them (dcn)
 
 
+def simulate_devices(count: int) -> None:
+    """`count` simulated CPU devices, set before JAX starts its backend."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
+        if jax.device_count() != count:
+            raise
+
+
 def _overrides(r: PlanRequest) -> list[str]:
     return list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
 
@@ -122,11 +133,7 @@ def plan(r: PlanRequest) -> dict:
 
     if not r.devices:
         raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
-    try:
-        jax.config.update("jax_num_cpu_devices", r.devices)
-    except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
-        if jax.device_count() != r.devices:
-            raise
+    simulate_devices(r.devices)
     rows = []
     for layout in r.layouts or [""]:
         extra = layout_overrides(layout) if layout else []

@@ -352,24 +352,15 @@ class Cluster:
         return self.per_group * self.groups
 
 
-def _simulate(count: int) -> None:
-    """`count` CPU devices: the GPUs compiled for, or (TPU) the mesh the analytical estimate lays out."""
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # the backend is up already (tests): use it if it has the right size
-        if jax.device_count() != count:
-            raise
-
-
 def _gpu_cluster(r: SearchRequest) -> Cluster:
     if not r.devices or r.devices % r.devices_per_host:
         raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
                           f"{r.devices_per_host} (--devices-per-host)")
     if r.gpu not in ("a100", "h100"):
         raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
-    _simulate(r.devices)
+    from mellama_jax.bench.plan import simulate_devices
+
+    simulate_devices(r.devices)  # the GPUs compiled for
     hosts = r.devices // r.devices_per_host
     return Cluster(r.devices_per_host, hosts, TARGETS[r.gpu], r.memory_gib, None,
                    f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch")
@@ -385,8 +376,10 @@ def _tpu_cluster(r: SearchRequest) -> Cluster:
     if name not in TARGETS:
         raise ConfigError(f"plan --search --target tpu: the interconnect of {name} is not known here; "
                           f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}")
+    from mellama_jax.bench.plan import simulate_devices
+
     devices = topology_devices(r.topology, r.slices)
-    _simulate(len(devices))
+    simulate_devices(len(devices))  # the mesh the analytical estimate lays out
     return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, devices,
                    "TPU_NAME=... ZONE=... launch/tpu_pod.sh")
 
