@@ -127,20 +127,25 @@ def test_a_dead_process_stops_the_others(data, tmp_path):
 
 def test_a_process_that_fails_stops_the_others_naming_its_error(data, tmp_path):
     """One host lacks the data (exit 2, its one-line error): the other stops at once with that error in its own line,
-    not after a heartbeat timeout, and not by JAX's abort."""
+    not after a heartbeat timeout, and not by JAX's abort. Both hosts run the same command, as a launcher does; the
+    relative data.path resolves on host 0 only (each process has its own working folder, as hosts have disks)."""
     port = free_port()
     procs = []
-    for i, data_path in enumerate([data / "pre", tmp_path / "not-copied-here"]):
+    for i in range(2):
+        host = tmp_path / f"host{i}"
+        host.mkdir()
+        if i == 0:
+            (host / "not-copied-here").symlink_to(data / "pre")
         env = dict(os.environ, COORDINATOR_ADDRESS=f"127.0.0.1:{port}", NUM_PROCESSES="2", PROCESS_ID=str(i),
                    MELLAMA_CPU_DEVICES="4", MELLAMA_HEARTBEAT_TIMEOUT="60", JAX_PLATFORMS="cpu")
         cmd = [sys.executable, "-m", "mellama_jax.cli", "train", "--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")]
-        cmd += common(tmp_path / "run", f"data.path={data_path}", "train.steps=100000", "train.batch_size=16")
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cmd += common(tmp_path / "run", "data.path=not-copied-here", "train.steps=100000", "train.batch_size=16")
+        procs.append(subprocess.Popen(cmd, cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     started = time.time()
     _, err = procs[0].communicate(timeout=180)
     _, err1 = procs[1].communicate(timeout=60)
-    assert procs[1].returncode == 2 and f"{tmp_path / 'not-copied-here'}" in err1, err1[-2000:]
+    assert procs[1].returncode == 2 and "not-copied-here/manifest.json: not a prepared dataset" in err1, err1[-2000:]
     assert procs[0].returncode == 4 and time.time() - started < 60, err[-3000:]
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith("error: process 1 of this job failed (") and \
