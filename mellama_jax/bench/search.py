@@ -183,10 +183,14 @@ TARGETS = {
 
 
 def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target) -> float:
-    """A roofline step time: compute at peak or memory traffic at full bandwidth, whichever is longer, plus the
-    collectives' bytes over their links with no overlap (an upper bound on what overlapping them would give)."""
-    compute = max(flops / (t.peak_tflops * 1e12), bytes_accessed / (t.hbm_tb_per_s * 1e12))
-    return compute + ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
+    """A step time from the compiled module's totals: compute at peak, plus memory traffic at full bandwidth, plus the
+    collectives' bytes over their links. The totals do not say which op did what, and a device runs its ops one
+    after another: matmuls are compute bound, the elementwise and optimizer ops that move most bytes memory bound,
+    so their times add (taking the longer of the two totals instead assumes every op overlaps the others, and ranked
+    layouts backwards on measured CPU devices; docs/benchmarks.md). No overlap with the collectives either: an upper
+    bound on what overlapping them would give."""
+    return flops / (t.peak_tflops * 1e12) + bytes_accessed / (t.hbm_tb_per_s * 1e12) + \
+        ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
 
 
 def parameter_count(cfg: Config) -> int:
@@ -258,7 +262,7 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
 
 def rank(configs, target: Target, memory_bytes: float, devices=None) -> list[dict]:
     """Each (candidate, config) compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
-    roofline step time on `target`; those that fit first, fastest first."""
+    step time on `target` (`step_seconds`); those that fit first, fastest first."""
     from mellama_jax.bench.plan import plan_layout
     from mellama_jax.train.flops import train_flops_per_token
 
@@ -297,6 +301,10 @@ class SearchRequest:
     calibrate: int = 0  # run the best this many that fit on this host's devices, ranked on this host's figures
 
 
+CALIBRATE_ON_CPU = ("plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS=cpu), "
+                    "whose figures it measures; not with --target tpu or on an accelerator")
+
+
 def search(r: SearchRequest, progress: bool = True) -> dict:
     """Candidates -> pruned on the train state -> `max_compiles` of the survivors compiled and ranked, those the
     analytical estimate expects to fit first (see the module)."""
@@ -306,10 +314,11 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     from mellama_jax.config import load_config
 
     started = time.perf_counter()
-    if r.calibrate and (r.target == "tpu" or jax_backend() != "cpu"):
-        raise ConfigError("plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS="
-                          "cpu), whose figures it measures; not with --target tpu or on an accelerator")
-    cluster = _tpu_cluster(r) if r.target == "tpu" else _gpu_cluster(r)
+    if r.calibrate and r.target == "tpu":
+        raise ConfigError(CALIBRATE_ON_CPU)
+    cluster = _tpu_cluster(r) if r.target == "tpu" else _gpu_cluster(r)  # sets the simulated devices up first
+    if r.calibrate and jax_backend() != "cpu":
+        raise ConfigError(CALIBRATE_ON_CPU)
     if r.calibrate:  # the predictions are compared with this host's devices, so they use this host's figures
         cluster = dataclasses.replace(cluster, target=host_target(cluster.count))
     overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
