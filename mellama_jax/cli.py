@@ -693,6 +693,7 @@ def _add_bench_compare(bench_sub) -> None:
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
     bconv.set_defaults(func=_bench_convert)
     bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
+    bmem.add_argument("--config", help="a recipe YAML (default: the built-in defaults)")
     bmem.add_argument("--model", default="bench-60m")
     bmem.add_argument("--layouts", type=_layouts, default="fsdp=8;data=2,fsdp=2,tensor=2;data=8",
                       help='";"-separated ici layouts')

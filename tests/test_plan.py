@@ -30,6 +30,24 @@ def test_bad_layouts_are_reported_not_raised():
     assert "does not divide" in bad["error"] and good["fits"] is True
 
 
+def test_a_layout_fits_a_gpu_when_it_fits_the_launchers_share_of_its_memory():
+    """XLA may take 92% of a GPU under launch/slurm_gpu.sbatch (its XLA_PYTHON_CLIENT_MEM_FRACTION default): a step
+    planned at T bytes does not fit a card of T / 0.95 bytes (XLA gets 0.968 T) and fits one of T / 0.9 (1.022 T)."""
+    import re
+
+    from mellama_jax.bench.plan import GPU_MEMORY_FRACTION, GiB
+
+    sbatch = (Path(__file__).parent.parent / "launch" / "slurm_gpu.sbatch").read_text()
+    assert float(re.search(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([\d.]+)", sbatch).group(1)) == GPU_MEMORY_FRACTION
+    overrides = ("model=tiny-gqa", "train.seq_len=32", "train.batch_size=8", "train.steps=2")
+    request = PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("fsdp=8",))
+    planned = plan(request)["layouts"][0]["xla_bytes"]["total"]
+    for card, fits in ((planned / 0.95, False), (planned / 0.9, True)):
+        row = plan(PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("fsdp=8",),
+                               memory_gib=card / GiB))["layouts"][0]
+        assert row["fits"] is fits, (card, planned)
+
+
 @pytest.mark.slow  # 20 s of two CLI plans (make test-all runs it); the planner's rows are checked above
 def test_70b_on_160_devices_and_13b_on_8():
     out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--config",
@@ -207,6 +225,7 @@ def test_plan_search_prints_a_ranked_table_and_a_launch_command_that_dry_runs(ca
     assert code == 0 and result["compiled"] == 2 and result["survivors"] <= result["candidates"]
     steps = [r["step_s"] for r in result["rows"]]
     assert steps == sorted(steps) and all(r["fits"] for r in result["rows"])
+    assert result["usable_gib"] == pytest.approx(80 * 0.92)  # what launch/slurm_gpu.sbatch lets XLA take
     command = shlex.split(result["command"])
     assert command[:3] == ["sbatch", "--nodes=1", "launch/slurm_gpu.sbatch"] and command[3] == recipe
     repo = Path(__file__).resolve().parents[1]

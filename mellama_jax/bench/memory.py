@@ -37,7 +37,7 @@ class _PeakRss:
         self.peak = max(self.peak, _rss())
 
 
-def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3) -> dict:
+def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config: str | None = None) -> dict:
     import jax
 
     try:
@@ -54,7 +54,7 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3) -> dict
     from mellama_jax.train.checkpoint import abstract_like
     from mellama_jax.train.step import make_train_step, plan_trainer
 
-    cfg = load_config(None, ["train.steps=1000"] + list(overrides))
+    cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     planned = plan_layout(cfg)  # the planner's own path (abstract shapes), which is what is being checked
     trainer, init = plan_trainer(cfg)
     host_batch = synthetic_batch(cfg)
@@ -90,6 +90,7 @@ class MemoryBenchRequest:
     batch: int
     overrides: tuple[str, ...] = ()  # more config overrides, applied after the layout's
     devices: int = 8  # simulated CPU devices
+    config: str | None = None  # a recipe YAML the overrides apply to (default: the built-in defaults)
 
 
 def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
@@ -107,13 +108,14 @@ def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
     for layout in r.layouts:
         overrides = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}",
                      *layout_overrides(layout), *r.overrides]
-        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(r.devices), *overrides],
+        config = ["--config", r.config] if r.config else []
+        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(r.devices), *config, *overrides],
                              env=env, capture_output=True, text=True)
         if out.returncode:
             rows.append({"layout": layout, "error": out.stderr.strip().splitlines()[-1]})
         else:
             rows.append({"layout": layout, **json.loads(out.stdout.strip().splitlines()[-1])})
-    return {"model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices, "extra": list(r.overrides),
+    return {"config": r.config, "model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices, "extra": list(r.overrides),
             "layouts": rows}
 
 
@@ -121,4 +123,6 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(bench_memory(sys.argv[2:], int(sys.argv[1]))))
+    args = sys.argv[2:]
+    config = args[1] if args[:1] == ["--config"] else None
+    print(json.dumps(bench_memory(args[2:] if config else args, int(sys.argv[1]), config=config)))

@@ -29,9 +29,20 @@ class PlanRequest:
     overrides: tuple[str, ...] = ()
     layouts: tuple[str, ...] = ()  # ici layouts, one row each (default: the config's mesh; tpu: fsdp=-1)
     devices: int | None = None  # cpu: simulated devices
-    memory_gib: float = 80.0  # cpu: device memory to fit
+    memory_gib: float = 80.0  # cpu: each GPU's memory; XLA's plan must fit the launcher's share of it
     topology: str | None = None  # tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4
     slices: int = 1  # tpu: slices of `topology`, data parallel across them (dcn)
+
+
+# The share of each GPU's memory that launch/slurm_gpu.sbatch lets XLA take (XLA_PYTHON_CLIENT_MEM_FRACTION; a test
+# keeps the two equal). The rest holds the CUDA context, cuBLAS/cuDNN workspaces and the allocator's slack, so a
+# layout fits a GPU when XLA's plan fits this share, not the whole card.
+GPU_MEMORY_FRACTION = 0.92
+
+
+def gpu_share_bytes(memory_gib: float) -> float:
+    """What XLA may allocate on a GPU of `memory_gib` under our launcher."""
+    return memory_gib * GiB * GPU_MEMORY_FRACTION
 
 
 def simulate_devices(count: int) -> None:
@@ -144,7 +155,7 @@ def plan(r: PlanRequest) -> dict:
             row = {"mesh": layout or "config", "error": f"{type(e).__name__}: {e}"}
         row["layout"] = layout or "config"
         if "xla_bytes" in row:
-            row["fits"] = row["xla_bytes"]["total"] <= r.memory_gib * GiB
+            row["fits"] = row["xla_bytes"]["total"] <= gpu_share_bytes(r.memory_gib)
         rows.append(row)
     return {"model": cfg.model.name, "devices": r.devices, "device_memory_gib": r.memory_gib,
             "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
@@ -226,7 +237,8 @@ def _fits(r: dict) -> str:
 
 def markdown(result: dict) -> str:
     heading = (f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB")
+               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB, of which XLA "
+               f"may use {GPU_MEMORY_FRACTION:.0%} (launch/slurm_gpu.sbatch)")
     columns = ["layout", "mesh", "XLA args GiB", "XLA temp GiB", "XLA total GiB", "estimate GiB", "fits", "compile s"]
 
     def cells(r):

@@ -324,7 +324,7 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
     cfg = load_config(r.config, overrides)
     found = candidates(cfg, cluster.per_group, cluster.groups, r.remats)
-    memory = cluster.memory_gib * 2**30
+    memory = cluster.usable_bytes
     configs = [(c, load_config(r.config, overrides + c.overrides())) for c in found]
     estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
     survivors = prune(configs, memory, estimates)
@@ -339,7 +339,7 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
     calibration = calibrate(rows, r.config, overrides, r.calibrate, progress) if r.calibrate else None
     return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib, "calibration": calibration, "fits": best is not None,
+            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": calibration, "fits": best is not None,
             "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
 
@@ -347,12 +347,14 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Cluster:
     """What a search lays its candidates over: `groups` of `per_group` devices (hosts of GPUs, TPU slices) joined by
-    the slow network, the device figures, the devices compiled for (None: JAX's, simulated CPUs) and the launcher."""
+    the slow network, the device figures, the memory each device has and the part of it XLA may use, the devices
+    compiled for (None: JAX's, simulated CPUs) and the launcher."""
 
     per_group: int
     groups: int
     target: Target
     memory_gib: float
+    usable_bytes: float
     devices: list | None
     launcher: str
 
@@ -367,11 +369,11 @@ def _gpu_cluster(r: SearchRequest) -> Cluster:
                           f"{r.devices_per_host} (--devices-per-host)")
     if r.gpu not in ("a100", "h100"):
         raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
-    from mellama_jax.bench.plan import simulate_devices
+    from mellama_jax.bench.plan import gpu_share_bytes, simulate_devices
 
     simulate_devices(r.devices)  # the GPUs compiled for
     hosts = r.devices // r.devices_per_host
-    return Cluster(r.devices_per_host, hosts, TARGETS[r.gpu], r.memory_gib, None,
+    return Cluster(r.devices_per_host, hosts, TARGETS[r.gpu], r.memory_gib, gpu_share_bytes(r.memory_gib), None,
                    f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch")
 
 
@@ -389,7 +391,7 @@ def _tpu_cluster(r: SearchRequest) -> Cluster:
 
     devices = topology_devices(r.topology, r.slices)
     simulate_devices(len(devices))  # the mesh the analytical estimate lays out
-    return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, devices,
+    return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, chip.hbm_gib * 2**30, devices,
                    "TPU_NAME=... ZONE=... launch/tpu_pod.sh")
 
 
@@ -478,7 +480,8 @@ def markdown(result: dict) -> str:
     lines = [f"| {tuple(r['ici'].values())} | {tuple(r['dcn'].values())} | {r['grad_accum']} | {r['remat']} | "
              f"{r['memory_bytes'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | {r['step_s']:.3g} | "
              f"{r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['days_to_budget']:.1f} |" for r in result["rows"]]
-    return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB): "
+    share = f", XLA may use {result['usable_gib']:.1f}" if result["usable_gib"] < result["memory_gib"] else ""
+    return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB{share}): "
             f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
             f"in {result['search_s']:.0f} s\n\n" + head + "\n".join(lines)
             + (f"\n\nbest: {result['command']}" if result["command"] else
