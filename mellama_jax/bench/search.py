@@ -182,15 +182,20 @@ TARGETS = {
 }
 
 
-def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target) -> float:
+def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target,
+                 native: bool = True) -> float:
     """A step time from the compiled module's totals: compute at peak, plus memory traffic at full bandwidth, plus the
     collectives' bytes over their links. The totals do not say which op did what, and a device runs its ops one
     after another: matmuls are compute bound, the elementwise and optimizer ops that move most bytes memory bound,
-    so their times add (taking the longer of the two totals instead assumes every op overlaps the others, and ranked
-    layouts backwards on measured CPU devices; docs/benchmarks.md). No overlap with the collectives either: an upper
-    bound on what overlapping them would give."""
-    return flops / (t.peak_tflops * 1e12) + bytes_accessed / (t.hbm_tb_per_s * 1e12) + \
-        ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
+    so their times add (taking the longer of the two instead ranked layouts backwards on measured CPU devices;
+    docs/benchmarks.md). No overlap with the collectives either: an upper bound on what overlapping them gives.
+    `native`: the module came from the target's own compiler (TPU chips; this host's CPUs when calibrating). GPUs
+    are compiled here as CPU devices, whose module writes what a GPU keeps on chip (attention's score matrices,
+    which cuDNN's fused kernel never stores; unfused elementwise chains), so its traffic only bounds the compute
+    from below: the longer of the two."""
+    compute, memory = flops / (t.peak_tflops * 1e12), bytes_accessed / (t.hbm_tb_per_s * 1e12)
+    links = ici_bytes / (t.ici_gb_per_s * 1e9) + dcn_bytes / (t.dcn_gb_per_s * 1e9)
+    return (compute + memory if native else max(compute, memory)) + links
 
 
 def parameter_count(cfg: Config) -> int:
@@ -260,9 +265,9 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     return {k: (one[k] + (layers - 1) * (two[k] - one[k])) * accum for k in one}
 
 
-def rank(configs, target: Target, memory_bytes: float, devices=None) -> list[dict]:
+def rank(configs, target: Target, memory_bytes: float, devices=None, native: bool = True) -> list[dict]:
     """Each (candidate, config) compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
-    step time on `target` (`step_seconds`); those that fit first, fastest first."""
+    step time on `target` (`step_seconds`, `native` as there); those that fit first, fastest first."""
     from mellama_jax.bench.plan import plan_layout
     from mellama_jax.train.flops import train_flops_per_token
 
@@ -271,7 +276,8 @@ def rank(configs, target: Target, memory_bytes: float, devices=None) -> list[dic
         slow = tuple(i for i, a in enumerate(AXES) if candidate.dcn[a] > 1)
         memory = plan_layout(cfg, devices)["xla_bytes"]["total"]
         cost = step_cost(cfg, slow, devices)
-        seconds = step_seconds(cost["flops"], cost["bytes_accessed"], cost["ici_bytes"], cost["dcn_bytes"], target)
+        seconds = step_seconds(cost["flops"], cost["bytes_accessed"], cost["ici_bytes"], cost["dcn_bytes"], target,
+                               native)
         tokens = cfg.train.batch_size * cfg.train.seq_len
         count = math.prod(candidate.ici.values()) * math.prod(candidate.dcn.values())
         model_flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters) * tokens
@@ -329,7 +335,8 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
     survivors = prune(configs, memory, estimates)
     chosen = compile_order(survivors, estimates, memory, cluster.target, parameter_count(cfg))[:r.max_compiles]
-    rows = rank(tqdm(chosen, desc="compiling", disable=not progress), cluster.target, memory, cluster.devices)
+    native = r.target == "tpu" or bool(r.calibrate)  # compiled by the target's own compiler (see step_seconds)
+    rows = rank(tqdm(chosen, desc="compiling", disable=not progress), cluster.target, memory, cluster.devices, native)
     for row in rows:
         row["days_to_budget"] = r.tokens / row["tokens_per_s"] / 86400
     best = next((row for row in rows if row["fits"]), None)
