@@ -51,20 +51,15 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
     from mellama_jax.bench.mesh import synthetic_batch
     from mellama_jax.bench.plan import plan_layout
     from mellama_jax.config import load_config
-    from mellama_jax.train.checkpoint import abstract_like
-    from mellama_jax.train.step import make_train_step, plan_trainer
+    from mellama_jax.train.step import compile_ahead, plan_trainer
 
     cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     planned = plan_layout(cfg)  # the planner's own path (abstract shapes), which is what is being checked
     trainer, init = plan_trainer(cfg)
     host_batch = synthetic_batch(cfg)
-    step = make_train_step(trainer)
     with jax.set_mesh(trainer.mesh):  # compile both before the baseline: compilation memory is not the step's
-        abstract = jax.eval_shape(init)
         init_c = jax.jit(init, out_shardings=(trainer.state_shardings, trainer.frozen_shardings)).lower().compile()
-        step_c = step.jitted.lower(abstract_like(abstract[0], trainer.state_shardings),
-                                   abstract_like(abstract[1], trainer.frozen_shardings),
-                                   trainer.shard_batch(host_batch)).compile()
+    step_c = compile_ahead(trainer, init)
     gc.collect()
     baseline = _rss()
     with _PeakRss() as peak, jax.set_mesh(trainer.mesh):
@@ -115,8 +110,8 @@ def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
             rows.append({"layout": layout, "error": out.stderr.strip().splitlines()[-1]})
         else:
             rows.append({"layout": layout, **json.loads(out.stdout.strip().splitlines()[-1])})
-    return {"config": r.config, "model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices, "extra": list(r.overrides),
-            "layouts": rows}
+    return {"config": r.config, "model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices,
+            "extra": list(r.overrides), "layouts": rows}
 
 
 if __name__ == "__main__":

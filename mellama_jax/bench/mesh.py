@@ -97,19 +97,17 @@ class _Step:
 def _compile_step(overrides: list[str], seed: int = 0, devices: list | None = None, config=None) -> _Step:
     import jax
 
-    from mellama_jax.sharding import make_mesh
     from mellama_jax.config import load_config
-    from mellama_jax.train.step import make_train_step, plan_trainer
+    from mellama_jax.sharding import make_mesh
+    from mellama_jax.train.step import compile_ahead, plan_trainer
 
     cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     trainer, init = plan_trainer(cfg, make_mesh(cfg.mesh, devices))
     with jax.set_mesh(trainer.mesh):
         state, frozen = init()
     batch = trainer.shard_batch(synthetic_batch(cfg, seed))
-    step = make_train_step(trainer)
     start = time.perf_counter()
-    with jax.set_mesh(trainer.mesh):
-        compiled = step.jitted.lower(state, frozen, batch).compile()
+    compiled = compile_ahead(trainer, init)
     return _Step(cfg, trainer, compiled, state, frozen, batch, time.perf_counter() - start)
 
 

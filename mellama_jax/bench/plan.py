@@ -94,23 +94,11 @@ def analytical(cfg) -> dict:
 
 def _compile(cfg, devices=None):
     """The train step lowered with abstract inputs and compiled (for `devices`, default JAX's): (compiled, mesh)."""
-    import jax
-    import jax.numpy as jnp
-
     from mellama_jax import sharding
-    from mellama_jax.train.checkpoint import abstract_like
-    from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
+    from mellama_jax.train.step import compile_ahead, plan_trainer
 
     trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
-    abs_state, abs_frozen = jax.eval_shape(init)
-    shape = (cfg.train.batch_size, cfg.train.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
-    with jax.set_mesh(trainer.mesh):
-        compiled = make_train_step(trainer).jitted.lower(
-            abstract_like(abs_state, trainer.state_shardings), abstract_like(abs_frozen, trainer.frozen_shardings),
-            batch).compile()
-    return compiled, trainer.mesh
+    return compile_ahead(trainer, init), trainer.mesh
 
 
 def _cost(compiled) -> dict:
@@ -137,7 +125,6 @@ def plan_layout(cfg, devices=None) -> dict:
 
 
 def plan(r: PlanRequest) -> dict:
-    import jax
 
     from mellama_jax.config import ConfigError, load_config
     from mellama_jax.sharding import layout_overrides
@@ -237,8 +224,8 @@ def _fits(r: dict) -> str:
 
 def markdown(result: dict) -> str:
     heading = (f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB, of which XLA "
-               f"may use {GPU_MEMORY_FRACTION:.0%} (launch/slurm_gpu.sbatch)")
+               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB, "
+               f"of which XLA may use {GPU_MEMORY_FRACTION:.0%} (launch/slurm_gpu.sbatch)")
     columns = ["layout", "mesh", "XLA args GiB", "XLA temp GiB", "XLA total GiB", "estimate GiB", "fits", "compile s"]
 
     def cells(r):

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mellama_jax import sharding
 from mellama_jax.config import Config, ConfigError
 from mellama_jax.model import Llama, attention
+from mellama_jax.train.checkpoint import abstract_like
 from mellama_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_weights")
@@ -141,6 +142,24 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
     frozen_sh = sharding.state_shardings(abstract_frozen, mesh, rules)
     trainer = Trainer(cfg, mesh, graphdef, tx, schedule, state_sh, frozen_sh, batch_sh)
     return trainer, jax.jit(init, out_shardings=(state_sh, frozen_sh))
+
+
+def abstract_batch(trainer: Trainer) -> dict:
+    """The global batch as shapes, dtypes and the trainer's batch sharding: what the step is compiled for."""
+    shape = (trainer.cfg.train.batch_size, trainer.cfg.train.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
+                                    sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+
+
+def compile_ahead(trainer: Trainer, init: Callable) -> jax.stages.Compiled:
+    """The train step compiled ahead of time from shapes alone (nothing allocated: a 70B step compiles on a
+    laptop), for the layout `trainer` gives the state and batch; the executable then runs real arrays so laid
+    out. `plan`, `plan --search`, `bench memory` and `bench mesh` all compile the step this one way."""
+    abs_state, abs_frozen = jax.eval_shape(init)
+    with jax.set_mesh(trainer.mesh):
+        return make_train_step(trainer).jitted.lower(
+            abstract_like(abs_state, trainer.state_shardings), abstract_like(abs_frozen, trainer.frozen_shardings),
+            abstract_batch(trainer)).compile()
 
 
 def build_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, TrainState, Any]:
