@@ -14,9 +14,11 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
-            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            lower, upper = low if low is not None else "-inf", high if high is not None else "inf"
+            bounds = f"{'(' if low_open else '['}{lower}, {upper}]"
             raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
         return value
 
@@ -426,7 +428,8 @@ def _add_plan(sub) -> None:
     pln.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
                      help="tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)")
     pln.add_argument("--topology", help="tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
-    pln.add_argument("--slices", type=POSITIVE, default=1, help="tpu: slices of --topology, data parallel across them (dcn)")
+    pln.add_argument("--slices", type=POSITIVE, default=1,
+                     help="tpu: slices of --topology, data parallel across them (dcn)")
     pln.add_argument("--search", action="store_true",
                      help="rank the layouts, accumulations and remat policies that fit (--devices, --gpu)")
     pln.add_argument("--devices-per-host", type=POSITIVE, default=8, help="--search: devices per host (default 8)")
@@ -540,8 +543,9 @@ def _add_convert(sub) -> None:
     ver.add_argument("params", metavar="dst", help="parameter checkpoint")
     ver.add_argument("--model", help="model preset or YAML (default: found beside the checkpoint)")
     ver.add_argument("--adapters", help="a LoRA run's adapters/ over DST (for a merged export)")
-    ver.add_argument("--tolerance", type=_number(float, 0.0, low_open=True), help="relative difference allowed per token and layer (default: "
-                                                      "fp32 rounding's, from the model's width and depth)")
+    ver.add_argument("--tolerance", type=_number(float, 0.0, low_open=True),
+                     help="relative difference allowed per token and layer (default: "
+                          "fp32 rounding's, from the model's width and depth)")
     for p in (h2j, j2h, ver):
         p.set_defaults(func=_convert)
 
@@ -584,7 +588,9 @@ def _add_prepare(sub) -> None:
     ins.add_argument("--tokenizer", required=True)
     ins.add_argument("--out", required=True)
     ins.add_argument("--seq-len", type=POSITIVE, default=4096)
-    ins.add_argument("--template", default="llama2_chat", help="llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: wrapper), or a template YAML file")
+    ins.add_argument("--template", default="llama2_chat",
+                     help="llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: wrapper), "
+                          "or a template YAML file")
     ins.add_argument("--format", default="auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     ins.add_argument("--truncation", default="truncate", choices=["truncate", "drop"])
     ins.add_argument("--pack", action="store_true", help="pack several examples per row (with segment ids)")
@@ -620,8 +626,9 @@ def _add_bench_speed(bench_sub) -> None:
     btok.add_argument("--formats", type=_names, default="jsonl,jsonl.gz,jsonl.zst",
                       help="input forms to time (JSONL only)")
     btok.add_argument("--workers", type=_positive_list, default=(1, 2), help="process counts to time")
-    btok.add_argument("--threads", type=_threads_list, default=(None,), help="encode threads per process to time (auto: the cores "
-                                                        "shared among the processes; 1: scaling by processes)")
+    btok.add_argument("--threads", type=_threads_list, default=(None,),
+                      help="encode threads per process to time (auto: the cores "
+                           "shared among the processes; 1: scaling by processes)")
     btok.add_argument("--rounds", type=POSITIVE, default=3, help="interleaved repetitions; the best of each is kept")
     btok.add_argument("--stream-gb", type=float, default=0, help="instead: peak RSS of prepare on a synthetic "
                                                                 "Pile-like .jsonl.zst of this many GB")
@@ -640,7 +647,8 @@ def _add_bench_speed(bench_sub) -> None:
     bmesh.add_argument("--steps", type=POSITIVE, default=5)
     bmesh.add_argument("--png", help="bar chart output path")
     bmesh.add_argument("--profile", help="folder for a device trace and the optimized HLO of each layout")
-    bmesh.add_argument("overrides", nargs="*", help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
+    bmesh.add_argument("overrides", nargs="*",
+                       help="more config overrides, e.g. model.num_layers=8 model.attention=cudnn")
     bmesh.set_defaults(func=_bench_mesh)
     bpair = bench_sub.add_parser("pair", help="variants of one train step, timed in interleaved rounds (paired)")
     bpair.add_argument("--variant", dest="variants", action="append", type=lambda text: tuple(text.split()),
@@ -692,7 +700,8 @@ def _add_bench_compare(bench_sub) -> None:
     bconv.add_argument("--layers", type=POSITIVE, default=2, help="layers of LLaMA2-70B's width (2: ~4.4 GB in bf16)")
     bconv.add_argument("--workdir", default=None, help="where to put the temporary checkpoints")
     bconv.set_defaults(func=_bench_convert)
-    bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, simulated CPU devices")
+    bmem = bench_sub.add_parser("memory", help="planner (XLA memory analysis) vs measured memory, "
+                                               "simulated CPU devices")
     bmem.add_argument("--config", help="a recipe YAML (default: the built-in defaults)")
     bmem.add_argument("--model", default="bench-60m")
     bmem.add_argument("--layouts", type=_layouts, default="fsdp=8;data=2,fsdp=2,tensor=2;data=8",

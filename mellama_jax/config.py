@@ -334,7 +334,7 @@ class Config:
         """The LoRA adapters this run trains (train.mode lora), else None."""
         return self.lora if self.train.mode == "lora" else None
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         if self.train.seq_len <= 0:
             raise ConfigError(f"train.seq_len must be positive, got {self.train.seq_len}")
         self.model.validate("model")

@@ -46,8 +46,8 @@ def _run(out: Path, started: float) -> dict:
     import jax
 
     from mellama_jax.config import CONFIG_ROOT, load_config
-    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct, read_conversations
     from mellama_jax.data.corpus import Report
+    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct, read_conversations
     from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
     from mellama_jax.data.tokenizer import Tokenizer
     from mellama_jax.train.loop import train

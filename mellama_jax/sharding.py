@@ -37,7 +37,8 @@ def parse_layout(text: str) -> dict[str, int]:
     try:
         return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
     except ValueError:
-        raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, e.g. fsdp=4,tensor=2") from None
+        raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, "
+                          "e.g. fsdp=4,tensor=2") from None
 
 
 def layout_overrides(text: str, slices: int = 1) -> list[str]:

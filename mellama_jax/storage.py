@@ -7,8 +7,9 @@ bucket. What each kind of file does there:
   and writes arrays through TensorStore's gcs and s3 drivers.
 - Inputs that a library reads as local files (ArrayRecord shards, sentencepiece models, safetensors, a parameter
   folder that the converters read) are fetched once into a local cache (`fetch`): MELLAMA_CACHE, default
-  ~/.cache/mellama-jax (it must be on the host's own disk, not shared between hosts), mirroring the bucket's paths; a file is fetched again when its size differs or the
-  object was written after the copy was made; under a lock, so that the processes of one host fetch it once.
+  ~/.cache/mellama-jax (it must be on the host's own disk, not shared between hosts), mirroring the bucket's
+  paths; a file is fetched again when its size differs or the object was written after the copy was made; under
+  a lock, so that the processes of one host fetch it once.
 - Folder outputs (convert, eval, prepare) are built locally and uploaded when complete, their marker file last
   (`upload`): a bucket has no rename, and a folder without the marker is not taken for a finished output.
 - A run directory's small files (metrics.jsonl, TensorBoard events, plots) are written to a local mirror and

@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import skip_unless_ci
+from flax import nnx
 
 from mellama_jax.config import load_model_preset
 from mellama_jax.model import Llama, attention
@@ -188,8 +187,9 @@ def test_bench_attention_reports_errors_against_the_reference():
 def test_packed_layout_by_hand(rng):
     """cuDNN's packed layout from segment ids: runs of equal ids (documents, and the padding at a row's end),
     lengths and start offsets, -1 past the last run (the convention of JAX's cuDNN attention, whose own
-    example is offsets [[0, 1, 2, -1], [0, 1, -1, -1]] for rows of 3 and 2 one-token segments), and `fits` false once a row has more runs than room. The mask the
-    layout describes (causal within each run) is the boolean mask."""
+    example is offsets [[0, 1, 2, -1], [0, 1, -1, -1]] for rows of 3 and 2 one-token segments), and `fits`
+    false once a row has more runs than room. The mask the layout describes (causal within each run) is the
+    boolean mask."""
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
     packed = attention.packed_layout(seg, 4)
     np.testing.assert_array_equal(packed.lengths, [[3, 2, 1, 2], [8, -1, -1, -1]])

@@ -30,9 +30,9 @@ def _train(config: str, overrides: list[str]) -> dict:
 def ws(tmp_path_factory, demo_data):
     """A workspace: a finished pretrain run, a LoRA run on it, its HF export, parameters of another model size
     (no tokenizer), a folder of the user's notes, and a few bad inputs."""
+    from conftest import hf_tiny_config
     from transformers import LlamaForCausalLM
 
-    from conftest import hf_tiny_config
     from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 
     root = tmp_path_factory.mktemp("ws")

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import hf_tiny_config
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import hf_tiny_config
 from mellama_jax.cli import main
 from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
 from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
-from mellama_jax.convert.verify import VerifyRequest, verify
 from mellama_jax.convert.hf import ConversionError, config_from_hf, load_hf_state_dict
 from mellama_jax.convert.peft import import_peft
+from mellama_jax.convert.verify import VerifyRequest, verify
 from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.demo import sample_texts
 from mellama_jax.generate import greedy_generate
@@ -190,7 +190,7 @@ def test_converted_modules_match_transformers_modules(rng):
 
     graphdef, stacked = nnx.split(ours.layers)
     for i, hf_layer in enumerate(hf.model.layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))  # noqa: B023 (used at once)
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         same(hf_layer.input_layernorm, layer.attn_norm, x)
         same(hf_layer.post_attention_layernorm, layer.mlp_norm, x)
@@ -397,7 +397,8 @@ def test_verify_passes_faithful_exports_and_names_the_layer_of_a_fault(verify_ex
 
 def test_verify_refuses_an_export_of_another_model(verify_exports):
     tmp, params, outs = verify_exports
-    with pytest.raises(ConversionError, match=r"config.json: vocab_size is 512, the parameters' model has 256: not an export"):
+    with pytest.raises(ConversionError,
+                       match=r"config.json: vocab_size is 512, the parameters' model has 256: not an export"):
         verify(VerifyRequest(outs["float32"], params, model="tiny"))
 
 

@@ -7,13 +7,18 @@ import subprocess
 import sys
 
 import pytest
-
 from data_helpers import tiny_tokenizer, write_corpus
+
 from mellama_jax.artifacts import OutputError, check_destination
 from mellama_jax.config import CONFIG_ROOT
 from mellama_jax.data.corpus import BadRecord, Report
-from mellama_jax.data.instruct import (Conversation, InstructDataRequest, InstructSource, prepare_instruct,
-                                       read_conversations)
+from mellama_jax.data.instruct import (
+    Conversation,
+    InstructDataRequest,
+    InstructSource,
+    prepare_instruct,
+    read_conversations,
+)
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource
 

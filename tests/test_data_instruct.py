@@ -4,12 +4,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from mellama_jax.data.corpus import BadRecord, Report
-from mellama_jax.data.instruct import (TEMPLATES, InstructDataRequest, instruct_batches, parse_record,
-                                       prepare_instruct, read_conversations, render)
+from mellama_jax.data.instruct import (
+    TEMPLATES,
+    InstructDataRequest,
+    instruct_batches,
+    parse_record,
+    prepare_instruct,
+    read_conversations,
+    render,
+)
 from mellama_jax.data.tokenizer import Tokenizer
-from conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +151,8 @@ def test_the_authors_records_prepare_like_the_same_sharegpt_conversations(tmp_pa
                                                                           template):
     examples = authors_mednli_examples()
     theirs, sharegpt = tmp_path / "instructions.jsonl", tmp_path / "sharegpt.json"
-    theirs.write_text("".join(json.dumps(authors_record("MedNLI", i, p, a)) + "\n" for i, (p, a) in enumerate(examples)))
+    theirs.write_text("".join(json.dumps(authors_record("MedNLI", i, p, a)) + "\n"
+                              for i, (p, a) in enumerate(examples)))
     sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
                                     for p, a in examples]))
     outs = []

@@ -112,9 +112,9 @@ def test_eval_scores_the_clean_subset_beside_the_full_set(planted, demo_data, tm
     import shutil
 
     import torch
+    from conftest import hf_tiny_config
     from transformers import LlamaForCausalLM
 
-    from conftest import hf_tiny_config
     from mellama_jax.convert.api import ImportRequest, hf_to_jax
     from mellama_jax.eval.run import EvalRequest, evaluate
 

@@ -8,8 +8,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from data_helpers import tiny_tokenizer, write_corpus
+
 from mellama_jax.data.corpus import BadRecord
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource, iterate, pretrain_batches

@@ -17,8 +17,8 @@ import pytest
 import sentencepiece as spm
 import zstandard
 from array_record.python.array_record_module import ArrayRecordReader
-
 from data_helpers import WORDS, tiny_tokenizer
+
 from mellama_jax.artifacts import OutputError
 from mellama_jax.data import sources
 from mellama_jax.data.corpus import BadRecord
@@ -215,7 +215,7 @@ def test_cxr_report_tree_and_its_zip(tmp_path, tok, monkeypatch):
     root = tmp_path / "mimic-cxr-reports"
     texts = {}
     for p in ("p10/p10000032", "p10/p10000764", "p11/p11000011"):
-        for s in range(3):
+        for _ in range(3):
             path = root / "files" / p / f"s5{int(rng.integers(10**7)):07d}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             texts[path] = f"                                 FINAL REPORT\n EXAMINATION: CHEST\n\n {words(rng)}\n"

@@ -6,9 +6,18 @@ from sklearn.metrics import f1_score
 
 from mellama_jax.eval.ner_html import align, gold_html, ner_metrics, read_html, spans
 from mellama_jax.eval.report import score_rows
-from mellama_jax.eval.scoring import (classification_metrics, extractive_metrics, first_choice, labels_in,
-                                      multilabel_metrics, normqa_f1, normqa_normalize, rouge, single_choice,
-                                      squad_f1)
+from mellama_jax.eval.scoring import (
+    classification_metrics,
+    extractive_metrics,
+    first_choice,
+    labels_in,
+    multilabel_metrics,
+    normqa_f1,
+    normqa_normalize,
+    rouge,
+    single_choice,
+    squad_f1,
+)
 from mellama_jax.eval.tasks import BLUE_HOC_LABELS, TASKS, exam_question
 
 NLI = ["entailment", "contradiction", "neutral"]

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from transformers import BertConfig, BertModel, BertTokenizer, LlamaForCausalLM
 
-from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from mellama_jax.data.corpus import BadRecord
 from mellama_jax.eval.rescore import RescoreRequest, rescore
 from mellama_jax.eval.run import EvalRequest, evaluate, few_shot_prefix
@@ -98,7 +98,8 @@ def test_loaders_read_the_original_layouts(templates, files):
     # the authors' MedNLI input (preprocess_instruct.py): "[PRE] " + sentence1 + " [HYP] " + sentence2
     assert ex[0].fields["text"] == "[PRE] Patient 0 has fever. [HYP] The patient is febrile."
     _, ex, entry = load_task("bionli", files / "bionli_test.csv", t)  # our template, package-supplied
-    assert [e.gold for e in ex] == ["entailment", "contradiction"] and entry["choices"] == ["entailment", "contradiction"]
+    assert ([e.gold for e in ex] == ["entailment", "contradiction"]
+            and entry["choices"] == ["entailment", "contradiction"])
     _, ex, _ = load_task("ddi", files / "ddi_test.tsv", t)
     assert [(e.id, e.gold) for e in ex] == [("d1", "DDI-mechanism"), ("d2", "DDI-advise")]
     _, ex, _ = load_task("mtsample", files / "mtsamples.csv", t)

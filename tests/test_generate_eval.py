@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, hf_tiny_config, shared_data
 from transformers import LlamaForCausalLM
 
-from conftest import SHARED_DATA, hf_tiny_config, shared_data
-from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 from mellama_jax.cli import main
-from mellama_jax.eval.rescore import rescore
+from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 from mellama_jax.eval.run import EvalRequest, GenerateRequest, HFBackend, complete, evaluate
 from mellama_jax.eval.scoring import classification_metrics, first_choice
 from mellama_jax.eval.tasks import exam_question, load_task, load_templates, render
@@ -84,7 +83,7 @@ def test_a_consuming_decoder_frees_the_stacked_layers(monkeypatch):
     seen = []  # live bytes after each slice `unstacked_layers` takes
     slice_array = array_type.__getitem__
     monkeypatch.setattr(array_type, "__getitem__", lambda self, index: (
-        out := slice_array(self, index), seen.append(sum(x.nbytes for x in jax.live_arrays())))[0])
+        slice_array(self, index), seen.append(sum(x.nbytes for x in jax.live_arrays())))[0])
 
     def peak_growth(consume: bool) -> tuple[float, float]:  # (peak, final) live bytes added, in layer weights
         model = Llama(cfg, rngs=nnx.Rngs(0))

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import logged_losses
 
 from mellama_jax.config import CONFIG_ROOT, load_config
-from train_helpers import logged_losses
 from mellama_jax.distributed import detect
 from mellama_jax.train.loop import train
 
@@ -334,8 +334,9 @@ def test_a_run_in_a_bucket_resumes_after_a_process_is_killed(pretrain_runs, data
                                       err_msg=str(name))
     assert sorted(logged_losses_in(f"{where}/run")) == list(range(10, 61, 10))
     # the run's export, read from the bucket with the run files above it that name the model and tokenizer
-    from mellama_jax.cli import main
     from test_convert import all_tensors
+
+    from mellama_jax.cli import main
 
     assert main(["convert", "jax-to-hf", f"{where}/run/params", f"{where}/hf", "--dtype", "float32"]) == 0
     assert main(["convert", "jax-to-hf", str(tmp_path / "reference" / "params"), str(tmp_path / "hf"), "--dtype",

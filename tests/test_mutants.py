@@ -132,9 +132,11 @@ def test_every_listed_mutant_still_applies():
 
 def test_changed_runs_only_the_mutants_of_changed_files(runner, repo, tmp_path, capsys):
     (repo / "other.py").write_text("def half(x):\n    return x / 2\n")
-    (repo / "tests" / "test_other.py").write_text("from other import half\n\ndef test_half():\n    assert half(4) == 2\n")
+    (repo / "tests" / "test_other.py").write_text("from other import half\n\n"
+                                                  "def test_half():\n    assert half(4) == 2\n")
     (repo / "tests" / "mutants" / "other.yaml").write_text(
-        "- {name: half-doubles, file: other.py, find: 'x / 2', replace: 'x * 2', tests: [tests/test_other.py], why: w}\n")
+        "- {name: half-doubles, file: other.py, find: 'x / 2', replace: 'x * 2', tests: [tests/test_other.py], "
+        "why: w}\n")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], cwd=repo, check=True)
     assert runner.main(["--root", str(repo), "--changed", "HEAD"]) == 0  # nothing changed: nothing to run

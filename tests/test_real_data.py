@@ -7,8 +7,8 @@ tokenised with the real LLaMA2 tokenizer.
 import json
 
 import pytest
-
 from conftest import SHARED_DATA, shared_data
+
 from mellama_jax.config import CONFIG_ROOT, load_config
 from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain

@@ -11,15 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import skip_unless_ci
 from flax import linen as nn
 from jax.sharding import AxisType
-
-from conftest import skip_unless_ci
+from train_helpers import run_steps, synthetic_batch
 
 from mellama_jax.config import DEFAULT_RULES, ConfigError, load_model_preset
 from mellama_jax.model import attention
 from mellama_jax.train.flops import matmul_params
-from train_helpers import run_steps, synthetic_batch
 
 
 def _packed_rows(T: int) -> np.ndarray:
@@ -55,8 +54,8 @@ def test_splash_matches_the_reference(rng, dtype, heads, kv_heads, T, sharded):
     upper one skipped by the causal mask) equal the XLA reference on packed rows with several documents and
     padding, grouped-query (8 heads over 2) and multi-head (with a 200-token row, padded to 256 inside). The first
     case runs splash in a shard_map over a data 2 x tensor 2 mesh: a row and 4 query heads over 1 KV head per
-    device. fp32 within 1e-4; bf16 within 2 bf16 ulps (2 x 2^-8 relative) of each tensor's largest value, both sides rounding their
-    bf16 products differently."""
+    device. fp32 within 1e-4; bf16 within 2 bf16 ulps (2 x 2^-8 relative) of each tensor's largest value, both
+    sides rounding their bf16 products differently."""
     D = 64
     dt = jnp.dtype(dtype)
     q, g = (jnp.asarray(rng.normal(size=(2, T, heads, D)), dt) for _ in range(2))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
+from test_convert import all_tensors, make_hf_dir, tokenizer_file  # noqa: F401  (a fixture)
 
 from mellama_jax import storage
 from mellama_jax.cli import main
-from test_convert import all_tensors, make_hf_dir, tokenizer_file  # noqa: F401  (a fixture)
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -134,7 +134,8 @@ def test_prepare_refuses_a_bucket_in_one_line(demo_data, tmp_path, capsys):
     code = main(["prepare", "pretrain", "--source", f"biomedical={_demo_file('biomedical.jsonl')}", "--tokenizer",
                  str(demo_data / "tok" / "tokenizer.model"), "--out", "gs://mellama-test/prepared"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: gs://mellama-test/prepared: prepare writes a local")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: gs://mellama-test/prepared: "
+                                                             "prepare writes a local")
     assert not Path("gs:").exists() and not (Path.cwd() / "gs:").exists()
 
 

@@ -11,15 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_helpers import TINY, single_device, synthetic_batch
 
 from mellama_jax.config import LoraConfig, load_config, load_model_preset
 from mellama_jax.storage import RunMirror
 from mellama_jax.train import checkpoint, flops
-from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
-                                     NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves)
+from mellama_jax.train.hooks import (
+    Checkpointing,
+    DocumentsWarning,
+    Evaluation,
+    FiniteGuard,
+    Hook,
+    LogMetrics,
+    NonFiniteLoss,
+    StepInfo,
+    StopOnSignal,
+    export_params,
+    plot_curves,
+)
 from mellama_jax.train.loop import run_steps
 from mellama_jax.train.metrics import MetricsLogger
-from train_helpers import TINY, single_device, synthetic_batch
 
 
 def add_step(state, frozen, batch):

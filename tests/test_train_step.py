@@ -10,12 +10,12 @@ import pytest
 import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from train_helpers import run_steps, single_device, synthetic_batch
 from transformers import get_cosine_schedule_with_warmup
 
 from mellama_jax.config import LORA_TARGETS, LoraConfig, OptimizerConfig, load_config, load_model_preset
 from mellama_jax.train import flops
 from mellama_jax.train.optimizer import learning_rate_schedule
-from train_helpers import run_steps, single_device, synthetic_batch
 
 LAYOUTS = {
     "data8": ["mesh.ici={data: 8, fsdp: 1, tensor: 1}"],
@@ -47,7 +47,8 @@ def test_layouts_match_single_device(layout, batches, reference):
         np.testing.assert_allclose(params[path], value, atol=1e-5, rtol=0, err_msg=str(path))
 
 
-@pytest.mark.slow  # 14 s; the gradients themselves are checked by test_accumulated_gradients_equal_the_big_batch_gradient
+@pytest.mark.slow  # 14 s; the gradients themselves are checked by
+# test_accumulated_gradients_equal_the_big_batch_gradient
 def test_accumulation_equals_large_batch(batches):
     big = {k: np.concatenate([b[k] for b in batches[:4]]) for k in batches[0]}  # 32 rows
     common = ["train.batch_size=32", "mesh.ici={data: 2, fsdp: 2, tensor: 2}"]
@@ -256,9 +257,10 @@ def test_bf16_gradients_run_every_matmul_on_bf16_operands(monkeypatch, lora):
 def test_step_reports_documents_per_row(batches):
     """The most documents in any row of the global batch (runs of equal segment ids, padding included): what
     cudnn attention weighs against model.max_segments. Rows sharded over 8 devices; one row made to hold six."""
+    from train_helpers import TINY
+
     from mellama_jax import sharding
     from mellama_jax.train.step import build_trainer, make_train_step
-    from train_helpers import TINY
 
     batch = {k: np.array(v) for k, v in batches[0].items()}
     batch["segment_ids"][5] = np.repeat([1, 2, 3, 4, 5, 0], [3, 3, 2, 3, 3, 2])

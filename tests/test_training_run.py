@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from train_helpers import logged_losses
 
 from mellama_jax.config import CONFIG_ROOT, load_config
-from train_helpers import logged_losses
 from mellama_jax.train.loop import build_data, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,7 +350,8 @@ def test_a_batch_without_targets_is_named_not_a_nan(data, tmp_path):
     assert "no checkpoint had been saved yet" in lines[-1]
 
 
-@pytest.mark.parametrize("name, size", [("me-llama-13b-pretrain", "llama2-13b"), ("me-llama-70b-pretrain", "llama2-70b")])
+@pytest.mark.parametrize("name, size", [("me-llama-13b-pretrain", "llama2-13b"),
+                                        ("me-llama-70b-pretrain", "llama2-70b")])
 def test_pretrain_recipes_carry_the_papers_settings(name, size):
     cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
     o = cfg.optimizer

@@ -346,8 +346,8 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
     calibration = calibrate(rows, r.config, overrides, r.calibrate, progress) if r.calibrate else None
     return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": calibration, "fits": best is not None,
-            "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
+            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": calibration,
+            "fits": best is not None, "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
 
 

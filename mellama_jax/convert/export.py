@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from mellama_jax import storage
+from mellama_jax.artifacts import atomic_output, np_dtype
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import TensorSpec, tensor_specs
-from mellama_jax.artifacts import atomic_output, np_dtype
 from mellama_jax.convert.safetensors_stream import write_streaming
 
 Fetch = Callable[[tuple[str, ...], int | None], np.ndarray]
@@ -112,8 +112,8 @@ def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_mod
         for name, shard in zip(names, shards):
             entries = {hf: (spec, layer) for hf, spec, layer in shard}
 
-            def pull(hf_name):
-                spec, layer = entries[hf_name]
+            def pull(hf_name):  # called by write_streaming within this iteration
+                spec, layer = entries[hf_name]  # noqa: B023
                 bar.update(1)
                 return spec.to_hf(np.asarray(fetch(spec.path, layer)))
 

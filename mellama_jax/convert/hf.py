@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 import numpy as np

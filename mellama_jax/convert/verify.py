@@ -5,8 +5,9 @@ run's adapters folded in as W + scale * A B, computed here from the model's own 
 each tensor has in the folder's safetensors files. transformers runs the folder in fp32 (a bf16 file upcasts
 exactly) and our model runs in fp32, so a faithful export differs only by fp32 rounding in differently ordered
 sums, whatever the export's dtype. The tolerance is derived from that (`tolerance_for`), not from the dtype's
-coarser step (on the test models a 1% change to any one tensor fails: docs/benchmarks.md). The residual stream is compared after the embedding and
-after every layer (forward hooks on transformers' modules), so a failure names the first layer that diverges.
+coarser step (on the test models a 1% change to any one tensor fails: docs/benchmarks.md). The residual stream
+is compared after the embedding and after every layer (forward hooks on transformers' modules), so a failure
+names the first layer that diverges.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def expected_model(params: str | Path, adapters: str | Path | None, cfg: ModelCo
     for spec in tensor_specs(cfg):
         dtypes = {hf.dtype(spec.hf_name.format(i=i)) for i in range(cfg.num_layers if spec.stacked else 1)}
         if len(dtypes) > 1:
-            raise ConversionError(f"{hf.directory}: {spec.hf_name} is stored in several dtypes ({sorted(map(str, dtypes))}); "
-                                  "an export writes one")
+            raise ConversionError(f"{hf.directory}: {spec.hf_name} is stored in several dtypes "
+                                  f"({sorted(map(str, dtypes))}); an export writes one")
         stored = dtypes.pop()
         value = np.asarray(flat[spec.path].get_value(), np.float32).astype(stored).astype(np.float32)
         target[spec.path] = target[spec.path].replace(jnp.asarray(value))

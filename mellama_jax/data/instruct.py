@@ -50,7 +50,8 @@ TEMPLATES = {
                             user_format="[INST] {user} [/INST]", bos_each_turn=True),
     "alpaca": Template("alpaca", preamble=("Below is an instruction that describes a task. Write a response that "
                                            "appropriately completes the request.\n\n"),
-                       user_format="### Instruction:\n{user}\n\n### Response:\n", input_format="\n\n### Input:\n{input}"),
+                       user_format="### Instruction:\n{user}\n\n### Response:\n",
+                       input_format="\n\n### Input:\n{input}"),
     # The Me-LLaMA authors' chat wrapper, `mellama_prompt` in src/model_prompt.py:5-6 (BIDS-Xu-Lab/Me-LLaMA @
     # 08c893f2), applied to the prompt text as it stands (their task prompts begin and end with newlines):
     # docs/evaluation.md says which models were tuned and are evaluated in it.

@@ -21,7 +21,6 @@ import numpy as np
 
 from mellama_jax.data.corpus import BadRecord, read_json_file
 
-
 FORMATS = {"mellama-pretrain-v1": "pretraining data (`prepare pretrain` output)",
            "mellama-instruct-v1": "an instruction dataset (`prepare instruct` output)"}
 
@@ -75,7 +74,7 @@ class PackedSource:
     def __len__(self) -> int:
         return sys.maxsize
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs' orders, kept for the source's life on purpose)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.documents)
         perm = (np.random.default_rng([self.seed, self.source_key, epoch]).permutation(n) if self.shuffle

@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 
@@ -20,7 +21,7 @@ class Tokenizer:
         self.model_proto = model_proto
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.model"
@@ -29,7 +30,7 @@ class Tokenizer:
         return cls(path.read_bytes(), str(path))
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, **options) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, **options) -> Tokenizer:
         """A small BPE model with LLaMA's special ids (unk=0, bos=1, eos=2, no pad), trained in memory."""
         out = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -65,11 +66,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
 
-    def token_bytes(self) -> "np.ndarray":
+    def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes of the text each piece stands for ('▁' is a space, a byte-fallback piece is one byte, control
         and unknown pieces none): summed over a text's tokens, its length in bytes (for bits per byte)."""
-        import numpy as np
-
         sizes = np.zeros(self.vocab_size, np.int64)
         for i in range(self.vocab_size):
             if self.sp.IsControl(i) or self.sp.IsUnknown(i):

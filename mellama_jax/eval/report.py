@@ -13,8 +13,16 @@ from pathlib import Path
 from mellama_jax.artifacts import atomic_output
 from mellama_jax.data.corpus import BadRecord, read_json_file
 from mellama_jax.eval.ner_html import ner_metrics, spans
-from mellama_jax.eval.scoring import (METRIC_NOTES, classification_metrics, extractive_metrics, first_choice,
-                                      labels_in, multilabel_metrics, single_choice, summary_metrics)
+from mellama_jax.eval.scoring import (
+    METRIC_NOTES,
+    classification_metrics,
+    extractive_metrics,
+    first_choice,
+    labels_in,
+    multilabel_metrics,
+    single_choice,
+    summary_metrics,
+)
 from mellama_jax.eval.tasks import Task
 
 WITH_CHOICES = ("choice", "multilabel")

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mellama_jax import storage
-from mellama_jax.artifacts import check_destination, load_model, require_tokenizer
+from mellama_jax.artifacts import check_destination, require_tokenizer
 from mellama_jax.eval.report import clean_subset, make_rows, overlapping_ids, score_rows, summarize, write
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
 

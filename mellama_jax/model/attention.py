@@ -268,7 +268,8 @@ SPLASH_TILE = 128
 def _splash_block(wanted: int, length: int) -> int:
     """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is at most `wanted`."""
     tiles = length // SPLASH_TILE
-    return SPLASH_TILE * max(n for n in range(1, tiles + 1) if tiles % n == 0 and n * SPLASH_TILE <= max(wanted, SPLASH_TILE))
+    return SPLASH_TILE * max(n for n in range(1, tiles + 1)
+                             if tiles % n == 0 and n * SPLASH_TILE <= max(wanted, SPLASH_TILE))
 
 
 def _splash_kernel(heads: int, length: int, block_q: int, block_kv: int, interpret: bool):

@@ -49,9 +49,11 @@ class Attention(nnx.Module):
 
     def _qkv(self, x, batch_length, rng):
         """The projections (B, T, heads, head_dim), before their rotary embedding."""
-        q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
+        q = checkpoint_name(self.wq(x, dropout_rng=rng),
+                            "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj").reshape(*batch_length, *self.wk.kernel.shape[-2:])
-        v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
+        v = checkpoint_name(self.wv(x, dropout_rng=rng),
+                            "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         return q, k, v

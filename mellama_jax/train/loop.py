@@ -19,17 +19,33 @@ from pathlib import Path
 import jax
 
 from mellama_jax import distributed, sharding, storage
-from mellama_jax.config import Config, to_dict
-from mellama_jax.config import ConfigError
+from mellama_jax.config import Config, ConfigError, to_dict
 from mellama_jax.data.instruct import InstructSource, instruct_batches
+from mellama_jax.data.pretrain import (
+    iterate,
+    pretrain_batches,
+    pretrain_epoch_rows,
+    pretrain_eval_batches,
+    read_manifest,
+)
 from mellama_jax.data.tokenizer import Tokenizer
-from mellama_jax.data.pretrain import (iterate, pretrain_batches, pretrain_epoch_rows, pretrain_eval_batches,
-                                       read_manifest)
 from mellama_jax.model import attention
 from mellama_jax.train import checkpoint, flops
 from mellama_jax.train.goodput import Goodput, steps_logged_before, summary_line
-from mellama_jax.train.hooks import (Checkpointing, DocumentsWarning, Evaluation, FiniteGuard, Hook, LogMetrics,
-                                     NonFiniteLoss, StepInfo, StopOnSignal, export_params, plot_curves, run_hooks)
+from mellama_jax.train.hooks import (
+    Checkpointing,
+    DocumentsWarning,
+    Evaluation,
+    FiniteGuard,
+    Hook,
+    LogMetrics,
+    NonFiniteLoss,
+    StepInfo,
+    StopOnSignal,
+    export_params,
+    plot_curves,
+    run_hooks,
+)
 from mellama_jax.train.metrics import MetricsLogger
 from mellama_jax.train.run_dir import check_run_dir, write_run_files
 from mellama_jax.train.step import make_eval_step, make_train_step, plan_trainer
@@ -151,7 +167,8 @@ def train(cfg: Config) -> dict:
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = goodput.timed("checkpoint", Checkpointing(
         mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
-    evaluation = _evaluation(dataclasses.replace(cfg, data=fetched.data), trainer, frozen, eval_ds, log) if eval_ds is not None else None
+    evaluation = (_evaluation(dataclasses.replace(cfg, data=fetched.data), trainer, frozen, eval_ds, log)
+                  if eval_ds is not None else None)
     if evaluation is not None and start == 0:
         evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
     export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")

@@ -17,8 +17,9 @@ from mellama_jax.config import Config, ConfigError, load_config, to_dict
 # it computes (a checkpoint restores onto any mesh; attention kernels and remat give the same numbers), and its
 # length (train.steps / epochs: a run may be extended or cut short; the schedule follows the new length);
 # data.template only checks what the data were prepared with.
-RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "data.template", "model.attention", "model.remat",
-                     "model.scan_unroll", "model.scan_layers", "model.max_segments", "train.steps", "train.epochs")
+RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "data.template", "model.attention",
+                     "model.remat", "model.scan_unroll", "model.scan_layers", "model.max_segments", "train.steps",
+                     "train.epochs")
 
 
 def _flat(tree, prefix: str = "") -> dict:
