@@ -97,22 +97,25 @@ def logical_to_spec(logical: tuple, rules) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(logical), tuple((k, v) for k, v in rules))
 
 
-def _check_divisible(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, logical) -> None:
+def shard_shape(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh_shape, logical) -> tuple[int, ...]:
+    """One device's shard of an array of `shape` laid out by `spec` on a mesh of `mesh_shape` (axis -> size; the
+    mesh need not exist), or a one-line error naming the dimension that does not divide."""
+    shard = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            continue
-        axes = axes if isinstance(axes, tuple) else (axes,)
-        ways = math.prod(mesh.shape[a] for a in axes)
+        axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ways = math.prod(mesh_shape.get(a, 1) for a in axes)
         if dim % ways:
             raise ConfigError(f"{name}: dimension {dim} (logical {logical}) does not divide over mesh axes {axes} "
-                              f"of size {ways}; change mesh.ici/mesh.rules")
+                              f"of size {ways}; choose a mesh (or rules) whose axes divide it")
+        shard.append(dim // ways)
+    return tuple(shard)
 
 
 def named_sharding(mesh: Mesh, logical: tuple, rules, shape: tuple[int, ...] | None = None,
                    name: str = "array") -> NamedSharding:
     spec = logical_to_spec(logical, rules)
     if shape is not None:
-        _check_divisible(name, shape, spec, mesh, logical)
+        shard_shape(name, shape, spec, dict(mesh.shape), logical)
     return NamedSharding(mesh, spec)
 
 

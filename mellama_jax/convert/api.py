@@ -9,7 +9,6 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -36,19 +35,13 @@ def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RUL
     from flax import nnx
 
     from mellama_jax.model import init_abstract
-    from mellama_jax.sharding import logical_to_spec
+    from mellama_jax.sharding import logical_to_spec, shard_shape
 
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(init_abstract(cfg), nnx.Param)):
-        spec = tuple(logical_to_spec(var.get_metadata()["out_sharding"], rules))
-        chunk = []
-        for dim, axes in zip(var.shape, spec + (None,) * (len(var.shape) - len(spec))):
-            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-            ways = int(np.prod([mesh_shape.get(a, 1) for a in axes]))
-            if dim % ways:
-                raise ConfigError(f"{'/'.join(path)}: dimension {dim} does not divide over {axes} of size {ways}")
-            chunk.append(dim // ways)
-        out[tuple(path)] = tuple(chunk)
+        logical = var.get_metadata()["out_sharding"]
+        out[tuple(path)] = shard_shape("/".join(path), var.shape, logical_to_spec(logical, rules), mesh_shape,
+                                       logical)
     return out
 
 
