@@ -105,6 +105,23 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def expected_tensors(cfg: ModelConfig, names, source: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Hugging Face LLaMA checkpoint for `cfg`, with its shape; a one-line error when `names`
+    (what `source` holds) lacks one or has one more (RoPE's cached inv_freq aside)."""
+    expected = {}
+    for spec in tensor_specs(cfg):
+        for i in (range(cfg.num_layers) if spec.stacked else [None]):
+            expected[spec.hf_name.format(i=i)] = spec.hf_shape
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise ConversionError(f"{source}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(n for n in set(names) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ConversionError(f"{source}: unexpected tensor {unexpected[0]} for a LLaMA with this config")
+    return expected
+
+
 def _check(spec: TensorSpec, name: str, array, source: str) -> None:
     if tuple(array.shape) != spec.hf_shape:
         raise ConversionError(f"{source}: tensor {name} has shape {tuple(array.shape)}, the config expects "
@@ -125,15 +142,7 @@ def stacked_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], spec: Te
 
 def load_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], source: str = "state dict") -> Llama:
     """A Llama holding the given Hugging Face tensors (numpy arrays, e.g. from a torch state_dict)."""
-    expected = {spec.hf_name.format(i=i) for spec in tensor_specs(cfg)
-                for i in (range(cfg.num_layers) if spec.stacked else [0])}
-    missing = sorted(expected - set(tensors))
-    if missing:
-        raise ConversionError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(n for n in set(tensors) - expected if not n.endswith("rotary_emb.inv_freq"))
-    if unexpected:
-        raise ConversionError(f"{source}: unexpected tensors {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''} (not a LLaMA2 checkpoint for this config?)")
+    expected_tensors(cfg, tensors, source)
     graphdef, state = nnx.split(init_abstract(cfg))
     flat = dict(nnx.to_flat_state(state))
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
@@ -229,19 +238,7 @@ class HFCheckpoint:
         return layout
 
     def _validate(self) -> None:
-        cfg = self.config
-        expected = {}
-        for spec in tensor_specs(cfg):
-            for i in (range(cfg.num_layers) if spec.stacked else [None]):
-                expected[spec.hf_name.format(i=i)] = spec.hf_shape
-        missing = sorted(set(expected) - set(self.names))
-        if missing:
-            raise ConversionError(f"{self.directory}: missing tensor {missing[0]}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        unexpected = sorted(n for n in set(self.names) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
-        if unexpected:
-            raise ConversionError(f"{self.directory}: unexpected tensor {unexpected[0]} for a LLaMA with this "
-                                  "config.json")
+        expected = expected_tensors(self.config, self.names, str(self.directory))
         dtypes = set()
         for name, shape in expected.items():
             sl = self._files[self.names[name]].get_slice(name)
