@@ -346,12 +346,12 @@ def _generate(args) -> int:
 
 
 def _plan(args) -> int:
-    from mellama_jax.bench import plan
+    from mellama_jax.plan import layouts as plan
 
     if args.search:
         import json
 
-        from mellama_jax.bench import search
+        from mellama_jax.plan import search
 
         result = search.search(_request(search.SearchRequest, args, config=args.config))
         print(json.dumps(result, indent=1) if args.json else search.markdown(result))

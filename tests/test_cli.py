@@ -70,11 +70,12 @@ def test_option_defaults_are_the_requests_defaults():
     import inspect
 
     from mellama_jax import cli
-    from mellama_jax.bench import attention, decode, load, memory, mesh, plan, tokenize
+    from mellama_jax.bench import attention, decode, load, memory, mesh, tokenize
     from mellama_jax.cli import build_parser
     from mellama_jax.convert import api, verify
     from mellama_jax.data import instruct, overlap, prepare
     from mellama_jax.eval import rescore, run
+    from mellama_jax.plan import layouts as plan
 
     commands = {
         ("generate",): run.GenerateRequest, ("eval",): run.EvalRequest, ("eval-score",): rescore.RescoreRequest,
@@ -104,7 +105,7 @@ def test_option_defaults_are_the_requests_defaults():
     def same(a, b):
         return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
 
-    from mellama_jax.bench import search
+    from mellama_jax.plan import search
 
     pairs = list(commands.items()) + [(("plan",), search.SearchRequest)]  # `plan --search` builds its own request
     parser, compared = build_parser(), 0

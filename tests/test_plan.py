@@ -7,8 +7,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from mellama_jax.bench.plan import PlanRequest, analytical, plan, plan_layout
 from mellama_jax.config import CONFIG_ROOT, load_config
+from mellama_jax.plan.layouts import PlanRequest, analytical, plan, plan_layout
 
 
 def test_small_model_state_bytes_match_by_hand():
@@ -35,7 +35,7 @@ def test_a_layout_fits_a_gpu_when_it_fits_the_launchers_share_of_its_memory():
     planned at T bytes does not fit a card of T / 0.95 bytes (XLA gets 0.968 T) and fits one of T / 0.9 (1.022 T)."""
     import re
 
-    from mellama_jax.bench.plan import GPU_MEMORY_FRACTION, GiB
+    from mellama_jax.plan.layouts import GPU_MEMORY_FRACTION, GiB
 
     sbatch = (Path(__file__).parent.parent / "launch" / "slurm_gpu.sbatch").read_text()
     assert float(re.search(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([\d.]+)", sbatch).group(1)) == GPU_MEMORY_FRACTION
@@ -79,7 +79,7 @@ def test_search_candidates_by_hand_on_a_small_case():
     tensor 4 cannot split 2 KV heads, leaving (1,1,4), (1,2,2), (1,4,1) with 4 batch shards and (2,1,2), (2,2,1)
     with 2. Accumulation k keeps 8 / k rows per microbatch, which must divide by the shards: k in {1, 2} for 4
     shards, {1, 2, 4} for 2. 3 x 2 + 2 x 3 = 12 candidates."""
-    from mellama_jax.bench.search import candidates
+    from mellama_jax.plan.search import candidates
 
     cfg = load_config(None, ["model=tiny-gqa", "train.batch_size=8", "train.steps=1"])
     found = candidates(cfg, 4, 1, remats=("full",))
@@ -98,8 +98,8 @@ def test_search_candidates_for_70b_on_160_gpus_keep_the_batch_and_divide():
 
     from flax import nnx
 
-    from mellama_jax.bench.search import candidates
     from mellama_jax.model import init_abstract
+    from mellama_jax.plan.search import candidates
     from mellama_jax.sharding import logical_to_spec
 
     cfg = load_config(CONFIG_ROOT / "me-llama-70b-pretrain.yaml")
@@ -127,7 +127,7 @@ def test_search_pruning_never_drops_a_candidate_the_compiler_fits():
     that compiles within it survives the pruning (the state bound is at most the compiled arguments)."""
     import statistics
 
-    from mellama_jax.bench.search import candidates, prune, state_bytes
+    from mellama_jax.plan.search import candidates, prune, state_bytes
 
     base = ["model=tiny", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
     found = candidates(load_config(None, base), 8, 1, remats=("full",))
@@ -150,7 +150,7 @@ def test_collective_bytes_by_hand():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mellama_jax.bench.search import collective_bytes
+    from mellama_jax.plan.search import collective_bytes
 
     mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     x = jax.device_put(jnp.zeros((8, 1024), jnp.float32), NamedSharding(mesh, P("x")))
@@ -177,7 +177,7 @@ def test_step_cost_counts_the_gradient_all_reduce_by_hand():
     2 x 4 B x 234,048 x 7/8 = 1,638,336 bytes per device, plus a few scalars (the loss and its normaliser); the
     layers are extrapolated from 1- and 2-layer compiles. With the data axis crossing hosts (dcn) the same bytes go
     over the slow links instead."""
-    from mellama_jax.bench.search import step_cost
+    from mellama_jax.plan.search import step_cost
 
     base = ["model=tiny", "model.num_layers=4", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
     cfg = load_config(None, base + ["mesh.ici={data: 8, fsdp: 1, tensor: 1}"])
@@ -193,7 +193,7 @@ def test_step_time_by_hand():
     """On an A100 (312 TFLOP/s, 2.039 TB/s HBM, 300 GB/s NVLink, 25 GB/s InfiniBand): 1e12 FLOPs -> 3.205 ms,
     2.039e9 bytes of memory traffic -> 1 ms, added when the target's own compiler counted them, else the longer of
     the two; 3e8 bytes over NVLink -> 1 ms, 2.5e7 over InfiniBand -> 1 ms."""
-    from mellama_jax.bench.search import TARGETS, step_seconds
+    from mellama_jax.plan.search import TARGETS, step_seconds
 
     assert step_seconds(1e12, 0.0, 3e8, 2.5e7, TARGETS["a100"]) == pytest.approx(1e12 / 312e12 + 2e-3)
     assert step_seconds(1e12, 2.039e9, 3e8, 2.5e7, TARGETS["a100"]) == pytest.approx(1e12 / 312e12 + 3e-3)
@@ -206,7 +206,7 @@ def test_step_time_by_hand():
 @pytest.mark.slow  # ~30 s: three compiles per candidate, twice
 def test_search_ranking_by_hand_and_in_order():
     """Two candidates compiled on 8 devices come back fitting first, then fastest first."""
-    from mellama_jax.bench.search import TARGETS, candidates, rank
+    from mellama_jax.plan.search import TARGETS, candidates, rank
 
     base = ["model=tiny", "train.batch_size=16", "train.seq_len=32", "train.steps=1"]
     found = candidates(load_config(None, base), 8, 1, remats=("full",))[-2:]  # accumulation 4 and 8
@@ -244,7 +244,7 @@ def test_plan_search_prints_a_ranked_table_and_a_launch_command_that_dry_runs(ca
     tight = json.loads(capsys.readouterr().out)
     assert all(r["fits"] == (r["memory_bytes"] <= tight["usable_gib"] * 2**30) for r in tight["rows"])
     assert any(tight["usable_gib"] * 2**30 < r["memory_bytes"] <= tight["memory_gib"] * 2**30 for r in tight["rows"])
-    from mellama_jax.bench.search import TARGETS, step_seconds
+    from mellama_jax.plan.search import TARGETS, step_seconds
 
     for r in result["rows"]:  # compiled as CPU devices, not by a GPU's compiler: memory traffic a lower bound only
         assert r["step_s"] == pytest.approx(step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"],
@@ -265,7 +265,7 @@ def test_traffic_estimate_by_hand():
     - data 8 across 8 hosts: 2 x 4 B x P x 7/8 over InfiniBand;
     - tensor 2 x data 4, accumulation 1: 3 x 2 x layers x 2 x (4 x 32 x hidden x 4 B) x 1/2 over NVLink, plus data's
       all-reduce of P/2."""
-    from mellama_jax.bench.search import TARGETS, Candidate, parameter_count, traffic_seconds
+    from mellama_jax.plan.search import TARGETS, Candidate, parameter_count, traffic_seconds
 
     cfg = load_config(None, ["model=tiny-gqa", "train.batch_size=16", "train.seq_len=32"])
     p, a100, m = parameter_count(cfg), TARGETS["a100"], cfg.model
@@ -300,7 +300,7 @@ def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs():
     assert result["gpu"] == "TPU v5p" and result["devices"] == 4 and result["memory_gib"] == 95
     assert result["compiled"] == 2 and [r["step_s"] for r in result["rows"]] == sorted(
         r["step_s"] for r in result["rows"])
-    from mellama_jax.bench.search import TARGETS, step_seconds
+    from mellama_jax.plan.search import TARGETS, step_seconds
 
     for r in result["rows"]:  # the TPU compiler's own module: its memory traffic adds to the step
         assert r["step_s"] == pytest.approx(step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"],
@@ -317,7 +317,7 @@ def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs():
 def test_spearman_by_hand():
     """Ranks (1, 2, 3, 4) against (2, 1, 4, 3): d = (1, 1, 1, 1), rho = 1 - 6 * 4 / (4 * 15) = 0.6; ties take their
     average rank: (1, 2, 2, 3) against itself is 1; reversed order is -1."""
-    from mellama_jax.bench.search import spearman
+    from mellama_jax.plan.search import spearman
 
     assert spearman([0.1, 0.2, 0.3, 0.4], [2.0, 1.0, 4.0, 3.0]) == pytest.approx(0.6)
     assert spearman([1, 5, 5, 9], [1, 5, 5, 9]) == pytest.approx(1.0)
@@ -333,7 +333,7 @@ def test_plan_search_calibrates_against_runs_on_this_host():
     import json
     import os
 
-    from mellama_jax.bench.search import spearman
+    from mellama_jax.plan.search import spearman
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
@@ -356,8 +356,8 @@ def test_plan_search_calibrates_against_runs_on_this_host():
 def test_compile_order_covers_layouts_before_accumulations():
     """Survivors expected to fit come first; among them one candidate per in-host layout (the least link time) before
     any layout's second; the order inside each class is by the link-time estimate."""
-    from mellama_jax.bench.plan import analytical
-    from mellama_jax.bench.search import TARGETS, candidates, compile_order, parameter_count, traffic_seconds
+    from mellama_jax.plan.layouts import analytical
+    from mellama_jax.plan.search import TARGETS, candidates, compile_order, parameter_count, traffic_seconds
 
     base = ["model=tiny", "train.batch_size=16", "train.seq_len=32"]
     cfg = load_config(None, base)

@@ -138,8 +138,8 @@ def test_gradient_operands_follow_the_compile_target_not_the_host():
     _libtpu_or_skip()
     import os
 
-    from mellama_jax.bench.tpu import topology_devices
     from mellama_jax.model import layers
+    from mellama_jax.plan.tpu import topology_devices
 
     environ = dict(os.environ)  # libtpu's start-up sets TPU_* variables that later runs would take for a pod
     try:

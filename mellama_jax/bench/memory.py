@@ -49,8 +49,8 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
         raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
                            "the device's peak_bytes_in_use)")
     from mellama_jax.bench.mesh import synthetic_batch
-    from mellama_jax.bench.plan import plan_layout
     from mellama_jax.config import load_config
+    from mellama_jax.plan.layouts import plan_layout
     from mellama_jax.train.step import compile_ahead, plan_trainer
 
     cfg = load_config(config, ["train.steps=1000"] + list(overrides))

@@ -87,7 +87,7 @@ def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
 def state_bytes(cfg: Config, estimate: dict | None = None) -> int:
     """Per-device bytes of the train state alone (parameters and optimizer moments, `plan.analytical`, or its
     `estimate` already made): a lower bound on any compiled step's memory, since its arguments hold that state."""
-    from mellama_jax.bench.plan import analytical
+    from mellama_jax.plan.layouts import analytical
 
     estimate = estimate or analytical(cfg)
     return estimate["params"] + estimate["optimizer"]
@@ -252,7 +252,7 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     """The whole step's FLOPs, memory traffic and collective bytes per device. XLA's analysis counts a loop's body
     once (the scanned layers as one), so the step is compiled with one and with two layers unrolled and the
     difference, one layer, extrapolated to the model's depth; grad_accum multiplies the lot."""
-    from mellama_jax.bench.plan import _compile, _cost
+    from mellama_jax.plan.layouts import _compile, _cost
 
     def measured(layers: int) -> dict:
         small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers, scan_unroll=layers))
@@ -268,7 +268,7 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
 def rank(configs, target: Target, memory_bytes: float, devices=None, native: bool = True) -> list[dict]:
     """Each (candidate, config) compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
     step time on `target` (`step_seconds`, `native` as there); those that fit first, fastest first."""
-    from mellama_jax.bench.plan import plan_layout
+    from mellama_jax.plan.layouts import plan_layout
     from mellama_jax.train.flops import train_flops_per_token
 
     rows = []
@@ -316,8 +316,8 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     analytical estimate expects to fit first (see the module)."""
     from tqdm import tqdm
 
-    from mellama_jax.bench.plan import analytical
     from mellama_jax.config import load_config
+    from mellama_jax.plan.layouts import analytical
 
     started = time.perf_counter()
     if r.calibrate and r.target == "tpu":
@@ -376,7 +376,7 @@ def _gpu_cluster(r: SearchRequest) -> Cluster:
                           f"{r.devices_per_host} (--devices-per-host)")
     if r.gpu not in ("a100", "h100"):
         raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
-    from mellama_jax.bench.plan import gpu_share_bytes, simulate_devices
+    from mellama_jax.plan.layouts import gpu_share_bytes, simulate_devices
 
     simulate_devices(r.devices)  # the GPUs compiled for
     hosts = r.devices // r.devices_per_host
@@ -386,7 +386,7 @@ def _gpu_cluster(r: SearchRequest) -> Cluster:
 
 def _tpu_cluster(r: SearchRequest) -> Cluster:
     """The chips of `r.slices` slices of `r.topology`; ICI spans a slice, so the whole slice is one group."""
-    from mellama_jax.bench.tpu import chip_of, topology_devices
+    from mellama_jax.plan.tpu import chip_of, topology_devices
 
     if not r.topology:
         raise ConfigError("plan --search --target tpu needs --topology, e.g. v5p:4x4x8")
@@ -394,7 +394,7 @@ def _tpu_cluster(r: SearchRequest) -> Cluster:
     if name not in TARGETS:
         raise ConfigError(f"plan --search --target tpu: the interconnect of {name} is not known here; "
                           f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}")
-    from mellama_jax.bench.plan import simulate_devices
+    from mellama_jax.plan.layouts import simulate_devices
 
     devices = topology_devices(r.topology, r.slices)
     simulate_devices(len(devices))  # the mesh the analytical estimate lays out

@@ -3,7 +3,7 @@ abstract shapes only (nothing allocated), and report XLA's per-device memory bes
 
 `--target tpu` compiles for the abstract chips of a TPU topology instead (libtpu describes them on any host, as
 MaxText's train_compile does), with the TPU compiler's per-chip memory against the chip's HBM, XLA's cost
-analysis and the roofline step time it implies (bench/tpu.py).
+analysis and the roofline step time it implies (plan/tpu.py).
 
 Run it in a fresh process: it sets the number of simulated CPU devices before JAX starts its backend.
 """
@@ -160,7 +160,7 @@ def _step_cost(cfg, small: tuple, devices) -> dict:
 
 def _tpu_row(cfg, small, devices, chip) -> dict:
     """One layout compiled for TPU chips: memory against the chip's HBM, cost analysis, roofline and ideal times."""
-    from mellama_jax.bench.tpu import roofline_seconds
+    from mellama_jax.plan.tpu import roofline_seconds
     from mellama_jax.train.flops import train_flops_per_token
 
     row = plan_layout(cfg, devices)
@@ -180,8 +180,8 @@ def _tpu_row(cfg, small, devices, chip) -> dict:
 def plan_tpu(r: PlanRequest) -> dict:
     """Each ici layout (default: FSDP over the whole slice) on `r.slices` slices of `r.topology`, data parallel
     across slices (dcn)."""
-    from mellama_jax.bench.tpu import chip_of, topology_devices
     from mellama_jax.config import ConfigError, load_config
+    from mellama_jax.plan.tpu import chip_of, topology_devices
     from mellama_jax.sharding import layout_overrides
 
     if not r.topology:
