@@ -146,7 +146,7 @@ def _prepare_merge(args) -> int:
 
 
 def _prepare_overlap(args) -> int:
-    from mellama_jax.data.overlap import OverlapRequest, find_overlap
+    from mellama_jax.eval.overlap import OverlapRequest, find_overlap
 
     report = find_overlap(_request(OverlapRequest, args))
     print(f"{report['documents_scanned']:,} documents scanned in {report['seconds']:.1f} s "
@@ -353,7 +353,13 @@ def _plan(args) -> int:
 
         from mellama_jax.plan import search
 
-        result = search.search(_request(search.SearchRequest, args, config=args.config))
+        request = _request(search.SearchRequest, args, config=args.config)
+        result = search.search(request)
+        if request.calibrate:
+            from mellama_jax.bench.calibrate import calibrate
+
+            result["calibration"] = calibrate(result, request.config, search.request_overrides(request),
+                                              request.calibrate)
         print(json.dumps(result, indent=1) if args.json else search.markdown(result))
         return 0 if result["fits"] else 1
 

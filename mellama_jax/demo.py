@@ -28,7 +28,7 @@ def run_demo(out: str | Path, devices: int = 8) -> dict:
     import jax
 
     jax.config.update("jax_num_cpu_devices", devices)  # before anything touches the backend
-    from mellama_jax.artifacts import MARKER, check_destination
+    from mellama_jax.outputs import MARKER, check_destination
 
     started = time.perf_counter()
     out = check_destination(out, "demo", overwrite=True)  # a previous demo's output is replaced, nothing else

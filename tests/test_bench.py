@@ -94,6 +94,25 @@ def test_planner_memory_matches_a_real_step():
     assert 0.85 < result["layouts"][0]["ratio_measured_to_planned"] < 1.15
 
 
+@pytest.mark.slow  # ~20 s: a fresh process compiles and runs the step
+def test_bench_memory_runs_a_recipe_as_the_planner_plans_it():
+    """`bench memory --config RECIPE`: the worker process loads the recipe under the overrides, so its planned
+    memory is the planner's for the same program (tiny-pretrain's fp32 tiny model at remat full)."""
+    from mellama_jax.bench.memory import MemoryBenchRequest, bench_memory_layouts
+    from mellama_jax.config import CONFIG_ROOT, load_config
+    from mellama_jax.plan.layouts import plan_layout
+    from mellama_jax.sharding import layout_overrides
+
+    recipe = str(CONFIG_ROOT / "tiny-pretrain.yaml")
+    extra = ("train.grad_accum=1", "model.remat=full")
+    row = bench_memory_layouts(MemoryBenchRequest("tiny", ("fsdp=4,tensor=2",), 32, 16, extra, config=recipe))
+    row = row["layouts"][0]
+    assert "error" not in row, row
+    cfg = load_config(recipe, ["train.steps=1000", "model=tiny", "train.seq_len=32", "train.batch_size=16",
+                               *layout_overrides("fsdp=4,tensor=2"), *extra])
+    assert row["planned_bytes_per_device"] == plan_layout(cfg)["xla_bytes"]
+
+
 def test_bench_trace_sums_device_kernels_by_category(tmp_path):
     import gzip
     import json

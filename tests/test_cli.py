@@ -73,8 +73,8 @@ def test_option_defaults_are_the_requests_defaults():
     from mellama_jax.bench import attention, decode, load, memory, mesh, tokenize
     from mellama_jax.cli import build_parser
     from mellama_jax.convert import api, verify
-    from mellama_jax.data import instruct, overlap, prepare
-    from mellama_jax.eval import rescore, run
+    from mellama_jax.data import instruct, prepare
+    from mellama_jax.eval import overlap, rescore, run
     from mellama_jax.plan import layouts as plan
 
     commands = {

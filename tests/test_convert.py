@@ -15,6 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from mellama_jax import saved_params
 from mellama_jax.cli import main
 from mellama_jax.config import Config, LoraConfig, TrainConfig, to_dict
 from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
@@ -25,7 +26,7 @@ from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.demo import sample_texts
 from mellama_jax.generate import greedy_generate
 from mellama_jax.model import Llama, init_abstract
-from mellama_jax.train.checkpoint import load_params_local, save_params
+from mellama_jax.saved_params import load_params_local, save_params
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +150,12 @@ def test_trainer_restores_hf_to_jax_output_sharded(tmp_path, tokenizer_file):
     zarray = json.loads((params / "layers.attn.wq.kernel" / ".zarray").read_text())
     assert zarray["chunks"] == [1, 64 // 4, 4 // 2, 16]  # one chunk per device shard of that mesh, per layer
     from mellama_jax.config import load_config
-    from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer
 
     cfg = load_config(None, [f"model={params / 'model.yaml'}", "train.seq_len=16", "train.steps=2",
                              "mesh.ici={data: 1, fsdp: 4, tensor: 2}"])
     trainer, state, _ = build_trainer(cfg)
-    loaded = checkpoint.load_params(params, state.params, trainer.state_shardings.params)
+    loaded = saved_params.load_params(params, state.params, trainer.state_shardings.params)
     wq = dict(nnx.to_flat_state(loaded))[("layers", "attn", "wq", "kernel")].get_value()
     assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     hf_q = load_file(str(src / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]

@@ -9,7 +9,6 @@ import sys
 import pytest
 from data_helpers import tiny_tokenizer, write_corpus
 
-from mellama_jax.artifacts import OutputError, check_destination
 from mellama_jax.config import CONFIG_ROOT
 from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.instruct import (
@@ -21,6 +20,7 @@ from mellama_jax.data.instruct import (
 )
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource
+from mellama_jax.outputs import OutputError, check_destination
 
 DOLLY = [{"instruction": "Name a statin.", "context": "", "response": "Atorvastatin.", "category": "open_qa"},
          {"instruction": "Summarise.", "context": "Metformin lowers glucose.", "response": "It lowers sugar.",
@@ -136,7 +136,7 @@ def test_token_bytes_add_up_to_the_texts_utf8_length(llama2_tokenizer_path):
 def test_the_destination_rule_by_hand(tmp_path):
     """--overwrite replaces only an earlier output of the same command; a destination that holds, or lies
     inside, an input is refused whatever the flags (docs: README, artifacts)."""
-    from mellama_jax.artifacts import atomic_output, check_destination
+    from mellama_jax.outputs import atomic_output, check_destination
 
     with atomic_output(tmp_path / "eval-out", "eval") as out:
         (out / "summary.json").write_text("{}")

@@ -6,8 +6,8 @@ import pytest
 
 from mellama_jax.cli import main
 from mellama_jax.config import load_config
-from mellama_jax.data.overlap import OverlapRequest, find_overlap, window_hashes, words
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
+from mellama_jax.eval.overlap import OverlapRequest, find_overlap, window_hashes, words
 
 A = ("metformin lowers hepatic glucose output and improves insulin sensitivity in adults with type two diabetes "
      "who were followed for a year")
@@ -52,7 +52,7 @@ def test_words_and_windows_by_hand():
 
 
 def test_overlap_finds_exactly_the_planted_copies(planted, tmp_path, monkeypatch):
-    from mellama_jax.data import overlap
+    from mellama_jax.eval import overlap
 
     monkeypatch.setattr(overlap, "CHUNK", 2)  # the 3-document shard is read in two pieces, by two processes
     data, test = planted

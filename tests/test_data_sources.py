@@ -19,12 +19,12 @@ import zstandard
 from array_record.python.array_record_module import ArrayRecordReader
 from data_helpers import WORDS, tiny_tokenizer
 
-from mellama_jax.artifacts import OutputError
 from mellama_jax.data import sources
 from mellama_jax.data.corpus import BadRecord
 from mellama_jax.data.prepare import PretrainDataRequest, merge, prepare_pretrain
 from mellama_jax.data.sources import Filter, SourceError, assign, parse_sources, units_of
 from mellama_jax.data.streams import ArchiveError
+from mellama_jax.outputs import OutputError
 
 SUBSETS = ["PubMed Central", "PubMed Abstracts", "Pile-CC", "Github", "ArXiv"]
 CATEGORIES = ["Discharge summary", "Nursing", "Radiology", "Physician ", "ECG"]  # MIMIC-III keeps the space

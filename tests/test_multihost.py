@@ -292,7 +292,7 @@ def test_a_run_in_a_bucket_resumes_after_a_process_is_killed(pretrain_runs, data
 
     from mellama_jax import storage
     from mellama_jax.model import init_abstract
-    from mellama_jax.train.checkpoint import load_params_local
+    from mellama_jax.saved_params import load_params_local
 
     root, config, _ = pretrain_runs
     where = f"{bucket}/killed"

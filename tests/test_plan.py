@@ -314,6 +314,29 @@ def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs():
     assert f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout
 
 
+def test_calibrate_is_refused_where_the_devices_are_not_this_hosts_cpus(monkeypatch):
+    """--calibrate compares with this host's simulated CPUs: with JAX on an accelerator (JAX reporting a GPU
+    backend) it is refused in one line, before anything is compiled."""
+    from mellama_jax.config import ConfigError
+    from mellama_jax.plan.search import SearchRequest, search
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="--calibrate compares with this host's simulated CPU devices"):
+        search(SearchRequest(devices=8, calibrate=2, overrides=("model=tiny",)), progress=False)
+
+
+def test_host_figures_split_this_hosts_measured_rates_over_its_devices():
+    """Each of n simulated devices gets 1/n of the matmul rate and of the copy bandwidth, which paces both its
+    memory traffic (in TB/s) and its collectives (in GB/s): the same number in two units. Against a copy timed
+    here, within a factor 2 (a shared VM's bandwidth drifts)."""
+    from mellama_jax.plan.search import copy_gb_per_s, host_target
+
+    t = host_target(8)
+    assert t.hbm_tb_per_s * 1e3 == pytest.approx(t.ici_gb_per_s) == pytest.approx(t.dcn_gb_per_s)
+    assert 0.5 < t.ici_gb_per_s * 8 / copy_gb_per_s() < 2
+    assert 0 < t.peak_tflops < 1  # a CPU host: a few TFLOP/s at most in all, split 8 ways
+
+
 def test_spearman_by_hand():
     """Ranks (1, 2, 3, 4) against (2, 1, 4, 3): d = (1, 1, 1, 1), rho = 1 - 6 * 4 / (4 * 15) = 0.6; ties take their
     average rank: (1, 2, 2, 3) against itself is 1; reversed order is -1."""

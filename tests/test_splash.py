@@ -163,7 +163,7 @@ def _lowered_train_step(devices) -> str:
     """The StableHLO of tiny-gqa's train step in bf16 (xla attention), lowered for `devices` as `plan` does."""
     from mellama_jax import sharding
     from mellama_jax.config import load_config
-    from mellama_jax.train.checkpoint import abstract_like
+    from mellama_jax.saved_params import abstract_like
     from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
 
     cfg = load_config(None, ["model=tiny-gqa", "model.dtype=bfloat16", "model.attention=xla", "train.seq_len=64",

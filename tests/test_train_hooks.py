@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from train_helpers import TINY, single_device, synthetic_batch
 
+from mellama_jax import saved_params
 from mellama_jax.config import LoraConfig, load_config, load_model_preset
 from mellama_jax.storage import RunMirror
 from mellama_jax.train import checkpoint, flops
@@ -231,7 +232,7 @@ def test_export_writes_the_final_parameters_only_at_the_end(tiny, tmp_path):
     end = StepInfo(3, states[-1], {}, True, False)
     assert hook.due(end)
     hook.fn(end)
-    loaded = checkpoint.load_params_local(tmp_path / "params", state.params)
+    loaded = saved_params.load_params_local(tmp_path / "params", state.params)
     for (path, a), (_, b) in zip(nnx.to_flat_state(loaded), nnx.to_flat_state(state.params)):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
 

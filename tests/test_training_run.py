@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from train_helpers import logged_losses
 
+from mellama_jax import saved_params
 from mellama_jax.config import CONFIG_ROOT, load_config
 from mellama_jax.train.loop import build_data, train
 
@@ -206,13 +207,12 @@ def test_checkpoint_restores_state_step_and_data_position(tmp_path):
 
 
 def test_lora_trains_only_adapters(data, reference):
-    from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer, make_train_step
 
     cfg = load_config(CONFIG_ROOT / "tiny-lora.yaml", overrides(data, "lora", "/unused", *reference["lora"][2]))
     cfg = type(cfg)(**{**cfg.__dict__, "train": type(cfg.train)(**{**cfg.train.__dict__, "steps": 12})})
     trainer, state, frozen = build_trainer(cfg)
-    frozen = checkpoint.load_params(cfg.train.init_from, frozen, trainer.frozen_shardings)
+    frozen = saved_params.load_params(cfg.train.init_from, frozen, trainer.frozen_shardings)
     before = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(frozen)}
     train_ds, _, _ = build_data(cfg, 0, 1)
     step = make_train_step(trainer)
@@ -309,7 +309,7 @@ def test_a_start_that_fails_validation_writes_nothing(data, tmp_path, extra, mes
     other = tmp_path / "other-size"
     if "train.init_from=OTHER" in extra:  # a parameter export of another model size
         from mellama_jax.model import Llama
-        from mellama_jax.train.checkpoint import save_params
+        from mellama_jax.saved_params import save_params
 
         cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", ["model.hidden_size=32", "model.intermediate_size=64"])
         save_params(other, nnx.state(Llama(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))

@@ -34,12 +34,12 @@ def write_checkpoint(model: str, layers: int, dtype: str, out: Path, seed: int =
     import yaml
     from flax import nnx
 
-    from mellama_jax.artifacts import np_dtype
     from mellama_jax.config import load_model_preset, to_dict
     from mellama_jax.data.tokenizer import Tokenizer
     from mellama_jax.demo import sample_texts
+    from mellama_jax.dtypes import np_dtype
     from mellama_jax.model import init_abstract
-    from mellama_jax.train.checkpoint import save_params
+    from mellama_jax.saved_params import save_params
 
     cfg = dataclasses.replace(load_model_preset(model), num_layers=layers, param_dtype=dtype, dtype=dtype)
     rng = np.random.default_rng(seed)

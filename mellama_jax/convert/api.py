@@ -13,19 +13,14 @@ import yaml
 from tqdm import tqdm
 
 from mellama_jax import storage
-from mellama_jax.artifacts import (
-    adapters_config,
-    atomic_output,
-    check_destination,
-    find_model_config,
-    np_dtype,
-    require_tokenizer,
-)
+from mellama_jax.artifacts import adapters_config, find_model_config, require_tokenizer
 from mellama_jax.config import DEFAULT_RULES, ConfigError, ModelConfig, load_model_preset, to_dict
 from mellama_jax.convert.export import export_hf, merged_fetch
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
 from mellama_jax.convert.peft import export_peft
+from mellama_jax.dtypes import np_dtype
+from mellama_jax.outputs import atomic_output, check_destination
 
 
 def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RULES) -> dict:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from mellama_jax import storage
-from mellama_jax.artifacts import atomic_output, np_dtype
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import TensorSpec, tensor_specs
 from mellama_jax.convert.safetensors_stream import write_streaming
+from mellama_jax.dtypes import np_dtype
+from mellama_jax.outputs import atomic_output
 
 Fetch = Callable[[tuple[str, ...], int | None], np.ndarray]
 

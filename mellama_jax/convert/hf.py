@@ -221,8 +221,8 @@ class HFCheckpoint:
         """name -> (start, end, dtype, shape) from the header; a truncated file is an error."""
         import struct
 
-        from mellama_jax.artifacts import np_dtype
         from mellama_jax.convert.safetensors_stream import DTYPE_NAMES
+        from mellama_jax.dtypes import np_dtype
 
         names = {v: k for k, v in DTYPE_NAMES.items()}
         with open(path, "rb") as f:

@@ -78,7 +78,7 @@ class ParamsWriter:
     """Write parameters tensor by tensor (stacked ones layer by layer) into a fresh folder."""
 
     def __init__(self, directory: str | Path):
-        """directory: an empty folder to fill (artifacts.atomic_output's, which commits it)."""
+        """directory: an empty folder to fill (outputs.atomic_output's, which commits it)."""
         self.directory = Path(directory).absolute()
         self.tree: dict[str, dict] = {}
         self._stores: dict[tuple[str, ...], ts.TensorStore] = {}

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from mellama_jax import storage
-from mellama_jax.artifacts import atomic_output
 from mellama_jax.config import LoraConfig, ModelConfig
 from mellama_jax.convert.hf import ConversionError, TensorSpec, tensor_specs
 from mellama_jax.convert.safetensors_stream import write_streaming
+from mellama_jax.outputs import atomic_output
 
 PREFIX = "base_model.model."
 

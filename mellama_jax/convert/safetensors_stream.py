@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mellama_jax.artifacts import np_dtype
+from mellama_jax.dtypes import np_dtype
 
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32", "int64": "I64"}
 

@@ -18,11 +18,11 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mellama_jax.artifacts import atomic_output
 from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.pretrain import pad_to_batches, read_manifest, shard_batches
 from mellama_jax.data.readers import records
 from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.outputs import atomic_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +232,7 @@ def prepare_instruct(r: InstructDataRequest) -> dict:
 
     Records are int32 arrays of shape (3, n): token ids, loss weights, segment ids (one per example).
     Every skip is counted with its location. The output folder appears whole or not at all
-    (artifacts.atomic_output).
+    (outputs.atomic_output).
     """
     if r.truncation not in ("truncate", "drop"):
         raise ValueError(f"truncation must be 'truncate' or 'drop', got {r.truncation!r}")

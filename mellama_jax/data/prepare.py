@@ -32,11 +32,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from mellama_jax import storage
-from mellama_jax.artifacts import MARKER, OutputError, check_destination, output_kind, write_text_atomic
 from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.readers import documents
 from mellama_jax.data.sources import Unit, assign, parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.outputs import MARKER, OutputError, check_destination, output_kind, write_text_atomic
 
 KIND = "prepare-pretrain"
 CHUNK = 1024  # documents per encode call at most

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mellama_jax.artifacts import atomic_output
 from mellama_jax.data.corpus import BadRecord, read_json_file
 from mellama_jax.eval.ner_html import ner_metrics, spans
 from mellama_jax.eval.scoring import (
@@ -24,6 +23,7 @@ from mellama_jax.eval.scoring import (
     summary_metrics,
 )
 from mellama_jax.eval.tasks import Task
+from mellama_jax.outputs import atomic_output
 
 WITH_CHOICES = ("choice", "multilabel")
 
@@ -112,7 +112,7 @@ def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dic
           overwrite: bool = False) -> None:
     """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically, into a new
     (or empty) folder, or over an earlier eval output with `overwrite`, overlapping none of the inputs
-    (artifacts.atomic_output)."""
+    (outputs.atomic_output)."""
     with atomic_output(out_dir, "eval", overwrite, inputs) as tmp:
         with open(tmp / "predictions.jsonl", "w") as f:
             for row, p in zip(rows, predictions):

@@ -13,9 +13,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mellama_jax import storage
-from mellama_jax.artifacts import check_destination, require_tokenizer
+from mellama_jax.artifacts import require_tokenizer
 from mellama_jax.eval.report import clean_subset, make_rows, overlapping_ids, score_rows, summarize, write
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
+from mellama_jax.outputs import check_destination
 
 
 class JaxBackend:

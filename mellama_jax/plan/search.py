@@ -307,6 +307,11 @@ class SearchRequest:
     calibrate: int = 0  # run the best this many that fit on this host's devices, ranked on this host's figures
 
 
+def request_overrides(r: SearchRequest) -> list[str]:
+    """The config overrides a search (and its calibration runs) applies: the user's, then the model preset."""
+    return list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
+
+
 CALIBRATE_ON_CPU = ("plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS=cpu), "
                     "whose figures it measures; not with --target tpu or on an accelerator")
 
@@ -327,7 +332,7 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
         raise ConfigError(CALIBRATE_ON_CPU)
     if r.calibrate:  # the predictions are compared with this host's devices, so they use this host's figures
         cluster = dataclasses.replace(cluster, target=host_target(cluster.count))
-    overrides = list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
+    overrides = request_overrides(r)
     cfg = load_config(r.config, overrides)
     found = candidates(cfg, cluster.per_group, cluster.groups, r.remats)
     memory = cluster.usable_bytes
@@ -344,9 +349,8 @@ def search(r: SearchRequest, progress: bool = True) -> dict:
     if best is not None and not (r.target == "tpu" and r.slices > 1):  # tpu_pod.sh launches one slice
         extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
-    calibration = calibrate(rows, r.config, overrides, r.calibrate, progress) if r.calibrate else None
     return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": calibration,
+            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": None,
             "fits": best is not None, "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
             "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
 
@@ -451,28 +455,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     spread = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
     return cov / spread if spread else None  # all equal on one side: no order to compare
-
-
-def calibrate(rows: list[dict], config, overrides: list[str], k: int, progress: bool = True) -> dict:
-    """The best `k` ranked rows that fit, each run for a few steps on this host's devices (`bench mesh`'s timing):
-    predicted against measured step time, and Spearman's rank correlation of the two."""
-    from tqdm import tqdm
-
-    from mellama_jax.bench.mesh import jax_step_timing
-
-    runs = []
-    for row in tqdm([r for r in rows if r["fits"]][:k], desc="calibrating", disable=not progress):
-        run = {**{key: v for key, v in _plain(row).items() if key in ("ici", "dcn", "grad_accum", "remat")},
-               "predicted_s": row["step_s"]}
-        try:
-            run["measured_s"] = jax_step_timing(overrides + row["candidate"].overrides(), warmup=1, steps=3,
-                                                config=config)["step_s_median"]
-        except Exception as e:  # one candidate that cannot run (out of memory) is a result, not the search's end
-            run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        runs.append(run)
-    timed = [x for x in runs if "measured_s" in x]
-    rho = spearman([x["predicted_s"] for x in timed], [x["measured_s"] for x in timed]) if len(timed) > 1 else None
-    return {"runs": runs, "spearman": rho}
 
 
 def _plain(row: dict) -> dict:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mellama_jax import saved_params
 from mellama_jax.train import checkpoint
 
 
@@ -222,7 +223,7 @@ class Checkpointing:
 
 def export_params(path: Path, info: StepInfo) -> None:
     """The trained parameters alone (what `init_from` and the converters read)."""
-    checkpoint.save_params(path, info.state.params)
+    saved_params.save_params(path, info.state.params)
 
 
 def plot_curves(run_dir: Path, info: StepInfo) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from mellama_jax import distributed, sharding, storage
+from mellama_jax import distributed, saved_params, sharding, storage
 from mellama_jax.config import Config, ConfigError, to_dict
 from mellama_jax.data.instruct import InstructSource, instruct_batches
 from mellama_jax.data.pretrain import (
@@ -145,7 +145,7 @@ def train(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh))
     if cfg.train.init_from:
-        checkpoint.check_params(cfg.train.init_from, _init_shapes(init, cfg))
+        saved_params.check_params(cfg.train.init_from, _init_shapes(init, cfg))
     if pi == 0:
         write_run_files(cfg)
     state, frozen = _initial_state(cfg, trainer, init)
@@ -262,9 +262,9 @@ def _load_initial_params(cfg: Config, trainer, state, frozen):
     """Base weights from `init_from`: into the trained parameters (pretrain/sft) or the frozen base (lora)."""
     path = cfg.train.init_from
     if cfg.train.mode == "lora":
-        base = checkpoint.load_params(path, frozen, trainer.frozen_shardings)
+        base = saved_params.load_params(path, frozen, trainer.frozen_shardings)
         return state, base
-    params = checkpoint.load_params(path, state.params, trainer.state_shardings.params)
+    params = saved_params.load_params(path, state.params, trainer.state_shardings.params)
     with jax.set_mesh(trainer.mesh):
         opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(params)
     return state._replace(params=params, opt_state=opt_state), frozen

@@ -10,8 +10,8 @@ from __future__ import annotations
 import yaml
 
 from mellama_jax import storage
-from mellama_jax.artifacts import OutputError, write_bytes_atomic, write_text_atomic
 from mellama_jax.config import Config, ConfigError, load_config, to_dict
+from mellama_jax.outputs import OutputError, write_bytes_atomic, write_text_atomic
 
 # Settings that may change between a run and its resumption: how it is laid out, logged and saved, not what
 # it computes (a checkpoint restores onto any mesh; attention kernels and remat give the same numbers), and its

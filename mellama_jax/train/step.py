@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mellama_jax import sharding
 from mellama_jax.config import Config, ConfigError
 from mellama_jax.model import Llama, attention
-from mellama_jax.train.checkpoint import abstract_like
+from mellama_jax.saved_params import abstract_like
 from mellama_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_weights")

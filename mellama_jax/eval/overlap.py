@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mellama_jax.artifacts import atomic_output, check_destination
 from mellama_jax.data.corpus import BadRecord
+from mellama_jax.outputs import atomic_output, check_destination
 
 WORD = re.compile(r"[^\W_]+")  # letters and digits; all else separates words
 PRIME = np.uint64(1099511628211)
