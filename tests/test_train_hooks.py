@@ -134,7 +134,7 @@ def test_checkpointing_saves_each_step_once_only_after_the_guard_passes(tmp_path
     saving(StepInfo(5, state, None, True, False))  # called again at a step it has saved: not saved twice
     restored = iter(grain.MapDataset.range(100).to_iter_dataset())
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state5, meta = checkpoint.restore(mngr, 5, checkpoint.abstract_like(start, {"x": device}), restored)
+    state5, meta = checkpoint.restore(mngr, 5, saved_params.abstract_like(start, {"x": device}), restored)
     assert float(state5["x"]) == float(state["x"]) == sum(range(5)) and (meta["step"], meta["seed"]) == (5, 1)
     assert next(restored) == 5  # the data position travels with the state
     guard.record(info(6, float("nan")))
@@ -274,7 +274,7 @@ def test_the_runs_hooks_save_on_a_stop_and_export_at_the_end(tiny, tmp_path):
         iterator = iter(data.to_iter_dataset())
         mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
         if start:
-            restored = checkpoint.restore(mngr, start, checkpoint.abstract_like(state, trainer.state_shardings),
+            restored = checkpoint.restore(mngr, start, saved_params.abstract_like(state, trainer.state_shardings),
                                           iterator)[0]
         log = MetricsLogger(tmp_path, steps, start, True, False, tensorboard=False)
         guard = FiniteGuard(mngr.latest_step)

@@ -199,7 +199,7 @@ def test_checkpoint_restores_state_step_and_data_position(tmp_path):
     np.testing.assert_array_equal(expected_next, np.arange(12, 16))
 
     fresh = iterate(batches)
-    restored, meta = checkpoint.restore(mngr, 7, checkpoint.abstract_like(state, trainer.state_shardings), fresh)
+    restored, meta = checkpoint.restore(mngr, 7, saved_params.abstract_like(state, trainer.state_shardings), fresh)
     assert int(restored.step) == 7 and meta["step"] == 7
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -253,7 +253,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
     restored = mngr.restore(max(steps), args=__import__("orbax.checkpoint").checkpoint.args.Composite(
         state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(
-            checkpoint.abstract_like(state, trainer.state_shardings))))
+            saved_params.abstract_like(state, trainer.state_shardings))))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
 

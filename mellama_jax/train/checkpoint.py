@@ -1,11 +1,12 @@
-"""Orbax checkpoints: the train state and the data iterator saved together; parameter exports.
+"""Orbax checkpoints: the train state and the data iterator saved together.
 
 A run directory holds
   checkpoints/<step>/state     TrainState (step, trainable parameters, optimizer state), sharded arrays
   checkpoints/<step>/meta      JSON: step, seed, mode, config, and the Grain iterator state. Every process's
                                iterator is at the same index (its slice of global batch k is its k-th
                                batch), so one state restores any number of processes (P -> P').
-  params/ or adapters/         the final trainable parameters alone (what `init_from` and the converters read)
+  params/ or adapters/         the final trainable parameters alone (`saved_params`: what `init_from` and the
+                               converters read)
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoints usable. Restores go straight into the current mesh's shardings (any layout).
 """
@@ -19,7 +20,6 @@ import orbax.checkpoint as ocp
 
 from mellama_jax import storage
 from mellama_jax.config import CheckpointConfig
-from mellama_jax.saved_params import abstract_like  # noqa: F401 (restore and callers lay states out with it)
 
 
 def manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:

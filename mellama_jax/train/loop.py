@@ -154,7 +154,7 @@ def train(cfg: Config) -> dict:
     distributed.resume_point = lambda: _resume_point(mngr.latest_step())  # what a dead peer's message names
     saved = mngr.latest_step()
     if saved is not None:
-        state, _ = checkpoint.restore(mngr, saved, checkpoint.abstract_like(state, trainer.state_shardings),
+        state, _ = checkpoint.restore(mngr, saved, saved_params.abstract_like(state, trainer.state_shardings),
                                       iterator)
     start = int(saved or 0)
     if pi == 0:
