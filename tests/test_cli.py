@@ -131,3 +131,23 @@ def test_generate_takes_temperature_zero_as_greedy():
     assert args.temperature == 0.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--temperature", "-0.5"])
+
+
+def test_every_command_lists_the_options_it_had():
+    """Each command's options (flags, help, choices, defaults as parsed, how the type reads sample texts) equal the
+    snapshot taken before the parser was derived from the request dataclasses (tests/cli_options.py)."""
+    import json
+    from pathlib import Path
+
+    from cli_options import current
+
+    expected = json.loads((Path(__file__).parent / "snapshots" / "cli_options.json").read_text())
+    got = json.loads(json.dumps(current()))  # the same JSON types as the file
+    assert sorted(got) == sorted(expected)
+    for command in expected:
+        want, have = expected[command], got[command]
+        about = {k: v for k, v in have.items() if k != "options"}
+        assert about == {k: v for k, v in want.items() if k != "options"}, command
+        assert [o["dest"] for o in have["options"]] == [o["dest"] for o in want["options"]], command
+        for a, b in zip(have["options"], want["options"]):
+            assert a == b, f"{command} {a['flags'] or a['dest']}"
