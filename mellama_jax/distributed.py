@@ -10,10 +10,12 @@ MELLAMA_CPU_DEVICES=N gives each process N simulated CPU devices (development an
 A process that dies is noticed by the others, which say so in one line naming where a re-launch resumes
 (`resume_point`, set by the run) and exit with code 4 (`peer_lost`). Two ways notice it: a collective that fails
 (Gloo, NCCL), or our `Watchdog`, whose heartbeats go through the coordination service's key-value store and time
-out after MELLAMA_HEARTBEAT_TIMEOUT seconds (default 100). JAX's own heartbeat is given twice that: it aborts the
-process from C++ with a stack dump (jaxlib's client takes a missed-heartbeat callback, but a Python one fails to
-receive its status), so ours must fire first. A process that ends, cleanly or with an error, says so in the store
-(`leave`), so its peers do not take a finished process for a dead one.
+out after MELLAMA_HEARTBEAT_TIMEOUT seconds (default 100). JAX's own heartbeat is given three times that
+(`JAX_HEARTBEAT_FACTOR`): it aborts the process from C++ with a stack dump (jaxlib's client takes a missed-heartbeat
+callback, but a Python one fails to receive its status), so ours must fire first, and process 0 must also have
+lingered for its peers (`_exit`) before JAX's fires; with twice, a loaded host let JAX's win. A process that ends,
+cleanly or with an error, says so in the store (`leave`), so its peers do not take a finished process for a dead
+one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EXIT_PEER_LOST = 4
 resume_point = lambda: "its last checkpoint"  # noqa: E731
 
 
+JAX_HEARTBEAT_FACTOR = 3  # JAX's heartbeat timeout over ours (see the module)
 _ending = threading.Lock()  # held by the thread that ends the process (the watchdog's, or the main one)
 
 
@@ -177,12 +180,13 @@ def initialize(env: dict | None = None) -> str:
         _initialized = True
         return method
     heartbeat = int(env.get("MELLAMA_HEARTBEAT_TIMEOUT", "100"))
+    jax_heartbeat = JAX_HEARTBEAT_FACTOR * heartbeat
     if method == "env":
         jax.distributed.initialize(coordinator_address=env["COORDINATOR_ADDRESS"],
                                    num_processes=int(env["NUM_PROCESSES"]), process_id=int(env["PROCESS_ID"]),
-                                   heartbeat_timeout_seconds=2 * heartbeat)
+                                   heartbeat_timeout_seconds=jax_heartbeat)
     else:  # JAX detects SLURM and Cloud TPU pods itself
-        jax.distributed.initialize(heartbeat_timeout_seconds=2 * heartbeat)
+        jax.distributed.initialize(heartbeat_timeout_seconds=jax_heartbeat)
     _initialized = True
     _start_watchdog(heartbeat)
     log.warning("jax.distributed (%s): process %d of %d, %d local / %d global devices", method,

@@ -5,7 +5,8 @@ import statistics
 import numpy as np
 import pytest
 
-from mellama_jax.bench.mesh import BaselineBenchRequest, MeshBenchRequest, bench_baseline, bench_mesh, markdown
+from mellama_jax.bench.baseline import BaselineBenchRequest, bench_baseline
+from mellama_jax.bench.mesh import MeshBenchRequest, bench_mesh, markdown
 from mellama_jax.config import load_model_preset
 from mellama_jax.train import flops
 
@@ -42,7 +43,7 @@ def test_bench_baseline_runs_both_sides():
 def test_bench_pair_interleaves_variants(capsys):
     """Two variants of one step (scanned and unrolled layers), one timed step of each per round: speeds relative
     to the first from the medians, MFU from each step against the matmul rate measured beside it."""
-    from mellama_jax.bench.mesh import PairBenchRequest, bench_pair
+    from mellama_jax.bench.pair import PairBenchRequest, bench_pair
     from mellama_jax.cli import main
 
     result = bench_pair(PairBenchRequest("tiny", seq=32, batch=2, variants=((), ("model.scan_layers=false",)),

@@ -62,65 +62,6 @@ def test_a_reader_that_goes_away_is_not_an_error():
     assert "Traceback" not in err and "error" not in err, err
 
 
-def test_option_defaults_are_the_requests_defaults():
-    """Each command's options fill a typed request (`cli._request`) that Python callers also build themselves;
-    an option whose default drifted from its request field's default would make the CLI and the API disagree."""
-    import argparse
-    import dataclasses
-    import inspect
-
-    from mellama_jax import cli
-    from mellama_jax.bench import attention, decode, load, memory, mesh, tokenize
-    from mellama_jax.cli import build_parser
-    from mellama_jax.convert import api, verify
-    from mellama_jax.data import instruct, prepare
-    from mellama_jax.eval import overlap, rescore, run
-    from mellama_jax.plan import layouts as plan
-
-    commands = {
-        ("generate",): run.GenerateRequest, ("eval",): run.EvalRequest, ("eval-score",): rescore.RescoreRequest,
-        ("plan",): plan.PlanRequest, ("convert", "hf-to-jax"): api.ImportRequest,
-        ("convert", "jax-to-hf"): api.ExportRequest, ("convert", "verify"): verify.VerifyRequest,
-        ("prepare", "pretrain"): prepare.PretrainDataRequest, ("prepare", "instruct"): instruct.InstructDataRequest,
-        ("prepare", "overlap"): overlap.OverlapRequest,
-        ("bench", "tokenize"): tokenize.TokenizeBenchRequest, ("bench", "mesh"): mesh.MeshBenchRequest,
-        ("bench", "pair"): mesh.PairBenchRequest, ("bench", "attention"): attention.AttentionBenchRequest,
-        ("bench", "baseline"): mesh.BaselineBenchRequest, ("bench", "memory"): memory.MemoryBenchRequest,
-        ("bench", "decode"): decode.DecodeBenchRequest, ("bench", "load"): load.LoadBenchRequest,
-    }
-
-    def command(parser, path):
-        for name in path:
-            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            parser = sub.choices[name]
-        return parser
-
-    def parsed_default(action):  # what argparse hands over when the option is not given
-        if action.nargs == "*" and action.default is None and not action.option_strings:
-            return ()  # a positional list given nothing: []
-        if isinstance(action.default, str) and action.type is not None:
-            return action.type(action.default)
-        return action.default
-
-    def same(a, b):
-        return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
-
-    from mellama_jax.plan import search
-
-    pairs = list(commands.items()) + [(("plan",), search.SearchRequest)]  # `plan --search` builds its own request
-    parser, compared = build_parser(), 0
-    for path, request in pairs:
-        options = {a.dest: a for a in command(parser, path)._actions}
-        for field in dataclasses.fields(request):
-            assert field.name in options, f"{' '.join(path)} has no option for {request.__name__}.{field.name}"
-            if field.default is not dataclasses.MISSING:
-                got = parsed_default(options[field.name])
-                assert same(got, field.default), f"{' '.join(path)} --{field.name}: {got!r} vs {field.default!r}"
-                compared += 1
-    assert compared > 80  # the table reaches the requests' defaulted fields
-    assert inspect.getsource(cli).count("_request(") - 1 == len(pairs)  # every command that builds one
-
-
 def test_generate_takes_temperature_zero_as_greedy():
     """`--temperature 0` is greedy decoding, as its help says (the default), not a usage error; below 0 is."""
     import pytest

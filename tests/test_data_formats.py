@@ -14,10 +14,10 @@ from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.instruct import (
     Conversation,
     InstructDataRequest,
-    InstructSource,
     prepare_instruct,
     read_conversations,
 )
+from mellama_jax.data.instruct_batches import InstructSource
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource
 from mellama_jax.outputs import OutputError, check_destination

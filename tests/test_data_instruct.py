@@ -10,12 +10,12 @@ from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.instruct import (
     TEMPLATES,
     InstructDataRequest,
-    instruct_batches,
     parse_record,
     prepare_instruct,
     read_conversations,
     render,
 )
+from mellama_jax.data.instruct_batches import instruct_batches
 from mellama_jax.data.tokenizer import Tokenizer
 
 

@@ -318,11 +318,11 @@ def test_calibrate_is_refused_where_the_devices_are_not_this_hosts_cpus(monkeypa
     """--calibrate compares with this host's simulated CPUs: with JAX on an accelerator (JAX reporting a GPU
     backend) it is refused in one line, before anything is compiled."""
     from mellama_jax.config import ConfigError
-    from mellama_jax.plan.search import SearchRequest, search
+    from mellama_jax.plan.search import search
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ConfigError, match="--calibrate compares with this host's simulated CPU devices"):
-        search(SearchRequest(devices=8, calibrate=2, overrides=("model=tiny",)), progress=False)
+        search(PlanRequest(devices=8, calibrate=2, overrides=("model=tiny",)), progress=False)
 
 
 def test_host_figures_split_this_hosts_measured_rates_over_its_devices():

@@ -9,20 +9,23 @@ import time
 
 import numpy as np
 
+from mellama_jax.options import POSITIVE, name_list, option
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBenchRequest:
     """One `bench attention` run: what `mellama-jax bench attention` parses, and what `bench_attention` takes."""
 
-    impls: tuple[str, ...]  # attention implementations, one row each (model.attention's names)
-    batch: int
-    seq: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    dtype: str = "bfloat16"  # of the timed runs; the reference is always float32 XLA
-    docs: int = 1  # packed documents per row
-    steps: int = 10  # timed steps after the compiling one; the median is reported
+    # one row each (model.attention's names)
+    impls: tuple[str, ...] = option(("xla", "dot_product", "cudnn", "cudnn_causal"), type=name_list)
+    batch: int = option(1, type=POSITIVE)
+    seq: int = option(4096, type=POSITIVE)
+    heads: int = option(32, type=POSITIVE)
+    kv_heads: int = option(32, type=POSITIVE)
+    head_dim: int = option(128, type=POSITIVE)
+    dtype: str = option("bfloat16")  # of the timed runs; the reference is always float32 XLA
+    docs: int = option(1, "packed documents per row", type=POSITIVE)
+    steps: int = option(10, type=POSITIVE)  # timed steps after the compiling one; the median is reported
 
 
 def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: int = 32) -> dict:

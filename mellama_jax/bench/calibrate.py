@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from mellama_jax.bench.mesh import jax_step_timing
+from mellama_jax.bench.timing import jax_step_timing
 from mellama_jax.plan.search import Candidate, spearman
 
 

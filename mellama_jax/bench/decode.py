@@ -9,17 +9,19 @@ import time
 
 import numpy as np
 
+from mellama_jax.options import POSITIVE, option, positive_list
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBenchRequest:
     """One `bench decode` run: what `mellama-jax bench decode` parses, and what `bench_decode` takes."""
 
-    model: str = "bench-60m"  # a model preset; random weights, shared by both sides
-    batches: tuple[int, ...] = (1, 16, 64)  # one row per batch size
-    prompt_len: int = 64
-    new_tokens: int = 64  # every row decodes exactly this many (no EOS)
-    repeats: int = 5  # interleaved runs of each side; the best and the median are reported
-    dtype: str = "bfloat16"  # both sides: parameters and computation
+    model: str = option("bench-60m", "model preset (random weights, shared by both)")
+    batches: tuple[int, ...] = option((1, 16, 64), "comma-separated batch sizes", type=positive_list)
+    prompt_len: int = option(64, type=POSITIVE)
+    new_tokens: int = option(64, type=POSITIVE)  # every row decodes exactly this many (no EOS)
+    repeats: int = option(5, "interleaved runs of each side; the best and the median are reported", type=POSITIVE)
+    dtype: str = option("bfloat16", "both sides: parameters and computation", choices=["bfloat16", "float32"])
 
 
 def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mellama_jax.options import POSITIVE, layout_list, name_list, option
+
 GiB = 1024 ** 3
 
 
@@ -20,11 +22,14 @@ GiB = 1024 ** 3
 class LoadBenchRequest:
     """One `bench load` run: what `mellama-jax bench load` parses, and what `bench_load` takes."""
 
-    model: str = "llama2-13b"  # the preset whose width is used
-    layers: int = 2
-    meshes: tuple[str, ...] = ("tensor=4", "none")  # decoding layouts; "none": one device
-    dtypes: tuple[str, ...] = ("bfloat16", "float32")  # what the bf16 checkpoint loads as; a row per mesh and dtype
-    devices: int = 4  # simulated CPU devices
+    model: str = option("llama2-13b", "model preset whose width is used (random weights)")
+    layers: int = option(2, type=POSITIVE)
+    meshes: tuple[str, ...] = option(("tensor=4", "none"), '";"-separated decoding layouts; none: a single device',
+                                     type=layout_list)
+    # a row per mesh and dtype
+    dtypes: tuple[str, ...] = option(("bfloat16", "float32"), "comma-separated dtypes the bf16 checkpoint is loaded "
+                                                              "as", type=name_list)
+    devices: int = option(4, "simulated CPU devices", type=POSITIVE)
 
 
 def write_checkpoint(model: str, layers: int, dtype: str, out: Path, seed: int = 0) -> int:

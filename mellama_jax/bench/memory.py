@@ -11,6 +11,8 @@ import os
 import threading
 import time
 
+from mellama_jax.options import POSITIVE, layout_list, option, overrides
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -48,7 +50,7 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
     if jax.default_backend() != "cpu":
         raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
                            "the device's peak_bytes_in_use)")
-    from mellama_jax.bench.mesh import synthetic_batch
+    from mellama_jax.bench.timing import synthetic_batch
     from mellama_jax.config import load_config
     from mellama_jax.plan.layouts import plan_layout
     from mellama_jax.train.step import compile_ahead, plan_trainer
@@ -79,13 +81,15 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
 class MemoryBenchRequest:
     """One `bench memory` run: what `mellama-jax bench memory` parses, and what `bench_memory_layouts` takes."""
 
-    model: str  # a model preset
-    layouts: tuple[str, ...]  # ici layouts such as "data=2,fsdp=2,tensor=2", one row (and one process) each
-    seq: int
-    batch: int
-    overrides: tuple[str, ...] = ()  # more config overrides, applied after the layout's
-    devices: int = 8  # simulated CPU devices
-    config: str | None = None  # a recipe YAML the overrides apply to (default: the built-in defaults)
+    model: str = option("bench-60m")  # a model preset
+    # one row (and one process) each
+    layouts: tuple[str, ...] = option(("fsdp=8", "data=2,fsdp=2,tensor=2", "data=8"), '";"-separated ici layouts',
+                                      type=layout_list)
+    seq: int = option(256, type=POSITIVE)
+    batch: int = option(8, type=POSITIVE)
+    overrides: tuple[str, ...] = overrides("more config overrides, e.g. train.mode=lora")  # after the layout's
+    devices: int = option(8, type=POSITIVE)  # simulated CPU devices
+    config: str | None = option(None, "a recipe YAML (default: the built-in defaults)")
 
 
 def bench_memory_layouts(r: MemoryBenchRequest) -> dict:

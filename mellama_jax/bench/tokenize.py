@@ -21,6 +21,7 @@ from mellama_jax.data.prepare import PretrainDataRequest, encode_threads, prepar
 from mellama_jax.data.readers import documents
 from mellama_jax.data.sources import parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.options import POSITIVE, name_list, option, positive_list, threads_list
 
 
 def _texts(corpus: str | Path, fields: tuple[str, ...]) -> list[str]:
@@ -53,16 +54,21 @@ def _time_prepare(folder: Path, tokenizer, out: Path, workers: int, threads: int
 class TokenizeBenchRequest:
     """One `bench tokenize` run: what `mellama-jax bench tokenize` parses, and what `bench_tokenize` takes."""
 
-    tokenizer: str | Path  # tokenizer.model or a folder holding it
-    corpus: str | Path | None = None  # a JSONL/txt/Parquet corpus (not read with stream_gb)
-    fields: tuple[str, ...] = ("text",)  # its text fields, joined by newlines
-    repeat: int = 8  # the corpus repeated to reach a few MB, so that start-up does not dominate
-    formats: tuple[str, ...] = ("jsonl", "jsonl.gz", "jsonl.zst")  # input forms to time
-    workers: tuple[int, ...] = (1, 2)  # process counts to time
-    threads: tuple[int | None, ...] = (None,)  # encode threads per process to time (None: prepare's default)
-    rounds: int = 3  # interleaved repetitions; the best of each is kept
-    stream_gb: float = 0  # > 0: instead, prepare's peak RSS on a Pile-like shard of this many GB
-    workdir: str | None = None  # where the temporary files go (None: the system's temp folder)
+    tokenizer: str | Path = option()  # tokenizer.model or a folder holding it
+    corpus: str | Path | None = option(None, "a JSONL/txt/Parquet corpus")  # not read with stream_gb
+    fields: tuple[str, ...] = option(("text",), type=name_list)  # its text fields, joined by newlines
+    # start-up must not dominate
+    repeat: int = option(8, "repeat the corpus to reach a few MB", type=POSITIVE)
+    formats: tuple[str, ...] = option(("jsonl", "jsonl.gz", "jsonl.zst"), "input forms to time (JSONL only)",
+                                      type=name_list)
+    workers: tuple[int, ...] = option((1, 2), "process counts to time", type=positive_list)
+    threads: tuple[int | None, ...] = option((None,), "encode threads per process to time (auto: the cores shared "
+                                                      "among the processes; 1: scaling by processes)",
+                                             type=threads_list)
+    rounds: int = option(3, "interleaved repetitions; the best of each is kept", type=POSITIVE)
+    stream_gb: float = option(0, "instead: peak RSS of prepare on a synthetic Pile-like .jsonl.zst of this many GB",
+                              type=float)
+    workdir: str | None = option(None, "where the temporary files go (default: the system's temp folder)")
 
 
 def bench_tokenize(r: TokenizeBenchRequest) -> dict:

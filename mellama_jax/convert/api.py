@@ -20,6 +20,7 @@ from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
 from mellama_jax.convert.peft import export_peft
 from mellama_jax.dtypes import np_dtype
+from mellama_jax.options import option, size
 from mellama_jax.outputs import atomic_output, check_destination
 
 
@@ -44,13 +45,14 @@ def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RUL
 class ImportRequest:
     """One `convert hf-to-jax`: what `mellama-jax convert hf-to-jax` parses, and what `hf_to_jax` takes."""
 
-    src: str | Path  # a Hugging Face LLaMA folder (safetensors)
-    dst: str | Path  # follows artifacts' destination rule
-    dtype: str | None = None  # None keeps the checkpoint's own (so HF -> JAX -> HF is bit-exact)
-    # a layout such as "fsdp=8,tensor=2": each parameter is stored chunked as that mesh's shards (with the default
-    # rule table), so a restore there reads one chunk per device shard. Any mesh can restore it.
-    mesh: str | None = None
-    overwrite: bool = False  # replace an earlier hf-to-jax output at dst
+    src: str | Path = option(positional=True)  # a Hugging Face LLaMA folder (safetensors)
+    dst: str | Path = option(positional=True)  # follows the destination rule (outputs.py)
+    dtype: str | None = option(None, "default: keep the checkpoint's dtype (bit-exact round trips)",
+                               choices=["float32", "bfloat16", "float16"])
+    # each parameter is stored chunked as that mesh's shards (with the default rule table), so a restore there
+    # reads one chunk per device shard. Any mesh can restore it.
+    mesh: str | None = option(None, "store pre-sharded for a mesh, e.g. fsdp=8,tensor=2 (default rule table)")
+    overwrite: bool = option(False, "replace an earlier hf-to-jax output at DST")
 
 
 def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
@@ -94,17 +96,17 @@ def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
 class ExportRequest:
     """One `convert jax-to-hf`: what `mellama-jax convert jax-to-hf` parses, and what `jax_to_hf` takes."""
 
-    src: str | Path  # a run's params/, a training checkpoint's state/, or hf-to-jax output
-    dst: str | Path
-    model: str | Path | None = None  # a model preset or YAML (default: model.yaml or the run's config.yaml)
-    tokenizer: str | Path | None = None  # a full model needs one (default: found with the parameters)
-    dtype: str = "bfloat16"
-    shard_size: int = 5 * 10**9  # bytes per safetensors file
-    # a LoRA run's adapters/: dst receives a PEFT adapter folder (src is not written), or with merge one full
-    # model with W + scale * A @ B
-    adapters: str | Path | None = None
-    merge: bool = False
-    overwrite: bool = False  # replace an earlier jax-to-hf output at dst
+    src: str | Path = option(help="a run's params/, a checkpoint's state/, or hf-to-jax output", positional=True)
+    dst: str | Path = option(positional=True)
+    model: str | Path | None = option(None, "model preset or YAML (default: model.yaml or the run's config.yaml)")
+    tokenizer: str | Path | None = option(None, "tokenizer.model (default: found beside SRC)")
+    dtype: str = option("bfloat16", choices=["bfloat16", "float16", "float32"])
+    shard_size: int = option(5 * 10**9, "safetensors shard size, e.g. 5GB, 500MB", type=size)
+    # with adapters, dst receives a PEFT adapter folder (src is not written), or with merge one full model with
+    # W + scale * A @ B
+    adapters: str | Path | None = option(None, "a LoRA run's adapters/: write PEFT adapters (or --merge)")
+    merge: bool = option(False, "fold the adapters into a full model")
+    overwrite: bool = option(False, "replace an earlier jax-to-hf output at DST")
 
 
 def model_config(params: Path, preset: str | None) -> ModelConfig:

@@ -21,6 +21,7 @@ import numpy as np
 from mellama_jax.artifacts import load_model
 from mellama_jax.config import ModelConfig
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
+from mellama_jax.options import POSITIVE_NUMBER, option
 
 SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
                   "Patient is a 67 year old man presenting with chest pain",
@@ -45,11 +46,12 @@ def tolerance_for(cfg: ModelConfig) -> float:
 class VerifyRequest:
     """One `convert verify`: what `mellama-jax convert verify` parses, and what `verify` takes."""
 
-    hf_dir: str | Path  # a Hugging Face folder (the command's SRC)
-    params: str | Path  # our parameter checkpoint (the command's DST)
-    model: str | Path | None = None  # a model preset or YAML (default: found beside the checkpoint)
-    adapters: str | Path | None = None  # a LoRA run's adapters/ over params (to check a merged export)
-    tolerance: float | None = None  # relative difference allowed per token and layer; None: tolerance_for(model)
+    hf_dir: str | Path = option(help="HF directory", metavar="src", positional=True)
+    params: str | Path = option(help="parameter checkpoint", metavar="dst", positional=True)
+    model: str | Path | None = option(None, "model preset or YAML (default: found beside the checkpoint)")
+    adapters: str | Path | None = option(None, "a LoRA run's adapters/ over DST (for a merged export)")
+    tolerance: float | None = option(None, "relative difference allowed per token and layer (default: fp32 "
+                                           "rounding's, from the model's width and depth)", type=POSITIVE_NUMBER)
 
 
 def _merged_kernels(model) -> None:

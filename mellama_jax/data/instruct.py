@@ -1,6 +1,7 @@
 """Instruction data: read Alpaca (medalpaca) / Dolly / ShareGPT (and the Me-LLaMA authors' human/agent records) /
 prompt-response records (JSON, JSON Lines, Parquet, Arrow, `datasets` folders), render them through a prompt template,
-tokenise with loss weight 1 on response tokens only, truncate or pack, and batch them on Grain.
+tokenise with loss weight 1 on response tokens only, truncate or pack, and write them as ArrayRecord rows
+(`instruct_batches.py` reads them back in training).
 
 Each turn is tokenised piece by piece (as Meta's LLaMA-2 chat code does): the rendered user side gets weight 0
 and the assistant's text plus EOS gets weight 1, so the weighted tokens are exactly the tokenised responses.
@@ -14,14 +15,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from mellama_jax.data.corpus import BadRecord, Report
-from mellama_jax.data.pretrain import pad_to_batches, read_manifest, shard_batches
 from mellama_jax.data.readers import records
 from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.options import POSITIVE, option
 from mellama_jax.outputs import atomic_output
 
 
@@ -212,19 +212,22 @@ def _examples(inputs, tokenizer: Tokenizer, tpl: Template, seq_len: int, fmt: st
 class InstructDataRequest:
     """One `prepare instruct`: what `mellama-jax prepare instruct` parses, and what `prepare_instruct` takes."""
 
-    inputs: list[str | Path]  # .json, .jsonl(.gz/.zst), .parquet, .arrow files or datasets folders
-    tokenizer: str | Path
-    out: str | Path
-    seq_len: int
-    template: str = "llama2_chat"  # llama2_chat, alpaca, mellama, or a template YAML file
-    format: str = "auto"  # auto (told from each record), alpaca, dolly, sharegpt or prompt_response
+    inputs: tuple[str | Path, ...] = option(help=".json, .jsonl(.gz/.zst), .parquet, .arrow, or a datasets folder "
+                                                 "(save_to_disk output or a folder of those files)",
+                                            positional=True, nargs="+")
+    tokenizer: str | Path = option()
+    out: str | Path = option()
+    seq_len: int = option(4096, type=POSITIVE)
+    template: str = option("llama2_chat", "llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: "
+                                          "wrapper), or a template YAML file")
+    format: str = option("auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     # "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose response would
     # be cut away entirely is skipped either way.
-    truncation: str = "truncate"
-    pack: bool = False  # several examples per row (with segment ids)
-    strict: bool = False  # fail on the first bad record instead of skipping it
-    train_on_eos: bool = True  # the EOS after each response is a target
-    overwrite: bool = False  # replace an earlier `prepare instruct` output at `out`
+    truncation: str = option("truncate", choices=["truncate", "drop"])
+    pack: bool = option(False, "pack several examples per row (with segment ids)")
+    strict: bool = option(False)
+    train_on_eos: bool = option(True, "do not train on the EOS after each response", flag="--no-eos-loss")
+    overwrite: bool = option(False, "replace an earlier `prepare instruct` output")
 
 
 def prepare_instruct(r: InstructDataRequest) -> dict:
@@ -271,51 +274,3 @@ def _pack(examples, seq_len: int) -> list[np.ndarray]:
         ids, weights, segs = ids + list(i), weights + list(w), segs + [seg] * len(i)
     rows.append(np.stack([ids, weights, segs]).astype(np.int32))
     return rows
-
-
-# ----------------------------------------------------------------------------------------- pipeline
-
-
-class InstructSource:
-    def __init__(self, directory: str | Path):
-        directory = Path(directory)
-        manifest = read_manifest(directory, "mellama-instruct-v1")
-        self.seq_len = manifest["seq_len"]
-        self.reader = grain.sources.ArrayRecordDataSource([str(directory / "examples.arrayrecord")])
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return np.frombuffer(self.reader[index], np.int32).reshape(3, -1)
-
-
-def instruct_example(row: np.ndarray, seq_len: int) -> dict:
-    n = min(row.shape[1], seq_len)
-    ids, w, seg = (np.zeros(seq_len, np.int32) for _ in range(3))
-    ids[:n], w[:n], seg[:n] = row[0, :n], row[1, :n], row[2, :n]
-    positions = np.zeros(seq_len, np.int32)
-    for s in np.unique(seg[seg > 0]):
-        where = np.flatnonzero(seg == s)
-        positions[where] = np.arange(len(where))
-    next_seg = np.roll(seg, -1)
-    weights = ((np.roll(w, -1) > 0) & (seg > 0) & (seg == next_seg)).astype(np.float32)
-    weights[-1] = 0.0
-    return {"inputs": ids, "targets": np.roll(ids, -1), "positions": positions, "segment_ids": seg,
-            "loss_weights": weights}
-
-
-def instruct_batches(directory: str | Path, seq_len: int, global_batch: int, epochs: int, seed: int = 0,
-                     process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                     pad: bool = False) -> grain.MapDataset:
-    """Epochs of examples, reshuffled each epoch, as this process's part of each global batch.
-
-    pad: complete the last global batch with padding rows (for evaluation) instead of dropping it.
-    """
-    ds = grain.MapDataset.source(InstructSource(directory))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(epochs).map(lambda row: instruct_example(row, seq_len))
-    if pad:
-        ds = pad_to_batches(ds, global_batch)
-    return shard_batches(ds, global_batch, process_index, process_count)

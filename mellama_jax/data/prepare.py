@@ -36,6 +36,7 @@ from mellama_jax.data.corpus import BadRecord, Report
 from mellama_jax.data.readers import documents
 from mellama_jax.data.sources import Unit, assign, parse_sources, units_of
 from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.options import NON_NEGATIVE, POSITIVE, option
 from mellama_jax.outputs import MARKER, OutputError, check_destination, output_kind, write_text_atomic
 
 KIND = "prepare-pretrain"
@@ -220,21 +221,52 @@ def _is_done(out: Path, unit: dict) -> dict | None:
 # --------------------------------------------------------------------------- the command
 
 
+def _sources(items: list[str]) -> dict[str, list[str]]:
+    """--source values -> {name: [spec, ...]}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--source {item!r} is not of the form NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE]")
+        out.setdefault(name, []).append(spec)
+    return out
+
+
+def _fields(items: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """--fields values -> {source: (field, ...)}."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--fields {item!r} is not of the form NAME=VALUE[,VALUE...]")
+        name, values = item.split("=", 1)
+        out.setdefault(name, []).extend(v for v in values.split(",") if v)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainDataRequest:
     """One `prepare pretrain` (this host's share): what `mellama-jax prepare pretrain` parses, and what
     `prepare_pretrain` takes."""
 
-    sources: dict[str, list]  # per name, its --source values (`KIND:PATH?OPTIONS` specs, or files; sources.py)
-    tokenizer: str | Path  # tokenizer.model or a folder holding it
-    out: str | Path
-    fields: dict[str, tuple[str, ...]] | None = None  # per source, the text fields of specs that give none
-    strict: bool = False  # fail on the first bad record instead of skipping it
-    threads: int | None = None  # encoding threads per process (default: the cores shared among the processes)
-    workers: int | None = None  # processes (default: all cores; 1 under SMALL bytes of input)
-    num_shards: int = 1  # hosts sharing the work (by input file)
-    shard_index: int = 0  # this host's share, 0..num_shards-1
-    overwrite: bool = False  # replace an earlier prepare of other sources in `out` (stale source folders go)
+    # per name, its --source values (`KIND:PATH?OPTIONS` specs, or files; sources.py)
+    sources: dict[str, list] = option(
+        help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
+             "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts",
+        flag="--source", metavar="SOURCE", append=True, collect=_sources)
+    tokenizer: str | Path = option(help="tokenizer.model or a directory holding it")
+    out: str | Path = option()
+    # per source, the text fields of specs that give none
+    fields: dict[str, tuple[str, ...]] | None = option(
+        None, "NAME=FIELD[,FIELD...] text fields of a source (joined by newlines; default: text; or ?text= in its "
+              "spec)", append=True, collect=_fields)
+    strict: bool = option(False, "fail on the first bad record instead of skipping it")
+    threads: int | None = option(None, "encoding threads per process (default: cores / processes)", type=POSITIVE)
+    workers: int | None = option(None, "processes, one unit (file) each at a time (default: all cores; 1 under 16 "
+                                       "MB of input)", type=POSITIVE)
+    num_shards: int = option(1, "hosts sharing the work (by input file)", type=POSITIVE)
+    shard_index: int = option(0, "this host's share, 0..num-shards-1", type=NON_NEGATIVE)
+    overwrite: bool = option(False, "replace an earlier prepare of other sources in --out (its stale source "
+                                    "folders are removed)")
 
 
 def encode_threads(workers: int, threads: int | None = None) -> int:

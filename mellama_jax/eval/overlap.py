@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mellama_jax.data.corpus import BadRecord
+from mellama_jax.options import NON_NEGATIVE, POSITIVE, option
 from mellama_jax.outputs import atomic_output, check_destination
 
 WORD = re.compile(r"[^\W_]+")  # letters and digits; all else separates words
@@ -133,15 +134,17 @@ def _files(data: Path, manifest: dict) -> list[tuple[str, str, str, str, int]]:
 class OverlapRequest:
     """One `prepare overlap` run: what `mellama-jax prepare overlap` parses, and what `find_overlap` takes."""
 
-    data: str | Path  # a `prepare pretrain` (or `prepare instruct`) output
-    tasks: tuple[str, ...]  # "TASK=FILE" (the files `eval --task TASK --data FILE` reads)
-    out: str | Path  # a new folder for overlap.json
-    splits: tuple[str, ...] = ()  # "TASK=FILE": PubMedQA's id -> label file
-    prompts: str | Path | None = None  # the authors' prompt_templates.json (tasks other than i2b2 and bionli)
-    n: int = 13
-    workers: int = 0  # processes scanning shards; 0: one per core
-    filtered_out: str | Path | None = None  # pretraining data: also write a copy without the overlapping documents
-    overwrite: bool = False
+    data: str | Path = option(help="a `prepare pretrain` or `prepare instruct` output")
+    tasks: tuple[str, ...] = option(help="repeatable: a task and the file `eval --task TASK --data FILE` reads",
+                                    flag="--task", metavar="TASK=FILE", append=True)
+    out: str | Path = option(help="a new folder for overlap.json")
+    splits: tuple[str, ...] = option((), "PubMedQA: its test split's id -> label file", flag="--split",
+                                     metavar="TASK=FILE", append=True)
+    prompts: str | Path | None = option(None, "the authors' prompt_templates.json (all tasks but i2b2 and bionli)")
+    n: int = option(13, "words per window (default 13, GPT-3's)", type=POSITIVE)
+    workers: int = option(0, "processes scanning shards (0: all cores)", type=NON_NEGATIVE)
+    filtered_out: str | Path | None = option(None, "also write a copy of --data without the overlapping documents")
+    overwrite: bool = option(False, "replace earlier outputs of this command")
 
 
 def _pairs(items, what: str) -> dict[str, str]:

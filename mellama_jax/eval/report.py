@@ -58,6 +58,10 @@ def _choice_metrics(task: Task, rows: list[dict]) -> tuple[list, dict]:
     return predictions, metrics
 
 
+BERTSCORE_HELP = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
+                  "skipped; another model is reported under its own name)")
+
+
 def score_rows(task: Task, rows: list[dict], bertscore_model: str | None = None) -> tuple[list, dict]:
     """(per-row predictions, metrics) by the task's kind."""
     if task.kind == "choice":

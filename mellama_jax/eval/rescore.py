@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 from mellama_jax.data.corpus import BadRecord
-from mellama_jax.eval.report import WITH_CHOICES, score_rows, summarize, write
+from mellama_jax.eval.report import BERTSCORE_HELP, WITH_CHOICES, score_rows, summarize, write
 from mellama_jax.eval.tasks import TASKS, Task
+from mellama_jax.options import option
 
 
 def _check(row, task: Task, first: dict | None, where: str) -> None:
@@ -66,10 +67,10 @@ def read_predictions(path: str | Path, task: Task) -> list[dict]:
 class RescoreRequest:
     """One `eval score`: what `mellama-jax eval score` parses, and what `rescore` takes."""
 
-    task: str
-    predictions: str | Path  # a predictions.jsonl that `eval` wrote
-    out: str | Path  # the folder for the new predictions.jsonl, summary.json and summary.md
-    bertscore_model: str | None = None  # summaries: BERTScore's model (else skipped), as `eval` takes it
+    task: str = option(choices=sorted(TASKS))
+    predictions: str | Path = option(help="a predictions.jsonl that `eval` wrote")
+    out: str | Path = option(help="folder for the new predictions.jsonl, summary.json, summary.md")
+    bertscore_model: str | None = option(None, BERTSCORE_HELP)
 
 
 def rescore(r: RescoreRequest) -> dict:

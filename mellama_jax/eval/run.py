@@ -14,8 +14,17 @@ from tqdm import tqdm
 
 from mellama_jax import storage
 from mellama_jax.artifacts import require_tokenizer
-from mellama_jax.eval.report import clean_subset, make_rows, overlapping_ids, score_rows, summarize, write
-from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, load_task, load_templates, render, wrap_prompt
+from mellama_jax.eval.report import (
+    BERTSCORE_HELP,
+    clean_subset,
+    make_rows,
+    overlapping_ids,
+    score_rows,
+    summarize,
+    write,
+)
+from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, TASKS, load_task, load_templates, render, wrap_prompt
+from mellama_jax.options import NON_NEGATIVE, POSITIVE, number, option
 from mellama_jax.outputs import check_destination
 
 
@@ -62,22 +71,27 @@ def fitted(backend, prompts: list[list[int]], positions: int, max_new_tokens: in
     return out
 
 
+DTYPES = ("bfloat16", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """One `generate` call: what `mellama-jax generate` parses, and what `complete` takes."""
 
-    model: str | Path  # a parameter folder (hf-to-jax output, a run's params/)
-    prompt: tuple[str, ...] | list[str]  # one batch of prompts
-    tokenizer: str | Path | None = None  # default: the one found with the parameters
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] | list[str] | None = None  # each continuation ends before the first of these
-    mesh: str | None = None  # decode sharded over the devices, e.g. "data=4,tensor=2"
-    adapters: str | Path | None = None  # a LoRA run's adapters/ over `model`
-    dtype: str = "bfloat16"  # parameters and computation (logits and softmax in float32 either way)
-    truncate: bool = False  # cut a prompt too long for the model as `eval` does, instead of refusing it
+    model: str | Path = option(help="a parameter checkpoint (hf-to-jax output, a run's params/)")
+    prompt: tuple[str, ...] = option(help="repeatable: one batch of prompts", append=True)
+    tokenizer: str | Path | None = option(None, "tokenizer.model (default: found beside the checkpoint)")
+    max_new_tokens: int = option(64, type=POSITIVE)
+    temperature: float = option(0.0, "0: greedy", type=number(float, 0.0))
+    top_p: float = option(1.0, "in (0, 1]", type=number(float, 0.0, 1.0, low_open=True))
+    seed: int = option(0, type=int)
+    stop: tuple[str, ...] | None = option(None, "stop sequence (repeatable)", append=True)
+    mesh: str | None = option(None, 'decode sharded over the devices, e.g. "data=4,tensor=2"')
+    adapters: str | Path | None = option(None, "a LoRA run's adapters/ directory (--model is then the base)")
+    dtype: str = option("bfloat16", "parameters and computation (default bfloat16, as LLaMA2 ships; logits in "
+                                    "float32)", choices=DTYPES)
+    truncate: bool = option(False, "a prompt too long for the model keeps BOS and its last tokens (as `eval` "
+                                   "does) instead of being refused")
 
 
 def complete(r: GenerateRequest) -> list[str]:
@@ -160,30 +174,36 @@ def few_shot_prefix(task: str, data: str | Path | None, k: int, templates: dict,
 class EvalRequest:
     """One `eval` run: what `mellama-jax eval` parses, and what `evaluate` takes."""
 
-    task: str
-    data: str | Path  # the dataset's original file or folder
-    model: str | Path  # jax: a parameter folder; hf: a Hugging Face folder
-    out: str | Path
-    prompts: str | Path | None = None  # the authors' prompt_templates.json
-    backend: str = "jax"
-    split: str | Path | None = None  # PubMedQA's id -> label file
-    limit: int | None = None  # the first N examples
-    batch_size: int = 8
-    max_new_tokens: int | None = None  # default: the harness's 256
-    fewshot: int = 0
-    fewshot_data: str | Path | None = None
-    seed: int = 0  # which few-shot demonstrations are drawn
-    mesh: str | None = None  # jax: decode sharded over the devices
-    dtype: str = "bfloat16"  # both backends: parameters and computation
-    bertscore_model: str | None = None
-    hf_tokenizer: str = "sentencepiece"
-    adapters: str | Path | None = None  # jax: a LoRA run's adapters/ over `model`
-    tokenizer: str | Path | None = None  # jax: default, the one found with the parameters
-    # the authors' chat wrapper around each whole prompt: "none" (their default) or "mellama" (Human:/Assistant:,
-    # the format our chat-LoRA recipes tune in; docs/evaluation.md)
-    model_prompt: str = "none"
-    overwrite: bool = False  # replace an earlier eval output at `out`
-    overlap: str | Path | None = None  # `prepare overlap`'s overlap.json: metrics on the clean subset too
+    task: str = option(choices=sorted(TASKS))
+    data: str | Path = option(help="the dataset's original file or folder (docs/evaluation.md)")
+    model: str | Path = option(help="jax: a parameter checkpoint; hf: a Hugging Face directory")
+    out: str | Path = option()
+    prompts: str | Path | None = option(None, "the authors' prompt_templates.json (needed for all but i2b2 and "
+                                              "bionli)")
+    backend: str = option("jax", choices=["jax", "hf"])
+    split: str | Path | None = option(None, "PubMedQA: the split's id -> label file (test_ground_truth.json)")
+    limit: int | None = option(None, "the first N examples", type=POSITIVE)
+    batch_size: int = option(8, type=POSITIVE)
+    max_new_tokens: int | None = option(None, "default 256 for every task, as the authors' harness", type=POSITIVE)
+    fewshot: int = option(0, "k demonstrations from --fewshot-data (default 0)", type=NON_NEGATIVE)
+    fewshot_data: str | Path | None = option(None, "the training split's file, same format as --data")
+    seed: int = option(0, "which few-shot demonstrations are drawn", type=int)
+    mesh: str | None = option(None, 'jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
+    dtype: str = option("bfloat16", "both backends: parameters and computation (default bfloat16, as LLaMA2 "
+                                    "ships)", choices=DTYPES)
+    bertscore_model: str | None = option(None, BERTSCORE_HELP)
+    hf_tokenizer: str = option("sentencepiece", "hf backend: tokenise with tokenizer.model as training did "
+                                                "(default) or AutoTokenizer", choices=["sentencepiece", "transformers"])
+    adapters: str | Path | None = option(None, "jax: a LoRA run's adapters/ directory (--model is then the base)")
+    tokenizer: str | Path | None = option(None, "jax: tokenizer.model (default: found with the parameters)")
+    # the authors' chat wrapper around each whole prompt; "mellama" is the format our chat-LoRA recipes tune in
+    model_prompt: str = option("none", "wrap each whole prompt as the authors' eval.py --model_prompt: none (their "
+                                       "default) or mellama ('Human: \\n{prompt}\\n\\nAssistant: \\n', for chat "
+                                       "models tuned with `prepare instruct --template mellama`)",
+                               choices=["none", "mellama"])
+    overwrite: bool = option(False, "replace an earlier eval output at --out")
+    overlap: str | Path | None = option(None, "`prepare overlap`'s overlap.json: also score the examples it found "
+                                              "no training document overlapping (summary.json: clean)")
 
 
 def evaluate(r: EvalRequest) -> dict:

@@ -16,22 +16,41 @@ import math
 import time
 from pathlib import Path
 
+from mellama_jax.options import POSITIVE, POSITIVE_NUMBER, layout_list, name_list, number, option, overrides
+
 GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanRequest:
-    """One `plan` run: what `mellama-jax plan` parses, and what `plan` (simulated CPU devices) and `plan_tpu`
-    (--target tpu) take; each reads the fields marked for it and those unmarked."""
+    """One `plan` run: what `mellama-jax plan` parses, and what `plan` (simulated CPU devices), `plan_tpu` (--target
+    tpu) and `search.search` (--search) take; each reads the fields marked for it and those unmarked."""
 
-    config: str | Path | None = None  # a recipe YAML (default: the built-in defaults)
-    model: str | None = None  # a model preset over the config's
-    overrides: tuple[str, ...] = ()
-    layouts: tuple[str, ...] = ()  # ici layouts, one row each (default: the config's mesh; tpu: fsdp=-1)
-    devices: int | None = None  # cpu: simulated devices
-    memory_gib: float = 80.0  # cpu: each GPU's memory; XLA's plan must fit the launcher's share of it
-    topology: str | None = None  # tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4
-    slices: int = 1  # tpu: slices of `topology`, data parallel across them (dcn)
+    config: str | Path | None = option(None, "a recipe YAML")  # default: the built-in defaults
+    model: str | None = option(None, "model preset (overrides the config's)")
+    overrides: tuple[str, ...] = overrides()
+    # one row each
+    layouts: tuple[str, ...] = option((), '";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the '
+                                          "config's mesh; tpu: fsdp=-1, the whole slice)", type=layout_list)
+    # cpu: simulated devices; --search: all devices of the cluster
+    devices: int | None = option(None, "simulated devices, e.g. 160", type=POSITIVE)
+    # each GPU's memory; XLA's plan must fit the launcher's share of it
+    memory_gib: float = option(80.0, "device memory to fit, GiB (default 80)", type=POSITIVE_NUMBER)
+    topology: str | None = option(None, "tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
+    slices: int = option(1, "tpu: slices of --topology, data parallel across them (dcn)", type=POSITIVE)
+    # GPUs are compiled for as simulated CPU devices; "tpu": the chips of `topology`, TPU compiler
+    target: str = option("cpu", "tpu: compile for the chips of --topology with the TPU compiler (needs the tpu "
+                                "extra)", choices=("cpu", "tpu"))
+    search: bool = option(False, "rank the layouts, accumulations and remat policies that fit (--devices, --gpu)")
+    devices_per_host: int = option(8, "--search: devices per host (default 8)", type=POSITIVE)
+    gpu: str = option("a100", "--search: the figures ranked on", choices=("a100", "h100"))
+    tokens: float = option(129e9, "--search: the training budget in tokens, for days to the end (default 129e9)",
+                           type=POSITIVE_NUMBER)
+    max_compiles: int = option(8, "--search: survivors compiled and ranked", type=POSITIVE)  # in candidate order
+    remats: tuple[str, ...] = option(("full",), "--search: comma-separated remat policies", type=name_list)
+    calibrate: int = option(0, "--search: run the best N that fit on this host's devices and compare (ranked on "
+                               "this host's measured figures)", type=number(int, 0))
+    json: bool = option(False, "--search: the result as JSON")
 
 
 # The share of each GPU's memory that launch/slurm_gpu.sbatch lets XLA take (XLA_PYTHON_CLIENT_MEM_FRACTION; a test

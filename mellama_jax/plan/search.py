@@ -15,6 +15,7 @@ import re
 import time
 
 from mellama_jax.config import REMAT_POLICIES, Config, ConfigError
+from mellama_jax.plan.layouts import PlanRequest
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -287,27 +288,7 @@ def rank(configs, target: Target, memory_bytes: float, devices=None, native: boo
     return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchRequest:
-    """One `plan --search` run: what `mellama-jax plan --search` parses, and what `search` takes."""
-
-    config: str | None = None  # a recipe YAML
-    model: str | None = None  # a model preset over the config's
-    overrides: tuple[str, ...] = ()
-    devices: int | None = None  # all devices of the cluster (simulated here)
-    devices_per_host: int = 8
-    memory_gib: float = 80.0
-    gpu: str = "a100"  # the Target the ranking uses (target gpu)
-    target: str = "cpu"  # GPUs compiled for as simulated CPU devices; "tpu": the chips of `topology`, TPU compiler
-    topology: str | None = None  # tpu: CHIP:SHAPE, e.g. v5p:4x4x8 (128 chips, a v5p-256)
-    slices: int = 1  # tpu: slices of `topology`; ici inside a slice, dcn across them
-    tokens: float = 129e9  # the training budget, for days to the end
-    max_compiles: int = 8  # survivors compiled and ranked, in candidate order
-    remats: tuple[str, ...] = ("full",)
-    calibrate: int = 0  # run the best this many that fit on this host's devices, ranked on this host's figures
-
-
-def request_overrides(r: SearchRequest) -> list[str]:
+def request_overrides(r: PlanRequest) -> list[str]:
     """The config overrides a search (and its calibration runs) applies: the user's, then the model preset."""
     return list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
 
@@ -316,7 +297,7 @@ CALIBRATE_ON_CPU = ("plan --search --calibrate compares with this host's simulat
                     "whose figures it measures; not with --target tpu or on an accelerator")
 
 
-def search(r: SearchRequest, progress: bool = True) -> dict:
+def search(r: PlanRequest, progress: bool = True) -> dict:
     """Candidates -> pruned on the train state -> `max_compiles` of the survivors compiled and ranked, those the
     analytical estimate expects to fit first (see the module)."""
     from tqdm import tqdm
@@ -374,7 +355,7 @@ class Cluster:
         return self.per_group * self.groups
 
 
-def _gpu_cluster(r: SearchRequest) -> Cluster:
+def _gpu_cluster(r: PlanRequest) -> Cluster:
     if not r.devices or r.devices % r.devices_per_host:
         raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
                           f"{r.devices_per_host} (--devices-per-host)")
@@ -388,7 +369,7 @@ def _gpu_cluster(r: SearchRequest) -> Cluster:
                    f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch")
 
 
-def _tpu_cluster(r: SearchRequest) -> Cluster:
+def _tpu_cluster(r: PlanRequest) -> Cluster:
     """The chips of `r.slices` slices of `r.topology`; ICI spans a slice, so the whole slice is one group."""
     from mellama_jax.plan.tpu import chip_of, topology_devices
 

@@ -20,7 +20,7 @@ import jax
 
 from mellama_jax import distributed, saved_params, sharding, storage
 from mellama_jax.config import Config, ConfigError, to_dict
-from mellama_jax.data.instruct import InstructSource, instruct_batches
+from mellama_jax.data.instruct_batches import InstructSource, instruct_batches
 from mellama_jax.data.pretrain import (
     iterate,
     pretrain_batches,
