@@ -5,11 +5,27 @@ LoRA instruction tuning -> merged Hugging Face export -> transformers loads it a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
 from importlib import resources
 from pathlib import Path
+
+import jax
+from flax import nnx
+
+from mellama_jax.artifacts import load_model
+from mellama_jax.config import CONFIG_ROOT, load_config
+from mellama_jax.convert.export import export_hf, memory_fetch, merged_fetch
+from mellama_jax.data.corpus import Report
+from mellama_jax.data.instruct import TEMPLATES, InstructDataRequest, prepare_instruct, read_conversations
+from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.eval.run import GenerateRequest, complete
+from mellama_jax.outputs import MARKER, check_destination
+from mellama_jax.plot import read_metrics
+from mellama_jax.train.loop import train
 
 SOURCES = ("biomedical", "clinical", "general")
 QUESTIONS = ("Name the enzyme that statins inhibit.", "What does metformin do in type 2 diabetes?")
@@ -25,10 +41,7 @@ def sample_texts() -> dict[str, list[str]]:
 
 
 def run_demo(out: str | Path, devices: int = 8) -> dict:
-    import jax
-
     jax.config.update("jax_num_cpu_devices", devices)  # before anything touches the backend
-    from mellama_jax.outputs import MARKER, check_destination
 
     started = time.perf_counter()
     out = check_destination(out, "demo", overwrite=True)  # a previous demo's output is replaced, nothing else
@@ -43,30 +56,39 @@ def run_demo(out: str | Path, devices: int = 8) -> dict:
 
 
 def _run(out: Path, started: float) -> dict:
-    import jax
-
-    from mellama_jax.config import CONFIG_ROOT, load_config
-    from mellama_jax.data.corpus import Report
-    from mellama_jax.data.instruct import InstructDataRequest, prepare_instruct, read_conversations
-    from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
-    from mellama_jax.data.tokenizer import Tokenizer
-    from mellama_jax.train.loop import train
-
     print(f"== mellama-jax demo: {jax.device_count()} simulated {jax.devices()[0].platform} devices; output in {out}")
     instructions = [c for _, c in read_conversations(_demo_file("instructions.jsonl"), Report())]
+    tokenizer_dir = _tokenizer_and_data(out, instructions)
+    result = _pretrain(out)
+    lora, lresult = _instruction_tune(out, result["export"])
+    hf_dir = _export_merged(lora, result["export"], lresult["export"], tokenizer_dir, out / "hf")
+    print(f"5. export: merged model in Hugging Face format -> {hf_dir}")
+    answers = _answers(hf_dir, result["export"], lresult["export"])
+    reference = {c.turns[0][0]: c.turns[0][1] for c in instructions}
+    for question, answer in zip(QUESTIONS, answers):
+        print(f"   Q: {question}\n   A: {answer}\n   (training answer: {reference[question]})")
+    print(f"== done in {time.perf_counter() - started:.0f}s. Curves: {out}/pretrain/loss.png, {out}/lora/loss.png")
+    return {"pretrain": result, "lora": lresult, "hf": str(hf_dir), "answers": answers}
+
+
+def _tokenizer_and_data(out: Path, instructions: list) -> Path:
+    """Steps 1 and 2: a tokenizer trained on the sample, the pretraining mixture and the instructions prepared."""
     texts = [t for lines in sample_texts().values() for t in lines]
     texts += [part for c in instructions for turn in c.turns for part in turn]
     tokenizer_dir = out / "tokenizer"
     Tokenizer.train(texts, vocab_size=512).save(tokenizer_dir)
     print(f"1. tokenizer: SentencePiece BPE, 512 pieces -> {tokenizer_dir}/tokenizer.model")
-
     manifest = prepare_pretrain(PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir,
                                                     out / "data" / "pretrain"), progress=False)
     inst = prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], tokenizer_dir,
                                                 out / "data" / "instruct", 96))
     print("2. data: " + summarize(manifest).replace("\n", "; ")
           + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens")
+    return tokenizer_dir
 
+
+def _pretrain(out: Path) -> dict:
+    """Step 3: continual pretraining on the mixture; the result names the exported parameters."""
     pre = load_config(CONFIG_ROOT / "tiny-pretrain.yaml", [
         f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=50", "run.progress=false"])
     result = train(pre)
@@ -75,45 +97,39 @@ def _run(out: Path, started: float) -> dict:
     by_source = ", ".join(f"{k[5:]} {start[k]:.2f} -> {end[k]:.2f}" for k in end if k.startswith("loss/"))
     print(f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
           f"{start['loss']:.2f} -> {result['eval_loss']:.2f} ({by_source}); parameters -> {result['export']}")
+    return result
 
+
+def _instruction_tune(out: Path, base: str) -> tuple:
+    """Step 4: LoRA on the instructions over the pretrained parameters: (its config, its result)."""
     lora = load_config(CONFIG_ROOT / "tiny-lora.yaml", [
-        f"data.path={out}/data/instruct", f"run.dir={out}/lora", f"train.init_from={result['export']}",
+        f"data.path={out}/data/instruct", f"run.dir={out}/lora", f"train.init_from={base}",
         "train.seq_len=96", "train.epochs=100", "optimizer.learning_rate=1e-2", "run.progress=false"])
     lresult = train(lora)
     first, last = _first_last_loss(out / "lora")
     print(f"4. LoRA instruction tuning: {lresult['steps']} steps, response loss {first:.2f} -> {last:.2f}; "
           f"adapters -> {lresult['export']}")
+    return lora, lresult
 
-    hf_dir = _export_merged(lora, result["export"], lresult["export"], tokenizer_dir, out / "hf")
-    print(f"5. export: merged model in Hugging Face format -> {hf_dir}")
 
-    reference = {c.turns[0][0]: c.turns[0][1] for c in instructions}
+def _answers(hf_dir: Path, base: str, adapters: str) -> list[str]:
+    """Step 6: the questions answered greedily by transformers on the export (or by us, without transformers)."""
     if _has_transformers():
         answers = _answer_with_transformers(hf_dir, QUESTIONS)
         print(f"6. transformers: AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}), greedy:")
     else:  # a plain `pip install mellama-jax`: the PyTorch tools come with the interop extra
-        answers = _answer_with_mellama(result["export"], lresult["export"], QUESTIONS)
+        answers = _answer_with_mellama(base, adapters, QUESTIONS)
         print("6. mellama-jax generate on the base + adapters, greedy (transformers is not installed: "
               "`pip install 'mellama-jax[interop]'` has it load the export instead):")
-    for question, answer in zip(QUESTIONS, answers):
-        print(f"   Q: {question}\n   A: {answer}\n   (training answer: {reference[question]})")
-    print(f"== done in {time.perf_counter() - started:.0f}s. Curves: {out}/pretrain/loss.png, {out}/lora/loss.png")
-    return {"pretrain": result, "lora": lresult, "hf": str(hf_dir), "answers": answers}
+    return answers
 
 
 def _first_last_loss(run_dir: Path) -> tuple[float, float]:
-    from mellama_jax.plot import read_metrics
-
     losses = [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
     return losses[0], losses[-1]
 
 
 def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, out: Path) -> Path:
-    from flax import nnx
-
-    from mellama_jax.artifacts import load_model
-    from mellama_jax.convert.export import export_hf, memory_fetch, merged_fetch
-
     model = load_model(base_params, adapters, dtype=cfg.model.param_dtype)
     _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)
     fetch = merged_fetch(memory_fetch(nnx.to_pure_dict(base_state)), memory_fetch(nnx.to_pure_dict(lora_state)),
@@ -122,26 +138,21 @@ def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, ou
 
 
 def _has_transformers() -> bool:
-    import importlib.util
-
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
 def _prompt(question: str) -> str:
     """The question as the demo's instruction data was rendered for training (InstructDataRequest's template)."""
-    from mellama_jax.data.instruct import TEMPLATES, InstructDataRequest
-
     return TEMPLATES[InstructDataRequest.template].user_format.format(user=question)
 
 
 def _answer_with_mellama(base_params: str, adapters: str, questions) -> list[str]:
-    from mellama_jax.eval.run import GenerateRequest, complete
-
     request = GenerateRequest(base_params, [_prompt(q) for q in questions], max_new_tokens=32, adapters=adapters)
     return [answer.strip() for answer in complete(request)]
 
 
 def _answer_with_transformers(hf_dir: Path, questions) -> list[str]:
+    # only when installed (the interop extra), as _has_transformers checked
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging

@@ -77,7 +77,7 @@ def test_presets_are_data():
 #   biomedical : clinical : general data mixed 15 : 1 : 4.
 #   instruction tuning (LoRA): 3 epochs, learning rate 1e-5, weight decay 1e-5, warmup ratio 0.01.
 #   task-specific fine-tuning: learning rate 1e-5; 5 epochs for data sets under 10k examples, else 3.
-# The dataclass defaults are the continual-pretraining recipe (config.py says so), so a config that does not
+# The dataclass defaults are the continual-pretraining recipe (config/schema.py says so), so a config that does not
 # spell a value out (sft.yaml, the tiny configs, `load_config()`) gets the paper's value; the recipes spell out
 # the rest. Both places are pinned: a changed default would otherwise pass every recipe that repeats it.
 PAPER_OPTIMIZER = dict(learning_rate=8e-6, b1=0.9, b2=0.95, weight_decay=1e-5, schedule="cosine", warmup_ratio=0.05)

@@ -74,3 +74,15 @@ def test_no_room_imports_a_room_that_imports_it():
     loop = find_loop(graph)
     where = [graph[a][b] for a, b in zip(loop, loop[1:])] if loop else []
     assert loop is None, f"import loop {' -> '.join(loop)} (at {', '.join(where)})"
+
+
+def test_functions_fit_on_a_screen_and_cli_is_a_registry():
+    """No function of the package runs over 50 lines (docstring included), and cli.py stays the registry of
+    commands and `main` (under 200 lines): what a command does lives in commands/ and the rooms."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert not long, long
+    assert len((PACKAGE / "cli.py").read_text().splitlines()) < 200

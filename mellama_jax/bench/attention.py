@@ -7,8 +7,11 @@ import dataclasses
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from mellama_jax.model import attention
 from mellama_jax.options import POSITIVE, name_list, option
 
 
@@ -32,11 +35,6 @@ def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: in
     """docs > 1 packs that many equal documents per row (segment ids 1..docs), which cudnn_causal ignores by
     design: its error is then reported, not hidden. cudnn takes them in its packed layout while docs <=
     max_segments, else as a bias."""
-    import jax
-    import jax.numpy as jnp
-
-    from mellama_jax.model import attention
-
     rng = np.random.default_rng(seed)
     batch, seq = r.batch, r.seq
     shapes = {"q": (batch, seq, r.heads, r.head_dim), "k": (batch, seq, r.kv_heads, r.head_dim),
@@ -61,22 +59,26 @@ def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: in
     rows = []
     for name in r.impls:
         try:
-            f, args = fwd_bwd(name, jnp.dtype(r.dtype))
-            start = time.perf_counter()
-            out = jax.block_until_ready(f(*args))
-            compile_s = time.perf_counter() - start
-            times = []
-            for _ in range(r.steps):
-                start = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                times.append(time.perf_counter() - start)
-            errors = {f"rel_err_d{n}": float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-                      for n, g, r in zip("qkv", out[1], ref_grads)}
-            median = statistics.median(times)
-            rows.append({"impl": name, "compile_s": compile_s, "fwd_bwd_ms": median * 1e3,
-                         "tflops": flops / median / 1e12, **errors})
+            rows.append({"impl": name, **_timed(*fwd_bwd(name, jnp.dtype(r.dtype)), r.steps, ref_grads, flops)})
         except Exception as e:  # an implementation the backend lacks (cuDNN on CPU) is reported, not fatal
             rows.append({"impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return {"benchmark": "attention", "device": jax.devices()[0].device_kind, "batch": batch, "seq": seq,
             "heads": r.heads, "kv_heads": r.kv_heads, "head_dim": r.head_dim, "dtype": r.dtype, "docs": r.docs,
             "rows": rows}
+
+
+def _timed(f, args, steps: int, ref_grads, flops: float) -> dict:
+    """One implementation's compile time, median forward + backward over `steps`, TFLOP/s, and its gradients'
+    relative error against the reference's."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(f(*args))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    errors = {f"rel_err_d{n}": float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+              for n, g, r in zip("qkv", out[1], ref_grads)}
+    median = statistics.median(times)
+    return {"compile_s": compile_s, "fwd_bwd_ms": median * 1e3, "tflops": flops / median / 1e12, **errors}

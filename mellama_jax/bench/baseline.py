@@ -10,7 +10,7 @@ import statistics
 import jax
 
 from mellama_jax.bench.timing import jax_step_timing, one_device, time_steps
-from mellama_jax.config import load_config
+from mellama_jax.config import Mode, Remat, load_config
 from mellama_jax.convert.export import hf_config
 from mellama_jax.convert.peft import HF_TO_OURS
 from mellama_jax.options import NON_NEGATIVE, POSITIVE, name_list, option, overrides
@@ -21,18 +21,19 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
     weights; train.mode=lora puts PEFT adapters with cfg.lora's rank, alpha and targets on a base stored in
     lora.base_dtype. dtype bfloat16 runs under autocast (bf16 compute over fp32 weights, as our recipes do);
     model.remat other than none turns on gradient checkpointing."""
-    # here, not at the top: torch and transformers take seconds to import, and `--sides ours` needs neither
+    # here, not at the top: torch, transformers and peft come with the optional interop extra, which `--sides
+    # ours` does not need
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    batch, seq, lora = cfg.train.batch_size, cfg.train.seq_len, cfg.train.mode == "lora"
+    batch, seq, lora = cfg.train.batch_size, cfg.train.seq_len, cfg.train.mode == Mode.LORA
     hf_cfg = LlamaConfig(**hf_config(cfg.model, "float32"))
     base_dtype = getattr(torch, cfg.lora.base_dtype) if lora else torch.float32
     with torch.device(device):  # initialised where it runs: a 7B-width CPU init would take longer than the steps
         model = LlamaForCausalLM(hf_cfg).to(base_dtype)
-    if cfg.model.remat != "none":
+    if cfg.model.remat != Remat.NONE:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -64,7 +65,7 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"device": device, "threads": torch.get_num_threads(), "dtype": dtype, "step_s_median": median,
             "step_s_all": times, "tokens_per_s": batch * seq / median, "device_peak_bytes": peak,
-            "gradient_checkpointing": cfg.model.remat != "none"}
+            "gradient_checkpointing": cfg.model.remat != Remat.NONE}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,10 @@ import time
 
 import numpy as np
 
+from mellama_jax.config import load_model_preset
+from mellama_jax.convert.export import hf_config
+from mellama_jax.convert.hf import load_hf_state_dict
+from mellama_jax.generate import decoder, generate
 from mellama_jax.options import POSITIVE, option, positive_list
 
 
@@ -25,58 +29,55 @@ class DecodeBenchRequest:
 
 
 def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
-    import dataclasses as dc
-
+    # here, not at the top: torch and transformers come with the optional interop extra
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mellama_jax.config import load_model_preset
-    from mellama_jax.convert.export import hf_config
-    from mellama_jax.convert.hf import load_hf_state_dict
-    from mellama_jax.generate import decoder, generate
-
-    cfg = dc.replace(load_model_preset(r.model), param_dtype=r.dtype, dtype=r.dtype)
+    cfg = dataclasses.replace(load_model_preset(r.model), param_dtype=r.dtype, dtype=r.dtype)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()  # initialised in float32, then cast
     ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}), consume=True)
     hf = hf.to(getattr(torch, r.dtype))
     rng = np.random.default_rng(seed)
-    rows = []
-    new_tokens = r.new_tokens
-    for batch in r.batches:
-        prompts = rng.integers(3, cfg.vocab_size, (batch, r.prompt_len))
-        ids = torch.tensor(prompts)
-
-        def ours_run():  # called within this iteration only
-            return generate(ours, prompts.tolist(), new_tokens)  # noqa: B023
-
-        def hf_run():
-            with torch.no_grad():
-                out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),  # noqa: B023 (this iteration's)
-                                  max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-            return out[:, r.prompt_len:].numpy()
-
-        row = {"batch": batch}
-        start = time.perf_counter()
-        first = ours_run()  # compiles
-        row["jax_compile_s"] = time.perf_counter() - start
-        hf_tokens = hf_run()
-        times = {"jax": [], "hf": []}
-        for _ in range(r.repeats):  # interleaved, so that both see the same machine as its load comes and goes
-            for name, run in (("jax", ours_run), ("hf", hf_run)):
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-        for name, seconds in times.items():
-            row[f"{name}_tokens_per_s"] = batch * new_tokens / min(seconds)
-            row[f"{name}_tokens_per_s_median"] = batch * new_tokens / float(np.median(seconds))
-        row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
-        row["same_tokens"] = bool((first == hf_tokens).all())
-        # bf16: the two round differently and part ways at a near-tie; the share of each row before that point
-        differs = first != hf_tokens
-        row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens))
-                                              / new_tokens)
-        rows.append(row)
-    return {"model": r.model, "dtype": r.dtype, "prompt_len": r.prompt_len, "new_tokens": new_tokens,
+    rows = [_row(r, ours, hf, rng.integers(3, cfg.vocab_size, (batch, r.prompt_len))) for batch in r.batches]
+    return {"model": r.model, "dtype": r.dtype, "prompt_len": r.prompt_len, "new_tokens": r.new_tokens,
             "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
+    """One batch of prompts decoded by both sides: tokens/s (best and median of interleaved runs) and agreement."""
+    import torch  # the interop extra, as in bench_decode
+
+    batch, new_tokens = len(prompts), r.new_tokens
+    ids = torch.tensor(prompts)
+
+    def ours_run():
+        return generate(ours, prompts.tolist(), new_tokens)
+
+    def hf_run():
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, r.prompt_len:].numpy()
+
+    row = {"batch": batch}
+    start = time.perf_counter()
+    first = ours_run()  # compiles
+    row["jax_compile_s"] = time.perf_counter() - start
+    hf_tokens = hf_run()
+    times = {"jax": [], "hf": []}
+    for _ in range(r.repeats):  # interleaved, so that both see the same machine as its load comes and goes
+        for name, run in (("jax", ours_run), ("hf", hf_run)):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    for name, seconds in times.items():
+        row[f"{name}_tokens_per_s"] = batch * new_tokens / min(seconds)
+        row[f"{name}_tokens_per_s_median"] = batch * new_tokens / float(np.median(seconds))
+    row["ratio"] = row["jax_tokens_per_s"] / row["hf_tokens_per_s"]
+    row["same_tokens"] = bool((first == hf_tokens).all())
+    # bf16: the two round differently and part ways at a near-tie; the share of each row before that point
+    differs = first != hf_tokens
+    row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens))
+                                          / new_tokens)
+    return row

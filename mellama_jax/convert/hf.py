@@ -179,21 +179,7 @@ class HFCheckpoint:
         except KeyError as e:
             raise ConversionError(f"{config_path}: missing key {e}") from None
         index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConversionError(f"{index}: not a safetensors index ({e})") from None
-        elif (self.directory / "model.safetensors").exists():
-            weight_map = None
-        else:
-            pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if pickles:
-                raise ConversionError(f"{self.directory}: only pickled weights ({', '.join(pickles)}); they are "
-                                      "refused because unpickling can run arbitrary code. Convert them to "
-                                      "safetensors first on a trusted machine (save_pretrained(..., "
-                                      "safe_serialization=True)).")
-            raise ConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
+        weight_map = self._weight_map(index)
         self._files: dict[str, object] = {}
         self._layout: dict[str, dict] = {}
         names: dict[str, str] = {}
@@ -216,6 +202,24 @@ class HFCheckpoint:
                 raise ConversionError(f"{index}: tensor {wrong[0]} is not in the file the index names")
         self.names = names
         self._validate()
+
+    def _weight_map(self, index: Path) -> dict[str, str] | None:
+        """The index's tensor -> file map; None for a single model.safetensors; else why neither is usable."""
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: not a safetensors index ({e})") from None
+            return weight_map
+        if (self.directory / "model.safetensors").exists():
+            return None
+        pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ConversionError(f"{self.directory}: only pickled weights ({', '.join(pickles)}); they are "
+                                  "refused because unpickling can run arbitrary code. Convert them to "
+                                  "safetensors first on a trusted machine (save_pretrained(..., "
+                                  "safe_serialization=True)).")
+        raise ConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
 
     def _read_layout(self, path: Path) -> dict:
         """name -> (start, end, dtype, shape) from the header; a truncated file is an error."""

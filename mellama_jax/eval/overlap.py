@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mellama_jax.data.corpus import BadRecord
+from mellama_jax.data.pretrain import read_manifest
 from mellama_jax.options import NON_NEGATIVE, POSITIVE, option
 from mellama_jax.outputs import atomic_output, check_destination
 
@@ -172,23 +173,9 @@ def task_texts(r: OverlapRequest) -> tuple[dict[str, list[str]], dict[str, list[
     return texts, ids
 
 
-def find_overlap(r: OverlapRequest) -> dict:
-    from mellama_jax.data.pretrain import read_manifest
-
-    if r.n < 1:
-        raise BadRecord(f"--n {r.n}: a window needs at least one word")
-    data = Path(r.data)
-    manifest = read_manifest(data)
-    if manifest.get("format") not in ("mellama-pretrain-v1", "mellama-instruct-v1"):
-        raise BadRecord(f"{data}/manifest.json: not a `prepare pretrain` or `prepare instruct` output")
-    check_destination(r.out, "overlap", r.overwrite, [data])
-    if r.filtered_out and manifest["format"] != "mellama-pretrain-v1":
-        raise BadRecord(f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
-                        "overlap.json names from the inputs and prepare them again")
-    if r.filtered_out:
-        check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data, r.out])
-    texts, ids = task_texts(r)
-    side = test_side(texts, r.n)
+def _scan(r: OverlapRequest, data: Path, manifest: dict, side: TestSide) -> tuple[dict, list]:
+    """Every prepared document scanned against the test side in worker processes: (the report so far, the hits as
+    (task, example, source, shard, record))."""
     units = [(path, source, shard, kind, start, start + CHUNK)
              for path, source, shard, kind, count in _files(data, manifest) for start in range(0, count, CHUNK)]
     workers = r.workers or os.cpu_count() or 1
@@ -211,6 +198,24 @@ def find_overlap(r: OverlapRequest) -> dict:
               "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
               "tasks": {}}
+    return report, hits
+
+
+def find_overlap(r: OverlapRequest) -> dict:
+    if r.n < 1:
+        raise BadRecord(f"--n {r.n}: a window needs at least one word")
+    data = Path(r.data)
+    manifest = read_manifest(data)
+    if manifest.get("format") not in ("mellama-pretrain-v1", "mellama-instruct-v1"):
+        raise BadRecord(f"{data}/manifest.json: not a `prepare pretrain` or `prepare instruct` output")
+    check_destination(r.out, "overlap", r.overwrite, [data])
+    if r.filtered_out and manifest["format"] != "mellama-pretrain-v1":
+        raise BadRecord(f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
+                        "overlap.json names from the inputs and prepare them again")
+    if r.filtered_out:
+        check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data, r.out])
+    texts, ids = task_texts(r)
+    report, hits = _scan(r, data, manifest, test_side(texts, r.n))
     files = _pairs(r.tasks, "--task")
     for task, task_ids in ids.items():
         mine = sorted({(i, s, sh, rec) for t, i, s, sh, rec in hits if t == task})

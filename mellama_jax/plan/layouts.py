@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+from mellama_jax.config import Mode
 from mellama_jax.options import POSITIVE, POSITIVE_NUMBER, layout_list, name_list, number, option, overrides
 
 GiB = 2**30
@@ -107,7 +108,7 @@ def analytical(cfg) -> dict:
     # count two layers in flight (compute + prefetch) and one layer gradient.
     per_layer = (sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) - 2 * m.vocab_size * m.hidden_size
                  ) / m.num_layers / tensor * 4
-    return {"params": params, "optimizer": 2 * fp32 if cfg.train.mode != "lora" else 0, "gradients": fp32,
+    return {"params": params, "optimizer": 2 * fp32 if cfg.train.mode != Mode.LORA else 0, "gradients": fp32,
             "activations": residuals + layer + logits, "gathered_layers": int(3 * per_layer)}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from mellama_jax import distributed, saved_params, sharding, storage
-from mellama_jax.config import Config, ConfigError, to_dict
+from mellama_jax.config import Config, ConfigError, Mode, to_dict
 from mellama_jax.data.instruct_batches import InstructSource, instruct_batches
 from mellama_jax.data.pretrain import (
     iterate,
@@ -57,9 +57,9 @@ def epochs_for(cfg: Config, examples: int) -> int:
     """The paper's epochs for `examples` instruction examples (not packed rows: the 10k rule counts examples)."""
     if cfg.train.epochs:
         return cfg.train.epochs
-    if cfg.train.mode == "pretrain":
+    if cfg.train.mode == Mode.PRETRAIN:
         return 1
-    if cfg.train.mode == "lora":
+    if cfg.train.mode == Mode.LORA:
         return 3
     return 5 if examples < 10_000 else 3  # sft, as in the paper
 
@@ -69,7 +69,7 @@ def build_data(cfg: Config, process_index: int, process_count: int):
     d, t = cfg.data, cfg.train
     if not d.path:
         raise FileNotFoundError("data.path is empty: point it at a directory written by `mellama-jax prepare`")
-    if t.mode == "pretrain":
+    if t.mode == Mode.PRETRAIN:
         rows = pretrain_epoch_rows(d.path, d.mixture, t.seq_len, cfg.seed, d.holdout_documents)
         epochs = epochs_for(cfg, rows)
         train = pretrain_batches(d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed, process_index,
@@ -133,12 +133,10 @@ def local_data(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=fetched)
 
 
-def train(cfg: Config) -> dict:
-    goodput = Goodput()
-    run_dir, mirror = storage.path(cfg.run.dir), storage.RunMirror(cfg.run.dir)
-    pi, pc = jax.process_index(), jax.process_count()
-    # Everything that can be checked is checked before the first file is written: run directory (before data in a
-    # bucket is fetched), data, mesh against the devices, the batch against the mesh, and the shapes in init_from.
+def _checked_setup(cfg: Config, pi: int, pc: int) -> tuple:
+    """Everything that can be checked, checked before the first file is written: the run directory (before data in
+    a bucket is fetched), the data, the mesh against the devices, the batch against the mesh, the shapes in
+    init_from. (cfg with the run's steps, the data fetched, train and eval datasets, trainer, init)."""
     check_run_dir(cfg)
     fetched = local_data(cfg)
     train_ds, eval_ds, steps = build_data(fetched, pi, pc)
@@ -148,22 +146,52 @@ def train(cfg: Config) -> dict:
         saved_params.check_params(cfg.train.init_from, _init_shapes(init, cfg))
     if pi == 0:
         write_run_files(cfg)
-    state, frozen = _initial_state(cfg, trainer, init)
-    iterator = iterate(train_ds, cfg.data.read_threads)
-    mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)
-    distributed.resume_point = lambda: _resume_point(mngr.latest_step())  # what a dead peer's message names
+    return cfg, fetched, train_ds, eval_ds, trainer, init
+
+
+def _resumed(mngr, state, trainer, iterator) -> tuple:
+    """(the state, the step it was saved at) from the newest checkpoint, with the data iterator's position; or the
+    fresh state and None."""
     saved = mngr.latest_step()
     if saved is not None:
         state, _ = checkpoint.restore(mngr, saved, saved_params.abstract_like(state, trainer.state_shardings),
                                       iterator)
+    return state, saved
+
+
+def _opening_line(cfg: Config, trainer, start: int, run_dir) -> str:
+    return (f"{cfg.train.mode}: {cfg.model.name}, {cfg.train.steps} steps of {cfg.train.batch_size} x "
+            f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
+            + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
+
+
+def _finished(evaluation, export: Path) -> dict:
+    """What a run that reached its last step adds to its result: the final evaluation and where the export is."""
+    out = {}
+    if evaluation is not None:
+        out["eval_loss"] = evaluation.last["loss"]
+        out.update(evaluation.summary())
+    out["export"] = str(export)
+    return out
+
+
+def train(cfg: Config) -> dict:
+    goodput = Goodput()
+    run_dir, mirror = storage.path(cfg.run.dir), storage.RunMirror(cfg.run.dir)
+    pi, pc = jax.process_index(), jax.process_count()
+    cfg, fetched, train_ds, eval_ds, trainer, init = _checked_setup(cfg, pi, pc)
+    steps = cfg.train.steps
+    state, frozen = _initial_state(cfg, trainer, init)
+    iterator = iterate(train_ds, cfg.data.read_threads)
+    mngr = checkpoint.manager(run_dir / "checkpoints", cfg.checkpoint)
+    distributed.resume_point = lambda: _resume_point(mngr.latest_step())  # what a dead peer's message names
+    state, saved = _resumed(mngr, state, trainer, iterator)
     start = int(saved or 0)
     if pi == 0:
         mirror.pull()
     redone = max(0, steps_logged_before(mirror.local / "metrics.jsonl") - start) if start else 0
     log = MetricsLogger(mirror.local, steps, start, pi == 0, cfg.run.progress)
-    log.message(f"{cfg.train.mode}: {cfg.model.name}, {steps} steps of {cfg.train.batch_size} x "
-                f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
-                + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
+    log.message(_opening_line(cfg, trainer, start, run_dir))
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
     saving = goodput.timed("checkpoint", Checkpointing(
         mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
@@ -171,7 +199,7 @@ def train(cfg: Config) -> dict:
                   if eval_ds is not None else None)
     if evaluation is not None and start == 0:
         evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
-    export = run_dir / ("adapters" if cfg.train.mode == "lora" else "params")
+    export = run_dir / ("adapters" if cfg.train.mode == Mode.LORA else "params")
     timed_eval = goodput.timed("evaluation", evaluation) if evaluation is not None else None
     hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, mirror if pi == 0 else None)
     # the mirror's last upload comes after the log and the checkpoints are closed, and after a failure too
@@ -187,13 +215,9 @@ def train(cfg: Config) -> dict:
             raise
         goodput.timed("checkpoint", mngr.wait_until_finished)()
         result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
-                  "skipped_steps": guard.skipped_total, "run_dir": str(run_dir)}
-        if step == steps:
-            if evaluation is not None:
-                result["eval_loss"] = evaluation.last["loss"]
-                result.update(evaluation.summary())
-            result["export"] = str(export)
-        result["goodput"] = goodput.report(step - start, min(redone, step - start), guard.skipped_total)
+                  "skipped_steps": guard.skipped_total, "run_dir": str(run_dir),
+                  **(_finished(evaluation, export) if step == steps else {}),
+                  "goodput": goodput.report(step - start, min(redone, step - start), guard.skipped_total)}
         log.message(f"{result['status']} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
                     + (f"; parameters {export}" if "export" in result else "") + "; "
                     + summary_line(result["goodput"]))
@@ -213,7 +237,7 @@ def _resume_point(step: int | None) -> str:
 
 def _evaluation(cfg: Config, trainer, frozen, batches, log) -> Evaluation:
     """Held-out loss, per source of the mixture (pretraining), with bits per byte from the data's tokenizer."""
-    sources = tuple(n for n, w in cfg.data.mixture.items() if w > 0) if cfg.train.mode == "pretrain" else ()
+    sources = tuple(n for n, w in cfg.data.mixture.items() if w > 0) if cfg.train.mode == Mode.PRETRAIN else ()
     tokenizer = Path(cfg.data.path) / "tokenizer.model"
     token_bytes = Tokenizer.load(tokenizer).token_bytes() if tokenizer.exists() else None
     extra = ("source_ids",) if len(sources) > 1 else ()
@@ -246,7 +270,7 @@ def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export, start: 
 def _init_shapes(init, cfg: Config):
     """The parameters `init_from` must hold, as shapes: the frozen base (lora) or the trained parameters."""
     state, frozen = jax.eval_shape(init)
-    return frozen if cfg.train.mode == "lora" else state.params
+    return frozen if cfg.train.mode == Mode.LORA else state.params
 
 
 def _initial_state(cfg: Config, trainer, init):
@@ -261,7 +285,7 @@ def _initial_state(cfg: Config, trainer, init):
 def _load_initial_params(cfg: Config, trainer, state, frozen):
     """Base weights from `init_from`: into the trained parameters (pretrain/sft) or the frozen base (lora)."""
     path = cfg.train.init_from
-    if cfg.train.mode == "lora":
+    if cfg.train.mode == Mode.LORA:
         base = saved_params.load_params(path, frozen, trainer.frozen_shardings)
         return state, base
     params = saved_params.load_params(path, state.params, trainer.state_shardings.params)

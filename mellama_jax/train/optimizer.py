@@ -6,16 +6,16 @@ import jax
 import optax
 from flax import nnx
 
-from mellama_jax.config import OptimizerConfig
+from mellama_jax.config import OptimizerConfig, Schedule
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     warmup = int(round(cfg.warmup_ratio * total_steps))
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
-    if cfg.schedule == "cosine":
+    if cfg.schedule == Schedule.COSINE:
         decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "linear":
+    elif cfg.schedule == Schedule.LINEAR:
         decay = optax.linear_schedule(peak, end, decay_steps)
     else:
         decay = optax.constant_schedule(peak)

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mellama_jax import sharding
-from mellama_jax.config import Config, ConfigError
+from mellama_jax.config import Config, ConfigError, Mode
 from mellama_jax.model import Llama, attention
 from mellama_jax.saved_params import abstract_like
 from mellama_jax.train.optimizer import make_optimizer
@@ -104,7 +104,7 @@ class Trainer:
 
 def trainable_filter(cfg: Config):
     """What the optimizer updates: every parameter, or (lora) only the adapters."""
-    return nnx.LoRAParam if cfg.train.mode == "lora" else nnx.Param
+    return nnx.LoRAParam if cfg.train.mode == Mode.LORA else nnx.Param
 
 
 def new_model(cfg: Config) -> Llama:
@@ -128,7 +128,7 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
                           f"of mesh {dict(mesh.shape)}")
     trainable = trainable_filter(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1))
-    frozen_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == "lora" else None
+    frozen_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == Mode.LORA else None
 
     def init():
         _, params, frozen = nnx.split(new_model(cfg), trainable, ...)
@@ -181,45 +181,51 @@ def _split_microbatches(batch: dict, n: int, batch_spec: PartitionSpec) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _gradients(trainer: Trainer, state: TrainState, frozen, batch: dict, total_weight) -> tuple:
+    """(gradients, summed cross-entropy, summed z-loss) of the batch, over `grad_accum` microbatches in a scan."""
+    cfg = trainer.cfg
+    n_micro, z_weight = cfg.train.grad_accum, cfg.train.z_loss
+    use_dropout = cfg.train.mode == Mode.LORA and cfg.lora.dropout > 0
+    # Dropout keys depend only on (seed, step, microbatch): a resumed run draws the same masks.
+    step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+
+    def micro_grads(params, mb, index=0):
+        def loss_fn(params):
+            model = trainer.model(params, frozen)
+            rng = jax.random.fold_in(step_key, index) if use_dropout else None
+            logits = model(mb["inputs"], mb["positions"], mb["segment_ids"], rng)
+            ce, z = token_losses(logits, mb["targets"], mb["loss_weights"])
+            return (ce + z_weight * z) / total_weight, (ce, z)
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    if n_micro == 1:
+        grads, (ce, z) = micro_grads(state.params, batch)
+        return grads, ce, z
+
+    def body(carry, xs):
+        acc, ce_acc, z_acc = carry
+        mb, index = xs
+        g, (ce, z) = micro_grads(state.params, mb, index)
+        acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), trainer.state_shardings.params)
+        return (acc, ce_acc + ce, z_acc + z), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    microbatches = _split_microbatches(batch, n_micro, trainer.batch_sharding.spec)
+    (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                     (microbatches, jnp.arange(n_micro)))
+    return grads, ce, z
+
+
 def make_train_step(trainer: Trainer) -> Callable:
     """`step(state, frozen, batch) -> (state, metrics)`, jitted with the run's shardings; `state` is donated."""
     cfg, mesh = trainer.cfg, trainer.mesh
-    n_micro, z_weight = cfg.train.grad_accum, cfg.train.z_loss
-    use_dropout = cfg.train.mode == "lora" and cfg.lora.dropout > 0
     skip_nonfinite = cfg.skips_nonfinite
-    batch_spec = trainer.batch_sharding.spec
-    param_sh = trainer.state_shardings.params
 
     def step(state: TrainState, frozen, batch: dict):
         with nn.logical_axis_rules(cfg.mesh.rules):
             total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
-            # Dropout keys depend only on (seed, step, microbatch): a resumed run draws the same masks.
-            step_key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-
-            def micro_grads(params, mb, index=0):
-                def loss_fn(params):
-                    model = trainer.model(params, frozen)
-                    rng = jax.random.fold_in(step_key, index) if use_dropout else None
-                    logits = model(mb["inputs"], mb["positions"], mb["segment_ids"], rng)
-                    ce, z = token_losses(logits, mb["targets"], mb["loss_weights"])
-                    return (ce + z_weight * z) / total_weight, (ce, z)
-
-                return jax.grad(loss_fn, has_aux=True)(params)
-
-            if n_micro == 1:
-                grads, (ce, z) = micro_grads(state.params, batch)
-            else:
-                def body(carry, xs):
-                    acc, ce_acc, z_acc = carry
-                    mb, index = xs
-                    g, (ce, z) = micro_grads(state.params, mb, index)
-                    acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), param_sh)
-                    return (acc, ce_acc + ce, z_acc + z), None
-
-                zeros = jax.tree.map(jnp.zeros_like, state.params)
-                (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                 (_split_microbatches(batch, n_micro, batch_spec),
-                                                  jnp.arange(n_micro)))
+            grads, ce, z = _gradients(trainer, state, frozen, batch, total_weight)
             updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             grad_norm = optax.global_norm(grads)
