@@ -40,7 +40,7 @@ def enable(command: str) -> Path | None:
     path = directory() if command in COMMANDS else None
     if path is None:
         return None
-    import jax
+    import jax  # here: cli.py imports this module, and `--help` should not wait for JAX
 
     jax.config.update("jax_compilation_cache_dir", str(path))
     # JAX's defaults skip programs that compile in under a second, which is most of them on a CPU.

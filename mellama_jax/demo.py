@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from mellama_jax.artifacts import load_model
 from mellama_jax.config import CONFIG_ROOT, load_config
 from mellama_jax.convert.export import export_hf, memory_fetch, merged_fetch
 from mellama_jax.data.corpus import Report
@@ -23,6 +22,7 @@ from mellama_jax.data.instruct import TEMPLATES, InstructDataRequest, prepare_in
 from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain, summarize
 from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.eval.run import GenerateRequest, complete
+from mellama_jax.model.loading import load_model
 from mellama_jax.outputs import MARKER, check_destination
 from mellama_jax.plot import read_metrics
 from mellama_jax.train.loop import train

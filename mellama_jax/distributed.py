@@ -148,7 +148,7 @@ def leave(code: int, why: str = "") -> None:
 
 def _start_watchdog(timeout: float) -> None:
     global _watchdog
-    import jax
+    import jax  # here, as in initialize
     from jax._src import distributed as jax_distributed  # the client JAX made; no public handle to it
 
     _watchdog = Watchdog(jax_distributed.global_state.client, jax.process_index(), jax.process_count(), timeout)
@@ -171,7 +171,7 @@ def initialize(env: dict | None = None) -> str:
     """Initialise once per process; returns the method used ('env', 'slurm', 'tpu' or 'single')."""
     global _initialized
     env = os.environ if env is None else env
-    import jax
+    import jax  # here: cli.py imports this module, and `--help` should not wait for JAX
 
     if env.get("MELLAMA_CPU_DEVICES"):
         jax.config.update("jax_num_cpu_devices", int(env["MELLAMA_CPU_DEVICES"]))

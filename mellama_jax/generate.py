@@ -17,6 +17,10 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import Mesh
 
+from mellama_jax.model.layers import constrain
+from mellama_jax.model.llama import init_cache
+from mellama_jax.sharding import batch_sharding, state_shardings
+
 
 def bucket(width: int) -> int:
     """The padded prompt width: a multiple of 64 up to 256, then the next of 256, 384, 512, 768, 1024, ...
@@ -116,9 +120,6 @@ def decoder(model: nnx.Module, consume: bool = False) -> Decoder:
 @functools.partial(jax.jit, static_argnums=(0, 2, 6, 9, 10, 11))
 def _decode(graphdef, state, layer_graphdef, layer_states, ids, mask, max_new_tokens, eos_id, key, temperature,
             top_p, rules):
-    from mellama_jax.model.layers import constrain
-    from mellama_jax.model.llama import init_cache
-
     with nn.logical_axis_rules(rules or ()):
         model = nnx.merge(graphdef, state)
         layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
@@ -160,8 +161,6 @@ def _hashable(rules):
 
 def shard_for_decoding(model: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
     """The model with its parameters laid out on `mesh` by the training rule table."""
-    from mellama_jax.sharding import state_shardings
-
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
@@ -177,8 +176,6 @@ def generate(model: nnx.Module | Decoder, prompts: list[list[int]], max_new_toke
     laid out by `shard_for_decoding`: decoding is sharded as training is. Pass a `decoder(model)` when calling
     more than once (it slices the layers' weights once; a model is sliced again on each call).
     """
-    from mellama_jax.sharding import batch_sharding
-
     ids, mask = left_pad(prompts, 0, buckets=True)
     n = len(prompts)
     parts = model if isinstance(model, Decoder) else decoder(model)

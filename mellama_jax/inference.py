@@ -1,5 +1,5 @@
 """A model to decode with (`eval`, `generate`): checked to fit the devices, restored straight into the decoding
-mesh in the asked dtype (`artifacts.load_model`), laid out for the KV-cache decoder; and each prompt fitted into
+mesh in the asked dtype (`model/loading.py`), laid out for the KV-cache decoder; and each prompt fitted into
 the model's positions as the authors' harness did.
 
 Memory per device, counted before anything loads (the arithmetic of `info`: each array's shard under the rule
@@ -19,7 +19,12 @@ import jax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from mellama_jax import generate
+from mellama_jax.artifacts import find_model_config
 from mellama_jax.config import ConfigError, LoraConfig, MeshConfig, ModelConfig
+from mellama_jax.generate import bucket, decoder
+from mellama_jax.model import init_abstract
+from mellama_jax.model.loading import load_model
 from mellama_jax.sharding import _resolve, bytes_per_device, make_mesh, parse_layout, state_shardings
 
 GiB = 1024 ** 3
@@ -52,8 +57,6 @@ def decoding_bytes(cfg: ModelConfig, lora: LoraConfig | None, dtype: str, layout
                    batch: int, length: int) -> int:
     """Bytes per device of decoding `batch` rows of `length` positions on `layout` (see the module's note). Raises
     ConfigError when a dimension does not divide over the layout."""
-    from mellama_jax.model import init_abstract
-
     cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
     abstract = nnx.state(init_abstract(cfg, lora), nnx.Param)
     mesh = AbstractMesh(tuple(layout[a] for a in AXES), AXES)
@@ -118,16 +121,13 @@ class DecodingModel:
 
     def generate(self, ids: list[list[int]], max_new_tokens: int, eos_id: int | None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0):
-        from mellama_jax.generate import generate
-
-        return generate(self.decoder, ids, max_new_tokens, eos_id, temperature, top_p, seed, self.mesh, self.rules)
+        return generate.generate(self.decoder, ids, max_new_tokens, eos_id, temperature, top_p, seed, self.mesh,
+                                 self.rules)
 
 
 def cache_length(positions: int, max_new_tokens: int) -> int:
     """The longest KV cache `generate` makes: a prompt cut to the room left (`fit_prompt`), padded to its width
     bucket, plus the new tokens."""
-    from mellama_jax.generate import bucket
-
     return bucket(max(positions - max_new_tokens, 1)) + max_new_tokens
 
 
@@ -135,9 +135,6 @@ def load_for_decoding(params: str | Path, adapters: str | Path | None = None, dt
                       mesh: str | None = None, batch: int = 1, max_new_tokens: int = 256) -> DecodingModel:
     """The model of `params` (and `adapters`) in `dtype` on the layout `mesh` ("data=2,tensor=4"; None: this
     host's first device), after checking it fits there (`check_fits`) for `batch` rows of `max_new_tokens`."""
-    from mellama_jax.artifacts import find_model_config, load_model
-    from mellama_jax.generate import decoder
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     cfg = find_model_config(params)[0]

@@ -21,9 +21,10 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
+    # here, not at the top: pyplot takes a second to import, and most runs plot only at their end
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)

@@ -26,6 +26,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from filelock import FileLock
+
 FETCH_STREAMS = 8  # objects fetched at once
 
 def is_remote(path: str | os.PathLike | None) -> bool:
@@ -107,8 +109,6 @@ def fetch(remote: str | os.PathLike, context: int = 0) -> Path:
 
 
 def _fetch(src, dest: Path, context: int) -> None:
-    from filelock import FileLock
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / f".{dest.name}.lock")):
         if src.is_dir():

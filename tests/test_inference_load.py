@@ -14,7 +14,6 @@ import torch
 from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mellama_jax.artifacts import load_model
 from mellama_jax.config import ConfigError, MeshConfig, load_model_preset
 from mellama_jax.convert.api import ExportRequest, ImportRequest, hf_to_jax, jax_to_hf
 from mellama_jax.data.tokenizer import Tokenizer
@@ -22,6 +21,7 @@ from mellama_jax.eval.run import EvalRequest, GenerateRequest, complete, evaluat
 from mellama_jax.eval.tasks import load_task, load_templates, render
 from mellama_jax.generate import decoder, shard_for_decoding
 from mellama_jax.inference import GiB, check_fits, fit_prompt, layout_of, load_for_decoding
+from mellama_jax.model.loading import load_model
 from mellama_jax.sharding import make_mesh, state_shardings
 
 

@@ -6,6 +6,7 @@ Each conversion runs in its own process so its peak RSS (from wait4) is its own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from mellama_jax.config import load_model_preset
@@ -26,8 +28,6 @@ GB = 1e9
 
 def write_random_hf(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> tuple[int, int]:
     """A bf16 HF directory with random bits; returns (total bytes, largest tensor bytes)."""
-    import dataclasses
-
     cfg = dataclasses.replace(load_model_preset("llama2-70b"), num_layers=layers)
     out.mkdir(parents=True)
     names = []
@@ -38,7 +38,6 @@ def write_random_hf(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> tup
 
     def fetch(name):
         shape = dict(names)[name]
-        import ml_dtypes
 
         return rng.integers(0, 2**14, shape, dtype=np.uint16).view(ml_dtypes.bfloat16)  # finite values
 

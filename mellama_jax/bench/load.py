@@ -13,7 +13,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import yaml
+from flax import nnx
+
+from mellama_jax.config import load_model_preset, to_dict
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.demo import sample_texts
+from mellama_jax.dtypes import np_dtype
+from mellama_jax.eval.run import JaxBackend
+from mellama_jax.model import init_abstract
 from mellama_jax.options import POSITIVE, layout_list, name_list, option
+from mellama_jax.saved_params import save_params
 
 GiB = 1024 ** 3
 
@@ -35,17 +46,6 @@ class LoadBenchRequest:
 def write_checkpoint(model: str, layers: int, dtype: str, out: Path, seed: int = 0) -> int:
     """Random parameters of `model`'s width with `layers` layers, stored in `dtype`, with its model.yaml and the
     demo's tokenizer, into `out`: a folder `generate --model` takes. Returns the parameters' bytes."""
-    import numpy as np
-    import yaml
-    from flax import nnx
-
-    from mellama_jax.config import load_model_preset, to_dict
-    from mellama_jax.data.tokenizer import Tokenizer
-    from mellama_jax.demo import sample_texts
-    from mellama_jax.dtypes import np_dtype
-    from mellama_jax.model import init_abstract
-    from mellama_jax.saved_params import save_params
-
     cfg = dataclasses.replace(load_model_preset(model), num_layers=layers, param_dtype=dtype, dtype=dtype)
     rng = np.random.default_rng(seed)
     state = nnx.state(init_abstract(cfg), nnx.Param)
@@ -74,8 +74,6 @@ def _child(model: str, mesh: str, dtype: str) -> None:
     """What `mellama-jax generate --model M --mesh X --dtype D` does (the same backend), printing the peak
     resident memory once the model is loaded and laid out for decoding, and again after 8 tokens (ids only: the
     random model's ids run past the small tokenizer's pieces)."""
-    from mellama_jax.eval.run import JaxBackend
-
     backend = JaxBackend(model, mesh=mesh if mesh != "none" else None, dtype=dtype)
     loaded = _peak_rss()
     backend.model.generate([backend.tokenizer.encode("Metformin is", bos=True)], 8, None)

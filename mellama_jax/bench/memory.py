@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
+import jax
+
+from mellama_jax.bench.timing import synthetic_batch
+from mellama_jax.config import load_config
 from mellama_jax.options import POSITIVE, layout_list, option, overrides
+from mellama_jax.plan.layouts import plan_layout
+from mellama_jax.sharding import layout_overrides
+from mellama_jax.train.step import compile_ahead, plan_trainer
 
 
 def _rss() -> int:
@@ -40,8 +50,6 @@ class _PeakRss:
 
 
 def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config: str | None = None) -> dict:
-    import jax
-
     try:
         jax.config.update("jax_num_cpu_devices", devices)
     except RuntimeError:
@@ -50,10 +58,6 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
     if jax.default_backend() != "cpu":
         raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
                            "the device's peak_bytes_in_use)")
-    from mellama_jax.bench.timing import synthetic_batch
-    from mellama_jax.config import load_config
-    from mellama_jax.plan.layouts import plan_layout
-    from mellama_jax.train.step import compile_ahead, plan_trainer
 
     cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     planned = plan_layout(cfg)  # the planner's own path (abstract shapes), which is what is being checked
@@ -96,12 +100,6 @@ def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
     """Each layout in its own fresh process (a clean memory baseline), with glibc's default malloc: the speed
     tunables `make` sets (everything on the brk heap, never trimmed, huge pages) keep freed buffers resident,
     so resident memory would read 1.6-1.9x what is live."""
-    import json
-    import subprocess
-    import sys
-
-    from mellama_jax.sharding import layout_overrides
-
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     rows = []
     for layout in r.layouts:

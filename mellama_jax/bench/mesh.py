@@ -55,7 +55,7 @@ def bench_mesh(r: MeshBenchRequest) -> dict:
 
 
 def _bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # as plot.py: only when a chart is asked for
 
     matplotlib.use("Agg")  # before pyplot: no display
     import matplotlib.pyplot as plt

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import zstandard
+
 from mellama_jax.data.corpus import Report
 from mellama_jax.data.prepare import PretrainDataRequest, encode_threads, prepare_pretrain
 from mellama_jax.data.readers import documents
@@ -31,8 +33,6 @@ def _texts(corpus: str | Path, fields: tuple[str, ...]) -> list[str]:
 
 def _write(folder: Path, texts: list[str], files: int, suffix: str) -> None:
     """The documents as `files` JSONL files (one unit of work each), compressed by `suffix`."""
-    import zstandard
-
     folder.mkdir()
     for k in range(files):
         data = "".join(json.dumps({"text": t}) + "\n" for t in texts[k::files]).encode()
@@ -109,8 +109,6 @@ def bench_tokenize(r: TokenizeBenchRequest) -> dict:
 def write_pile_shard(path: Path, gigabytes: float, selected_every: int = 100) -> dict:
     """A Pile-like .jsonl.zst of about `gigabytes` compressed: rows of random (incompressible) base64 text,
     one in `selected_every` labelled PubMed Central, the rest Pile-CC."""
-    import zstandard
-
     rows = selected = 0
     with open(path, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as z:
         while f.tell() < gigabytes * 1e9:

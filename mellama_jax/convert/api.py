@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+from flax import nnx
 from tqdm import tqdm
 
 from mellama_jax import storage
@@ -20,19 +21,16 @@ from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
 from mellama_jax.convert.params_io import ParamsReader, ParamsWriter
 from mellama_jax.convert.peft import export_peft
 from mellama_jax.dtypes import np_dtype
+from mellama_jax.model import init_abstract
 from mellama_jax.options import option, size
 from mellama_jax.outputs import atomic_output, check_destination
+from mellama_jax.sharding import logical_to_spec, parse_layout, shard_shape
 
 
 def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RULES) -> dict:
     """Per parameter, the shape of one device's shard on a mesh of `mesh_shape` under `rules`: used as the
     zarr chunk shape, so that restoring on that mesh reads exactly one chunk per shard. Pure arithmetic: the
     mesh need not exist here (convert for 160 GPUs on a laptop)."""
-    from flax import nnx
-
-    from mellama_jax.model import init_abstract
-    from mellama_jax.sharding import logical_to_spec, shard_shape
-
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(init_abstract(cfg), nnx.Param)):
         logical = var.get_metadata()["out_sharding"]
@@ -58,8 +56,6 @@ class ImportRequest:
 def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
     """A Hugging Face LLaMA directory -> a parameter checkpoint that `train.init_from` restores. The output also
     holds model.yaml (our ModelConfig) and tokenizer.model when the source has one."""
-    from mellama_jax.sharding import parse_layout
-
     check_destination(r.dst, "params", r.overwrite, inputs=[r.src])  # before a bucket's model is fetched
     src, dst = storage.fetch(r.src), r.dst  # a folder in a bucket is read from the local cache (storage.py)
     hf = HFCheckpoint(src)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mellama_jax import storage
 from mellama_jax.config import LoraConfig, ModelConfig
@@ -107,8 +108,6 @@ def export_hf(fetch: Fetch, cfg: ModelConfig, out_dir: str | Path, tokenizer_mod
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
         weight_map, total = {}, 0
-        from tqdm import tqdm
-
         bar = tqdm(total=sum(len(s) for s in shards), unit="tensor", disable=not progress, desc="export")
         for name, shard in zip(names, shards):
             entries = {hf: (spec, layer) for hf, spec, layer in shard}

@@ -10,14 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
 from mellama_jax.config import ModelConfig
+from mellama_jax.convert.safetensors_stream import DTYPE_NAMES
+from mellama_jax.dtypes import np_dtype
 from mellama_jax.model.llama import Llama, init_abstract
 
 
@@ -162,8 +166,6 @@ class HFCheckpoint:
     """
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ConversionError(f"{self.directory}: not a directory")
@@ -223,11 +225,6 @@ class HFCheckpoint:
 
     def _read_layout(self, path: Path) -> dict:
         """name -> (start, end, dtype, shape) from the header; a truncated file is an error."""
-        import struct
-
-        from mellama_jax.convert.safetensors_stream import DTYPE_NAMES
-        from mellama_jax.dtypes import np_dtype
-
         names = {v: k for k, v in DTYPE_NAMES.items()}
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from mellama_jax import storage
 from mellama_jax.config import LoraConfig, ModelConfig
@@ -65,8 +66,6 @@ HF_TO_OURS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "g
 
 def import_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
     """A PEFT LoRA adapter as (LoraConfig, nested dict of our stacked lora_a / lora_b arrays)."""
-    from safetensors.numpy import load_file
-
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.exists():

@@ -16,11 +16,18 @@ import dataclasses
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from mellama_jax.artifacts import load_model
 from mellama_jax.config import ModelConfig
+from mellama_jax.convert.api import model_config
 from mellama_jax.convert.hf import ConversionError, HFCheckpoint, tensor_specs
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.model import init_abstract
+from mellama_jax.model.layers import Dense
+from mellama_jax.model.loading import load_model
 from mellama_jax.options import POSITIVE_NUMBER, option
 
 SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
@@ -56,12 +63,6 @@ class VerifyRequest:
 
 def _merged_kernels(model) -> None:
     """Fold every LoRA factor pair into its kernel in place: W + scale * A B, per layer (stacked)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mellama_jax.model.layers import Dense
-
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Dense) and getattr(module, "lora_a", None) is not None:
             a, b = module.lora_a.get_value(), module.lora_b.get_value()
@@ -72,11 +73,6 @@ def _merged_kernels(model) -> None:
 def expected_model(params: str | Path, adapters: str | Path | None, cfg: ModelConfig, hf: HFCheckpoint):
     """Our model (fp32) with the weights the export should hold: adapters merged, each tensor rounded to its
     dtype in `hf`'s files."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mellama_jax.model import init_abstract
-
     source = load_model(params, adapters, model=cfg)
     if adapters is not None:
         _merged_kernels(source)
@@ -126,12 +122,10 @@ def _stage_names(cfg: ModelConfig) -> list[str]:
 def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
     """Per stage (embedding, each layer, logits) the largest relative difference over the sample prompts, the
     first stage past the tolerance, and (for reading) max |logit difference| and mean KL(transformers || ours)."""
-    import jax.numpy as jnp
+    # here, not at the top: torch and transformers come with the optional interop extra
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mellama_jax.convert.api import model_config
-    from mellama_jax.data.tokenizer import Tokenizer
 
     hf_dir, params = Path(r.hf_dir), Path(r.params)
     if not hf_dir.is_dir():

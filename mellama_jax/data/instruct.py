@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import yaml
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from mellama_jax.data.corpus import BadRecord, Report
@@ -65,7 +66,6 @@ def load_template(name_or_path: str) -> Template:
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such template file; built-in templates: {sorted(TEMPLATES)}")
-    import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
     try:

@@ -9,6 +9,9 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from mellama_jax.data.corpus import BadRecord, Report, read_json_records
 from mellama_jax.data.sources import FORMATS, Selection, Unit, hf_files
 from mellama_jax.data.streams import data_suffix, numbered_lines, open_bytes, open_zip, read_member
@@ -143,8 +146,6 @@ def _columns(path: str, names: list[str], selection: Selection | None) -> list[s
 
 def parquet_rows(path: str, selection: Selection | None) -> Iterator[tuple[str, dict]]:
     """Rows with the selection's columns (all columns without one)."""
-    import pyarrow.parquet as pq
-
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for a damaged file
@@ -158,8 +159,6 @@ def parquet_rows(path: str, selection: Selection | None) -> Iterator[tuple[str, 
 
 
 def _arrow_batches(path: str):
-    import pyarrow as pa
-
     source = pa.memory_map(path)
     try:  # `datasets` writes the IPC stream format; pyarrow's files use the file format
         yield from pa.ipc.open_stream(source)

@@ -15,6 +15,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import zstandard
+
 CHUNK = 1 << 16  # compressed bytes fed to the zstd decoder at a time (text decodes to ~4x that)
 COMPRESSED = (".gz", ".zst", ".zstd")
 
@@ -32,8 +34,6 @@ class _ZstdRaw(io.RawIOBase):
     silently where the input is cut, so we drive the decoder ourselves and notice an unfinished frame."""
 
     def __init__(self, f):
-        import zstandard
-
         self.f, self.ctx = f, zstandard.ZstdDecompressor()
         self.decoder, self.in_frame = self.ctx.decompressobj(), False
         self.out, self.pos, self.error = b"", 0, zstandard.ZstdError

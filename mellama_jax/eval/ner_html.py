@@ -37,7 +37,7 @@ def _soup(text: str):
 
 def read_html(text: str) -> list[tuple[str, str]]:
     """(word, BIO tag) for each word of an HTML-tagged sentence, by the rules in the module docstring."""
-    from bs4 import NavigableString
+    from bs4 import NavigableString  # the interop extra, checked by _soup
 
     tokenize, words = _tokenizer(), []
     for node in _soup(text).children:
@@ -105,6 +105,7 @@ def gold_html(tokens: list[str], tags: list[str]) -> str:
 
 
 def ner_metrics(outputs: list[str], golds: list[str]) -> dict:
+    # here, not at the top: seqeval imports scikit-learn (a second), which only i2b2's scoring needs
     from seqeval.metrics import f1_score, precision_score, recall_score
 
     if not golds:

@@ -30,9 +30,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from mellama_jax.data.corpus import BadRecord
 from mellama_jax.data.pretrain import read_manifest
+from mellama_jax.data.tokenizer import Tokenizer
+from mellama_jax.eval.tasks import load_task, load_templates
 from mellama_jax.options import NON_NEGATIVE, POSITIVE, option
 from mellama_jax.outputs import atomic_output, check_destination
 
@@ -81,7 +84,6 @@ _TOKENIZER = None
 
 def _init(side: TestSide, tokenizer_proto: bytes) -> None:
     global _SIDE, _TOKENIZER
-    from mellama_jax.data.tokenizer import Tokenizer
 
     _SIDE, _TOKENIZER = side, Tokenizer(tokenizer_proto)
 
@@ -99,8 +101,6 @@ def _token_ids(raw: bytes, dtype: str) -> list[int]:
 
 def scan_records(path: str, source: str, shard: str, dtype: str, start: int, stop: int) -> tuple[int, list]:
     """(documents read, [(task, example index, source, shard, record)]) for records [start, stop) of a file."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     side, hits, read = _SIDE, [], 0
     reader = ArrayRecordReader(path)
     stop = min(stop, reader.num_records())
@@ -162,8 +162,6 @@ def _pairs(items, what: str) -> dict[str, str]:
 
 def task_texts(r: OverlapRequest) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Each task's example texts (its template fields, joined) and ids."""
-    from mellama_jax.eval.tasks import load_task, load_templates
-
     templates, splits = load_templates(r.prompts), _pairs(r.splits, "--split")
     texts, ids = {}, {}
     for task, path in _pairs(r.tasks, "--task").items():
@@ -242,8 +240,6 @@ def write_filtered(data: Path, manifest: dict, drop: set, out: str | Path, overw
     manifest counts what is left and how many documents each source lost (`overlap_removed`). The preparation's
     plan and per-shard reports stay behind: they describe the unfiltered shards, and `prepare merge` or a re-run
     would rebuild the manifest from them."""
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-
     dtype = np.dtype(manifest["token_dtype"])
     manifest = json.loads(json.dumps(manifest))
     with atomic_output(out, KIND_FILTERED, overwrite, [data]) as tmp:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mellama_jax import storage
 from mellama_jax.artifacts import require_tokenizer
+from mellama_jax.data.tokenizer import Tokenizer
 from mellama_jax.eval.report import (
     BERTSCORE_HELP,
     clean_subset,
@@ -24,6 +25,8 @@ from mellama_jax.eval.report import (
     write,
 )
 from mellama_jax.eval.tasks import HARNESS_MAX_NEW_TOKENS, TASKS, load_task, load_templates, render, wrap_prompt
+from mellama_jax.generate import left_pad, truncate_at_stop
+from mellama_jax.inference import fit_prompt, load_for_decoding
 from mellama_jax.options import NON_NEGATIVE, POSITIVE, number, option
 from mellama_jax.outputs import check_destination
 
@@ -39,9 +42,6 @@ class JaxBackend:
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base.
         truncate: cut an over-long prompt as the authors' harness did (`inference.fit_prompt`), else refuse it.
         batch_size, max_new_tokens: the largest call to expect, for the memory check before loading."""
-        from mellama_jax.data.tokenizer import Tokenizer
-        from mellama_jax.inference import load_for_decoding
-
         self.tokenizer = Tokenizer.load(require_tokenizer(params, tokenizer))
         self.model = load_for_decoding(params, adapters, dtype, mesh, batch_size, max_new_tokens)
         self.truncate, self.truncated = truncate, 0
@@ -57,8 +57,6 @@ class JaxBackend:
 def fitted(backend, prompts: list[list[int]], positions: int, max_new_tokens: int) -> list[list[int]]:
     """Each prompt within the model's positions (`inference.fit_prompt`), counted in `backend.truncated`; with
     `backend.truncate` off, an over-long prompt is refused in one line instead."""
-    from mellama_jax.inference import fit_prompt
-
     out = []
     for i, ids in enumerate(prompts):
         kept, cut = fit_prompt(ids, positions, max_new_tokens)
@@ -96,8 +94,6 @@ class GenerateRequest:
 
 def complete(r: GenerateRequest) -> list[str]:
     """The continuation of each prompt, cut at the first stop sequence."""
-    from mellama_jax.generate import truncate_at_stop
-
     backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate,
                          r.max_new_tokens)
     texts = backend.generate(list(r.prompt), r.max_new_tokens, r.temperature, r.top_p, r.seed)
@@ -122,10 +118,10 @@ class HFBackend:
     """
 
     def __init__(self, hf_dir: str | Path, tokenizer: str = "sentencepiece", dtype: str = "bfloat16"):
+        # here, not at the top: the hf backend's torch and transformers come with the optional interop extra
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mellama_jax.data.tokenizer import Tokenizer
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,8 +142,6 @@ class HFBackend:
         return self.sp.decode(ids) if self.sp is not None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        from mellama_jax.generate import left_pad
-
         encoded = fitted(self, self._encode(prompts), self.model.config.max_position_embeddings, max_new_tokens)
         ids, mask = left_pad(encoded, 0)  # LLaMA has no pad token; padded positions are masked
         ids, mask = (self.torch.tensor(a, dtype=self.torch.long, device=self.device) for a in (ids, mask))

@@ -160,7 +160,7 @@ def extractive_metrics(outputs: list[str], golds: list[list[str]]) -> dict:
 def rouge(predictions: list[str], references: list[str]) -> dict:
     """ROUGE-1/2/L F as the `evaluate` library computes them: rouge-score's tokenizer, no stemming. evaluate
     reports the median of 1000 unseeded bootstrap means; we report the mean itself (what that estimates)."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # here, not at the top: it imports NLTK (a second); summaries only
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
@@ -180,7 +180,7 @@ def bertscore_identity(config, model_dir: str | Path) -> tuple[str | None, int]:
     architecture: BERT, 119,547-piece vocabulary, 12 layers) gets bert-score's default layer for it (9) and
     name None; any other model is named by its directory and scored at bert-score's layer for that name, else
     its last layer."""
-    from bert_score.utils import model2layers
+    from bert_score.utils import model2layers  # the interop extra, checked by bertscore before this
 
     if (getattr(config, "model_type", None) == "bert" and getattr(config, "vocab_size", None) == 119547
             and getattr(config, "num_hidden_layers", None) == 12):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mellama_jax.data.corpus import BadRecord, Report, read_json_file, read_json_records
+from mellama_jax.eval.ner_html import gold_html
 
 PACKAGE_TEMPLATES = Path(__file__).with_name("templates.json")
 
@@ -260,8 +261,6 @@ def _ner(path: Path, entry: dict, split) -> list[Example]:
     """i2b2 2010 concepts: a directory with the release's txt/ and concept/ folders (one sentence per line,
     `c="text" line:tok line:tok||t="type"`), or a CoNLL file (token and BIO tag per line, blank between
     sentences). The gold is the sentence as HTML with `<span class="type">` concepts, as the authors scored."""
-    from mellama_jax.eval.ner_html import gold_html
-
     sentences = _i2b2_dir(path) if path.is_dir() else _conll(path)
     out = []
     for where, tokens, tags in sentences:

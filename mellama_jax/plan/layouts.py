@@ -16,8 +16,17 @@ import math
 import time
 from pathlib import Path
 
-from mellama_jax.config import Mode
+import jax
+from flax import nnx
+
+from mellama_jax import sharding
+from mellama_jax.config import ConfigError, Mode, load_config
+from mellama_jax.model import init_abstract
 from mellama_jax.options import POSITIVE, POSITIVE_NUMBER, layout_list, name_list, number, option, overrides
+from mellama_jax.plan.tpu import chip_of, roofline_seconds, topology_devices
+from mellama_jax.sharding import layout_overrides
+from mellama_jax.train.flops import train_flops_per_token
+from mellama_jax.train.step import compile_ahead, plan_trainer
 
 GiB = 2**30
 
@@ -67,8 +76,6 @@ def gpu_share_bytes(memory_gib: float) -> float:
 
 def simulate_devices(count: int) -> None:
     """`count` simulated CPU devices, set before JAX starts its backend."""
-    import jax
-
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # the backend is already up (e.g. inside tests): use it if it has the right size
@@ -82,12 +89,6 @@ def _overrides(r: PlanRequest) -> list[str]:
 
 def analytical(cfg) -> dict:
     """Per-device bytes by hand: sharded parameters, fp32 gradients and Adam moments, checkpointed activations."""
-    import jax
-    from flax import nnx
-
-    from mellama_jax import sharding
-    from mellama_jax.model import init_abstract
-
     mesh = sharding.make_mesh(cfg.mesh)
     abstract = nnx.state(init_abstract(cfg.model), nnx.Param)
     shardings = sharding.state_shardings(abstract, mesh, cfg.mesh.rules)
@@ -114,9 +115,6 @@ def analytical(cfg) -> dict:
 
 def _compile(cfg, devices=None):
     """The train step lowered with abstract inputs and compiled (for `devices`, default JAX's): (compiled, mesh)."""
-    from mellama_jax import sharding
-    from mellama_jax.train.step import compile_ahead, plan_trainer
-
     trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     return compile_ahead(trainer, init), trainer.mesh
 
@@ -146,8 +144,6 @@ def plan_layout(cfg, devices=None) -> dict:
 
 def plan(r: PlanRequest) -> dict:
 
-    from mellama_jax.config import ConfigError, load_config
-    from mellama_jax.sharding import layout_overrides
 
     if not r.devices:
         raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
@@ -180,9 +176,6 @@ def _step_cost(cfg, small: tuple, devices) -> dict:
 
 def _tpu_row(cfg, small, devices, chip) -> dict:
     """One layout compiled for TPU chips: memory against the chip's HBM, cost analysis, roofline and ideal times."""
-    from mellama_jax.plan.tpu import roofline_seconds
-    from mellama_jax.train.flops import train_flops_per_token
-
     row = plan_layout(cfg, devices)
     row["cost_as_compiled"], row["cost"] = row["cost"], _step_cost(cfg, small, devices)
     batch_ways = math.prod(row["mesh"][a] for a in ("data", "fsdp") if a in row["mesh"])
@@ -200,10 +193,6 @@ def _tpu_row(cfg, small, devices, chip) -> dict:
 def plan_tpu(r: PlanRequest) -> dict:
     """Each ici layout (default: FSDP over the whole slice) on `r.slices` slices of `r.topology`, data parallel
     across slices (dcn)."""
-    from mellama_jax.config import ConfigError, load_config
-    from mellama_jax.plan.tpu import chip_of, topology_devices
-    from mellama_jax.sharding import layout_overrides
-
     if not r.topology:
         raise ConfigError("plan --target tpu needs --topology, e.g. v5p:4x4x4")
     name, chip = chip_of(r.topology)

@@ -14,8 +14,26 @@ import math
 import re
 import time
 
-from mellama_jax.config import REMAT_POLICIES, Config, ConfigError
-from mellama_jax.plan.layouts import PlanRequest
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh
+from tqdm import tqdm
+
+from mellama_jax.config import REMAT_POLICIES, Config, ConfigError, load_config
+from mellama_jax.model import init_abstract
+from mellama_jax.plan.layouts import (
+    PlanRequest,
+    _compile,
+    _cost,
+    analytical,
+    gpu_share_bytes,
+    plan_layout,
+    simulate_devices,
+)
+from mellama_jax.plan.tpu import chip_of, topology_devices
+from mellama_jax.sharding import state_shardings
+from mellama_jax.train.flops import measured_matmul_tflops, train_flops_per_token
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -52,10 +70,6 @@ def layouts(devices_per_host: int, hosts: int) -> list[tuple[dict, dict]]:
 
 def _shardable(params, rules, ici: dict, dcn: dict) -> bool:
     """Whether every parameter divides over this mesh under the rule table (abstract: no devices needed)."""
-    from jax.sharding import AbstractMesh
-
-    from mellama_jax.sharding import state_shardings
-
     try:
         state_shardings(params, AbstractMesh(tuple(ici[a] * dcn[a] for a in AXES), AXES), rules)
     except ConfigError:
@@ -67,10 +81,6 @@ def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
                remats: tuple[str, ...] = REMAT_POLICIES) -> list[Candidate]:
     """Every candidate for `cfg` (its model, rule table and global batch `train.batch_size`) on `hosts` hosts of
     `devices_per_host` devices, in a fixed order: layout, then accumulation, then remat policy."""
-    from flax import nnx
-
-    from mellama_jax.model import init_abstract
-
     params = nnx.state(init_abstract(cfg.model), nnx.Param)
     batch = cfg.train.batch_size
     found = []
@@ -88,8 +98,6 @@ def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
 def state_bytes(cfg: Config, estimate: dict | None = None) -> int:
     """Per-device bytes of the train state alone (parameters and optimizer moments, `plan.analytical`, or its
     `estimate` already made): a lower bound on any compiled step's memory, since its arguments hold that state."""
-    from mellama_jax.plan.layouts import analytical
-
     estimate = estimate or analytical(cfg)
     return estimate["params"] + estimate["optimizer"]
 
@@ -200,11 +208,6 @@ def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_byte
 
 
 def parameter_count(cfg: Config) -> int:
-    import jax
-    from flax import nnx
-
-    from mellama_jax.model import init_abstract
-
     return sum(x.size for x in jax.tree.leaves(nnx.state(init_abstract(cfg.model), nnx.Param)))
 
 
@@ -253,8 +256,6 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     """The whole step's FLOPs, memory traffic and collective bytes per device. XLA's analysis counts a loop's body
     once (the scanned layers as one), so the step is compiled with one and with two layers unrolled and the
     difference, one layer, extrapolated to the model's depth; grad_accum multiplies the lot."""
-    from mellama_jax.plan.layouts import _compile, _cost
-
     def measured(layers: int) -> dict:
         small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers, scan_unroll=layers))
         compiled = _compile(small, devices)[0]
@@ -269,9 +270,6 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
 def rank(configs, target: Target, memory_bytes: float, devices=None, native: bool = True) -> list[dict]:
     """Each (candidate, config) compiled: its memory per device (XLA's, the whole step) against `memory_bytes`, and its
     step time on `target` (`step_seconds`, `native` as there); those that fit first, fastest first."""
-    from mellama_jax.plan.layouts import plan_layout
-    from mellama_jax.train.flops import train_flops_per_token
-
     rows = []
     for candidate, cfg in configs:
         slow = tuple(i for i, a in enumerate(AXES) if candidate.dcn[a] > 1)
@@ -300,11 +298,6 @@ CALIBRATE_ON_CPU = ("plan --search --calibrate compares with this host's simulat
 def search(r: PlanRequest, progress: bool = True) -> dict:
     """Candidates -> pruned on the train state -> `max_compiles` of the survivors compiled and ranked, those the
     analytical estimate expects to fit first (see the module)."""
-    from tqdm import tqdm
-
-    from mellama_jax.config import load_config
-    from mellama_jax.plan.layouts import analytical
-
     started = time.perf_counter()
     if r.calibrate and r.target == "tpu":
         raise ConfigError(CALIBRATE_ON_CPU)
@@ -361,7 +354,6 @@ def _gpu_cluster(r: PlanRequest) -> Cluster:
                           f"{r.devices_per_host} (--devices-per-host)")
     if r.gpu not in ("a100", "h100"):
         raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
-    from mellama_jax.plan.layouts import gpu_share_bytes, simulate_devices
 
     simulate_devices(r.devices)  # the GPUs compiled for
     hosts = r.devices // r.devices_per_host
@@ -371,15 +363,12 @@ def _gpu_cluster(r: PlanRequest) -> Cluster:
 
 def _tpu_cluster(r: PlanRequest) -> Cluster:
     """The chips of `r.slices` slices of `r.topology`; ICI spans a slice, so the whole slice is one group."""
-    from mellama_jax.plan.tpu import chip_of, topology_devices
-
     if not r.topology:
         raise ConfigError("plan --search --target tpu needs --topology, e.g. v5p:4x4x8")
     name, chip = chip_of(r.topology)
     if name not in TARGETS:
         raise ConfigError(f"plan --search --target tpu: the interconnect of {name} is not known here; "
                           f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}")
-    from mellama_jax.plan.layouts import simulate_devices
 
     devices = topology_devices(r.topology, r.slices)
     simulate_devices(len(devices))  # the mesh the analytical estimate lays out
@@ -388,15 +377,11 @@ def _tpu_cluster(r: PlanRequest) -> Cluster:
 
 
 def jax_backend() -> str:
-    import jax
-
     return jax.default_backend()
 
 
 def copy_gb_per_s(megabytes: int = 256) -> float:
     """This host's memory bandwidth, measured: the best of three copies of a buffer (read plus write bytes)."""
-    import numpy as np
-
     source = np.ones(megabytes << 17)  # 8-byte elements
     target = np.empty_like(source)
     best = float("inf")
@@ -410,8 +395,6 @@ def copy_gb_per_s(megabytes: int = 256) -> float:
 def host_target(count: int) -> Target:
     """The figures of `count` simulated devices sharing this host: each has 1/count of the measured matmul rate and
     of the measured copy bandwidth, which also paces their collectives (between simulated devices, a copy)."""
-    from mellama_jax.train.flops import measured_matmul_tflops
-
     tflops, copy = measured_matmul_tflops(), copy_gb_per_s()
     return Target(f"this host's CPU / {count}", tflops / count, copy / count / 1e3, copy / count, copy / count)
 

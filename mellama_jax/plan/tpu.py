@@ -8,6 +8,9 @@ import importlib.util
 import os
 from typing import NamedTuple
 
+import jax
+from jax.experimental import topologies
+
 from mellama_jax.config import ConfigError
 
 
@@ -49,8 +52,6 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax
-    from jax.experimental import topologies
 
     try:  # the host compiles on CPU: JAX need not try (and fail) to start a TPU backend here
         jax.config.update("jax_platforms", "cpu")

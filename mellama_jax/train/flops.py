@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
+
 from mellama_jax.config import LoraConfig, ModelConfig
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures without sparsity).
@@ -57,9 +60,6 @@ def matmul_probe(n: int = 2048):
     """A callable that times one large fp32 square matmul on the first device and returns its TFLOP/s: the
     CPU's practical peak at that moment. A shared VM's rate drifts by 10-15% over seconds, so a benchmark
     calls it between its timed steps and compares each step with the rate measured beside it."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -82,8 +82,6 @@ def peak_tflops_per_device(num_devices: int, configured: float = 0.0) -> float:
     """The peak an MFU is measured against: `configured` if set, the vendor's bf16 figure for known
     accelerators, on CPU the measured matmul rate split over `num_devices` (simulated CPU devices share the
     machine's cores), else 0 (MFU not reported)."""
-    import jax
-
     if configured > 0:
         return configured
     kind = jax.devices()[0].device_kind.lower()

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mellama_jax import saved_params
+from mellama_jax.plot import plot_run
 from mellama_jax.train import checkpoint
 
 
@@ -227,8 +229,6 @@ def export_params(path: Path, info: StepInfo) -> None:
 
 
 def plot_curves(run_dir: Path, info: StepInfo) -> None:
-    from mellama_jax.plot import plot_run
-
     plot_run(run_dir)
 
 
@@ -265,7 +265,6 @@ class StopOnSignal:
             return local
         if self.step % self.every:
             return False
-        from jax.experimental import multihost_utils
 
         self.collectives += 1
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))

@@ -24,6 +24,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
+            # here, not at the top: tensorboardX imports torch where it is installed (a second)
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
