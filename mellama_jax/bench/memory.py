@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from mellama_jax.bench.timing import synthetic_batch
+from mellama_jax.bench.timing import LayoutsBench, synthetic_batch
 from mellama_jax.config import load_config
 from mellama_jax.options import POSITIVE, layout_list, option, overrides
 from mellama_jax.plan.layouts import plan_layout
@@ -82,15 +82,12 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryBenchRequest:
-    """One `bench memory` run: what `mellama-jax bench memory` parses, and what `bench_memory_layouts` takes."""
+class MemoryBenchRequest(LayoutsBench):
+    """One `bench memory` run: what `mellama-jax bench memory` parses, and what `bench_memory_layouts` takes; each
+    layout is measured in a process of its own."""
 
-    model: str = option("bench-60m")  # a model preset
-    # one row (and one process) each
     layouts: tuple[str, ...] = option(("fsdp=8", "data=2,fsdp=2,tensor=2", "data=8"), '";"-separated ici layouts',
                                       type=layout_list)
-    seq: int = option(256, type=POSITIVE)
-    batch: int = option(8, type=POSITIVE)
     overrides: tuple[str, ...] = overrides("more config overrides, e.g. train.mode=lora")  # after the layout's
     devices: int = option(8, type=POSITIVE)  # simulated CPU devices
     config: str | None = option(None, "a recipe YAML (default: the built-in defaults)")

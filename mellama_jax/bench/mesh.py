@@ -7,21 +7,17 @@ from pathlib import Path
 
 import jax
 
-from mellama_jax.bench.timing import jax_step_timing
+from mellama_jax.bench.timing import LayoutsBench, jax_step_timing
 from mellama_jax.options import NON_NEGATIVE, POSITIVE, layout_list, option, overrides
 from mellama_jax.sharding import layout_overrides
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshBenchRequest:
+class MeshBenchRequest(LayoutsBench):
     """One `bench mesh` run: what `mellama-jax bench mesh` parses, and what `bench_mesh` takes."""
 
-    model: str = option("bench-60m")  # a model preset
-    # one row each
     layouts: tuple[str, ...] = option(("data=8", "fsdp=8", "fsdp=4,tensor=2"), '";"-separated ici layouts',
                                       type=layout_list)
-    seq: int = option(256, type=POSITIVE)
-    batch: int = option(8, type=POSITIVE)
     remat: str = option("none")
     dtype: str = option("float32")
     warmup: int = option(2, type=NON_NEGATIVE)  # untimed steps first (the first compiles)

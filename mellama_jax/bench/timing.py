@@ -16,9 +16,21 @@ import jax
 import numpy as np
 
 from mellama_jax.config import load_config
+from mellama_jax.options import POSITIVE, layout_list, option
 from mellama_jax.sharding import make_mesh
 from mellama_jax.train import flops
 from mellama_jax.train.step import compile_ahead, plan_trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutsBench:
+    """What `bench mesh` and `bench memory` share: a model preset's train step at one shape, one row per layout."""
+
+    model: str = option("bench-60m")  # a model preset
+    # ici layouts such as "fsdp=4,tensor=2"; each benchmark gives its own default
+    layouts: tuple[str, ...] = option((), '";"-separated ici layouts', type=layout_list)
+    seq: int = option(256, type=POSITIVE)
+    batch: int = option(8, type=POSITIVE)
 
 
 def time_steps(run_step, carry, warmup: int, steps: int, beside=None) -> tuple[list[float], object, list]:

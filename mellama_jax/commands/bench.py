@@ -4,7 +4,6 @@ markdown table first where one reads better)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from mellama_jax.bench import trace as trace_summary
@@ -17,25 +16,17 @@ from mellama_jax.bench.memory import MemoryBenchRequest, bench_memory_layouts
 from mellama_jax.bench.mesh import MeshBenchRequest, bench_mesh, markdown
 from mellama_jax.bench.pair import PairBenchRequest, bench_pair
 from mellama_jax.bench.tokenize import TokenizeBenchRequest, bench_tokenize
-from mellama_jax.commands.failures import all_failed
+from mellama_jax.commands.printing import all_failed, json_command, print_json
 from mellama_jax.options import POSITIVE, command, option
 
-
-def _print_json(result: dict) -> int:
-    print(json.dumps(result, indent=1))
-    return 0
-
-
-@command(TokenizeBenchRequest)
-def tokenize(r: TokenizeBenchRequest) -> int:
-    return _print_json(bench_tokenize(r))
+tokenize = json_command(TokenizeBenchRequest, bench_tokenize)
 
 
 @command(MeshBenchRequest)
 def mesh(r: MeshBenchRequest) -> int:
     result = bench_mesh(r)
     print(markdown(result))
-    print(json.dumps(result, indent=1))
+    print_json(result)
     return all_failed(result["layouts"])
 
 
@@ -46,7 +37,7 @@ def pair(r: PairBenchRequest) -> int:
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
         print(f"{' '.join(row['overrides']) or '(as configured)'}: {row['step_s_median']:.3f} s a step{mfu}, "
               f"{row['speed_vs_first']:.3f}x the first")
-    return _print_json(result)
+    return print_json(result)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +51,13 @@ class TraceRequest:
 def trace(r: TraceRequest) -> int:
     summary = trace_summary.summarize(r.trace, r.steps, r.top)
     print(trace_summary.markdown(summary))
-    return _print_json(summary)
+    return print_json(summary)
 
 
-@command(AttentionBenchRequest)
-def attention(r: AttentionBenchRequest) -> int:
-    return _print_json(bench_attention(r))
+attention = json_command(AttentionBenchRequest, bench_attention)
 
 
-@command(BaselineBenchRequest)
-def baseline(r: BaselineBenchRequest) -> int:
-    return _print_json(bench_baseline(r))
+baseline = json_command(BaselineBenchRequest, bench_baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +66,7 @@ class ConvertBenchRequest:
     workdir: str | None = option(None, "where to put the temporary checkpoints")
 
 
-@command(ConvertBenchRequest)
-def convert(r: ConvertBenchRequest) -> int:
-    return _print_json(bench_convert(r.layers, r.workdir))
+convert = json_command(ConvertBenchRequest, lambda r: bench_convert(r.layers, r.workdir))
 
 
 @command(MemoryBenchRequest)
@@ -95,14 +80,10 @@ def memory(r: MemoryBenchRequest) -> int:
         else:
             print(f"| {row['layout']} | {row['planned_total_bytes'] / 2**30:.2f} | "
                   f"{row['measured_rss_growth_bytes'] / 2**30:.2f} | {row['ratio_measured_to_planned']:.3f} |")
-    return _print_json(result)
+    return print_json(result)
 
 
-@command(DecodeBenchRequest)
-def decode(r: DecodeBenchRequest) -> int:
-    return _print_json(bench_decode(r))
+decode = json_command(DecodeBenchRequest, bench_decode)
 
 
-@command(LoadBenchRequest)
-def load(r: LoadBenchRequest) -> int:
-    return _print_json(bench_load(r))
+load = json_command(LoadBenchRequest, bench_load)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from mellama_jax.commands.printing import print_json
 from mellama_jax.eval.rescore import RescoreRequest, rescore
 from mellama_jax.eval.run import EvalRequest, GenerateRequest, complete, evaluate
 from mellama_jax.options import command
@@ -19,12 +18,8 @@ def generate(r: GenerateRequest) -> int:
 @command(EvalRequest, epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: score an "
                              "earlier run's outputs again (see `eval score --help`)")
 def evaluation(r: EvalRequest) -> int:
-    print(json.dumps(evaluate(r), indent=1))
-    return 0
+    return print_json(evaluate(r))
 
 
 # `eval score ...` is rewritten to `eval-score ...` in cli.main: `eval`'s own options stay as they were
-@command(RescoreRequest, prog="mellama-jax eval score")
-def score(r: RescoreRequest) -> int:
-    print(json.dumps(rescore(r), indent=1))
-    return 0
+score = command(RescoreRequest, prog="mellama-jax eval score")(lambda r: print_json(rescore(r)))

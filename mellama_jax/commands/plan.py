@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from mellama_jax.bench.calibrate import calibrate
-from mellama_jax.commands.failures import all_failed
+from mellama_jax.commands.printing import all_failed
 from mellama_jax.options import command
 from mellama_jax.plan import layouts, search
 from mellama_jax.plan.layouts import PlanRequest
