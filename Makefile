@@ -26,9 +26,10 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/mellama-jax demo --out runs/demo
 
-# ruff first (lint rules in pyproject.toml): a second, not a reason to wait 15 minutes for a typo.
+# ruff first (lint rules and format in pyproject.toml): a second, not a reason to wait 15 minutes for a typo.
 test: $(BIN)/.tpu
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q $(PYTEST_FLAGS)
 
 test-all: $(BIN)/.tpu

@@ -26,8 +26,10 @@ def find_model_config(params: str | Path) -> tuple[ModelConfig, LoraConfig | Non
         if candidate.exists():
             cfg = load_config(candidate)
             return cfg.model, cfg.adapters
-    raise ConfigError(f"{params}: not a parameter folder of ours (no model.yaml in it, no run config.yaml above "
-                      "it); convert jax-to-hf also takes --model PRESET")
+    raise ConfigError(
+        f"{params}: not a parameter folder of ours (no model.yaml in it, no run config.yaml above "
+        "it); convert jax-to-hf also takes --model PRESET"
+    )
 
 
 def find_tokenizer(params: str | Path) -> Path | None:
@@ -57,8 +59,9 @@ def require_tokenizer(params: str | Path, tokenizer: str | Path | None = None) -
         raise FileNotFoundError(f"{params}: no such parameter folder")
     found = find_tokenizer(params)
     if found is None:
-        raise FileNotFoundError(f"{params}: no tokenizer.model beside it, in its run or in its training data; "
-                                "pass --tokenizer")
+        raise FileNotFoundError(
+            f"{params}: no tokenizer.model beside it, in its run or in its training data; pass --tokenizer"
+        )
     return found
 
 

@@ -18,44 +18,77 @@ from mellama_jax.options import add_options, from_args
 # command's module is imported only when that command runs: together they import torch, transformers and every
 # room, which would make each command's start and `--help` wait for all of them.
 COMMANDS = {
-    "info": ("JAX backend and devices; parameters and per-device memory of a model (computed from abstract shapes, "
-             "nothing allocated)", "run:info"),
+    "info": (
+        "JAX backend and devices; parameters and per-device memory of a model (computed from abstract shapes, "
+        "nothing allocated)",
+        "run:info",
+    ),
     "train": ("pretrain, lora or sft, as the config's train.mode says", "run:train"),
     "plot": ("PNG loss and throughput curves of a run directory", "run:plot"),
     "demo": ("a small end-to-end run on the embedded medical-text sample", "run:demo"),
-    "plan": ("compile the train step ahead of time on simulated devices (or a TPU topology): memory per device for "
-             "each layout (nothing allocated)", "plan:plan"),
+    "plan": (
+        "compile the train step ahead of time on simulated devices (or a TPU topology): memory per device for "
+        "each layout (nothing allocated)",
+        "plan:plan",
+    ),
     "generate": ("batched decoding with a KV cache from a parameter checkpoint", "evaluate:generate"),
-    "eval": ("a benchmark task with the authors' prompts and scoring (see --task); `eval score` re-scores a "
-             "predictions.jsonl without a model", "evaluate:evaluation"),
+    "eval": (
+        "a benchmark task with the authors' prompts and scoring (see --task); `eval score` re-scores a "
+        "predictions.jsonl without a model",
+        "evaluate:evaluation",
+    ),
     "eval-score": ("`eval score`: re-score an eval run's predictions.jsonl, no model", "evaluate:score"),
-    "convert": ("Hugging Face <-> JAX checkpoints, PEFT adapters, verification", {
-        "hf-to-jax": ("HF LLaMA directory (safetensors) -> parameter checkpoint", "convert:hf_to_jax"),
-        "jax-to-hf": ("parameter checkpoint -> HF directory, or PEFT adapters", "convert:jax_to_hf"),
-        "verify": ("does transformers compute what our parameters do? Per layer, on sample prompts; names the first "
-                   "layer that diverges", "convert:check"),
-    }),
-    "prepare": ("tokenise corpora or instruction data into ArrayRecord shards", {
-        "pretrain": ("pretraining corpora (The Pile, MIMIC CSV, MIMIC-CXR, JSONL, Parquet, datasets folders) -> "
-                     "token shards", "data:pretrain"),
-        "merge": ("write the manifest of a prepare split over hosts (--num-shards)", "data:merge_shards"),
-        "instruct": ("Alpaca (medalpaca) / Dolly / ShareGPT / prompt-response records -> examples", "data:instruct"),
-        "overlap": ("benchmark test examples sharing a 13-word window with prepared pretraining data "
-                    "(contamination); optionally a copy without them", "data:overlap"),
-    }),
-    "bench": ("benchmarks with JSON output", {
-        "tokenize": ("`prepare pretrain` (plain and compressed inputs, 1..N processes) vs a single-process "
-                     "SentencePiece loop", "bench:tokenize"),
-        "mesh": ("train-step throughput, MFU and memory per mesh layout", "bench:mesh"),
-        "pair": ("variants of one train step, timed in interleaved rounds (paired)", "bench:pair"),
-        "trace": ("device time per step by kernel category, from `bench mesh --profile`", "bench:trace"),
-        "attention": ("attention implementations: forward + backward time and error", "bench:attention"),
-        "baseline": ("our step vs transformers+torch (and PEFT) on the same batch", "bench:baseline"),
-        "convert": ("hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s", "bench:convert"),
-        "memory": ("planner (XLA memory analysis) vs measured memory, simulated CPU devices", "bench:memory"),
-        "decode": ("KV-cache decoding tokens/s beside transformers' generate", "bench:decode"),
-        "load": ("peak resident memory of `generate` on a bf16 checkpoint vs its size", "bench:load"),
-    }),
+    "convert": (
+        "Hugging Face <-> JAX checkpoints, PEFT adapters, verification",
+        {
+            "hf-to-jax": ("HF LLaMA directory (safetensors) -> parameter checkpoint", "convert:hf_to_jax"),
+            "jax-to-hf": ("parameter checkpoint -> HF directory, or PEFT adapters", "convert:jax_to_hf"),
+            "verify": (
+                "does transformers compute what our parameters do? Per layer, on sample prompts; names the first "
+                "layer that diverges",
+                "convert:check",
+            ),
+        },
+    ),
+    "prepare": (
+        "tokenise corpora or instruction data into ArrayRecord shards",
+        {
+            "pretrain": (
+                "pretraining corpora (The Pile, MIMIC CSV, MIMIC-CXR, JSONL, Parquet, datasets folders) -> "
+                "token shards",
+                "data:pretrain",
+            ),
+            "merge": ("write the manifest of a prepare split over hosts (--num-shards)", "data:merge_shards"),
+            "instruct": (
+                "Alpaca (medalpaca) / Dolly / ShareGPT / prompt-response records -> examples",
+                "data:instruct",
+            ),
+            "overlap": (
+                "benchmark test examples sharing a 13-word window with prepared pretraining data "
+                "(contamination); optionally a copy without them",
+                "data:overlap",
+            ),
+        },
+    ),
+    "bench": (
+        "benchmarks with JSON output",
+        {
+            "tokenize": (
+                "`prepare pretrain` (plain and compressed inputs, 1..N processes) vs a single-process "
+                "SentencePiece loop",
+                "bench:tokenize",
+            ),
+            "mesh": ("train-step throughput, MFU and memory per mesh layout", "bench:mesh"),
+            "pair": ("variants of one train step, timed in interleaved rounds (paired)", "bench:pair"),
+            "trace": ("device time per step by kernel category, from `bench mesh --profile`", "bench:trace"),
+            "attention": ("attention implementations: forward + backward time and error", "bench:attention"),
+            "baseline": ("our step vs transformers+torch (and PEFT) on the same batch", "bench:baseline"),
+            "convert": ("hf-to-jax and jax-to-hf on a 70B-width checkpoint: RSS, GB/s", "bench:convert"),
+            "memory": ("planner (XLA memory analysis) vs measured memory, simulated CPU devices", "bench:memory"),
+            "decode": ("KV-cache decoding tokens/s beside transformers' generate", "bench:decode"),
+            "load": ("peak resident memory of `generate` on a bf16 checkpoint vs its size", "bench:load"),
+        },
+    ),
 }
 
 

@@ -36,8 +36,12 @@ def _demo_file(name: str) -> Path:
 
 
 def sample_texts() -> dict[str, list[str]]:
-    return {name: [json.loads(line)["text"] for line in _demo_file(f"{name}.jsonl").read_text().splitlines()
-                   if line.strip()] for name in SOURCES}
+    return {
+        name: [
+            json.loads(line)["text"] for line in _demo_file(f"{name}.jsonl").read_text().splitlines() if line.strip()
+        ]
+        for name in SOURCES
+    }
 
 
 def run_demo(out: str | Path, devices: int = 8) -> dict:
@@ -78,37 +82,58 @@ def _tokenizer_and_data(out: Path, instructions: list) -> Path:
     tokenizer_dir = out / "tokenizer"
     Tokenizer.train(texts, vocab_size=512).save(tokenizer_dir)
     print(f"1. tokenizer: SentencePiece BPE, 512 pieces -> {tokenizer_dir}/tokenizer.model")
-    manifest = prepare_pretrain(PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir,
-                                                    out / "data" / "pretrain"), progress=False)
-    inst = prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], tokenizer_dir,
-                                                out / "data" / "instruct", 96))
-    print("2. data: " + summarize(manifest).replace("\n", "; ")
-          + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens")
+    manifest = prepare_pretrain(
+        PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tokenizer_dir, out / "data" / "pretrain"),
+        progress=False,
+    )
+    inst = prepare_instruct(
+        InstructDataRequest([_demo_file("instructions.jsonl")], tokenizer_dir, out / "data" / "instruct", 96)
+    )
+    print(
+        "2. data: "
+        + summarize(manifest).replace("\n", "; ")
+        + f"; instructions: {inst['rows']} examples, {inst['response_tokens']} response tokens"
+    )
     return tokenizer_dir
 
 
 def _pretrain(out: Path) -> dict:
     """Step 3: continual pretraining on the mixture; the result names the exported parameters."""
-    pre = load_config(CONFIG_ROOT / "tiny-pretrain.yaml", [
-        f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=50", "run.progress=false"])
+    pre = load_config(
+        CONFIG_ROOT / "tiny-pretrain.yaml",
+        [f"data.path={out}/data/pretrain", f"run.dir={out}/pretrain", "train.epochs=50", "run.progress=false"],
+    )
     result = train(pre)
     first, last = _first_last_loss(out / "pretrain")
     start, end = result["held_out_at_step_0"], result["held_out"]
     by_source = ", ".join(f"{k[5:]} {start[k]:.2f} -> {end[k]:.2f}" for k in end if k.startswith("loss/"))
-    print(f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
-          f"{start['loss']:.2f} -> {result['eval_loss']:.2f} ({by_source}); parameters -> {result['export']}")
+    print(
+        f"3. continual pretraining: {result['steps']} steps, train loss {first:.2f} -> {last:.2f}, held-out loss "
+        f"{start['loss']:.2f} -> {result['eval_loss']:.2f} ({by_source}); parameters -> {result['export']}"
+    )
     return result
 
 
 def _instruction_tune(out: Path, base: str) -> tuple:
     """Step 4: LoRA on the instructions over the pretrained parameters: (its config, its result)."""
-    lora = load_config(CONFIG_ROOT / "tiny-lora.yaml", [
-        f"data.path={out}/data/instruct", f"run.dir={out}/lora", f"train.init_from={base}",
-        "train.seq_len=96", "train.epochs=100", "optimizer.learning_rate=1e-2", "run.progress=false"])
+    lora = load_config(
+        CONFIG_ROOT / "tiny-lora.yaml",
+        [
+            f"data.path={out}/data/instruct",
+            f"run.dir={out}/lora",
+            f"train.init_from={base}",
+            "train.seq_len=96",
+            "train.epochs=100",
+            "optimizer.learning_rate=1e-2",
+            "run.progress=false",
+        ],
+    )
     lresult = train(lora)
     first, last = _first_last_loss(out / "lora")
-    print(f"4. LoRA instruction tuning: {lresult['steps']} steps, response loss {first:.2f} -> {last:.2f}; "
-          f"adapters -> {lresult['export']}")
+    print(
+        f"4. LoRA instruction tuning: {lresult['steps']} steps, response loss {first:.2f} -> {last:.2f}; "
+        f"adapters -> {lresult['export']}"
+    )
     return lora, lresult
 
 
@@ -119,8 +144,10 @@ def _answers(hf_dir: Path, base: str, adapters: str) -> list[str]:
         print(f"6. transformers: AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}), greedy:")
     else:  # a plain `pip install mellama-jax`: the PyTorch tools come with the interop extra
         answers = _answer_with_mellama(base, adapters, QUESTIONS)
-        print("6. mellama-jax generate on the base + adapters, greedy (transformers is not installed: "
-              "`pip install 'mellama-jax[interop]'` has it load the export instead):")
+        print(
+            "6. mellama-jax generate on the base + adapters, greedy (transformers is not installed: "
+            "`pip install 'mellama-jax[interop]'` has it load the export instead):"
+        )
     return answers
 
 
@@ -132,8 +159,9 @@ def _first_last_loss(run_dir: Path) -> tuple[float, float]:
 def _export_merged(cfg, base_params: str, adapters: str, tokenizer_dir: Path, out: Path) -> Path:
     model = load_model(base_params, adapters, dtype=cfg.model.param_dtype)
     _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)
-    fetch = merged_fetch(memory_fetch(nnx.to_pure_dict(base_state)), memory_fetch(nnx.to_pure_dict(lora_state)),
-                         cfg.lora)
+    fetch = merged_fetch(
+        memory_fetch(nnx.to_pure_dict(base_state)), memory_fetch(nnx.to_pure_dict(lora_state)), cfg.lora
+    )
     return export_hf(fetch, cfg.model, out, tokenizer_dir / "tokenizer.model", dtype="float32")
 
 
@@ -165,5 +193,5 @@ def _answer_with_transformers(hf_dir: Path, questions) -> list[str]:
         inputs = tokenizer(_prompt(question), return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=0)
-        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return answers

@@ -43,8 +43,10 @@ def peer_lost(detail: str = "") -> None:
     """End this process at once: one line and exit code 4. With a peer gone, closing the checkpoint manager or
     JAX's distributed client would wait on the dead process (and JAX's client would abort this one)."""
     detail = detail.strip().splitlines()[0][:200] if detail.strip() else "its heartbeats stopped"
-    _end(f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch the "
-         f"same command on every host: it resumes from {resume_point()}")
+    _end(
+        f"error: another process of this job stopped answering ({detail}); this process stops too. Re-launch the "
+        f"same command on every host: it resumes from {resume_point()}"
+    )
 
 
 def peer_failed(peer: int, why: str) -> None:
@@ -111,7 +113,7 @@ class Watchdog(threading.Thread):
                     # an error every process meets (a bad config) is this one's to report in its own line: give
                     # the main thread two polls to reach it first
                     self.stopped.wait(2 * self.interval)
-                    peer_failed(peer, value[len("failed: "):])
+                    peer_failed(peer, value[len("failed: ") :])
                 elif value != last:
                     seen[peer] = (value, now)
                 elif now - since > self.timeout:
@@ -182,13 +184,22 @@ def initialize(env: dict | None = None) -> str:
     heartbeat = int(env.get("MELLAMA_HEARTBEAT_TIMEOUT", "100"))
     jax_heartbeat = JAX_HEARTBEAT_FACTOR * heartbeat
     if method == "env":
-        jax.distributed.initialize(coordinator_address=env["COORDINATOR_ADDRESS"],
-                                   num_processes=int(env["NUM_PROCESSES"]), process_id=int(env["PROCESS_ID"]),
-                                   heartbeat_timeout_seconds=jax_heartbeat)
+        jax.distributed.initialize(
+            coordinator_address=env["COORDINATOR_ADDRESS"],
+            num_processes=int(env["NUM_PROCESSES"]),
+            process_id=int(env["PROCESS_ID"]),
+            heartbeat_timeout_seconds=jax_heartbeat,
+        )
     else:  # JAX detects SLURM and Cloud TPU pods itself
         jax.distributed.initialize(heartbeat_timeout_seconds=jax_heartbeat)
     _initialized = True
     _start_watchdog(heartbeat)
-    log.warning("jax.distributed (%s): process %d of %d, %d local / %d global devices", method,
-                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.warning(
+        "jax.distributed (%s): process %d of %d, %d local / %d global devices",
+        method,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return method

@@ -33,8 +33,9 @@ def bucket(width: int) -> int:
     return size
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1,
-             buckets: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    prompts: list[list[int]], pad_id: int = 0, multiple: int = 1, buckets: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids and mask; the width is rounded up to `multiple`, or to a `bucket` size, so that
     varying prompt lengths share a few compiled shapes."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -44,8 +45,8 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, multiple: int = 1,
     ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(prompts), width), dtype=np.int32)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     return ids, mask
 
 
@@ -62,8 +63,9 @@ def _greedy_step(graphdef, state, tokens, mask, done, t, eos_id, pad_id):
     return tokens, mask, done | (next_ids == eos_id)
 
 
-def greedy_generate(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int,
-                    eos_id: int | None = None, pad_id: int = 0) -> np.ndarray:
+def greedy_generate(
+    model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0
+) -> np.ndarray:
     """New token ids (B, max_new_tokens); after an EOS a row continues with pad_id."""
     ids, mask = left_pad(prompts, pad_id)
     B, P = ids.shape
@@ -100,6 +102,7 @@ class Decoder(NamedTuple):
     MaxText's inference keeps them with scan_layers=False), beside the rest of the model. Made once per loaded
     model (`decoder`); slicing inside the compiled decode copied every layer's weights again on every `generate`
     call, `eval` makes one per batch, and held them twice while it ran (docs/benchmarks.md)."""
+
     graphdef: nnx.GraphDef  # the model without its stacked layers
     state: nnx.State
     layer_graphdef: nnx.GraphDef
@@ -118,8 +121,9 @@ def decoder(model: nnx.Module, consume: bool = False) -> Decoder:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 6, 9, 10, 11))
-def _decode(graphdef, state, layer_graphdef, layer_states, ids, mask, max_new_tokens, eos_id, key, temperature,
-            top_p, rules):
+def _decode(
+    graphdef, state, layer_graphdef, layer_states, ids, mask, max_new_tokens, eos_id, key, temperature, top_p, rules
+):
     with nn.logical_axis_rules(rules or ()):
         model = nnx.merge(graphdef, state)
         layers = [nnx.merge(layer_graphdef, s) for s in layer_states]
@@ -145,8 +149,9 @@ def _decode(graphdef, state, layer_graphdef, layer_states, ids, mask, max_new_to
             token = jnp.where(done, 0, token)
             out = out.at[:, t].set(token)
             done = done | (token == eos_id)
-            hidden, cache = model.decode_hidden_states(token[:, None], cache, layers, next_pos[:, None],
-                                                       jnp.ones((B, 1), mask.dtype))
+            hidden, cache = model.decode_hidden_states(
+                token[:, None], cache, layers, next_pos[:, None], jnp.ones((B, 1), mask.dtype)
+            )
             logits = model.lm_head(hidden[:, 0], out_dtype=jnp.float32)
             return t + 1, logits, cache, out, next_pos + 1, done
 
@@ -165,9 +170,17 @@ def shard_for_decoding(model: nnx.Module, mesh: Mesh, rules) -> nnx.Module:
     return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
-def generate(model: nnx.Module | Decoder, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, mesh: Mesh | None = None,
-             rules=None) -> np.ndarray:
+def generate(
+    model: nnx.Module | Decoder,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules=None,
+) -> np.ndarray:
     """New token ids (B, max_new_tokens) with a preallocated KV cache: one prefill, then one token per step
     inside a single compiled loop (no recompilation per step). After EOS a row is padded with 0.
 
@@ -188,9 +201,17 @@ def generate(model: nnx.Module | Decoder, prompts: list[list[int]], max_new_toke
         mask = jnp.concatenate([mask, jnp.repeat(mask[-1:], extra, 0)]) if extra else mask
         ids, mask = jax.device_put(ids, sh), jax.device_put(mask, sh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        out = _decode(*parts, ids, mask, max_new_tokens, jnp.int32(-1 if eos_id is None else eos_id),
-                      jax.random.key(seed), float(temperature), float(top_p),
-                      _hashable(rules) if mesh is not None else None)
+        out = _decode(
+            *parts,
+            ids,
+            mask,
+            max_new_tokens,
+            jnp.int32(-1 if eos_id is None else eos_id),
+            jax.random.key(seed),
+            float(temperature),
+            float(top_p),
+            _hashable(rules) if mesh is not None else None,
+        )
     return np.asarray(out)[:n]
 
 

@@ -9,7 +9,7 @@ from mellama_jax import sharding
 from mellama_jax.config import load_config
 from mellama_jax.model import count_params, init_abstract
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def describe(config_path: str | None = None, overrides: list[str] = (), model: str | None = None) -> str:

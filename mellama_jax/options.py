@@ -16,17 +16,36 @@ from typing import Any
 MISSING = dataclasses.MISSING
 
 
-def option(default: Any = MISSING, help: str | None = None, *, flag: str | None = None, type: Callable | None = None,
-           choices=None, metavar: str | None = None, positional: bool = False, nargs: str | None = None,
-           append: bool = False, collect: Callable | None = None) -> Any:
+def option(
+    default: Any = MISSING,
+    help: str | None = None,
+    *,
+    flag: str | None = None,
+    type: Callable | None = None,
+    choices=None,
+    metavar: str | None = None,
+    positional: bool = False,
+    nargs: str | None = None,
+    append: bool = False,
+    collect: Callable | None = None,
+) -> Any:
     """A request field that is also a command-line option.
 
     flag: the spelling when it is not `--field-name` (a bool defaulting to True is then a `--no-...` switch).
     type: reads one command-line text (the field's default is already the parsed value). append: the option may
     repeat, each value added to a list. collect: turns what argparse parsed into the field's value.
     """
-    cli = {"help": help, "flag": flag, "type": type, "choices": choices, "metavar": metavar,
-           "positional": positional, "nargs": nargs, "append": append, "collect": collect}
+    cli = {
+        "help": help,
+        "flag": flag,
+        "type": type,
+        "choices": choices,
+        "metavar": metavar,
+        "positional": positional,
+        "nargs": nargs,
+        "append": append,
+        "collect": collect,
+    }
     return dataclasses.field(default=default, metadata={"cli": cli})
 
 
@@ -87,6 +106,7 @@ def command(request: type, **parser: Any) -> Callable:
 
 # value types -------------------------------------------------------------------------------------------------------
 
+
 def number(kind, low=None, high=None, low_open=False):
     """An argparse type: `kind` within [low, high] ((low, high] with low_open), else a usage error."""
 
@@ -95,7 +115,8 @@ def number(kind, low=None, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
             lower, upper = low if low is not None else "-inf", high if high is not None else "inf"
             bounds = f"{'(' if low_open else '['}{lower}, {upper}]"
@@ -112,8 +133,17 @@ POSITIVE_NUMBER = number(float, 0.0, low_open=True)
 
 def size(text: str) -> int:
     """Bytes from '5GB', '500MB', '1.5GiB' or a plain integer."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     upper = text.strip().upper()
     for unit, factor in units.items():
         if upper.endswith(unit):

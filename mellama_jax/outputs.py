@@ -66,8 +66,10 @@ def check_destination(dest: str | Path, kind: str, overwrite: bool = False, inpu
     if not any(dest.iterdir()):
         return dest
     if not overwrite:
-        raise OutputError(f"{dest}: exists and is not empty; choose a new folder (or --overwrite to replace an "
-                          f"earlier '{kind}' output)")
+        raise OutputError(
+            f"{dest}: exists and is not empty; choose a new folder (or --overwrite to replace an "
+            f"earlier '{kind}' output)"
+        )
     if output_kind(dest) != kind:
         raise OutputError(f"{dest}: holds {_describe(dest)}; --overwrite replaces only an earlier '{kind}' output")
     return dest
@@ -128,8 +130,10 @@ def _remote_output(dest, kind: str) -> Iterator[Path]:
         except BaseException as e:
             storage.remove_tree(dest)  # no half-uploaded folder left behind
             if isinstance(e, OSError):  # the bucket or the network failed us: a one-line error, not a bug
-                raise OutputError(f"{dest}: the upload failed ({type(e).__name__}: {e}); nothing was left "
-                                  "there, run the command again") from None
+                raise OutputError(
+                    f"{dest}: the upload failed ({type(e).__name__}: {e}); nothing was left "
+                    "there, run the command again"
+                ) from None
             raise
 
 

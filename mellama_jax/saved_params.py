@@ -29,8 +29,10 @@ def save_params(path: str | Path, params: nnx.State) -> None:
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def check_params(path: str | Path, abstract: nnx.State) -> None:
@@ -45,17 +47,20 @@ def check_params(path: str | Path, abstract: nnx.State) -> None:
     except Exception as e:  # orbax reports a folder that is no checkpoint with assorted exception types
         raise ValueError(f"{where}: not a parameter checkpoint ({type(e).__name__}: {e})") from None
     if not found:
-        raise ValueError(f"{where}: not a parameter checkpoint (no arrays in its metadata; init_from takes a run's "
-                         "params/ or `convert hf-to-jax` output)")
+        raise ValueError(
+            f"{where}: not a parameter checkpoint (no arrays in its metadata; init_from takes a run's "
+            "params/ or `convert hf-to-jax` output)"
+        )
     expected = _shapes(nnx.to_pure_dict(abstract))
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ValueError(f"{where}: no parameter {missing[0]} (it holds {len(found)} arrays: another model, or "
-                         "not a parameter export?)")
+        raise ValueError(
+            f"{where}: no parameter {missing[0]} (it holds {len(found)} arrays: another model, or "
+            "not a parameter export?)"
+        )
     for name, shape in expected.items():
         if found[name] != shape:
-            raise ValueError(f"{where}: {name} has shape {found[name]}, this model needs {shape} (another model "
-                             "size?)")
+            raise ValueError(f"{where}: {name} has shape {found[name]}, this model needs {shape} (another model size?)")
 
 
 def _read_budget(path, abstract: nnx.State) -> float:

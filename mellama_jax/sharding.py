@@ -33,12 +33,13 @@ def _resolve(shape: dict[str, int], total: int, kind: str) -> dict[str, int]:
 
 
 def parse_layout(text: str) -> dict[str, int]:
-    """"fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2} (the command-line form of a mesh layout)."""
+    """ "fsdp=4,tensor=2" -> {"fsdp": 4, "tensor": 2} (the command-line form of a mesh layout)."""
     try:
         return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
     except ValueError:
-        raise ConfigError(f"mesh layout {text!r}: expected axis=size pairs joined by commas, "
-                          "e.g. fsdp=4,tensor=2") from None
+        raise ConfigError(
+            f"mesh layout {text!r}: expected axis=size pairs joined by commas, e.g. fsdp=4,tensor=2"
+        ) from None
 
 
 def layout_overrides(text: str, slices: int = 1) -> list[str]:
@@ -46,8 +47,10 @@ def layout_overrides(text: str, slices: int = 1) -> list[str]:
     (unnamed axes: 1); `slices` > 1 adds data parallelism across TPU slices (dcn)."""
     ici = parse_layout(text)
     axes = ("data", "fsdp", "tensor")
-    return ["mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in axes) + "}",
-            "mesh.dcn={" + ", ".join(f"{a}: {slices if a == 'data' else 1}" for a in axes) + "}"]
+    return [
+        "mesh.ici={" + ", ".join(f"{a}: {ici.get(a, 1)}" for a in axes) + "}",
+        "mesh.dcn={" + ", ".join(f"{a}: {slices if a == 'data' else 1}" for a in axes) + "}",
+    ]
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int, num_processes: int = 1) -> tuple[dict[str, int], dict[str, int]]:
@@ -86,8 +89,9 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     ici, dcn = mesh_shape(cfg, len(devices), granules)
     names = tuple(ici)
     if math.prod(dcn.values()) > 1:
-        array = mesh_utils.create_hybrid_device_mesh(tuple(ici.values()), tuple(dcn.values()), devices,
-                                                     process_is_granule=by_process)
+        array = mesh_utils.create_hybrid_device_mesh(
+            tuple(ici.values()), tuple(dcn.values()), devices, process_is_granule=by_process
+        )
     else:
         array = mesh_utils.create_device_mesh(tuple(ici.values()), devices, allow_split_physical_axes=True)
     return Mesh(array, names, axis_types=(AxisType.Auto,) * len(names))
@@ -105,14 +109,17 @@ def shard_shape(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh_sha
         axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
         ways = math.prod(mesh_shape.get(a, 1) for a in axes)
         if dim % ways:
-            raise ConfigError(f"{name}: dimension {dim} (logical {logical}) does not divide over mesh axes {axes} "
-                              f"of size {ways}; choose a mesh (or rules) whose axes divide it")
+            raise ConfigError(
+                f"{name}: dimension {dim} (logical {logical}) does not divide over mesh axes {axes} "
+                f"of size {ways}; choose a mesh (or rules) whose axes divide it"
+            )
         shard.append(dim // ways)
     return tuple(shard)
 
 
-def named_sharding(mesh: Mesh, logical: tuple, rules, shape: tuple[int, ...] | None = None,
-                   name: str = "array") -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, logical: tuple, rules, shape: tuple[int, ...] | None = None, name: str = "array"
+) -> NamedSharding:
     spec = logical_to_spec(logical, rules)
     if shape is not None:
         shard_shape(name, shape, spec, dict(mesh.shape), logical)

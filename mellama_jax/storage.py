@@ -30,6 +30,7 @@ from filelock import FileLock
 
 FETCH_STREAMS = 8  # objects fetched at once
 
+
 def is_remote(path: str | os.PathLike | None) -> bool:
     """A URL (scheme://...) rather than a local path."""
     return path is not None and "://" in str(path)
@@ -45,8 +46,9 @@ def path(location: str | os.PathLike):
     try:
         import gcsfs  # noqa: F401  (etils.epath's backend for gs://)
     except ImportError:
-        raise FileNotFoundError(f"{text}: gs:// paths need the gcsfs package (pip install 'mellama-jax[gcs]')") \
-            from None
+        raise FileNotFoundError(
+            f"{text}: gs:// paths need the gcsfs package (pip install 'mellama-jax[gcs]')"
+        ) from None
     import fsspec.config
     from etils import epath
 
@@ -115,7 +117,7 @@ def _fetch(src, dest: Path, context: int) -> None:
             top, relatives = str(src).partition("://")[2], []
             for root, _, files in src.walk():  # (etils gives `root` without its scheme: only its tail is used)
                 below = str(root).partition("://")[2] or str(root)
-                relatives += [f"{below[len(top):]}/{name}".strip("/") for name in files]
+                relatives += [f"{below[len(top) :]}/{name}".strip("/") for name in files]
             with ThreadPoolExecutor(FETCH_STREAMS) as pool:  # one stream per object is slower than a VM's link
                 list(pool.map(lambda relative: _fetch_file(src / relative, dest / relative), relatives))
         else:
@@ -133,8 +135,11 @@ def upload(local: Path, remote: str | os.PathLike, last: str | None = None, name
     """Copy the files of folder `local` (or only `names`, relative paths) to `remote`; the file `last` after all
     the others, so that its presence says the upload is complete."""
     dest = path(remote)
-    files = [Path(n) for n in names] if names is not None else sorted(
-        p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    files = (
+        [Path(n) for n in names]
+        if names is not None
+        else sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    )
     ordered = [f for f in files if str(f) != last]
     if last is not None and (local / last).exists():
         ordered.append(Path(last))
@@ -180,13 +185,22 @@ class RunMirror:
         try:
             self._upload()
         except (OSError, ValueError) as e:
-            print(f"warning: {self.run_dir}: uploading metrics failed ({type(e).__name__}: {e}); retried at the next "
-                  "checkpoint", file=sys.stderr, flush=True)
+            print(
+                f"warning: {self.run_dir}: uploading metrics failed ({type(e).__name__}: {e}); retried at the next "
+                "checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
 
     close = sync  # the run's last upload (contextlib.closing)
 
     def _upload(self) -> None:
-        names = [p.relative_to(self.local) for name in self.FILES for p in (
-            self.local.joinpath(name).rglob("*") if self.local.joinpath(name).is_dir()
-            else [self.local / name]) if p.is_file()]
+        names = [
+            p.relative_to(self.local)
+            for name in self.FILES
+            for p in (
+                self.local.joinpath(name).rglob("*") if self.local.joinpath(name).is_dir() else [self.local / name]
+            )
+            if p.is_file()
+        ]
         upload(self.local, self.run_dir, names=names)

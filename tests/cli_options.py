@@ -44,10 +44,21 @@ def _options(parser: argparse.ArgumentParser) -> list[dict]:
     for a in parser._actions:
         if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
-        rows.append({"flags": list(a.option_strings), "dest": a.dest, "default": _parsed_default(a),
-                     "help": a.help, "choices": sorted(map(str, a.choices)) if a.choices else None,
-                     "required": a.required, "nargs": a.nargs, "metavar": a.metavar,
-                     "action": type(a).__name__, "const": repr(a.const), "type": _typed(a)})
+        rows.append(
+            {
+                "flags": list(a.option_strings),
+                "dest": a.dest,
+                "default": _parsed_default(a),
+                "help": a.help,
+                "choices": sorted(map(str, a.choices)) if a.choices else None,
+                "required": a.required,
+                "nargs": a.nargs,
+                "metavar": a.metavar,
+                "action": type(a).__name__,
+                "const": repr(a.const),
+                "type": _typed(a),
+            }
+        )
     return sorted(rows, key=lambda r: (r["flags"], r["dest"]))
 
 
@@ -58,8 +69,13 @@ def snapshot(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dic
         if isinstance(a, argparse._SubParsersAction):
             helps = {c.dest: c.help for c in a._choices_actions}
             for name, sub in a.choices.items():
-                out[" ".join(path + (name,))] = {"help": helps.get(name), "prog": sub.prog, "epilog": sub.epilog,
-                                             "description": sub.description, "options": _options(sub)}
+                out[" ".join(path + (name,))] = {
+                    "help": helps.get(name),
+                    "prog": sub.prog,
+                    "epilog": sub.epilog,
+                    "description": sub.description,
+                    "options": _options(sub),
+                }
                 out.update(snapshot(sub, path + (name,)))
     return out
 

@@ -41,10 +41,22 @@ def shared_data(*parts: str) -> Path:
 def hf_tiny_config(num_kv_heads: int, **kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=160, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=num_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
-                rope_theta=10000.0, initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                tie_word_embeddings=False)
+    base = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.08,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -85,8 +97,9 @@ def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-data")
     texts = [t for lines in sample_texts().values() for t in lines]
     tok = Tokenizer.train(texts, vocab_size=512).save(root / "tok")
-    prepare_pretrain(PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre"),
-                     progress=False)
+    prepare_pretrain(
+        PretrainDataRequest({s: [_demo_file(f"{s}.jsonl")] for s in SOURCES}, tok, root / "pre"), progress=False
+    )
     prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], tok, root / "ins", 64))
     return root
 
@@ -118,12 +131,33 @@ def bucket(tmp_path_factory):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = open(root / "server.log", "w")
-    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                               "-external-url", url, "-backend", "filesystem", "-filesystem-root",
-                               str(root / "data"), "-log-level", "warn"], stdout=log, stderr=log)
-    request = urllib.request.Request(f"{url}/storage/v1/b?project=test", method="POST",
-                                     data=json.dumps({"name": "mellama-test"}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    server = subprocess.Popen(
+        [
+            str(binary),
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-external-url",
+            url,
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+            str(root / "data"),
+            "-log-level",
+            "warn",
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b?project=test",
+        method="POST",
+        data=json.dumps({"name": "mellama-test"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     for _ in range(100):
         try:
             urllib.request.urlopen(request).close()
@@ -132,8 +166,11 @@ def bucket(tmp_path_factory):
             assert server.poll() is None, (root / "server.log").read_text()
             time.sleep(0.1)
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "MELLAMA_CACHE")}
-    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-                      MELLAMA_CACHE=str(tmp_path_factory.mktemp("fetch-cache")))
+    os.environ.update(
+        STORAGE_EMULATOR_HOST=url,
+        TENSORSTORE_GCS_HTTP_URL=url,
+        MELLAMA_CACHE=str(tmp_path_factory.mktemp("fetch-cache")),
+    )
     yield "gs://mellama-test"
     server.terminate()
     server.wait()

@@ -54,8 +54,14 @@ def test_causal_query_blocks_match_the_whole_matrix(rng, monkeypatch):
     assert attention.query_blocks(256, 256, False) == ((0, 256, 256),)
     monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
     B, T, H, K, D = 2, 50, 8, 2, 16
-    assert [b[:2] for b in attention.query_blocks(T, T, True, 8)] == [(0, 9), (9, 18), (18, 27), (27, 36), (36, 45),
-                                                                      (45, 50)]
+    assert [b[:2] for b in attention.query_blocks(T, T, True, 8)] == [
+        (0, 9),
+        (9, 18),
+        (18, 27),
+        (27, 36),
+        (36, 45),
+        (45, 50),
+    ]
     q, g = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.normal(size=(B, T, K, D)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 25 + [0] * 5], B, axis=0))
@@ -92,15 +98,19 @@ def test_rotary_inside_the_reference_equals_rotating_first(rng, monkeypatch):
         return jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
 
     value, grads = value_and_grads(lambda q, k, v: attention.attend(q, k, v, mask, "xla", True, rotary=(cos, sin)))
-    ref_value, ref_grads = value_and_grads(lambda q, k, v: attention.attend(
-        rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product"))
+    ref_value, ref_grads = value_and_grads(
+        lambda q, k, v: attention.attend(rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product")
+    )
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for ours, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-4)
     # the other kernels get q and k rotated before them
     other = attention.attend(q, k, v, mask, "dot_product", True, rotary=(cos, sin))
-    np.testing.assert_allclose(np.asarray(other), np.asarray(attention.attend(
-        rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product")), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(other),
+        np.asarray(attention.attend(rope.apply(q, cos, sin), rope.apply(k, cos, sin), v, mask, "dot_product")),
+        atol=1e-6,
+    )
 
 
 def test_reference_attention_by_hand(rng):
@@ -110,8 +120,11 @@ def test_reference_attention_by_hand(rng):
     k = rng.normal(size=(1, T, 1, D)).astype(np.float32)
     v = rng.normal(size=(1, T, 1, D)).astype(np.float32)
     seg = np.array([[1, 1, 1, 2, 2, 2]])
-    out = np.asarray(attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                      attention.make_mask(jnp.asarray(seg), jnp.asarray(seg))))
+    out = np.asarray(
+        attention.attend(
+            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), attention.make_mask(jnp.asarray(seg), jnp.asarray(seg))
+        )
+    )
     t = 4  # sees keys 3 and 4 only: same document, not the future
     s = np.array([q[0, t, 0] @ k[0, j, 0] / np.sqrt(D) for j in (3, 4)])
     p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
@@ -177,8 +190,19 @@ def test_attention_choices_resolve_and_decoding_keeps_the_reference(rng):
 def test_bench_attention_reports_errors_against_the_reference():
     from mellama_jax.bench.attention import AttentionBenchRequest, bench_attention
 
-    result = bench_attention(AttentionBenchRequest(("xla", "dot_product", "cudnn"), batch=1, seq=32, heads=4,
-                                                   kv_heads=2, head_dim=16, dtype="float32", docs=2, steps=1))
+    result = bench_attention(
+        AttentionBenchRequest(
+            ("xla", "dot_product", "cudnn"),
+            batch=1,
+            seq=32,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            dtype="float32",
+            docs=2,
+            steps=1,
+        )
+    )
     xla, dot, cudnn = result["rows"]
     assert xla["rel_err_dq"] == 0 and dot["rel_err_dk"] < 1e-5 and dot["fwd_bwd_ms"] > 0
     assert "cuDNN" in cudnn["error"]  # no GPU here: reported as a row, not raised
@@ -229,7 +253,7 @@ def test_packed_layout_as_cudnn_receives_it():
         runs = np.diff(np.flatnonzero(np.r_[True, (flat[1:] != flat[:-1]) | (np.arange(1, B * T) % T == 0), True]))
         n = len(runs)
         np.testing.assert_array_equal(lengths[:n], runs)
-        np.testing.assert_array_equal(offsets[:n + 1], np.r_[0, np.cumsum(runs)])
+        np.testing.assert_array_equal(offsets[: n + 1], np.r_[0, np.cumsum(runs)])
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])

@@ -13,8 +13,19 @@ from mellama_jax.train import flops
 
 @pytest.mark.slow  # 14 s; bench pair and bench baseline's tests time the same steps (make test-all runs it)
 def test_bench_mesh_reports_each_layout(tmp_path):
-    result = bench_mesh(MeshBenchRequest("tiny-gqa", ("data=8", "fsdp=4,tensor=2", "tensor=8"), seq=32, batch=8,
-                                         remat="none", dtype="float32", warmup=1, steps=2, png=tmp_path / "mesh.png"))
+    result = bench_mesh(
+        MeshBenchRequest(
+            "tiny-gqa",
+            ("data=8", "fsdp=4,tensor=2", "tensor=8"),
+            seq=32,
+            batch=8,
+            remat="none",
+            dtype="float32",
+            warmup=1,
+            steps=2,
+            png=tmp_path / "mesh.png",
+        )
+    )
     ok, ok2, bad = result["layouts"]
     assert "does not divide" in bad["error"]
     for r in (ok, ok2):
@@ -26,8 +37,9 @@ def test_bench_mesh_reports_each_layout(tmp_path):
         rates = r["peak_tflops_beside_steps"]
         assert len(rates) == len(r["step_s_all"]) == 2
         assert r["peak_tflops_per_device"] == pytest.approx(statistics.median(rates) / 8)
-        assert r["mfu"] == pytest.approx(statistics.median(
-            per_token * 8 * 32 / t / (rate * 1e12) for t, rate in zip(r["step_s_all"], rates)))
+        assert r["mfu"] == pytest.approx(
+            statistics.median(per_token * 8 * 32 / t / (rate * 1e12) for t, rate in zip(r["step_s_all"], rates))
+        )
     assert (tmp_path / "mesh.png").stat().st_size > 1000
     assert markdown(result).count("\n") == 4
 
@@ -46,16 +58,21 @@ def test_bench_pair_interleaves_variants(capsys):
     from mellama_jax.bench.pair import PairBenchRequest, bench_pair
     from mellama_jax.cli import main
 
-    result = bench_pair(PairBenchRequest("tiny", seq=32, batch=2, variants=((), ("model.scan_layers=false",)),
-                                         rounds=3, warmup=1))
+    result = bench_pair(
+        PairBenchRequest("tiny", seq=32, batch=2, variants=((), ("model.scan_layers=false",)), rounds=3, warmup=1)
+    )
     first, second = result["rows"]
     assert second["overrides"] == ["model.scan_layers=false"] and first["speed_vs_first"] == 1.0
     assert second["speed_vs_first"] == pytest.approx(first["step_s_median"] / second["step_s_median"])
     per_token = flops.train_flops_per_token(load_model_preset("tiny"), 32)
     for row in (first, second):
         assert len(row["step_s_all"]) == len(row["peak_tflops_beside_steps"]) == 3
-        assert row["mfu"] == pytest.approx(statistics.median(
-            per_token * 64 / t / (rate * 1e12) for t, rate in zip(row["step_s_all"], row["peak_tflops_beside_steps"])))
+        assert row["mfu"] == pytest.approx(
+            statistics.median(
+                per_token * 64 / t / (rate * 1e12)
+                for t, rate in zip(row["step_s_all"], row["peak_tflops_beside_steps"])
+            )
+        )
     assert main(["bench", "pair", "--variant", "model.scan_layers=false"]) == 2
     assert "two or more --variant" in capsys.readouterr().err
 
@@ -63,8 +80,9 @@ def test_bench_pair_interleaves_variants(capsys):
 def test_bench_decode_compares_the_same_tokens():
     from mellama_jax.bench.decode import DecodeBenchRequest, bench_decode
 
-    result = bench_decode(DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1,
-                                             dtype="float32"))
+    result = bench_decode(
+        DecodeBenchRequest("tiny", batches=(1, 3), prompt_len=5, new_tokens=6, repeats=1, dtype="float32")
+    )
     for row in result["rows"]:
         assert row["same_tokens"]  # both sides decoded the same greedy continuation
         assert row["ratio"] == pytest.approx(row["jax_tokens_per_s"] / row["hf_tokens_per_s"])
@@ -75,8 +93,9 @@ def test_bench_load_reports_each_layout_in_a_fresh_process():
     least the model, above the once-loaded peak by no more than the decode's own memory."""
     from mellama_jax.bench.load import GiB, LoadBenchRequest, bench_load
 
-    result = bench_load(LoadBenchRequest("tiny", layers=1, meshes=("tensor=2", "none"), dtypes=("bfloat16",),
-                                         devices=2))
+    result = bench_load(
+        LoadBenchRequest("tiny", layers=1, meshes=("tensor=2", "none"), dtypes=("bfloat16",), devices=2)
+    )
     assert [(r["mesh"], r["dtype"]) for r in result["rows"]] == [("tensor=2", "bfloat16"), ("none", "bfloat16")]
     for row in result["rows"]:
         assert "error" not in row, row
@@ -109,8 +128,17 @@ def test_bench_memory_runs_a_recipe_as_the_planner_plans_it():
     row = bench_memory_layouts(MemoryBenchRequest("tiny", ("fsdp=4,tensor=2",), 32, 16, extra, config=recipe))
     row = row["layouts"][0]
     assert "error" not in row, row
-    cfg = load_config(recipe, ["train.steps=1000", "model=tiny", "train.seq_len=32", "train.batch_size=16",
-                               *layout_overrides("fsdp=4,tensor=2"), *extra])
+    cfg = load_config(
+        recipe,
+        [
+            "train.steps=1000",
+            "model=tiny",
+            "train.seq_len=32",
+            "train.batch_size=16",
+            *layout_overrides("fsdp=4,tensor=2"),
+            *extra,
+        ],
+    )
     assert row["planned_bytes_per_device"] == plan_layout(cfg)["xla_bytes"]
 
 
@@ -123,21 +151,26 @@ def test_bench_trace_sums_device_kernels_by_category(tmp_path):
     def kernel(name, ts, dur, pid=1):
         return {"ph": "X", "pid": pid, "tid": 7, "ts": ts, "dur": dur, "name": name}
 
-    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-              {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
-              kernel("nvjet_sm90_tss_256x128", 0, 3000), kernel("gemm_fusion_dot_16", 3000, 1000),
-              kernel("sm90_xmma_gemm_f32f32_tf32f32_f32_nt", 4000, 2000),
-              kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 6000, 1500),
-              kernel("memcpy128", 7500, 500), kernel("loop_add_fusion_4", 8000, 2000),
-              kernel("host work", 0, 99000, pid=9)]
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
+        kernel("nvjet_sm90_tss_256x128", 0, 3000),
+        kernel("gemm_fusion_dot_16", 3000, 1000),
+        kernel("sm90_xmma_gemm_f32f32_tf32f32_f32_nt", 4000, 2000),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 6000, 1500),
+        kernel("memcpy128", 7500, 500),
+        kernel("loop_add_fusion_4", 8000, 2000),
+        kernel("host work", 0, 99000, pid=9),
+    ]
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     s = summarize(path, steps=2)
     assert s["kernel_ms_per_step"] == pytest.approx(5.0) and s["span_ms_per_step"] == pytest.approx(5.0)
     ms = {k: v["ms"] for k, v in s["categories"].items()}
-    assert ms == pytest.approx({"matmul": 2.0, "matmul (fp32/tf32)": 1.0, "attention": 0.75, "copy": 0.25,
-                                "elementwise and reductions": 1.0})
+    assert ms == pytest.approx(
+        {"matmul": 2.0, "matmul (fp32/tf32)": 1.0, "attention": 0.75, "copy": 0.25, "elementwise and reductions": 1.0}
+    )
     assert s["top"][0]["kernel"] == "nvjet_sm90_tss_256x128" and "| matmul | 2.0 | 40% |" in markdown(s)
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events[1:2] + events[-1:]}, f)

@@ -34,14 +34,31 @@ def test_info_reports_bad_config(capsys):
 
 @pytest.mark.slow  # 2 minutes, and `make demo` runs the same pipeline; `make test-all` runs it
 def test_demo_runs_the_whole_pipeline(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "demo", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "mellama_jax.cli", "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("1. tokenizer", "2. data", "3. continual pretraining", "4. LoRA instruction tuning",
-                  "5. export", "6. transformers"):
+    for stage in (
+        "1. tokenizer",
+        "2. data",
+        "3. continual pretraining",
+        "4. LoRA instruction tuning",
+        "5. export",
+        "6. transformers",
+    ):
         assert stage in result.stdout
-    for path in ("pretrain/params", "lora/adapters", "hf/config.json", "hf/model.safetensors",
-                 "pretrain/metrics.jsonl", "pretrain/loss.png", "lora/checkpoints"):
+    for path in (
+        "pretrain/params",
+        "lora/adapters",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "pretrain/metrics.jsonl",
+        "pretrain/loss.png",
+        "lora/checkpoints",
+    ):
         assert (tmp_path / path).exists(), path
     # Without transformers (a plain `pip install`) the demo answers with our own decoder on the base + adapters:
     # the same greedy answers transformers gave from the merged export.
@@ -54,8 +71,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 
 def test_a_reader_that_goes_away_is_not_an_error():
     """`mellama-jax info ... | head -1`: the pipe closes before the output is written; no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "mellama_jax.cli", "info", "--model", "llama2-70b"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mellama_jax.cli", "info", "--model", "llama2-70b"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # the reader is gone before the command prints
     err = proc.stderr.read().decode()
     assert proc.wait() == 141, err

@@ -46,8 +46,13 @@ def expected():
 def start(cache: Path, go: Path, name: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: a quick start
     env.update(MELLAMA_COMPILE_CACHE=str(cache), JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-c", PROGRAM, str(go), name], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", PROGRAM, str(go), name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> tuple[dict, str]:
@@ -82,16 +87,21 @@ def test_where_the_cache_lives(tmp_path):
     assert compile_cache.directory({}) == home
     assert compile_cache.directory({"XDG_CACHE_HOME": "/x"}) == Path("/x/mellama-jax/jax")
     assert compile_cache.directory({"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/x"}) == Path("/j")
-    assert compile_cache.directory({"MELLAMA_COMPILE_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": "/j"}) \
-        == tmp_path
+    assert (
+        compile_cache.directory({"MELLAMA_COMPILE_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": "/j"}) == tmp_path
+    )
     assert compile_cache.directory({"MELLAMA_COMPILE_CACHE": "off", "XDG_CACHE_HOME": "/x"}) is None
     # the test session's own folder, never the user's home (tests/conftest.py)
     assert compile_cache.directory() == Path(os.environ["MELLAMA_COMPILE_CACHE"]) != home
 
 
 def test_only_commands_that_compile_turn_it_on(monkeypatch, tmp_path):
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_compilation_cache_max_size",
+    )
     before = {n: getattr(jax.config, n) for n in names}
     monkeypatch.setenv("MELLAMA_COMPILE_CACHE", str(tmp_path))
     try:

@@ -23,31 +23,34 @@ def test_preset_and_overrides(tmp_path):
     assert load_config(None, ["model.preset=tiny-gqa"]).model.num_kv_heads == 2
 
 
-@pytest.mark.parametrize("text, overrides, message", [
-    ("model: {preset: tiny, hidden_sise: 3}\n", [], "unknown key(s) ['hidden_sise']"),
-    ("model: {preset: tiny}\n", ["model.num_layers=two"], "model.num_layers: expected an integer"),
-    ("model: {preset: tiny}\n", ["model.dtype=float8"], "model.dtype must be one of"),
-    ("model: {preset: tiny, num_kv_heads: 3}\n", [], "not a multiple of num_kv_heads=3"),
-    ("model: {preset: nosuch}\n", [], "unknown model preset 'nosuch'"),
-    ("model: [1, 2\n", [], "invalid YAML"),
-    ("- 1\n", [], "top level must be a mapping"),
-    ("mesh: {ici: {fsdp: -1, tensor: -1}}\n", [], "at most one axis may be -1"),
-    ("mesh: {rules: [[embed, fsdq]]}\n", [], "names mesh axes ['fsdq']"),
-    ("model: {preset: tiny}\n", ["model.remat"], "not of the form key=value"),
-    # settings whose 0 or negative value would mean something other than a reader thinks: refused
-    ("checkpoint: {keep_last: 0}\n", [], "checkpoint.keep_last must be at least 1"),
-    ("checkpoint: {keep_every: -5}\n", [], "checkpoint.keep_every must not be negative"),
-    ("run: {eval_batches: 0}\n", [], "run.eval_batches must be at least 1"),
-    ("run: {eval_every: -1}\n", [], "run.eval_every must not be negative"),
-    ("data: {mixture: {biomedical: 15, clinical: -1}}\n", [], "weights must not be negative"),
-    ("data: {mixture: {biomedical: 0}}\n", [], "one must be positive"),
-    ("data: {read_threads: 0}\n", [], "data.read_threads must be at least 1"),
-    ("train: {mode: lora}\nlora: {alpha: 0}\n", [], "lora.alpha must be positive"),
-    # dropout 1 drops every adapter input and divides the kept ones by 1 - 1 = 0
-    ("train: {mode: lora}\nlora: {dropout: 1.0}\n", [], "lora.dropout must lie in [0, 1), got 1.0"),
-    ("train: {z_loss: -0.1}\n", [], "train.z_loss must not be negative"),
-    ("seed: -1\n", [], "seed must not be negative"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("model: {preset: tiny, hidden_sise: 3}\n", [], "unknown key(s) ['hidden_sise']"),
+        ("model: {preset: tiny}\n", ["model.num_layers=two"], "model.num_layers: expected an integer"),
+        ("model: {preset: tiny}\n", ["model.dtype=float8"], "model.dtype must be one of"),
+        ("model: {preset: tiny, num_kv_heads: 3}\n", [], "not a multiple of num_kv_heads=3"),
+        ("model: {preset: nosuch}\n", [], "unknown model preset 'nosuch'"),
+        ("model: [1, 2\n", [], "invalid YAML"),
+        ("- 1\n", [], "top level must be a mapping"),
+        ("mesh: {ici: {fsdp: -1, tensor: -1}}\n", [], "at most one axis may be -1"),
+        ("mesh: {rules: [[embed, fsdq]]}\n", [], "names mesh axes ['fsdq']"),
+        ("model: {preset: tiny}\n", ["model.remat"], "not of the form key=value"),
+        # settings whose 0 or negative value would mean something other than a reader thinks: refused
+        ("checkpoint: {keep_last: 0}\n", [], "checkpoint.keep_last must be at least 1"),
+        ("checkpoint: {keep_every: -5}\n", [], "checkpoint.keep_every must not be negative"),
+        ("run: {eval_batches: 0}\n", [], "run.eval_batches must be at least 1"),
+        ("run: {eval_every: -1}\n", [], "run.eval_every must not be negative"),
+        ("data: {mixture: {biomedical: 15, clinical: -1}}\n", [], "weights must not be negative"),
+        ("data: {mixture: {biomedical: 0}}\n", [], "one must be positive"),
+        ("data: {read_threads: 0}\n", [], "data.read_threads must be at least 1"),
+        ("train: {mode: lora}\nlora: {alpha: 0}\n", [], "lora.alpha must be positive"),
+        # dropout 1 drops every adapter input and divides the kept ones by 1 - 1 = 0
+        ("train: {mode: lora}\nlora: {dropout: 1.0}\n", [], "lora.dropout must lie in [0, 1), got 1.0"),
+        ("train: {z_loss: -0.1}\n", [], "train.z_loss must not be negative"),
+        ("seed: -1\n", [], "seed must not be negative"),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path, text, overrides, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -51,8 +51,11 @@ def all_tensors(directory: Path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kv_heads, dtype", [(4, torch.float32), (2, torch.float32), (2, torch.bfloat16)],
-                         ids=["mha-fp32", "gqa-fp32", "gqa-bf16"])
+@pytest.mark.parametrize(
+    "kv_heads, dtype",
+    [(4, torch.float32), (2, torch.float32), (2, torch.bfloat16)],
+    ids=["mha-fp32", "gqa-fp32", "gqa-bf16"],
+)
 def test_round_trip_is_bit_exact(tmp_path, tokenizer_file, kv_heads, dtype):
     src = make_hf_dir(tmp_path / "hf", kv_heads, seed=kv_heads, dtype=dtype, tokenizer=tokenizer_file)
     hf_to_jax(ImportRequest(src, tmp_path / "jax"), progress=False)
@@ -117,9 +120,15 @@ def test_converted_model_matches_in_transformers(tmp_path, tokenizer_file, kv_he
     new = greedy_generate(ours, prompts, 20)
     for p, row in zip(prompts, new):
         with torch.no_grad():
-            gen = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-        np.testing.assert_array_equal(row, gen[0, len(p):].numpy())
+            gen = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=20,
+                min_new_tokens=20,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        np.testing.assert_array_equal(row, gen[0, len(p) :].numpy())
     report = verify(VerifyRequest(out, params))
     assert report["max_abs_logit_diff"] < 1e-4 and report["mean_kl"] < 1e-9
 
@@ -152,8 +161,15 @@ def test_trainer_restores_hf_to_jax_output_sharded(tmp_path, tokenizer_file):
     from mellama_jax.config import load_config
     from mellama_jax.train.step import build_trainer
 
-    cfg = load_config(None, [f"model={params / 'model.yaml'}", "train.seq_len=16", "train.steps=2",
-                             "mesh.ici={data: 1, fsdp: 4, tensor: 2}"])
+    cfg = load_config(
+        None,
+        [
+            f"model={params / 'model.yaml'}",
+            "train.seq_len=16",
+            "train.steps=2",
+            "mesh.ici={data: 1, fsdp: 4, tensor: 2}",
+        ],
+    )
     trainer, state, _ = build_trainer(cfg)
     loaded = saved_params.load_params(params, state.params, trainer.state_shardings.params)
     wq = dict(nnx.to_flat_state(loaded))[("layers", "attn", "wq", "kernel")].get_value()
@@ -197,7 +213,7 @@ def test_converted_modules_match_transformers_modules(rng):
         same(attn.q_proj, layer.attn.wq, x)
         same(attn.k_proj, layer.attn.wk, x)
         same(attn.v_proj, layer.attn.wv, x)
-        same(attn.o_proj, layer.attn.wo, x[:, :H * Dh], x[:, :H * Dh].reshape(5, H, Dh))
+        same(attn.o_proj, layer.attn.wo, x[:, : H * Dh], x[:, : H * Dh].reshape(5, H, Dh))
         same(mlp.gate_proj, layer.mlp.w_gate, x)
         same(mlp.up_proj, layer.mlp.w_up, x)
         same(mlp.down_proj, layer.mlp.w_down, h)
@@ -248,8 +264,9 @@ def test_peft_adapters_and_merged_export_match_jax(lora_run, tmp_path):
         ref = peft_model(torch.tensor(ids)).logits.numpy()
     assert np.abs(ref - plain).max() > 1e-2  # the adapters matter
     assert np.abs(ref - ours).max() <= 1e-4
-    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters",
-                                     merge=True), progress=False)
+    merged = jax_to_hf(
+        ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True), progress=False
+    )
     with torch.no_grad():
         ref_merged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(torch.tensor(ids)).logits
     assert np.abs(ref_merged.numpy() - ours).max() <= 1e-4
@@ -276,15 +293,18 @@ def test_adapter_gradients_match_peft_autograd(lora_run, tmp_path):
     graphdef, ad_abs, base_abs = nnx.split(init_abstract(model_cfg, lora), nnx.LoRAParam, ...)
     frozen = load_params_local(base, base_abs)
     grads = jax.grad(lambda ad: jnp.sum(nnx.merge(graphdef, ad, frozen)(jnp.asarray(ids)) * cotangent))(
-        load_params_local(run / "adapters", ad_abs))
+        load_params_local(run / "adapters", ad_abs)
+    )
     save_params(tmp_path / "grads" / "adapters", grads)
     shutil.copyfile(run / "config.yaml", tmp_path / "grads" / "config.yaml")
-    grad_dir = jax_to_hf(ExportRequest(base, tmp_path / "grads-peft", adapters=tmp_path / "grads" / "adapters"),
-                         progress=False)
+    grad_dir = jax_to_hf(
+        ExportRequest(base, tmp_path / "grads-peft", adapters=tmp_path / "grads" / "adapters"), progress=False
+    )
     ours = load_file(str(grad_dir / "adapter_model.safetensors"))
     adapter_dir = jax_to_hf(ExportRequest(base, tmp_path / "peft", adapters=run / "adapters"), progress=False)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32),
-                                           adapter_dir, is_trainable=True)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), adapter_dir, is_trainable=True
+    )
     (peft_model(torch.tensor(ids)).logits * torch.tensor(cotangent)).sum().backward()
     ref = {n.replace(".default", ""): p.grad.numpy() for n, p in peft_model.named_parameters() if "lora_" in n}
     assert set(ref) == set(ours) and len(ref) == 2 * 4 * model_cfg.num_layers
@@ -298,8 +318,9 @@ def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path, tokeni
     from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer
 
-    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.steps=2",
-                             "mesh.ici={data: 1, fsdp: 4, tensor: 2}"])
+    cfg = load_config(
+        None, ["model=tiny-gqa", "train.seq_len=16", "train.steps=2", "mesh.ici={data: 1, fsdp: 4, tensor: 2}"]
+    )
     trainer, state, _ = build_trainer(cfg)
     mngr = checkpoint.manager(tmp_path / "run" / "checkpoints", cfg.checkpoint)
     import orbax.checkpoint as ocp
@@ -308,8 +329,10 @@ def test_export_from_a_training_checkpoint_written_by_8_devices(tmp_path, tokeni
     mngr.wait_until_finished()
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     shutil.copyfile(tokenizer_file, tmp_path / "run" / "tokenizer.model")  # as a run carries it
-    out = jax_to_hf(ExportRequest(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32"),
-                    progress=False)
+    out = jax_to_hf(
+        ExportRequest(tmp_path / "run" / "checkpoints" / "0" / "state", tmp_path / "hf", dtype="float32"),
+        progress=False,
+    )
     tensors = all_tensors(out)
     wo = np.asarray(dict(nnx.to_flat_state(state.params))[("layers", "attn", "wo", "kernel")].get_value())
     np.testing.assert_array_equal(tensors["model.layers.2.self_attn.o_proj.weight"], wo[2].reshape(64, 64).T)
@@ -367,11 +390,25 @@ FAULTS = {  # fault -> the stage verify must name first (the residual stream aft
     ("scale", "model.layers.1.self_attn.q_proj.weight"): "layer 1",
     ("zero", "model.norm.weight"): "final norm and lm_head (logits)",
 }
-EVERY_TENSOR = {("scale", f"model.layers.{i}.{n}.weight"): f"layer {i}" for i, n in (
-    (0, "self_attn.k_proj"), (1, "self_attn.v_proj"), (0, "self_attn.o_proj"), (1, "mlp.gate_proj"),
-    (0, "mlp.up_proj"), (1, "mlp.down_proj"), (0, "input_layernorm"), (1, "post_attention_layernorm"))}
-EVERY_TENSOR.update({("scale", "model.embed_tokens.weight"): "embedding",
-                     ("scale", "lm_head.weight"): "final norm and lm_head (logits)"})
+EVERY_TENSOR = {
+    ("scale", f"model.layers.{i}.{n}.weight"): f"layer {i}"
+    for i, n in (
+        (0, "self_attn.k_proj"),
+        (1, "self_attn.v_proj"),
+        (0, "self_attn.o_proj"),
+        (1, "mlp.gate_proj"),
+        (0, "mlp.up_proj"),
+        (1, "mlp.down_proj"),
+        (0, "input_layernorm"),
+        (1, "post_attention_layernorm"),
+    )
+}
+EVERY_TENSOR.update(
+    {
+        ("scale", "model.embed_tokens.weight"): "embedding",
+        ("scale", "lm_head.weight"): "final norm and lm_head (logits)",
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -379,8 +416,11 @@ def verify_exports(tmp_path_factory, tokenizer_file):
     tmp = tmp_path_factory.mktemp("verify")
     src = make_hf_dir(tmp / "hf", 2, seed=3, tokenizer=tokenizer_file)
     params = hf_to_jax(ImportRequest(src, tmp / "jax", dtype="float32"), progress=False)
-    return tmp, params, {d: jax_to_hf(ExportRequest(params, tmp / d, dtype=d), progress=False)
-                         for d in ("float32", "bfloat16")}
+    return (
+        tmp,
+        params,
+        {d: jax_to_hf(ExportRequest(params, tmp / d, dtype=d), progress=False) for d in ("float32", "bfloat16")},
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -397,8 +437,9 @@ def test_verify_passes_faithful_exports_and_names_the_layer_of_a_fault(verify_ex
 
 def test_verify_refuses_an_export_of_another_model(verify_exports):
     tmp, params, outs = verify_exports
-    with pytest.raises(ConversionError,
-                       match=r"config.json: vocab_size is 512, the parameters' model has 256: not an export"):
+    with pytest.raises(
+        ConversionError, match=r"config.json: vocab_size is 512, the parameters' model has 256: not an export"
+    ):
         verify(VerifyRequest(outs["float32"], params, model="tiny"))
 
 
@@ -412,15 +453,20 @@ def test_verify_fails_a_one_percent_change_to_any_tensor(verify_exports):
 
 def test_verify_checks_a_merged_lora_export_against_the_adapters(lora_run, tmp_path):
     src, base, run, _, _ = lora_run
-    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", adapters=run / "adapters", merge=True,
-                                     dtype="bfloat16"), progress=False)
+    merged = jax_to_hf(
+        ExportRequest(base, tmp_path / "merged", adapters=run / "adapters", merge=True, dtype="bfloat16"),
+        progress=False,
+    )
     assert verify(VerifyRequest(merged, base, adapters=run / "adapters"))["ok"]
     plain = jax_to_hf(ExportRequest(base, tmp_path / "plain", dtype="bfloat16", tokenizer=src), progress=False)
     assert not verify(VerifyRequest(plain, base, adapters=run / "adapters"))["ok"]  # the adapters left out
 
 
-@pytest.mark.parametrize("breaker", [_break_missing, _break_shape, _break_config, _break_truncated, _break_pickle],
-                         ids=["missing", "shape", "config", "truncated", "pickle"])
+@pytest.mark.parametrize(
+    "breaker",
+    [_break_missing, _break_shape, _break_config, _break_truncated, _break_pickle],
+    ids=["missing", "shape", "config", "truncated", "pickle"],
+)
 def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, breaker):
     src = make_hf_dir(tmp_path / "hf", 2, seed=7)
     message = breaker(src)
@@ -454,8 +500,9 @@ def test_decoding_reads_lora_adapters(lora_run, tmp_path):
     from mellama_jax.eval.run import HFBackend, JaxBackend
 
     _, base, run, _, _ = lora_run
-    merged = jax_to_hf(ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters",
-                                     merge=True), progress=False)
+    merged = jax_to_hf(
+        ExportRequest(base, tmp_path / "merged", dtype="float32", adapters=run / "adapters", merge=True), progress=False
+    )
     prompts = ["the patient was given", "aspirin"]
     ours = JaxBackend(base, adapters=run / "adapters", dtype="float32").generate(prompts, 8)
     assert ours == HFBackend(merged, dtype="float32").generate(prompts, 8)

@@ -22,15 +22,30 @@ from mellama_jax.data.prepare import PretrainDataRequest, prepare_pretrain
 from mellama_jax.data.pretrain import PackedSource
 from mellama_jax.outputs import OutputError, check_destination
 
-DOLLY = [{"instruction": "Name a statin.", "context": "", "response": "Atorvastatin.", "category": "open_qa"},
-         {"instruction": "Summarise.", "context": "Metformin lowers glucose.", "response": "It lowers sugar.",
-          "category": "summarization"}]
-MEDALPACA = [{"instruction": "Answer the question.", "input": "What does insulin do?", "output": "Lowers glucose."},
-             {"instruction": "Define fever.", "input": "", "output": "A raised temperature."}]
-SHAREGPT = [{"id": "a1", "conversations": [{"from": "human", "value": "I have a cough."},
-                                           {"from": "gpt", "value": "How long?"},
-                                           {"from": "human", "value": "Two days."},
-                                           {"from": "gpt", "value": "Rest and fluids."}]}]
+DOLLY = [
+    {"instruction": "Name a statin.", "context": "", "response": "Atorvastatin.", "category": "open_qa"},
+    {
+        "instruction": "Summarise.",
+        "context": "Metformin lowers glucose.",
+        "response": "It lowers sugar.",
+        "category": "summarization",
+    },
+]
+MEDALPACA = [
+    {"instruction": "Answer the question.", "input": "What does insulin do?", "output": "Lowers glucose."},
+    {"instruction": "Define fever.", "input": "", "output": "A raised temperature."},
+]
+SHAREGPT = [
+    {
+        "id": "a1",
+        "conversations": [
+            {"from": "human", "value": "I have a cough."},
+            {"from": "gpt", "value": "How long?"},
+            {"from": "human", "value": "Two days."},
+            {"from": "gpt", "value": "Rest and fluids."},
+        ],
+    }
+]
 
 
 def want(fmt, record) -> Conversation:
@@ -52,9 +67,13 @@ def shipped(tmp_path_factory):
     (root / "sharegpt.json").write_text(json.dumps(SHAREGPT))
     datasets.Dataset.from_list(MEDALPACA).to_parquet(str(root / "train-00000-of-00001.parquet"))
     datasets.Dataset.from_list(SHAREGPT).save_to_disk(str(root / "saved"))
-    return root, {"databricks-dolly-15k.jsonl": ("dolly", DOLLY), "medical_meadow_wikidoc.json": ("alpaca", MEDALPACA),
-                  "sharegpt.json": ("sharegpt", SHAREGPT), "train-00000-of-00001.parquet": ("alpaca", MEDALPACA),
-                  "saved": ("sharegpt", SHAREGPT)}
+    return root, {
+        "databricks-dolly-15k.jsonl": ("dolly", DOLLY),
+        "medical_meadow_wikidoc.json": ("alpaca", MEDALPACA),
+        "sharegpt.json": ("sharegpt", SHAREGPT),
+        "train-00000-of-00001.parquet": ("alpaca", MEDALPACA),
+        "saved": ("sharegpt", SHAREGPT),
+    }
 
 
 def test_each_shipped_format_reads_as_its_conversations(shipped, tmp_path):
@@ -79,8 +98,9 @@ def test_failed_prepare_instruct_leaves_nothing_and_overwrite_is_asked(shipped, 
     prepare_instruct(InstructDataRequest([root / "sharegpt.json"], tok, tmp_path / "ins", 64))
     with pytest.raises(OutputError, match="not empty"):
         prepare_instruct(InstructDataRequest([root / "sharegpt.json"], tok, tmp_path / "ins", 64))
-    again = prepare_instruct(InstructDataRequest([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64,
-                                                 overwrite=True))
+    again = prepare_instruct(
+        InstructDataRequest([root / "medical_meadow_wikidoc.json"], tok, tmp_path / "ins", 64, overwrite=True)
+    )
     assert again["rows"] == 2
 
 
@@ -100,17 +120,76 @@ def test_data_of_the_wrong_kind_is_named(tmp_path):
         InstructSource(pre)
     env_run = [sys.executable, "-m", "mellama_jax.cli"]
     cases = [
-        ([*env_run, "train", "--config", str(CONFIG_ROOT / "tiny-pretrain.yaml"), f"data.path={ins}",
-          f"run.dir={tmp_path}/run"], f"{ins}: data.path holds an instruction dataset"),
-        ([*env_run, "prepare", "pretrain", "--source", f"c={tmp_path}/clinical.jsonl", "--fields", "x=text",
-          "--tokenizer", str(tok), "--out", str(tmp_path / "o1")], "no --source named 'x'"),
-        ([*env_run, "prepare", "pretrain", "--source", f"c=jsonl:{tmp_path}/clinical.jsonl?text=body",
-          "--tokenizer", str(tok), "--out", str(tmp_path / "o2")], "field 'body' occurs in no row"),
-        ([*env_run, "prepare", "pretrain", "--source", f"c=jsonl:{tmp_path}/clinical.jsonl",
-          "--tokenizer", str(tok), "--out", str(pre)], "holds data prepared from other sources"),
+        (
+            [
+                *env_run,
+                "train",
+                "--config",
+                str(CONFIG_ROOT / "tiny-pretrain.yaml"),
+                f"data.path={ins}",
+                f"run.dir={tmp_path}/run",
+            ],
+            f"{ins}: data.path holds an instruction dataset",
+        ),
+        (
+            [
+                *env_run,
+                "prepare",
+                "pretrain",
+                "--source",
+                f"c={tmp_path}/clinical.jsonl",
+                "--fields",
+                "x=text",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / "o1"),
+            ],
+            "no --source named 'x'",
+        ),
+        (
+            [
+                *env_run,
+                "prepare",
+                "pretrain",
+                "--source",
+                f"c=jsonl:{tmp_path}/clinical.jsonl?text=body",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / "o2"),
+            ],
+            "field 'body' occurs in no row",
+        ),
+        (
+            [
+                *env_run,
+                "prepare",
+                "pretrain",
+                "--source",
+                f"c=jsonl:{tmp_path}/clinical.jsonl",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(pre),
+            ],
+            "holds data prepared from other sources",
+        ),
         ([*env_run, "prepare", "merge", "--out", str(ins)], "no plan.json of `prepare pretrain` here"),
-        ([*env_run, "prepare", "pretrain", "--source", f"c=xml:{tmp_path}/clinical.jsonl", "--tokenizer", str(tok),
-          "--out", str(tmp_path / "o3")], "unknown kind 'xml'"),
+        (
+            [
+                *env_run,
+                "prepare",
+                "pretrain",
+                "--source",
+                f"c=xml:{tmp_path}/clinical.jsonl",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / "o3"),
+            ],
+            "unknown kind 'xml'",
+        ),
     ]
     for command, message in cases:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -127,8 +206,12 @@ def test_token_bytes_add_up_to_the_texts_utf8_length(llama2_tokenizer_path):
 
     tok = Tokenizer.load(llama2_tokenizer_path)
     sizes = tok.token_bytes()
-    for text in ("Metformin lowers hepatic glucose production.", "Temp 38.5\u00b0C,\nSpO\u2082 94%",
-                 "\u6cbb\u7597 \u2014 na\u00efve   spaces", "\U0001F9EA lab"):
+    for text in (
+        "Metformin lowers hepatic glucose production.",
+        "Temp 38.5\u00b0C,\nSpO\u2082 94%",
+        "\u6cbb\u7597 \u2014 na\u00efve   spaces",
+        "\U0001f9ea lab",
+    ):
         assert sizes[tok.encode(text)].sum() == len((" " + text).encode()), text
     assert sizes[[tok.bos_id, tok.eos_id]].sum() == 0
 

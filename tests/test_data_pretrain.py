@@ -21,8 +21,10 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     tok = tiny_tokenizer(root / "tok")
-    inputs = {name: [write_corpus(root, name, n, rng)] for name, n in
-              (("biomedical", 400), ("clinical", 60), ("general", 150))}
+    inputs = {
+        name: [write_corpus(root, name, n, rng)]
+        for name, n in (("biomedical", 400), ("clinical", 60), ("general", 150))
+    }
     out = root / "prepared"
     manifest = prepare_pretrain(PretrainDataRequest(inputs, tok, out), progress=False)
     return dict(root=root, tok=tok, inputs=inputs, out=out, manifest=manifest)
@@ -46,8 +48,10 @@ def test_rerun_skips_finished_shards(corpus):
 
 def test_bad_records_are_counted_with_locations(tmp_path, corpus):
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"text": "insulin glucose"}\n{"text": \n{"body": "x"}\n{"text": "   "}\n'
-                    b'{"text": "caf\xe9"}\n[1, 2]\n{"text": "tumour gene"}\n')
+    bad.write_bytes(
+        b'{"text": "insulin glucose"}\n{"text": \n{"body": "x"}\n{"text": "   "}\n'
+        b'{"text": "caf\xe9"}\n[1, 2]\n{"text": "tumour gene"}\n'
+    )
     m = prepare_pretrain(PretrainDataRequest({"b": [bad]}, corpus["tok"], tmp_path / "out"), progress=False)
     assert m["sources"]["b"]["documents"] == 2 and m["sources"]["b"]["skipped"] == 5
     report = json.loads(next((tmp_path / "out" / "b").glob("*.done.json")).read_text())["report"]
@@ -55,8 +59,9 @@ def test_bad_records_are_counted_with_locations(tmp_path, corpus):
     assert f"{bad}:2: invalid JSON" in "\n".join(report["skipped_examples"])
     assert any(line.startswith(f"{bad}:5: invalid UTF-8") for line in report["skipped_examples"])
     with pytest.raises(BadRecord, match=f"{bad}:2: invalid JSON"):
-        prepare_pretrain(PretrainDataRequest({"b": [bad]}, corpus["tok"], tmp_path / "strict", strict=True),
-                         progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"b": [bad]}, corpus["tok"], tmp_path / "strict", strict=True), progress=False
+        )
     assert not list((tmp_path / "strict" / "b").glob("*.arrayrecord*"))  # nothing half-written
 
 
@@ -66,14 +71,23 @@ def test_text_and_parquet_inputs(tmp_path, corpus):
 
     txt = tmp_path / "notes.txt"
     txt.write_text("patient admitted\nwith fever\n\n\ndischarge plan\n")
-    pq.write_table(pa.table({"title": ["gene", "tumour"], "abstract": ["kinase receptor", ""]}),
-                   tmp_path / "papers.parquet")
-    m = prepare_pretrain(PretrainDataRequest({"t": [txt], "p": [tmp_path / "papers.parquet"]}, corpus["tok"],
-                                             tmp_path / "out", fields={"p": ("title", "abstract")}), progress=False)
+    pq.write_table(
+        pa.table({"title": ["gene", "tumour"], "abstract": ["kinase receptor", ""]}), tmp_path / "papers.parquet"
+    )
+    m = prepare_pretrain(
+        PretrainDataRequest(
+            {"t": [txt], "p": [tmp_path / "papers.parquet"]},
+            corpus["tok"],
+            tmp_path / "out",
+            fields={"p": ("title", "abstract")},
+        ),
+        progress=False,
+    )
     assert m["sources"]["t"]["documents"] == 2 and m["sources"]["p"]["documents"] == 2
     tok = Tokenizer.load(corpus["tok"])
-    assert m["sources"]["t"]["tokens"] == sum(len(tok.encode(t)) + 2 for t in
-                                              ["patient admitted\nwith fever", "discharge plan"])
+    assert m["sources"]["t"]["tokens"] == sum(
+        len(tok.encode(t)) + 2 for t in ["patient admitted\nwith fever", "discharge plan"]
+    )
 
 
 def test_packing_loses_and_duplicates_nothing(corpus):
@@ -153,8 +167,8 @@ def test_examples_predict_the_next_token_of_the_same_document_only(corpus):
         for s in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
             a, b = np.flatnonzero(row["segment_ids"] == s)[[0, -1]]  # the piece is tokens a..b
             expected[a:b] = 1.0
-            np.testing.assert_array_equal(ex["targets"][a:b], row["tokens"][a + 1:b + 1])
-            np.testing.assert_array_equal(ex["positions"][a:b + 1], np.arange(b + 1 - a))
+            np.testing.assert_array_equal(ex["targets"][a:b], row["tokens"][a + 1 : b + 1])
+            np.testing.assert_array_equal(ex["positions"][a : b + 1], np.arange(b + 1 - a))
             pieces_seen += 1
         np.testing.assert_array_equal(ex["loss_weights"], expected)
     assert pieces_seen > source.rows_per_epoch  # rows hold several documents
@@ -176,8 +190,10 @@ def test_mixture_token_shares_follow_the_weights(corpus):
 def test_process_shards_make_the_global_batch(corpus):
     weights = {"biomedical": 15, "clinical": 1, "general": 4}
     whole = pretrain_batches(corpus["out"], weights, 32, global_batch=8, seed=5)
-    parts = [pretrain_batches(corpus["out"], weights, 32, global_batch=8, seed=5, process_index=p,
-                              process_count=2) for p in range(2)]
+    parts = [
+        pretrain_batches(corpus["out"], weights, 32, global_batch=8, seed=5, process_index=p, process_count=2)
+        for p in range(2)
+    ]
     for k in range(5):
         joined = np.concatenate([parts[0][k]["inputs"], parts[1][k]["inputs"]])
         np.testing.assert_array_equal(joined, whole[k]["inputs"])
@@ -199,18 +215,20 @@ RESUME = textwrap.dedent("""
 def test_resume_from_iterator_state_in_a_new_process(corpus, processes):
     weights = {"biomedical": 15, "clinical": 1, "general": 4}
     for p in range(processes):
-        it = iterate(pretrain_batches(corpus["out"], weights, 32, 8, seed=1, process_index=p,
-                                      process_count=processes))
+        it = iterate(pretrain_batches(corpus["out"], weights, 32, 8, seed=1, process_index=p, process_count=processes))
         import hashlib
 
         hashes = [hashlib.sha256(next(it)["inputs"].tobytes()).hexdigest() for _ in range(7)]
-        it = iterate(pretrain_batches(corpus["out"], weights, 32, 8, seed=1, process_index=p,
-                                      process_count=processes))
+        it = iterate(pretrain_batches(corpus["out"], weights, 32, 8, seed=1, process_index=p, process_count=processes))
         for _ in range(3):
             next(it)
         state = json.dumps(it.get_state())
-        result = subprocess.run([sys.executable, "-c", RESUME, str(corpus["out"]), str(p), str(processes), state],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", RESUME, str(corpus["out"]), str(p), str(processes), state],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.strip().splitlines()[-1]) == hashes[3:7]
 

@@ -69,8 +69,7 @@ def check(out, source, tok, texts, manifest):
 
 
 def pile_rows(rng, n):
-    return [{"text": words(rng), "meta": {"pile_set_name": SUBSETS[int(rng.integers(len(SUBSETS)))]}}
-            for _ in range(n)]
+    return [{"text": words(rng), "meta": {"pile_set_name": SUBSETS[int(rng.integers(len(SUBSETS)))]}} for _ in range(n)]
 
 
 def jsonl(rows) -> bytes:
@@ -84,17 +83,26 @@ def test_pile_subsets_from_zstd_shards(tmp_path, tok):
     (tmp_path / "pile" / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(shards[0])))
     # Two frames back to back, as `zstd` writes a file it compressed in parts.
     half = len(shards[1]) // 2
-    (tmp_path / "pile" / "01.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(shards[1][:half]))
-                                                     + zstandard.ZstdCompressor().compress(jsonl(shards[1][half:])))
+    (tmp_path / "pile" / "01.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(jsonl(shards[1][:half]))
+        + zstandard.ZstdCompressor().compress(jsonl(shards[1][half:]))
+    )
     spec = f"pile:{tmp_path}/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts"
     m = prepare_pretrain(PretrainDataRequest({"bio": [spec]}, tok, tmp_path / "out"), progress=False)
 
-    rows = [json.loads(line) for p in sorted((tmp_path / "pile").iterdir())  # frames decoded one by one
-            for frame in _frames(p.read_bytes()) for line in frame.splitlines()]
+    rows = [
+        json.loads(line)
+        for p in sorted((tmp_path / "pile").iterdir())  # frames decoded one by one
+        for frame in _frames(p.read_bytes())
+        for line in frame.splitlines()
+    ]
     keep = [r["text"] for r in rows if r["meta"]["pile_set_name"] in ("PubMed Central", "PubMed Abstracts")]
     check(tmp_path / "out", "bio", tok, keep, m)
-    dropped = Counter(f"meta.pile_set_name={r['meta']['pile_set_name']}" for r in rows
-                      if r["meta"]["pile_set_name"] not in ("PubMed Central", "PubMed Abstracts"))
+    dropped = Counter(
+        f"meta.pile_set_name={r['meta']['pile_set_name']}"
+        for r in rows
+        if r["meta"]["pile_set_name"] not in ("PubMed Central", "PubMed Abstracts")
+    )
     assert m["sources"]["bio"]["filtered"] == dict(dropped) and len(m["sources"]["bio"]["shards"]) == 2
     assert m["sources"]["bio"]["skipped"] == 0
 
@@ -114,8 +122,9 @@ def test_truncated_and_broken_streams_lose_only_what_is_broken(tmp_path, tok):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl.zst").write_bytes(zst[: len(zst) * 2 // 3])
     (tmp_path / "in" / "b.jsonl.gz").write_bytes(gz[: len(gz) // 2])
-    (tmp_path / "in" / "c.jsonl").write_bytes(b'{"text": "insulin receptor"}\n{"text": \n{"text": "  "}\n'
-                                              b'{"text": "kinase"}\n')
+    (tmp_path / "in" / "c.jsonl").write_bytes(
+        b'{"text": "insulin receptor"}\n{"text": \n{"text": "  "}\n{"text": "kinase"}\n'
+    )
     m = prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out"), progress=False)
 
     # What an independent decoder recovers from each cut file: its complete lines.
@@ -131,12 +140,15 @@ def test_truncated_and_broken_streams_lose_only_what_is_broken(tmp_path, tok):
         assert f"{tmp_path}/in/{name}:{len(lines) + 1}: truncated stream" in report
     assert f"{tmp_path}/in/c.jsonl:2: invalid JSON" in report
     with pytest.raises(BadRecord, match=r"a\.jsonl\.zst:\d+: truncated stream"):
-        prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in/a.jsonl.zst"]}, tok, tmp_path / "strict",
-                                             strict=True), progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in/a.jsonl.zst"]}, tok, tmp_path / "strict", strict=True),
+            progress=False,
+        )
     assert not (tmp_path / "strict").exists()  # nothing worth resuming: no tokenizer, no empty folders
     with pytest.raises(BadRecord, match="truncated stream"):  # --strict does not reuse shards with skips
-        prepare_pretrain(PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", strict=True),
-                         progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"s": [f"jsonl:{tmp_path}/in"]}, tok, tmp_path / "out", strict=True), progress=False
+        )
 
 
 # --------------------------------------------------------------------------- MIMIC notes (CSV)
@@ -147,8 +159,15 @@ def mimic_rows(rng, n):
     for i in range(n):
         lines = [words(rng) for _ in range(int(rng.integers(1, 5)))]
         text = "\n".join(lines) + ('\nsaid "no pain", stable' if i % 3 == 0 else "")
-        rows.append({"ROW_ID": str(i + 1), "SUBJECT_ID": str(1000 + i), "CATEGORY": CATEGORIES[i % len(CATEGORIES)],
-                     "ISERROR": "", "TEXT": text})
+        rows.append(
+            {
+                "ROW_ID": str(i + 1),
+                "SUBJECT_ID": str(1000 + i),
+                "CATEGORY": CATEGORIES[i % len(CATEGORIES)],
+                "ISERROR": "",
+                "TEXT": text,
+            }
+        )
     return rows
 
 
@@ -192,18 +211,21 @@ def test_csv_unterminated_quote_costs_one_row(tmp_path, tok):
     starts = {}
     for i, row in enumerate(rows):
         starts[i] = "".join(parts).count("\n") + 1
-        parts.append(f'"{i + 1}","{1000 + i}","Nursing","","unterminated note {i}\n' if i in broken
-                     else csv_line(row.values()))
+        parts.append(
+            f'"{i + 1}","{1000 + i}","Nursing","","unterminated note {i}\n' if i in broken else csv_line(row.values())
+        )
     (tmp_path / "bad.csv").write_text("".join(parts))
-    m = prepare_pretrain(PretrainDataRequest({"c": [f"csv:{tmp_path}/bad.csv?text=TEXT"]}, tok, tmp_path / "out"),
-                         progress=False)
+    m = prepare_pretrain(
+        PretrainDataRequest({"c": [f"csv:{tmp_path}/bad.csv?text=TEXT"]}, tok, tmp_path / "out"), progress=False
+    )
     keep = [r["TEXT"] for i, r in enumerate(rows) if i not in broken and i != 7]
     check(tmp_path / "out", "c", tok, keep, m)
     entry = m["sources"]["c"]
     assert entry["skipped_by_reason"] == {"malformed CSV row": 2, "empty text": 1}
     for i in sorted(broken):
-        assert any(e.startswith(f"{tmp_path}/bad.csv:{starts[i]}: malformed CSV row")
-                   for e in entry["skipped_examples"]), (starts[i], entry["skipped_examples"])
+        assert any(
+            e.startswith(f"{tmp_path}/bad.csv:{starts[i]}: malformed CSV row") for e in entry["skipped_examples"]
+        ), (starts[i], entry["skipped_examples"])
     assert any(e.startswith(f"{tmp_path}/bad.csv:{starts[7]}: empty text") for e in entry["skipped_examples"])
 
 
@@ -233,8 +255,9 @@ def test_cxr_report_tree_and_its_zip(tmp_path, tok, monkeypatch):
     cut = (tmp_path / "mimic-cxr-reports.zip").read_bytes()
     (tmp_path / "cut.zip").write_bytes(cut[: len(cut) - 30])
     with pytest.raises(ArchiveError, match=f"{tmp_path}/cut.zip: truncated or not a zip"):
-        prepare_pretrain(PretrainDataRequest({"z": [f"cxr:{tmp_path}/cut.zip"]}, tok, tmp_path / "out-cut"),
-                         progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"z": [f"cxr:{tmp_path}/cut.zip"]}, tok, tmp_path / "out-cut"), progress=False
+        )
 
 
 # --------------------------------------------------------------------------- datasets folders
@@ -250,9 +273,18 @@ def test_datasets_saved_folder_and_parquet_folder(tmp_path, tok):
     (tmp_path / "pq").mkdir()
     for k in range(2):
         ds.shard(2, k).to_parquet(str(tmp_path / "pq" / f"train-{k:05d}-of-00002.parquet"))
-    m = prepare_pretrain(PretrainDataRequest({"saved": [f"hf:{tmp_path}/saved?where=source=pubmed"],
-                                              "dict": [f"hf:{tmp_path}/dict?split=test"], "pq": [f"hf:{tmp_path}/pq"]},
-                                             tok, tmp_path / "out"), progress=False)
+    m = prepare_pretrain(
+        PretrainDataRequest(
+            {
+                "saved": [f"hf:{tmp_path}/saved?where=source=pubmed"],
+                "dict": [f"hf:{tmp_path}/dict?split=test"],
+                "pq": [f"hf:{tmp_path}/pq"],
+            },
+            tok,
+            tmp_path / "out",
+        ),
+        progress=False,
+    )
     loaded = datasets.load_from_disk(str(tmp_path / "saved"))
     check(tmp_path / "out", "saved", tok, [r["text"] for r in loaded if r["source"] == "pubmed"], m)
     assert len(m["sources"]["saved"]["shards"]) == 3 and m["sources"]["saved"]["filtered"] == {"source=web": 45}
@@ -264,15 +296,22 @@ def test_datasets_saved_folder_and_parquet_folder(tmp_path, tok):
 
 
 def test_spec_syntax():
-    [spec] = parse_sources({"c": ["csv:/x/NOTEEVENTS.csv.gz?text=TEXT&where=CATEGORY!=Discharge+summary,Echo"
-                                  "&where=ISERROR!=1"]})
+    [spec] = parse_sources(
+        {"c": ["csv:/x/NOTEEVENTS.csv.gz?text=TEXT&where=CATEGORY!=Discharge+summary,Echo&where=ISERROR!=1"]}
+    )
     assert spec.kind == "csv" and spec.pattern == "/x/NOTEEVENTS.csv.gz" and spec.selection.text == ("TEXT",)
-    assert spec.selection.filters == (Filter("CATEGORY", ("Discharge summary", "Echo"), False),
-                                      Filter("ISERROR", ("1",), False))
+    assert spec.selection.filters == (
+        Filter("CATEGORY", ("Discharge summary", "Echo"), False),
+        Filter("ISERROR", ("1",), False),
+    )
     [spec] = parse_sources({"b": ["pile:/p/*.jsonl.zst?subset=PubMed+Central,A%2CB"]})
     assert spec.selection.filters == (Filter("meta.pile_set_name", ("PubMed Central", "A,B"), True),)
-    for bad, message in [({"a": ["xml:/x"]}, "unknown kind 'xml'"), ({"a": ["csv:/x?subset=A"]}, "does not apply"),
-                         ({"a": ["csv:/x?colour=red"]}, "unknown option"), ({"a": ["csv:/x?where=A"]}, "FIELD=VALUE")]:
+    for bad, message in [
+        ({"a": ["xml:/x"]}, "unknown kind 'xml'"),
+        ({"a": ["csv:/x?subset=A"]}, "does not apply"),
+        ({"a": ["csv:/x?colour=red"]}, "unknown option"),
+        ({"a": ["csv:/x?where=A"]}, "FIELD=VALUE"),
+    ]:
         with pytest.raises(SourceError, match=message):
             parse_sources(bad)
     with pytest.raises(SourceError, match="no --source named 'other'"):
@@ -325,21 +364,28 @@ def test_processes_write_the_same_shards(tmp_path, tok):
 def test_no_documents_and_unknown_fields_fail_and_leave_nothing(tmp_path, tok):
     rows = [{"body": "insulin", "meta": {"pile_set_name": "Github"}}] * 3
     (tmp_path / "x.jsonl").write_bytes(jsonl(rows))
-    cases = [(f"jsonl:{tmp_path}/x.jsonl", "field 'text' occurs in no row"),
-             (f"pile:{tmp_path}/x.jsonl?text=body&subset=PubMed+Central", r"no documents \(dropped by filter "
-                                                                          r"meta.pile_set_name=Github: 3\)"),
-             (f"jsonl:{tmp_path}/x.jsonl?text=body&where=meta.set=A", "field 'meta.set' occurs in no row")]
+    cases = [
+        (f"jsonl:{tmp_path}/x.jsonl", "field 'text' occurs in no row"),
+        (
+            f"pile:{tmp_path}/x.jsonl?text=body&subset=PubMed+Central",
+            r"no documents \(dropped by filter "
+            r"meta.pile_set_name=Github: 3\)",
+        ),
+        (f"jsonl:{tmp_path}/x.jsonl?text=body&where=meta.set=A", "field 'meta.set' occurs in no row"),
+    ]
     for spec, message in cases:
         with pytest.raises(BadRecord, match=message):
             prepare_pretrain(PretrainDataRequest({"s": [spec]}, tok, tmp_path / "out"), progress=False)
         assert not (tmp_path / "out").exists()
     (tmp_path / "e.csv").write_text("A,B\n")
     with pytest.raises(BadRecord, match="source s: no documents"):
-        prepare_pretrain(PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=A"]}, tok, tmp_path / "out"),
-                         progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=A"]}, tok, tmp_path / "out"), progress=False
+        )
     with pytest.raises(BadRecord, match=f"{tmp_path}/e.csv: no column 'TEXT'; columns: A, B"):
-        prepare_pretrain(PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=TEXT"]}, tok, tmp_path / "out"),
-                         progress=False)
+        prepare_pretrain(
+            PretrainDataRequest({"s": [f"csv:{tmp_path}/e.csv?text=TEXT"]}, tok, tmp_path / "out"), progress=False
+        )
 
 
 def test_other_sources_into_the_same_folder_need_overwrite(tmp_path, tok):
@@ -364,8 +410,13 @@ def test_slurm_array_example_runs_one_share_per_task():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "launch" / "prepare_array.sbatch"
-    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "SHARDS": "3", "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", str(script)],
+        env={"DRY_RUN": "1", "SHARDS": "3", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert len(out) == 3 and all(line.endswith(f"--num-shards 3 --shard-index {i} ") for i, line in enumerate(out))
     assert "subset=PubMed+Central" in out[0] and "NOTEEVENTS.csv.gz" in out[0]
 
@@ -380,8 +431,18 @@ def test_bench_tokenize_times_each_process_and_thread_count(tmp_path, tok):
     corpus = tmp_path / "c.jsonl"
     rng = np.random.default_rng(5)
     corpus.write_text("".join(json.dumps({"text": words(rng)}) + "\n" for _ in range(50)))
-    result = bench_tokenize(TokenizeBenchRequest(tok, corpus, repeat=1, formats=("jsonl.zst",), workers=(1, 2),
-                                                 workdir=str(tmp_path), rounds=1, threads=(None, 1)))
+    result = bench_tokenize(
+        TokenizeBenchRequest(
+            tok,
+            corpus,
+            repeat=1,
+            formats=("jsonl.zst",),
+            workers=(1, 2),
+            workdir=str(tmp_path),
+            rounds=1,
+            threads=(None, 1),
+        )
+    )
     cores = os.cpu_count()
     want = list(dict.fromkeys([(1, cores), (1, 1), (2, max(1, cores // 2)), (2, 1)]))
     assert [(r["workers"], r["threads"]) for r in result["runs"]] == want
@@ -411,6 +472,7 @@ def test_plain_text_keeps_its_last_document_without_a_trailing_blank_line(tmp_pa
     rng = np.random.default_rng(5)
     texts = [words(rng) for _ in range(3)]
     (tmp_path / "notes.txt").write_text("\n\n".join(texts))  # no newline after the last document
-    m = prepare_pretrain(PretrainDataRequest({"c": [f"txt:{tmp_path}/notes.txt"]}, tok, tmp_path / "out"),
-                         progress=False)
+    m = prepare_pretrain(
+        PretrainDataRequest({"c": [f"txt:{tmp_path}/notes.txt"]}, tok, tmp_path / "out"), progress=False
+    )
     check(tmp_path / "out", "c", tok, texts, m)

@@ -24,29 +24,40 @@ NLI = ["entailment", "contradiction", "neutral"]
 PUBMEDQA = ["yes", "no", "maybe"]
 ABCDE = ["A", "B", "C", "D", "E"]
 DDI = ["DDI-effect", "DDI-mechanism", "DDI-advise", "DDI-false", "DDI-int"]
-HOC = ["sustaining proliferative signaling", "evading growth suppressors", "resisting cell death",
-       "enabling replicative immortality", "inducing angiogenesis", "activating invasion and metastasis",
-       "genomic instability and mutation", "tumor promoting inflammation", "cellular energetics",
-       "avoiding immune destruction"]
+HOC = [
+    "sustaining proliferative signaling",
+    "evading growth suppressors",
+    "resisting cell death",
+    "enabling replicative immortality",
+    "inducing angiogenesis",
+    "activating invasion and metastasis",
+    "genomic instability and mutation",
+    "tumor promoting inflammation",
+    "cellular energetics",
+    "avoiding immune destruction",
+]
 
 
 # Rule (Classification): output, gold and choices are lower-cased unless the task sets LOWER_CASE = False (only
 # MedQA and MedMCQA do); the prediction is the first choice, in the document's choice order, that occurs in
 # the output as a substring; if none occurs the prediction is "missing".
-@pytest.mark.parametrize("task,output,choices,expected", [
-    ("mednli", "Entailment", NLI, "entailment"),  # case variant: ours said "missing" before
-    ("mednli", "NEUTRAL.", NLI, "neutral"),
-    ("mednli", "neutral, not entailment", NLI, "entailment"),  # two choices: choice order, not text order
-    ("mednli", "I cannot tell", NLI, None),
-    ("pubmedqa", "Yes, it does.", PUBMEDQA, "yes"),
-    ("pubmedqa", "No. Maybe later", PUBMEDQA, "no"),  # "no" precedes "maybe" among the choices
-    ("bionli", "CONTRADICTION", ["entailment", "contradiction"], "contradiction"),
-    ("mtsample", "cosmetic / plastic surgery", ["Surgery", "Cosmetic / Plastic Surgery"], "Surgery"),
-    ("medqa", "The answer is B", ABCDE, "B"),  # case kept: lower-cased, "answer" would contain "a"
-    ("medqa", "the answer is b", ABCDE, None),
-    ("medqa", "The answer is: C. Dopamine", ABCDE, "C"),  # C precedes D in choice order
-    ("medmcqa", "b", ["A", "B", "C", "D"], None),
-])
+@pytest.mark.parametrize(
+    "task,output,choices,expected",
+    [
+        ("mednli", "Entailment", NLI, "entailment"),  # case variant: ours said "missing" before
+        ("mednli", "NEUTRAL.", NLI, "neutral"),
+        ("mednli", "neutral, not entailment", NLI, "entailment"),  # two choices: choice order, not text order
+        ("mednli", "I cannot tell", NLI, None),
+        ("pubmedqa", "Yes, it does.", PUBMEDQA, "yes"),
+        ("pubmedqa", "No. Maybe later", PUBMEDQA, "no"),  # "no" precedes "maybe" among the choices
+        ("bionli", "CONTRADICTION", ["entailment", "contradiction"], "contradiction"),
+        ("mtsample", "cosmetic / plastic surgery", ["Surgery", "Cosmetic / Plastic Surgery"], "Surgery"),
+        ("medqa", "The answer is B", ABCDE, "B"),  # case kept: lower-cased, "answer" would contain "a"
+        ("medqa", "the answer is b", ABCDE, None),
+        ("medqa", "The answer is: C. Dopamine", ABCDE, "C"),  # C precedes D in choice order
+        ("medmcqa", "b", ["A", "B", "C", "D"], None),
+    ],
+)
 def test_first_choice_rule(task, output, choices, expected):
     assert first_choice(output, choices, TASKS[task].lowercase) == expected
 
@@ -58,21 +69,26 @@ def test_lower_casing_is_the_default_and_medqa_medmcqa_turn_it_off():
 
 # Rule (DDI2013): case-sensitive; every choice that occurs in the output is collected, and the answer counts
 # only when exactly one was found, otherwise it is "missing".
-@pytest.mark.parametrize("output,expected", [
-    ("DDI-mechanism", "DDI-mechanism"),
-    ("The relation is DDI-false.", "DDI-false"),
-    ("DDI-effect or DDI-advise", None),  # two labels: missing
-    ("DDI-effect, DDI-effect", "DDI-effect"),  # one label, written twice
-    ("ddi-effect", None),  # case-sensitive
-    ("no interaction", None),
-])
+@pytest.mark.parametrize(
+    "output,expected",
+    [
+        ("DDI-mechanism", "DDI-mechanism"),
+        ("The relation is DDI-false.", "DDI-false"),
+        ("DDI-effect or DDI-advise", None),  # two labels: missing
+        ("DDI-effect, DDI-effect", "DDI-effect"),  # one label, written twice
+        ("ddi-effect", None),  # case-sensitive
+        ("no interaction", None),
+    ],
+)
 def test_ddi_exactly_one_rule(output, expected):
     assert single_choice(output, DDI) == expected
 
 
 def test_ddi_reports_first_match_beside_exactly_one():
-    rows = [{"gold": "DDI-effect", "choices": DDI, "output": "DDI-effect or DDI-advise"},
-            {"gold": "DDI-advise", "choices": DDI, "output": "DDI-advise"}]
+    rows = [
+        {"gold": "DDI-effect", "choices": DDI, "output": "DDI-effect or DDI-advise"},
+        {"gold": "DDI-advise", "choices": DDI, "output": "DDI-advise"},
+    ]
     predictions, m = score_rows(TASKS["ddi"], rows)
     # exactly-one: [missing, DDI-advise] -> accuracy 1/2. First match: [DDI-effect, DDI-advise] -> 2/2.
     assert predictions == [None, "DDI-advise"] and m["accuracy"] == 0.5 and m["missing"] == 0.5
@@ -106,7 +122,7 @@ def test_f1_equals_scikit_learns_on_random_answers():
     choices = ["A", "B", "C", "D", "E"]
     for _ in range(50):
         n = int(rng.integers(1, 40))
-        golds = [str(x) for x in rng.choice(choices[:int(rng.integers(1, 6))], n)]
+        golds = [str(x) for x in rng.choice(choices[: int(rng.integers(1, 6))], n)]
         preds = [None if rng.random() < 0.1 else str(x) for x in rng.choice(choices, n)]
         m = classification_metrics(preds, golds)
         filled, labels = ["missing" if p is None else p for p in preds], sorted(set(golds))
@@ -115,20 +131,26 @@ def test_f1_equals_scikit_learns_on_random_answers():
             assert m[f"{avg}_f1"] == pytest.approx(want, abs=1e-12)
         truth, pred = rng.random((n, 6)) < 0.3, rng.random((n, 6)) < 0.3
         truth[:, 5] = False  # a label never gold
-        got = multilabel_metrics([[str(i) for i in np.flatnonzero(r)] for r in pred],
-                                 [[str(i) for i in np.flatnonzero(r)] for r in truth], [str(i) for i in range(6)])
+        got = multilabel_metrics(
+            [[str(i) for i in np.flatnonzero(r)] for r in pred],
+            [[str(i) for i in np.flatnonzero(r)] for r in truth],
+            [str(i) for i in range(6)],
+        )
         want = f1_score(truth, pred, average=None, zero_division=0)
         assert list(got["label_f1"].values()) == pytest.approx(list(want), abs=1e-12)
 
 
 # Rule (HoC): a label is predicted when its exact string occurs in the stripped output (case-sensitive);
 # label-wise binary F1, and the macro F1 over all ten labels (multi-label indicator arrays).
-@pytest.mark.parametrize("output,expected", [
-    ("sustaining proliferative signaling; cellular energetics", [HOC[0], HOC[8]]),
-    ("Resisting cell death; inducing angiogenesis", [HOC[4]]),  # "Resisting": capital R, not the label
-    ("CELLULAR ENERGETICS", []),
-    ("inducing angiogenesis, sustaining proliferative signaling", [HOC[0], HOC[4]]),  # label order
-])
+@pytest.mark.parametrize(
+    "output,expected",
+    [
+        ("sustaining proliferative signaling; cellular energetics", [HOC[0], HOC[8]]),
+        ("Resisting cell death; inducing angiogenesis", [HOC[4]]),  # "Resisting": capital R, not the label
+        ("CELLULAR ENERGETICS", []),
+        ("inducing angiogenesis, sustaining proliferative signaling", [HOC[0], HOC[4]]),  # label order
+    ],
+)
 def test_hoc_case_sensitive_labels(output, expected):
     assert labels_in(output, HOC) == expected
 
@@ -149,13 +171,16 @@ def test_blue_hoc_label_order_is_blues_own():
 # Rule (NormQA, EmrQA): both texts lower-cased, punctuation removed by a step that joins the remaining
 # characters with spaces, whitespace collapsed: tokens are single characters. F1 = 2PR/(P+R) with
 # P = |set(pred) & set(gold)| / len(pred tokens), R = the same over len(gold tokens). Whole output vs gold.
-@pytest.mark.parametrize("output,gold,f1", [
-    ("aspirin", "aspirin", 6 / 7),  # 7 characters, 6 distinct: P = R = 6/7, identical answers below 1
-    ("heparin", "aspirin", 5 / 7),  # shared {p, a, r, i, n}: P = 5/7 (7 tokens), R = 5/7
-    ("Aspirin 81 mg.", "aspirin 81 mg", 10 / 11),  # 11 characters, 10 distinct
-    ("The dose was 81 mg", "81 mg", 4 / 9),  # P = 4/14, R = 4/4 -> 2*(2/7)/(9/7)
-    ("", "", 1.0),
-])
+@pytest.mark.parametrize(
+    "output,gold,f1",
+    [
+        ("aspirin", "aspirin", 6 / 7),  # 7 characters, 6 distinct: P = R = 6/7, identical answers below 1
+        ("heparin", "aspirin", 5 / 7),  # shared {p, a, r, i, n}: P = 5/7 (7 tokens), R = 5/7
+        ("Aspirin 81 mg.", "aspirin 81 mg", 10 / 11),  # 11 characters, 10 distinct
+        ("The dose was 81 mg", "81 mg", 4 / 9),  # P = 4/14, R = 4/4 -> 2*(2/7)/(9/7)
+        ("", "", 1.0),
+    ],
+)
 def test_emrqa_normqa_character_f1(output, gold, f1):
     assert normqa_f1(output, gold) == pytest.approx(f1)
 
@@ -181,13 +206,16 @@ def test_rouge_without_stemming():
 
 # Rule (preprocess_instruct.py, MedQA and MedMCQA fetch_data): a question that ends in neither "?" nor "."
 # gets "?" appended.
-@pytest.mark.parametrize("question,expected", [
-    ("Which drug is first line", "Which drug is first line?"),
-    ("Which drug is first line?", "Which drug is first line?"),
-    ("Complete the statement.", "Complete the statement."),
-    ("The most likely cause is:", "The most likely cause is:?"),
-    ("Fever ... ", "Fever ... ?"),  # ends in a space, so neither
-])
+@pytest.mark.parametrize(
+    "question,expected",
+    [
+        ("Which drug is first line", "Which drug is first line?"),
+        ("Which drug is first line?", "Which drug is first line?"),
+        ("Complete the statement.", "Complete the statement."),
+        ("The most likely cause is:", "The most likely cause is:?"),
+        ("Fever ... ", "Fever ... ?"),  # ends in a space, so neither
+    ],
+)
 def test_question_mark_rule(question, expected):
     assert exam_question(question) == expected
 
@@ -200,17 +228,24 @@ TOKENS = "He has chest pain and a CT scan".split()
 GOLD_TAGS = ["O", "O", "B-problem", "I-problem", "O", "B-test", "I-test", "I-test"]
 
 
-@pytest.mark.parametrize("output,pred_tags", [
-    ('He has <span class="problem">chest pain</span> and <span class="test">a CT scan</span>', GOLD_TAGS),
-    # nested: only the outer span counts; its class names the whole text
-    ('He has <span class="problem">chest <span class="test">pain</span></span> and a CT scan',
-     ["O", "O", "B-problem", "I-problem", "O", "O", "O", "O"]),
-    # unclosed span: runs to the end of the output
-    ('He has <span class="problem">chest pain and a CT scan',
-     ["O", "O", "B-problem", "I-problem", "I-problem", "I-problem", "I-problem", "I-problem"]),
-    # stray closing tag ignored; an unknown class and a span without class are "O"
-    ('He has chest pain</span> and <span class="finding">a CT</span> <span>scan</span>', ["O"] * 8),
-])
+@pytest.mark.parametrize(
+    "output,pred_tags",
+    [
+        ('He has <span class="problem">chest pain</span> and <span class="test">a CT scan</span>', GOLD_TAGS),
+        # nested: only the outer span counts; its class names the whole text
+        (
+            'He has <span class="problem">chest <span class="test">pain</span></span> and a CT scan',
+            ["O", "O", "B-problem", "I-problem", "O", "O", "O", "O"],
+        ),
+        # unclosed span: runs to the end of the output
+        (
+            'He has <span class="problem">chest pain and a CT scan',
+            ["O", "O", "B-problem", "I-problem", "I-problem", "I-problem", "I-problem", "I-problem"],
+        ),
+        # stray closing tag ignored; an unknown class and a span without class are "O"
+        ('He has chest pain</span> and <span class="finding">a CT</span> <span>scan</span>', ["O"] * 8),
+    ],
+)
 def test_i2b2_html_reading(output, pred_tags):
     pred, gold = align(read_html(output), read_html(gold_html(TOKENS, GOLD_TAGS)))
     assert gold == GOLD_TAGS and pred == pred_tags
@@ -238,14 +273,17 @@ def test_gold_html_keeps_adjacent_concepts_of_one_type_apart():
 
     tokens = ["fever", "cough", "and", "chest", "pain"]
     tags = ["B-problem", "B-problem", "O", "B-problem", "I-problem"]
-    assert gold_html(tokens, tags) == ('<span class="problem">fever</span> <span class="problem">cough</span> and '
-                                       '<span class="problem">chest pain</span>')
+    assert gold_html(tokens, tags) == (
+        '<span class="problem">fever</span> <span class="problem">cough</span> and '
+        '<span class="problem">chest pain</span>'
+    )
 
 
 def test_alignment_continues_a_split_gold_word_inside_its_entity():
     """The output splits the gold word "CTscan" (B-test) into "CT" and "scan": "CT" pairs with the word's start,
     and its rest "scan" continues the same entity (I-test), not a second one (which would make seqeval count two
     gold entities)."""
-    pred, gold = align(read_html('<span class="test">CT</span>scan done'),
-                       read_html('<span class="test">CTscan</span> done'))
+    pred, gold = align(
+        read_html('<span class="test">CT</span>scan done'), read_html('<span class="test">CTscan</span> done')
+    )
     assert (pred, gold) == (["B-test", "O", "O"], ["B-test", "I-test", "O"])

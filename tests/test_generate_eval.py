@@ -27,10 +27,17 @@ def test_kv_cache_matches_full_recompute_and_transformers(hf_pair, rng):
     ids = torch.zeros((3, width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     with torch.no_grad():
-        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     np.testing.assert_array_equal(cached, ref[:, width:].numpy())
 
 
@@ -48,8 +55,9 @@ def test_decoding_holds_the_layer_weights_once(rng):
     from mellama_jax.generate import _decode, decoder, left_pad
     from mellama_jax.model import Llama
 
-    cfg = dataclasses.replace(load_model_preset("tiny"), hidden_size=256, head_dim=64, intermediate_size=688,
-                              vocab_size=512)
+    cfg = dataclasses.replace(
+        load_model_preset("tiny"), hidden_size=256, head_dim=64, intermediate_size=688, vocab_size=512
+    )
     model = Llama(cfg, rngs=nnx.Rngs(0))
     parts = decoder(model)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(parts.layers))
@@ -82,8 +90,11 @@ def test_a_consuming_decoder_frees_the_stacked_layers(monkeypatch):
     array_type = type(jnp.zeros(1))
     seen = []  # live bytes after each slice `unstacked_layers` takes
     slice_array = array_type.__getitem__
-    monkeypatch.setattr(array_type, "__getitem__", lambda self, index: (
-        slice_array(self, index), seen.append(sum(x.nbytes for x in jax.live_arrays())))[0])
+    monkeypatch.setattr(
+        array_type,
+        "__getitem__",
+        lambda self, index: (slice_array(self, index), seen.append(sum(x.nbytes for x in jax.live_arrays())))[0],
+    )
 
     def peak_growth(consume: bool) -> tuple[float, float]:  # (peak, final) live bytes added, in layer weights
         model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -118,7 +129,7 @@ def test_sampling_and_eos(hf_pair, rng):
     stopped = generate(ours, prompts, 12, eos_id=eos)
     first = int(np.argmax(greedy[0] == eos))
     np.testing.assert_array_equal(stopped[0, : first + 1], greedy[0, : first + 1])
-    assert (stopped[0, first + 1:] == 0).all()
+    assert (stopped[0, first + 1 :] == 0).all()
     assert truncate_at_stop("yes. Question: next", ["Question:", "\n\n"]) == "yes. "
 
 
@@ -140,8 +151,12 @@ def templates():
 
 
 def test_tasks_read_the_original_files(templates):
-    _, examples, entry = load_task("pubmedqa", SHARED_DATA / "pubmedqa" / "ori_pqal.json", templates,
-                                   SHARED_DATA / "pubmedqa" / "test_ground_truth.json")
+    _, examples, entry = load_task(
+        "pubmedqa",
+        SHARED_DATA / "pubmedqa" / "ori_pqal.json",
+        templates,
+        SHARED_DATA / "pubmedqa" / "test_ground_truth.json",
+    )
     truth = json.loads((SHARED_DATA / "pubmedqa" / "test_ground_truth.json").read_text())
     assert len(examples) == 500 and all(truth[e.id] == e.gold for e in examples)
     prompt = render(entry["prompt"], examples[0].fields)
@@ -180,37 +195,67 @@ def test_generate_command_text_matches_transformers_and_cuts_at_stop(real_vocab_
     texts = complete(r)
     assert texts == HFBackend(exported, dtype="float32").generate(prompts, 8) and len(texts[0]) >= 4
     stop = texts[0][2:4]
-    assert complete(GenerateRequest(params, prompts, max_new_tokens=8, stop=[stop], dtype="float32"))[0] == \
-        texts[0][:texts[0].find(stop)]
+    assert (
+        complete(GenerateRequest(params, prompts, max_new_tokens=8, stop=[stop], dtype="float32"))[0]
+        == texts[0][: texts[0].find(stop)]
+    )
     sampled = GenerateRequest(params, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     assert complete(sampled) == complete(sampled)
 
 
-@pytest.mark.parametrize("task,data,split", [
-    ("pubmedqa", "pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json"),
-    ("medqa", "medqa/test.jsonl", None),
-    ("medmcqa", "medmcqa/test.jsonl", None),
-])
+@pytest.mark.parametrize(
+    "task,data,split",
+    [
+        ("pubmedqa", "pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json"),
+        ("medqa", "medqa/test.jsonl", None),
+        ("medmcqa", "medmcqa/test.jsonl", None),
+    ],
+)
 def test_eval_backends_agree_on_the_real_files(task, data, split, real_vocab_checkpoints, tmp_path):
     params, exported = real_vocab_checkpoints
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     results = {}
     for backend, model in (("jax", params), ("hf", exported)):
-        results[backend] = evaluate(EvalRequest(task, SHARED_DATA / data, model, tmp_path / backend, prompts,
-                                                backend, split=SHARED_DATA / split if split else None, limit=4,
-                                                batch_size=2, max_new_tokens=6, dtype="float32"))
-    rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()]
-            for b in results}
+        results[backend] = evaluate(
+            EvalRequest(
+                task,
+                SHARED_DATA / data,
+                model,
+                tmp_path / backend,
+                prompts,
+                backend,
+                split=SHARED_DATA / split if split else None,
+                limit=4,
+                batch_size=2,
+                max_new_tokens=6,
+                dtype="float32",
+            )
+        )
+    rows = {b: [json.loads(l) for l in (tmp_path / b / "predictions.jsonl").read_text().splitlines()] for b in results}
     assert [r["output"] for r in rows["jax"]] == [r["output"] for r in rows["hf"]]
     assert [r["prediction"] for r in rows["jax"]] == [r["prediction"] for r in rows["hf"]]
     assert results["jax"]["accuracy"] == results["hf"]["accuracy"] and results["jax"]["examples"] == 4
     assert (tmp_path / "jax" / "summary.md").read_text().startswith("| task |")
     # `eval score` on the written predictions, without the model, gives the same summary
-    assert main(["eval", "score", "--task", task, "--predictions", str(tmp_path / "jax" / "predictions.jsonl"),
-                 "--out", str(tmp_path / "again")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "score",
+                "--task",
+                task,
+                "--predictions",
+                str(tmp_path / "jax" / "predictions.jsonl"),
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert {k: v for k, v in again.items() if k not in ("backend", "predictions")} == {
-        k: results["jax"][k] for k in again if k not in ("backend", "predictions")}
+        k: results["jax"][k] for k in again if k not in ("backend", "predictions")
+    }
     assert again["notes"]["macro_f1"].startswith("scikit-learn macro F1 over the labels present")
 
 
@@ -227,9 +272,22 @@ def test_eval_model_prompt_wraps_each_whole_prompt_as_the_authors_do(real_vocab_
     params, exported = real_vocab_checkpoints
     prompts = SHARED_DATA / "me-llama-prompts" / "prompt_templates.json"
     data = SHARED_DATA / "medqa" / "test.jsonl"
-    summary = evaluate(EvalRequest("medqa", data, params, tmp_path / "out", prompts, limit=3, batch_size=3,
-                                   max_new_tokens=6, fewshot=1, fewshot_data=data, model_prompt="mellama",
-                                   dtype="float32"))
+    summary = evaluate(
+        EvalRequest(
+            "medqa",
+            data,
+            params,
+            tmp_path / "out",
+            prompts,
+            limit=3,
+            batch_size=3,
+            max_new_tokens=6,
+            fewshot=1,
+            fewshot_data=data,
+            model_prompt="mellama",
+            dtype="float32",
+        )
+    )
     assert summary["model_prompt"] == "mellama"
     templates = load_templates(prompts)
     _, examples, entry = load_task("medqa", data, templates)
@@ -244,8 +302,16 @@ def test_eval_model_prompt_wraps_each_whole_prompt_as_the_authors_do(real_vocab_
 def test_eval_defaults_to_the_harness_generation_length(real_vocab_checkpoints, tmp_path):
     """The authors' harness: greedy, up to 256 new tokens, no stop sequence but EOS."""
     params, _ = real_vocab_checkpoints
-    summary = evaluate(EvalRequest("medqa", SHARED_DATA / "medqa" / "test.jsonl", params, tmp_path / "out",
-                                   SHARED_DATA / "me-llama-prompts" / "prompt_templates.json", limit=1))
+    summary = evaluate(
+        EvalRequest(
+            "medqa",
+            SHARED_DATA / "medqa" / "test.jsonl",
+            params,
+            tmp_path / "out",
+            SHARED_DATA / "me-llama-prompts" / "prompt_templates.json",
+            limit=1,
+        )
+    )
     assert summary["max_new_tokens"] == 256
     from mellama_jax.data.tokenizer import Tokenizer
 
@@ -261,13 +327,16 @@ def _row(**change):
     return json.dumps({**row, **change})
 
 
-@pytest.mark.parametrize("lines,message", [
-    ([_row(), "{not json"], r"predictions.jsonl:2: not JSON"),
-    ([_row(), _row(), _row().replace(', "output": "A"', "")], r"predictions.jsonl:3: missing field 'output'"),
-    ([_row(task="medqa-5")], r"predictions.jsonl:1: unknown task 'medqa-5'"),
-    ([_row(task="pubmedqa")], r"predictions.jsonl:1: a 'pubmedqa' row, but --task is 'medqa'"),
-    ([_row(gold="F")], r"predictions.jsonl:1: gold 'F' is not among the choices"),
-])
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        ([_row(), "{not json"], r"predictions.jsonl:2: not JSON"),
+        ([_row(), _row(), _row().replace(', "output": "A"', "")], r"predictions.jsonl:3: missing field 'output'"),
+        ([_row(task="medqa-5")], r"predictions.jsonl:1: unknown task 'medqa-5'"),
+        ([_row(task="pubmedqa")], r"predictions.jsonl:1: a 'pubmedqa' row, but --task is 'medqa'"),
+        ([_row(gold="F")], r"predictions.jsonl:1: gold 'F' is not among the choices"),
+    ],
+)
 def test_bad_predictions_file_gets_one_line_and_writes_nothing(lines, message, tmp_path, capsys):
     path = tmp_path / "predictions.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -283,8 +352,12 @@ def test_eval_score_refuses_a_multi_label_gold_outside_the_choices(tmp_path, cap
 
     row = {"task": "hoc", "id": "7", "choices": list(BLUE_HOC_LABELS), "output": "cellular energetics"}
     path = tmp_path / "predictions.jsonl"
-    path.write_text(json.dumps({**row, "gold": ["cellular energetics", "inducing angiogenesis"]}) + "\n"
-                    + json.dumps({**row, "id": "8", "gold": ["cellular energetics", "cell cycle"]}) + "\n")
+    path.write_text(
+        json.dumps({**row, "gold": ["cellular energetics", "inducing angiogenesis"]})
+        + "\n"
+        + json.dumps({**row, "id": "8", "gold": ["cellular energetics", "cell cycle"]})
+        + "\n"
+    )
     code = main(["eval", "score", "--task", "hoc", "--predictions", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "predictions.jsonl:2: gold" in err and "not among the choices" in err, err

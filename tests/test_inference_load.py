@@ -31,10 +31,22 @@ def eight_heads(demo_data, tmp_path_factory):
     positions: our checkpoint (float32, as hf-to-jax writes it) and its transformers export."""
     root = tmp_path_factory.mktemp("eight-heads")
     torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.05, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    hf_cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(hf_cfg).eval().save_pretrained(root / "hf")
     shutil.copyfile(demo_data / "tok" / "tokenizer.model", root / "hf" / "tokenizer.model")
     params = hf_to_jax(ImportRequest(root / "hf", root / "jax"), progress=False)
@@ -77,8 +89,12 @@ class LiveBytes:
         self.after = self.now()
 
     def growth(self, which: str = "peak") -> dict:
-        return {d: max(getattr(self, which).get(d, 0), self.after[d]) - self.before[d] if which == "peak"
-                else getattr(self, which)[d] - self.before[d] for d in self.before}
+        return {
+            d: max(getattr(self, which).get(d, 0), self.after[d]) - self.before[d]
+            if which == "peak"
+            else getattr(self, which)[d] - self.before[d]
+            for d in self.before
+        }
 
 
 def _largest_tensor_bytes(params) -> int:
@@ -113,8 +129,11 @@ def test_loading_into_a_mesh_holds_each_devices_share_and_at_most_one_tensor_mor
     direct, single = load_model(params, dtype="float32", mesh=mesh, rules=mesh_cfg.rules), load_model(params)
     state = nnx.state(direct)
     expected = state_shardings(state, mesh, mesh_cfg.rules)
-    jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
-                 jax.tree.leaves(state), jax.tree.leaves(expected))
+    jax.tree.map(
+        lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
+        jax.tree.leaves(state),
+        jax.tree.leaves(expected),
+    )
     jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(state), jax.tree.leaves(nnx.state(single)))
 
 
@@ -130,10 +149,17 @@ def test_sharded_generation_equals_transformers_in_fp32_and_stays_close_in_bf16(
     width = max(map(len, prompts))
     ids, mask = torch.zeros((3, width), dtype=torch.long), torch.zeros((3, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     with torch.no_grad():
-        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)[:, width:].numpy()
+        ref = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, width:].numpy()
     fp32 = load_for_decoding(params, dtype="float32", mesh="tensor=8")
     np.testing.assert_array_equal(fp32.generate(prompts, 10, None), ref)
 
@@ -147,7 +173,7 @@ def test_sharded_generation_equals_transformers_in_fp32_and_stays_close_in_bf16(
             want = hf(torch.tensor([p])).logits[0].numpy()
         got = np.asarray(model(jax.numpy.asarray([p])), dtype=np.float32)[0]
         rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
-        assert rel.max() < 2 ** -5, rel.max()
+        assert rel.max() < 2**-5, rel.max()
 
 
 def test_a_model_too_big_for_one_device_names_the_mesh_that_fits():
@@ -160,9 +186,11 @@ def test_a_model_too_big_for_one_device_names_the_mesh_that_fits():
     cfg = load_model_preset("llama2-70b")
     with pytest.raises(ConfigError) as e:
         check_fits(cfg, None, "bfloat16", layout_of(None), rules, 1, 4096, 80 * GiB, 8)
-    assert str(e.value) == ("llama2-70b in bfloat16 needs 164.7 GiB per device on one device (parameters, KV cache "
-                            "for 1 x 4096 positions), a device has 80.0 GiB: pass --mesh data=2,tensor=4 (41.2 GiB "
-                            "per device)")
+    assert str(e.value) == (
+        "llama2-70b in bfloat16 needs 164.7 GiB per device on one device (parameters, KV cache "
+        "for 1 x 4096 positions), a device has 80.0 GiB: pass --mesh data=2,tensor=4 (41.2 GiB "
+        "per device)"
+    )
     check_fits(cfg, None, "bfloat16", layout_of("data=2,tensor=4"), rules, 1, 4096, 80 * GiB, 8)
     # LLaMA2-13B (13,015,864,320 parameters) fits one 40 GiB card for one row: 26.03 GB + 5.66 GB (40 x 5120 x
     # 13824 x 2 B) + 3.36 GB of cache (2 x 40 x 4096 x 40 heads x 128 x 2 B) = 35.05 GB = 32.6 GiB
@@ -196,10 +224,14 @@ def test_an_over_long_prompt_keeps_what_the_harness_keeps(eight_heads, tmp_path,
     tok = Tokenizer.load(exported / "tokenizer.model")
     premise = " ".join(f"Patient {i} received metformin and improved." for i in range(60))
     data = tmp_path / "bionli.jsonl"
-    data.write_text("".join(json.dumps({"premise": p, "hypothesis": "Metformin helps.", "label_cat": "pos"}) + "\n"
-                            for p in (premise, "Metformin was given.")))
+    data.write_text(
+        "".join(
+            json.dumps({"premise": p, "hypothesis": "Metformin helps.", "label_cat": "pos"}) + "\n"
+            for p in (premise, "Metformin was given.")
+        )
+    )
     text_ids = tok.encode(premise, bos=False)
-    harness = text_ids[8 - 256:]
+    harness = text_ids[8 - 256 :]
     ours, cut = fit_prompt([tok.bos_id] + text_ids, 256, 8)
     assert cut and len(ours) == len(harness) == 248 and ours[0] == tok.bos_id and ours[1:] == harness[1:]
     assert fit_prompt([1, 5, 6], 256, 8) == ([1, 5, 6], False)
@@ -217,12 +249,16 @@ def test_an_over_long_prompt_keeps_what_the_harness_keeps(eight_heads, tmp_path,
     with torch.no_grad():
         new = hf.generate(input_ids=torch.tensor([kept]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 248:]
     whole, head = tok.decode(kept + [t for t in new.tolist() if t != 0]), tok.decode(kept)
-    assert row["output"] == whole[len(head):]
-    hf_summary = evaluate(EvalRequest("bionli", data, exported, tmp_path / "hf", backend="hf", max_new_tokens=8,
-                                      dtype="float32"))
+    assert row["output"] == whole[len(head) :]
+    hf_summary = evaluate(
+        EvalRequest("bionli", data, exported, tmp_path / "hf", backend="hf", max_new_tokens=8, dtype="float32")
+    )
     assert hf_summary["truncated_prompts"] == 1
 
-    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens; with 8 new tokens it needs \d+ positions, the "
-                                         r"model has 256: .* --truncate \(keeps BOS and its last 247 tokens\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt 1 has \d+ tokens; with 8 new tokens it needs \d+ positions, the "
+        r"model has 256: .* --truncate \(keeps BOS and its last 247 tokens\)",
+    ):
         complete(GenerateRequest(params, [premise], max_new_tokens=8, dtype="float32"))
     assert complete(GenerateRequest(params, [premise], max_new_tokens=8, dtype="float32", truncate=True))

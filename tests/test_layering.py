@@ -46,7 +46,7 @@ def find_loop(graph: dict[str, dict[str, str]]) -> list[str] | None:
         state[room] = "open"
         for nxt in graph.get(room, {}):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:
@@ -70,7 +70,8 @@ def test_find_loop_by_hand():
 def test_no_room_imports_a_room_that_imports_it():
     graph = room_imports()
     assert {"mellama_jax.train", "mellama_jax.model", "mellama_jax.outputs"} <= set(graph) | {
-        r for targets in graph.values() for r in targets}  # the walk sees the package
+        r for targets in graph.values() for r in targets
+    }  # the walk sees the package
     loop = find_loop(graph)
     where = [graph[a][b] for a, b in zip(loop, loop[1:])] if loop else []
     assert loop is None, f"import loop {' -> '.join(loop)} (at {', '.join(where)})"

@@ -22,10 +22,15 @@ def test_preset_parameter_counts(preset):
     ours = count_params(init_abstract(cfg))
     assert ours == PUBLISHED[preset]
     # Independent check: transformers' own model of the same shape, on the meta device (no memory).
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                         tie_word_embeddings=False)
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_cfg)
     assert sum(p.numel() for p in hf.parameters()) == ours
@@ -40,7 +45,11 @@ def test_every_parameter_has_logical_axes():
             assert axes[0] == "layers"
     flat = dict(nnx.to_flat_state(state))
     assert flat[("layers", "attn", "wk", "kernel")].get_metadata()["out_sharding"] == (
-        "layers", "embed", "kv_heads", "head_dim")
+        "layers",
+        "embed",
+        "kv_heads",
+        "head_dim",
+    )
     assert flat[("lm_head", "kernel")].get_metadata()["out_sharding"] == ("embed", "vocab")
 
 
@@ -181,8 +190,7 @@ def test_lora_adds_alpha_over_rank_times_a_b(rng):
         b = np.asarray(flat[path[:-1] + ("lora_b",)].get_value(), np.float64)  # (layers, r, out...)
         n_layers, r = a.shape[0], a.shape[-1]
         delta = np.einsum("lir,lro->lio", a.reshape(n_layers, -1, r), b.reshape(n_layers, r, -1))
-        merged[path[:-1] + ("kernel",)].set_value(jnp.asarray(kernel + 2.0 * delta.reshape(kernel.shape),
-                                                              jnp.float32))
+        merged[path[:-1] + ("kernel",)].set_value(jnp.asarray(kernel + 2.0 * delta.reshape(kernel.shape), jnp.float32))
     nnx.update(plain, nnx.from_flat_state(merged))
     ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 12)))
     got, ref = np.asarray(with_lora(ids)), np.asarray(plain(ids))

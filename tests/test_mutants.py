@@ -65,8 +65,15 @@ def test_runner_classifies_mutants_and_restores_files(runner, repo, tmp_path, ca
     assert runner.main(["--root", str(repo), "--json", str(out)]) == 1  # some survive or are broken
     results = {r["name"]: r for r in json.loads(out.read_text())["mutants"]}
     status = {name: r["status"] for name, r in results.items()}
-    assert status == {"add-subtracts": "killed", "double-untested": "survived", "double-slow": "killed",
-                      "not-there": "broken", "twice": "broken", "not-python": "broken", "no-such-test": "broken"}
+    assert status == {
+        "add-subtracts": "killed",
+        "double-untested": "survived",
+        "double-slow": "killed",
+        "not-there": "broken",
+        "twice": "broken",
+        "not-python": "broken",
+        "no-such-test": "broken",
+    }
     assert "test_add" in results["add-subtracts"]["detail"]
     assert results["not-there"]["detail"] == "find occurs 0 times in calc.py"
     assert results["twice"]["detail"] == "find occurs 2 times in calc.py"
@@ -82,16 +89,24 @@ def test_runner_only_and_copy(runner, repo, tmp_path):
     assert runner.main(["--root", str(repo), "--only", "add-subtracts", "--only", "double-slow"]) == 0
     copy = runner.copy_repo(repo, tmp_path / "scratch")
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
-        ".gitignore", "calc.py", "pytest.ini", "tests/mutants/fake.yaml", "tests/test_calc.py"]
+        ".gitignore",
+        "calc.py",
+        "pytest.ini",
+        "tests/mutants/fake.yaml",
+        "tests/test_calc.py",
+    ]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("- {name: a, file: f.py, find: x, replace: y, why: w}\n", "entry 1: missing keys ['tests']"),
-    ("- {name: a, file: f.py, find: x, replace: x, tests: [t.py], why: w}\n", "replace equals find"),
-    ("- {name: a, file: f.py, find: x, replace: y, tests: [t.py], why: w}\n" * 2, "mutant name 'a' already used"),
-    ("name: a\n", "expected a list of mutants"),
-    ("- [unclosed\n", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- {name: a, file: f.py, find: x, replace: y, why: w}\n", "entry 1: missing keys ['tests']"),
+        ("- {name: a, file: f.py, find: x, replace: x, tests: [t.py], why: w}\n", "replace equals find"),
+        ("- {name: a, file: f.py, find: x, replace: y, tests: [t.py], why: w}\n" * 2, "mutant name 'a' already used"),
+        ("name: a\n", "expected a list of mutants"),
+        ("- [unclosed\n", "invalid YAML"),
+    ],
+)
 def test_bad_mutant_files_are_usage_errors(runner, repo, text, message, capsys):
     bad = repo / "tests" / "mutants" / "bad.yaml"
     bad.write_text(text)
@@ -105,7 +120,8 @@ def test_bad_mutant_files_are_usage_errors(runner, repo, text, message, capsys):
 def test_a_hanging_mutant_is_stopped_and_counts_as_killed(runner, repo, tmp_path):
     (repo / "tests" / "mutants" / "hang.yaml").write_text(
         '- {name: hangs, file: calc.py, find: "return a + b", replace: "while True: pass", '
-        'tests: [tests/test_calc.py], why: an endless loop}\n')
+        'tests: [tests/test_calc.py], why: an endless loop}\n'
+    )
     out = tmp_path / "results.json"
     assert runner.main(["--root", str(repo), "--only", "hangs", "--timeout", "3", "--json", str(out)]) == 0
     result = json.loads(out.read_text())["mutants"][0]
@@ -132,11 +148,13 @@ def test_every_listed_mutant_still_applies():
 
 def test_changed_runs_only_the_mutants_of_changed_files(runner, repo, tmp_path, capsys):
     (repo / "other.py").write_text("def half(x):\n    return x / 2\n")
-    (repo / "tests" / "test_other.py").write_text("from other import half\n\n"
-                                                  "def test_half():\n    assert half(4) == 2\n")
+    (repo / "tests" / "test_other.py").write_text(
+        "from other import half\n\ndef test_half():\n    assert half(4) == 2\n"
+    )
     (repo / "tests" / "mutants" / "other.yaml").write_text(
         "- {name: half-doubles, file: other.py, find: 'x / 2', replace: 'x * 2', tests: [tests/test_other.py], "
-        "why: w}\n")
+        "why: w}\n"
+    )
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"], cwd=repo, check=True)
     assert runner.main(["--root", str(repo), "--changed", "HEAD"]) == 0  # nothing changed: nothing to run
@@ -151,7 +169,9 @@ def test_changed_runs_only_the_mutants_of_changed_files(runner, repo, tmp_path, 
     assert runner.main(["--root", str(repo), "--changed", "no-such-rev"]) == 2
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)  # back to the commit
     with open(repo / "tests" / "mutants" / "other.yaml", "a") as f:  # a new mutant of an unchanged file runs
-        f.write("- {name: half-thirds, file: other.py, find: 'x / 2', replace: 'x / 3', tests: [tests/test_other.py], "
-                "why: w}\n")
+        f.write(
+            "- {name: half-thirds, file: other.py, find: 'x / 2', replace: 'x / 3', tests: [tests/test_other.py], "
+            "why: w}\n"
+        )
     assert runner.main(["--root", str(repo), "--changed", "HEAD", "--json", str(out)]) == 0
     assert [r["name"] for r in json.loads(out.read_text())["mutants"]] == ["half-thirds"]

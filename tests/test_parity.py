@@ -46,8 +46,9 @@ def test_logits_match_with_left_padding_and_positions(hf_pair, rng):
     ids, mask = ids[:, ::-1].copy(), mask[:, ::-1].copy()  # left padding, as for generation
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(positions)).logits.numpy()
+        ref = hf(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids, jnp.int32), jnp.asarray(positions), jnp.asarray(mask, jnp.int32)))
     assert np.abs(got - ref)[mask.astype(bool)].max() <= 1e-4
 
@@ -60,11 +61,18 @@ def test_greedy_generation_matches_transformers(hf_pair, rng):
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     np.testing.assert_array_equal(ours_new, out[:, width:].numpy())
 
 

@@ -12,8 +12,16 @@ from mellama_jax.plan.layouts import PlanRequest, analytical, plan, plan_layout
 
 
 def test_small_model_state_bytes_match_by_hand():
-    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=32", "train.batch_size=8", "train.steps=2",
-                             "mesh.ici={data: 2, fsdp: 4, tensor: 1}"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-gqa",
+            "train.seq_len=32",
+            "train.batch_size=8",
+            "train.steps=2",
+            "mesh.ici={data: 2, fsdp: 4, tensor: 1}",
+        ],
+    )
     row = plan_layout(cfg)
     est = analytical(cfg)
     batch = 5 * (8 // 8) * 32 * 4  # five (B, T) int32/float32 arrays, one row per device
@@ -24,8 +32,9 @@ def test_small_model_state_bytes_match_by_hand():
 
 def test_bad_layouts_are_reported_not_raised():
     overrides = ("model=tiny-gqa", "train.seq_len=32", "train.batch_size=8", "train.steps=2")
-    result = plan(PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("tensor=8", "fsdp=8"),
-                              memory_gib=80.0))
+    result = plan(
+        PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("tensor=8", "fsdp=8"), memory_gib=80.0)
+    )
     bad, good = result["layouts"]
     assert "does not divide" in bad["error"] and good["fits"] is True
 
@@ -43,23 +52,49 @@ def test_a_layout_fits_a_gpu_when_it_fits_the_launchers_share_of_its_memory():
     request = PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("fsdp=8",))
     planned = plan(request)["layouts"][0]["xla_bytes"]["total"]
     for card, fits in ((planned / 0.95, False), (planned / 0.9, True)):
-        row = plan(PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("fsdp=8",),
-                               memory_gib=card / GiB))["layouts"][0]
+        row = plan(
+            PlanRequest(overrides=overrides, devices=jax.device_count(), layouts=("fsdp=8",), memory_gib=card / GiB)
+        )["layouts"][0]
         assert row["fits"] is fits, (card, planned)
 
 
 @pytest.mark.slow  # 20 s of two CLI plans (make test-all runs it); the planner's rows are checked above
 def test_70b_on_160_devices_and_13b_on_8():
-    out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--config",
-                          str(CONFIG_ROOT / "me-llama-70b-pretrain.yaml"), "--devices", "160"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mellama_jax.cli",
+            "plan",
+            "--config",
+            str(CONFIG_ROOT / "me-llama-70b-pretrain.yaml"),
+            "--devices",
+            "160",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     row = [l for l in out.stdout.splitlines() if l.startswith("| config")][0]
     assert "'fsdp': 32" in row and "| 24.11 |" in row and "| yes |" in row  # 69B x 12 B / 32 devices
-    out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--config",
-                          str(CONFIG_ROOT / "me-llama-13b-pretrain.yaml"), "--devices", "8",
-                          "mesh.dcn={data: 1, fsdp: 1, tensor: 1}", "train.batch_size=128"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mellama_jax.cli",
+            "plan",
+            "--config",
+            str(CONFIG_ROOT / "me-llama-13b-pretrain.yaml"),
+            "--devices",
+            "8",
+            "mesh.dcn={data: 1, fsdp: 1, tensor: 1}",
+            "train.batch_size=128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| 18.19 |" in [l for l in out.stdout.splitlines() if l.startswith("| config")][0]
 
@@ -86,7 +121,12 @@ def test_search_candidates_by_hand_on_a_small_case():
     assert len(found) == 12
     assert {c.ici["tensor"] for c in found} == {1, 2}
     assert sorted({(c.ici["fsdp"] * c.ici["data"], c.grad_accum) for c in found}) == [
-        (2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]
+        (2, 1),
+        (2, 2),
+        (2, 4),
+        (4, 1),
+        (4, 2),
+    ]
 
 
 def test_search_candidates_for_70b_on_160_gpus_keep_the_batch_and_divide():
@@ -162,11 +202,14 @@ def test_collective_bytes_by_hand():
     x2 = jax.device_put(jnp.zeros((8, 1024), jnp.float32), NamedSharding(mesh2, P("x")))
     summed = jax.jit(lambda a: (a * 2).sum(0), out_shardings=NamedSharding(mesh2, P()))
     assert collective_bytes(summed.lower(x2).compile().as_text()) == 6144
-    lines = ["%a = bf16[256]{0} all-reduce(%p), replica_groups=[2,4]<=[8], to_apply=%add",  # 2 x 512 x 3/4
-             "%b = f32[16]{0} reduce-scatter(%q), replica_groups={{0,1},{2,3}}, dimensions={0}",  # 64 x 1
-             "%c = (f32[4]{0}, f32[4]{0}) all-reduce(%r, %s), replica_groups={{0,1,2,3}}",  # 2 x 32 x 3/4
-             "%d = (f32[2]{0}, f32[8]{0}) all-gather-start(%t), replica_groups={{0,1,2,3}}, dimensions={0}",  # 32 x 3/4
-             "%e = f32[8]{0} all-gather-done(%d)", "%f = f32[8]{0} add(%u, %v)"]
+    lines = [
+        "%a = bf16[256]{0} all-reduce(%p), replica_groups=[2,4]<=[8], to_apply=%add",  # 2 x 512 x 3/4
+        "%b = f32[16]{0} reduce-scatter(%q), replica_groups={{0,1},{2,3}}, dimensions={0}",  # 64 x 1
+        "%c = (f32[4]{0}, f32[4]{0}) all-reduce(%r, %s), replica_groups={{0,1,2,3}}",  # 2 x 32 x 3/4
+        "%d = (f32[2]{0}, f32[8]{0}) all-gather-start(%t), replica_groups={{0,1,2,3}}, dimensions={0}",  # 32 x 3/4
+        "%e = f32[8]{0} all-gather-done(%d)",
+        "%f = f32[8]{0} add(%u, %v)",
+    ]
     assert collective_bytes("\n".join(lines)) == 768 + 64 + 48 + 24
 
 
@@ -183,8 +226,10 @@ def test_step_cost_counts_the_gradient_all_reduce_by_hand():
     cfg = load_config(None, base + ["mesh.ici={data: 8, fsdp: 1, tensor: 1}"])
     fast = step_cost(cfg, ())
     assert 1_638_336 <= fast["ici_bytes"] <= 1_638_336 + 100 and fast["dcn_bytes"] == 0
-    slow = step_cost(load_config(None, base + ["mesh.ici={data: 4, fsdp: 1, tensor: 1}",
-                                               "mesh.dcn={data: 2, fsdp: 1, tensor: 1}"]), (0,))
+    slow = step_cost(
+        load_config(None, base + ["mesh.ici={data: 4, fsdp: 1, tensor: 1}", "mesh.dcn={data: 2, fsdp: 1, tensor: 1}"]),
+        (0,),
+    )
     assert slow["ici_bytes"] == 0 and slow["dcn_bytes"] == fast["ici_bytes"]
     assert slow["flops"] == fast["flops"] > 0
 
@@ -198,8 +243,7 @@ def test_step_time_by_hand():
     assert step_seconds(1e12, 0.0, 3e8, 2.5e7, TARGETS["a100"]) == pytest.approx(1e12 / 312e12 + 2e-3)
     assert step_seconds(1e12, 2.039e9, 3e8, 2.5e7, TARGETS["a100"]) == pytest.approx(1e12 / 312e12 + 3e-3)
     # a module from a stand-in compiler (a GPU compiled as CPU devices): its traffic bounds compute from below
-    assert step_seconds(1e12, 2.039e9, 3e8, 2.5e7, TARGETS["a100"], native=False) == pytest.approx(
-        1e12 / 312e12 + 2e-3)
+    assert step_seconds(1e12, 2.039e9, 3e8, 2.5e7, TARGETS["a100"], native=False) == pytest.approx(1e12 / 312e12 + 2e-3)
     assert step_seconds(1e12, 4 * 2.039e9, 0.0, 0.0, TARGETS["a100"], native=False) == pytest.approx(4e-3)
 
 
@@ -231,29 +275,65 @@ def test_plan_search_prints_a_ranked_table_and_a_launch_command_that_dry_runs(ca
     from mellama_jax.cli import main
 
     recipe = str(CONFIG_ROOT / "tiny-pretrain.yaml")
-    code = main(["plan", "--search", "--config", recipe, "--devices", "8", "--max-compiles", "2", "--json",
-                 "train.batch_size=16", "train.seq_len=32", "train.steps=1"])
+    code = main(
+        [
+            "plan",
+            "--search",
+            "--config",
+            recipe,
+            "--devices",
+            "8",
+            "--max-compiles",
+            "2",
+            "--json",
+            "train.batch_size=16",
+            "train.seq_len=32",
+            "train.steps=1",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["compiled"] == 2 and result["survivors"] <= result["candidates"]
     steps = [r["step_s"] for r in result["rows"]]
     assert steps == sorted(steps) and all(r["fits"] for r in result["rows"])
     assert result["usable_gib"] == pytest.approx(80 * 0.92)  # what launch/slurm_gpu.sbatch lets XLA take
     best = result["rows"][0]["memory_bytes"]  # on a card of best / 0.95 bytes XLA gets 0.968 x best: no fit
-    main(["plan", "--search", "--config", recipe, "--devices", "8", "--max-compiles", "2", "--json",
-          "--memory-gib", str(best / 0.95 / 2**30), "train.batch_size=16", "train.seq_len=32", "train.steps=1"])
+    main(
+        [
+            "plan",
+            "--search",
+            "--config",
+            recipe,
+            "--devices",
+            "8",
+            "--max-compiles",
+            "2",
+            "--json",
+            "--memory-gib",
+            str(best / 0.95 / 2**30),
+            "train.batch_size=16",
+            "train.seq_len=32",
+            "train.steps=1",
+        ]
+    )
     tight = json.loads(capsys.readouterr().out)
     assert all(r["fits"] == (r["memory_bytes"] <= tight["usable_gib"] * 2**30) for r in tight["rows"])
     assert any(tight["usable_gib"] * 2**30 < r["memory_bytes"] <= tight["memory_gib"] * 2**30 for r in tight["rows"])
     from mellama_jax.plan.search import TARGETS, step_seconds
 
     for r in result["rows"]:  # compiled as CPU devices, not by a GPU's compiler: memory traffic a lower bound only
-        assert r["step_s"] == pytest.approx(step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"],
-                                                         r["dcn_bytes"], TARGETS["a100"], native=False))
+        assert r["step_s"] == pytest.approx(
+            step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"], r["dcn_bytes"], TARGETS["a100"], native=False)
+        )
     command = shlex.split(result["command"])
     assert command[:3] == ["sbatch", "--nodes=1", "launch/slurm_gpu.sbatch"] and command[3] == recipe
     repo = Path(__file__).resolve().parents[1]
-    dry = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *command[3:]], cwd=repo, capture_output=True,
-                         text=True, env=dict(os.environ, DRY_RUN="1", NODES="1"))
+    dry = subprocess.run(
+        ["bash", "launch/slurm_gpu.sbatch", *command[3:]],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DRY_RUN="1", NODES="1"),
+    )
     assert dry.returncode == 0, dry.stderr
     assert "mesh.ici={data: " in dry.stdout and f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout
 
@@ -277,7 +357,8 @@ def test_traffic_estimate_by_hand():
     tensor = Candidate({"data": 4, "fsdp": 1, "tensor": 2}, one, 1, "full")
     activations = 4 * 32 * m.hidden_size * 4
     assert traffic_seconds(tensor, cfg, a100, p) == pytest.approx(
-        (3 * 2 * m.num_layers * 2 * activations / 2 + 8 * p / 2 * 3 / 4) / 300e9)
+        (3 * 2 * m.num_layers * 2 * activations / 2 + 8 * p / 2 * 3 / 4) / 300e9
+    )
 
 
 @pytest.mark.slow  # ~20 s: libtpu's compiler, three candidates
@@ -290,26 +371,56 @@ def test_plan_search_on_tpu_chips_prints_a_pod_command_that_dry_runs():
     import shlex
 
     recipe = str(CONFIG_ROOT / "tiny-pretrain.yaml")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
-    out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--search", "--target", "tpu",
-                          "--topology", "v5p:2x2x1", "--config", recipe, "--max-compiles", "2", "--json"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TPU_SKIP_MDS_QUERY": "1",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mellama_jax.cli",
+            "plan",
+            "--search",
+            "--target",
+            "tpu",
+            "--topology",
+            "v5p:2x2x1",
+            "--config",
+            recipe,
+            "--max-compiles",
+            "2",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["gpu"] == "TPU v5p" and result["devices"] == 4 and result["memory_gib"] == 95
     assert result["compiled"] == 2 and [r["step_s"] for r in result["rows"]] == sorted(
-        r["step_s"] for r in result["rows"])
+        r["step_s"] for r in result["rows"]
+    )
     from mellama_jax.plan.search import TARGETS, step_seconds
 
     for r in result["rows"]:  # the TPU compiler's own module: its memory traffic adds to the step
-        assert r["step_s"] == pytest.approx(step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"],
-                                                         r["dcn_bytes"], TARGETS["v5p"]))
+        assert r["step_s"] == pytest.approx(
+            step_seconds(r["flops"], r["bytes_accessed"], r["ici_bytes"], r["dcn_bytes"], TARGETS["v5p"])
+        )
     command = shlex.split(result["command"])
     assert command[:3] == ["TPU_NAME=...", "ZONE=...", "launch/tpu_pod.sh"] and command[3] == recipe
     repo = Path(__file__).resolve().parents[1]
-    dry = subprocess.run(["bash", "launch/tpu_pod.sh", *command[3:]], cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, DRY_RUN="1", WORKERS="1", TPU_NAME="x", ZONE="y"))
+    dry = subprocess.run(
+        ["bash", "launch/tpu_pod.sh", *command[3:]],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DRY_RUN="1", WORKERS="1", TPU_NAME="x", ZONE="y"),
+    )
     assert dry.returncode == 0, dry.stderr
     assert f"train.grad_accum={result['rows'][0]['grad_accum']}" in dry.stdout
 
@@ -358,12 +469,35 @@ def test_plan_search_calibrates_against_runs_on_this_host():
 
     from mellama_jax.plan.search import spearman
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")}
-    out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--search", "--config",
-                          str(CONFIG_ROOT / "tiny-pretrain.yaml"), "--devices", "8", "--max-compiles", "6",
-                          "--calibrate", "6", "--json", "train.batch_size=16", "train.seq_len=32"],
-                         env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mellama_jax.cli",
+            "plan",
+            "--search",
+            "--config",
+            str(CONFIG_ROOT / "tiny-pretrain.yaml"),
+            "--devices",
+            "8",
+            "--max-compiles",
+            "6",
+            "--calibrate",
+            "6",
+            "--json",
+            "train.batch_size=16",
+            "train.seq_len=32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     runs = result["calibration"]["runs"]
@@ -373,7 +507,8 @@ def test_plan_search_calibrates_against_runs_on_this_host():
     assert [r["predicted_s"] for r in runs] == [r["step_s"] for r in fitting]
     assert all(r["measured_s"] > 0 for r in runs)
     assert result["calibration"]["spearman"] == pytest.approx(
-        spearman([r["predicted_s"] for r in runs], [r["measured_s"] for r in runs]))
+        spearman([r["predicted_s"] for r in runs], [r["measured_s"] for r in runs])
+    )
 
 
 def test_compile_order_covers_layouts_before_accumulations():
@@ -392,7 +527,7 @@ def test_compile_order_covers_layouts_before_accumulations():
     assert sorted(id(c) for _, c in order) == sorted(id(c) for _, c in pairs)
     fits = [sum(estimates[id(c)].values()) <= memory for _, c in order]
     assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(fits)
-    fitting = order[:sum(fits)]
+    fitting = order[: sum(fits)]
     layouts = [tuple(c.ici.values()) for c, _ in fitting]
     distinct = len(set(layouts))
     assert len(set(layouts[:distinct])) == distinct  # every fitting layout once before any repeats

@@ -42,8 +42,9 @@ def test_indivisible_layout_is_a_clear_error():
     cfg = load_config(None, ["model=tiny-gqa", "mesh.ici.fsdp=1", "mesh.ici.tensor=8"])
     mesh = sharding.make_mesh(cfg.mesh)
     state = nnx.state(init_abstract(cfg.model), nnx.Param)
-    with pytest.raises(ConfigError,
-                       match=r"layers/attn/w[kq]/kernel: dimension [24] .* mesh axes \('tensor',\) of size 8"):
+    with pytest.raises(
+        ConfigError, match=r"layers/attn/w[kq]/kernel: dimension [24] .* mesh axes \('tensor',\) of size 8"
+    ):
         sharding.state_shardings(state, mesh, cfg.mesh.rules)
 
 

@@ -25,7 +25,7 @@ def _packed_rows(T: int) -> np.ndarray:
     """Row 0: three documents (lengths 100, 80, T - 210) then 30 tokens of padding (segment id 0); row 1: one
     document filling the row. The boundaries fall inside the kernel's 128-token blocks."""
     seg = np.full((2, T), 7, np.int32)
-    seg[0, :100], seg[0, 100:180], seg[0, 180:], seg[0, T - 30:] = 1, 2, 3, 0
+    seg[0, :100], seg[0, 100:180], seg[0, 180:], seg[0, T - 30 :] = 1, 2, 3, 0
     return seg
 
 
@@ -45,10 +45,11 @@ def _outputs_and_grads(impl, q, k, v, g, seg, mesh=None, blocks=(128, 128)):
         return run(q, k, v, jnp.asarray(seg))
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,T,sharded", [("float32", 8, 2, 256, True),
-                                                            ("float32", 4, 4, 200, False),
-                                                            ("bfloat16", 8, 2, 256, False)],
-                         ids=["gqa-fp32-mesh", "mha-fp32-ragged", "gqa-bf16"])
+@pytest.mark.parametrize(
+    "dtype,heads,kv_heads,T,sharded",
+    [("float32", 8, 2, 256, True), ("float32", 4, 4, 200, False), ("bfloat16", 8, 2, 256, False)],
+    ids=["gqa-fp32-mesh", "mha-fp32-ragged", "gqa-bf16"],
+)
 def test_splash_matches_the_reference(rng, dtype, heads, kv_heads, T, sharded):
     """Outputs and q/k/v gradients of the kernel (blocks of 128, so a 256-token row is 2 x 2 blocks with the
     upper one skipped by the causal mask) equal the XLA reference on packed rows with several documents and
@@ -62,13 +63,16 @@ def test_splash_matches_the_reference(rng, dtype, heads, kv_heads, T, sharded):
     k, v = (jnp.asarray(rng.normal(size=(2, T, kv_heads, D)), dt) for _ in range(2))
     seg = _packed_rows(T)
     assert isinstance(attention.build_mask(jnp.asarray(seg), "splash", 8), attention.Segments)
-    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), (AxisType.Auto,) * 3,
-                         devices=jax.devices()[:4]) if sharded else None
+    mesh = (
+        jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), (AxisType.Auto,) * 3, devices=jax.devices()[:4])
+        if sharded
+        else None
+    )
     got = _outputs_and_grads("splash", q, k, v, g, seg, mesh)
     ref = _outputs_and_grads("xla", q, k, v, g, seg)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        tol = 1e-4 if dtype == "float32" else 2 * 2.0 ** -8 * np.abs(b).max()
+        tol = 1e-4 if dtype == "float32" else 2 * 2.0**-8 * np.abs(b).max()
         np.testing.assert_allclose(a, b, atol=tol, rtol=0, err_msg=name)
 
 
@@ -85,8 +89,9 @@ def test_splash_choice_config_and_decoding():
     q = jnp.ones((1, 5, 4, 8))
     k = v = jnp.ones((1, 5, 2, 8))
     bool_mask = attention.make_mask(jnp.ones((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32))
-    np.testing.assert_array_equal(attention.attend(q, k, v, bool_mask, "splash", causal=True),
-                                  attention.attend(q, k, v, bool_mask, "xla"))
+    np.testing.assert_array_equal(
+        attention.attend(q, k, v, bool_mask, "splash", causal=True), attention.attend(q, k, v, bool_mask, "xla")
+    )
 
 
 @pytest.mark.slow  # 25 s; splash against the reference is checked kernel by kernel above
@@ -96,8 +101,14 @@ def test_train_step_with_splash_equals_xla_under_a_mesh():  # ~25 s of CPU: the 
     device: the losses of two steps and the gradient norms equal the xla model's."""
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(rng, 8, 128, 256) for _ in range(2)]
-    common = ["train.seq_len=128", "model.remat=full", "model.num_layers=2",
-              "mesh.ici={data: 2, fsdp: 2, tensor: 2}", "model.splash_block_q=128", "model.splash_block_kv=128"]
+    common = [
+        "train.seq_len=128",
+        "model.remat=full",
+        "model.num_layers=2",
+        "mesh.ici={data: 2, fsdp: 2, tensor: 2}",
+        "model.splash_block_q=128",
+        "model.splash_block_kv=128",
+    ]
     ref_losses, ref_params, _, _ = run_steps(common + ["model.attention=xla"], batches)
     losses, params, _, _ = run_steps(common + ["model.attention=splash"], batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -116,12 +127,31 @@ def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():  # ~11 s of CPU: 
     the layout fits a v5p's 95 GiB, and the cost analysis, corrected for the scanned layers, gives at least the
     model's matmul FLOPs (6 per weight per token; splash's own FLOPs are not seen) and a roofline time."""
     _libtpu_or_skip()
-    out = subprocess.run([sys.executable, "-m", "mellama_jax.cli", "plan", "--target", "tpu", "--topology",
-                          "v5p:2x2x2", "--model", "tiny-gqa", "--layouts", "fsdp=4,tensor=2", "model.attention=auto",
-                          "train.seq_len=256", "train.batch_size=8", "train.steps=2"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mellama_jax.cli",
+            "plan",
+            "--target",
+            "tpu",
+            "--topology",
+            "v5p:2x2x2",
+            "--model",
+            "tiny-gqa",
+            "--layouts",
+            "fsdp=4,tensor=2",
+            "model.attention=auto",
+            "train.seq_len=256",
+            "train.batch_size=8",
+            "train.steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    result = json.loads(out.stdout[out.stdout.index("\n{") + 1 :])
     row = result["layouts"][0]
     assert result["chip"] == "v5p" and result["devices"] == 8 and result["hbm_gib"] == 95
     assert row["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and row["fits"] is True
@@ -154,7 +184,7 @@ def test_gradient_operands_follow_the_compile_target_not_the_host():
     assert layers.gradient_operand_dtype(jnp.bfloat16) == jnp.float32  # this CPU host
     # the program itself: the train step (bf16 compute) lowered for the TPU chips multiplies bf16 operands in every
     # dot, forward (10) and gradients (20); lowered for this host's CPUs the 20 gradient dots take fp32 copies
-    tpu, cpu = (_dot_operand_types(_lowered_train_step(d)) for d in (devices, jax.devices()[:len(devices)]))
+    tpu, cpu = (_dot_operand_types(_lowered_train_step(d)) for d in (devices, jax.devices()[: len(devices)]))
     assert tpu == {("bf16", "bf16"): 30}
     assert cpu == {("bf16", "bf16"): 10, ("f32", "f32"): 20}
 
@@ -166,15 +196,34 @@ def _lowered_train_step(devices) -> str:
     from mellama_jax.saved_params import abstract_like
     from mellama_jax.train.step import BATCH_KEYS, make_train_step, plan_trainer
 
-    cfg = load_config(None, ["model=tiny-gqa", "model.dtype=bfloat16", "model.attention=xla", "train.seq_len=64",
-                             "train.batch_size=4", "train.steps=2", "mesh.ici={data: 1, fsdp: -1, tensor: 1}"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-gqa",
+            "model.dtype=bfloat16",
+            "model.attention=xla",
+            "train.seq_len=64",
+            "train.batch_size=4",
+            "train.steps=2",
+            "mesh.ici={data: 1, fsdp: -1, tensor: 1}",
+        ],
+    )
     trainer, init = plan_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
     state, frozen = jax.eval_shape(init)
-    batch = {k: jax.ShapeDtypeStruct((4, 64), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (4, 64), jnp.float32 if k == "loss_weights" else jnp.int32, sharding=trainer.batch_sharding
+        )
+        for k in BATCH_KEYS
+    }
     with jax.set_mesh(trainer.mesh):
-        return make_train_step(trainer).jitted.lower(abstract_like(state, trainer.state_shardings),
-                                                     abstract_like(frozen, trainer.frozen_shardings), batch).as_text()
+        return (
+            make_train_step(trainer)
+            .jitted.lower(
+                abstract_like(state, trainer.state_shardings), abstract_like(frozen, trainer.frozen_shardings), batch
+            )
+            .as_text()
+        )
 
 
 def _dot_operand_types(stablehlo: str) -> dict:

@@ -109,8 +109,10 @@ def test_a_failed_output_leaves_nothing_in_the_bucket(bucket, tmp_path, tokenize
 
 
 def test_eval_writes_its_output_to_a_bucket(bucket, tmp_path):
-    rows = [{"task": "medqa", "id": str(i), "gold": "A", "choices": ["A", "B", "C", "D", "E"], "output": out}
-            for i, out in enumerate(["A", "B", "the answer is A"])]
+    rows = [
+        {"task": "medqa", "id": str(i), "gold": "A", "choices": ["A", "B", "C", "D", "E"], "output": out}
+        for i, out in enumerate(["A", "B", "the answer is A"])
+    ]
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     score = ["eval", "score", "--task", "medqa", "--predictions", str(predictions), "--out"]
@@ -131,16 +133,32 @@ def test_other_url_schemes_are_refused_in_one_line(key, demo_data, tmp_path, cap
 def test_prepare_refuses_a_bucket_in_one_line(demo_data, tmp_path, capsys):
     from mellama_jax.demo import _demo_file
 
-    code = main(["prepare", "pretrain", "--source", f"biomedical={_demo_file('biomedical.jsonl')}", "--tokenizer",
-                 str(demo_data / "tok" / "tokenizer.model"), "--out", "gs://mellama-test/prepared"])
+    code = main(
+        [
+            "prepare",
+            "pretrain",
+            "--source",
+            f"biomedical={_demo_file('biomedical.jsonl')}",
+            "--tokenizer",
+            str(demo_data / "tok" / "tokenizer.model"),
+            "--out",
+            "gs://mellama-test/prepared",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: gs://mellama-test/prepared: "
-                                                             "prepare writes a local")
+    assert (
+        code == 2 and len(err) == 1 and err[0].startswith("error: gs://mellama-test/prepared: prepare writes a local")
+    )
     assert not Path("gs:").exists() and not (Path.cwd() / "gs:").exists()
 
 
-def test_a_failed_upload_is_one_line_and_leaves_nothing_in_the_bucket(bucket, tmp_path, tokenizer_file,  # noqa: F811
-                                                                      monkeypatch, capsys):
+def test_a_failed_upload_is_one_line_and_leaves_nothing_in_the_bucket(
+    bucket,
+    tmp_path,
+    tokenizer_file,  # noqa: F811
+    monkeypatch,
+    capsys,
+):
     """The network fails after the first object of an output is written (gcsfs raising on the second, as a reset
     connection would): one line, and the objects already written are removed."""
     src = make_hf_dir(tmp_path / "hf", 2, seed=5, tokenizer=tokenizer_file)
@@ -160,15 +178,22 @@ def test_a_failed_upload_is_one_line_and_leaves_nothing_in_the_bucket(bucket, tm
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(writes) == 2 and len(err) == 1 and "Traceback" not in stderr, stderr
-    assert err[0] == (f"error: {dst}: the upload failed (ConnectionResetError: connection reset by peer); nothing "
-                      "was left there, run the command again")
+    assert err[0] == (
+        f"error: {dst}: the upload failed (ConnectionResetError: connection reset by peer); nothing "
+        "was left there, run the command again"
+    )
     monkeypatch.undo()
     assert not storage.path(dst).exists()
 
 
 @pytest.mark.parametrize("where", ["bucket", "local"])
-def test_an_output_beside_its_input_is_allowed_and_one_inside_it_refused(where, bucket, tmp_path, tokenizer_file,  # noqa: F811
-                                                                         capsys):
+def test_an_output_beside_its_input_is_allowed_and_one_inside_it_refused(
+    where,
+    bucket,
+    tmp_path,
+    tokenizer_file,  # noqa: F811
+    capsys,
+):
     """`.../jax` -> `.../jax-hf` shares a prefix with its input but not a folder: allowed. `.../jax/hf` is inside it:
     refused in one line, in a bucket as on a disk."""
     root = f"{bucket}/beside" if where == "bucket" else str(tmp_path)
@@ -210,7 +235,9 @@ def test_a_file_another_process_writes_later_is_seen(bucket, tmp_path):
     storage.upload(tmp_path / "a", f"{bucket}/later")
     assert [p.name for p in storage.path(f"{bucket}/later").iterdir()] == ["x"]
     assert not storage.path(f"{bucket}/later/y").exists()
-    subprocess.run([sys.executable, "-c", f"from mellama_jax import storage; storage.path('{bucket}/later/y')"
-                    ".write_text('y')"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"from mellama_jax import storage; storage.path('{bucket}/later/y').write_text('y')"],
+        check=True,
+    )
     assert storage.path(f"{bucket}/later/y").exists()
     assert storage.fetch(f"{bucket}/later").joinpath("y").read_text() == "y"

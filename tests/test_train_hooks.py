@@ -53,8 +53,16 @@ def counting(step_fn):
 def calls(hook_kwargs, steps=10, start=0, stop_after=None):
     seen = []
     step, done = counting(add_step)
-    run_steps(step, 0, None, iter(range(1, 100)), start, steps, [Hook(lambda i: seen.append(i.step), **hook_kwargs)],
-              lambda: len(done) == stop_after)
+    run_steps(
+        step,
+        0,
+        None,
+        iter(range(1, 100)),
+        start,
+        steps,
+        [Hook(lambda i: seen.append(i.step), **hook_kwargs)],
+        lambda: len(done) == stop_after,
+    )
     return seen
 
 
@@ -75,11 +83,15 @@ def test_every_at_end_and_at_stop():
 
 def test_run_steps_threads_state_and_reports_the_stop():
     infos = []
-    state, step, stopped = run_steps(add_step, 0, None, iter([5, 6, 7, 8]), 0, 4,
-                                     [Hook(infos.append, every=1)], lambda: len(infos) == 2)
+    state, step, stopped = run_steps(
+        add_step, 0, None, iter([5, 6, 7, 8]), 0, 4, [Hook(infos.append, every=1)], lambda: len(infos) == 2
+    )
     assert (state, step, stopped) == (5 + 6 + 7, 3, True)
-    assert [(i.step, i.state, i.last, i.stopping) for i in infos] == [(1, 5, False, False), (2, 11, False, False),
-                                                                      (3, 18, False, True)]
+    assert [(i.step, i.state, i.last, i.stopping) for i in infos] == [
+        (1, 5, False, False),
+        (2, 11, False, False),
+        (3, 18, False, True),
+    ]
     state, step, stopped = run_steps(add_step, 0, None, iter([5, 6]), 0, 2, [], lambda: False)
     assert (state, step, stopped) == (11, 2, False)
 
@@ -96,8 +108,11 @@ def test_finite_guard_names_the_first_bad_step_of_those_unchecked():
     assert guard.unchecked == []
     for i in [info(7, 1.0), info(8, 1.5, grad_norm=float("inf")), info(9, float("nan")), info(10, 1.0)]:
         guard.record(i)
-    with pytest.raises(NonFiniteLoss, match=r"at step 8 \(loss=1.5, grad_norm=inf\).*last good checkpoint "
-                                            r"\(step 4\)"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"at step 8 \(loss=1.5, grad_norm=inf\).*last good checkpoint "
+        r"\(step 4\)",
+    ):
         guard.check()
     record, check = guard.hooks(every=5)
     assert (record.every, record.at_end, check.every, check.at_end) == (1, False, 5, True)
@@ -105,8 +120,17 @@ def test_finite_guard_names_the_first_bad_step_of_those_unchecked():
 
 def test_finite_guard_lets_skipped_steps_pass_until_too_many_in_a_row():
     def skipped(step, flag=1):
-        return StepInfo(step, None, {"loss": jnp.float32(float("nan") if flag else 1.0), "grad_norm": jnp.float32(1),
-                                     "skipped": jnp.int32(flag)}, False, False)
+        return StepInfo(
+            step,
+            None,
+            {
+                "loss": jnp.float32(float("nan") if flag else 1.0),
+                "grad_norm": jnp.float32(1),
+                "skipped": jnp.int32(flag),
+            },
+            False,
+            False,
+        )
 
     guard = FiniteGuard(last_saved=lambda: 10, max_skipped=3)
     for i in [skipped(11), skipped(12), skipped(13, 0), skipped(14), skipped(15)]:  # 2, then 2 in a row
@@ -265,8 +289,11 @@ def test_the_runs_hooks_save_on_a_stop_and_export_at_the_end(tiny, tmp_path):
 
     trainer, state, frozen, eval_step = tiny
     state = jax.tree.map(jnp.copy, state)  # the step donates its state: keep the fixture's
-    cfg = load_config(None, TINY + [f"run.dir={tmp_path}", "run.log_every=2", "checkpoint.every=1000",
-                                    "run.peak_tflops=1", "run.plot=true"])
+    cfg = load_config(
+        None,
+        TINY
+        + [f"run.dir={tmp_path}", "run.log_every=2", "checkpoint.every=1000", "run.peak_tflops=1", "run.plot=true"],
+    )
     rng = np.random.default_rng(1)
     data = grain.MapDataset.source([synthetic_batch(rng, 8, 16, cfg.model.vocab_size) for _ in range(8)])
 
@@ -274,17 +301,27 @@ def test_the_runs_hooks_save_on_a_stop_and_export_at_the_end(tiny, tmp_path):
         iterator = iter(data.to_iter_dataset())
         mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
         if start:
-            restored = checkpoint.restore(mngr, start, saved_params.abstract_like(state, trainer.state_shardings),
-                                          iterator)[0]
+            restored = checkpoint.restore(
+                mngr, start, saved_params.abstract_like(state, trainer.state_shardings), iterator
+            )[0]
         log = MetricsLogger(tmp_path, steps, start, True, False, tensorboard=False)
         guard = FiniteGuard(mngr.latest_step)
         saving = Checkpointing(mngr, iterator, {}, start or None, guard.check)
         evaluation = Evaluation(eval_step, trainer.shard_batch, frozen, data, 2, log)
-        hooks = _hooks(cfg, trainer, log, guard, evaluation, saving, tmp_path / "params", start,
-                       RunMirror(str(tmp_path)))  # process 0's, of a local run directory: plots, no uploads
+        hooks = _hooks(
+            cfg, trainer, log, guard, evaluation, saving, tmp_path / "params", start, RunMirror(str(tmp_path))
+        )  # process 0's, of a local run directory: plots, no uploads
         step_fn, done = counting(make_train_step(trainer))
-        out = run_steps(step_fn, restored if start else state, frozen, map(trainer.shard_batch, iterator), start,
-                        steps, hooks, lambda: len(done) == stop_after)
+        out = run_steps(
+            step_fn,
+            restored if start else state,
+            frozen,
+            map(trainer.shard_batch, iterator),
+            start,
+            steps,
+            hooks,
+            lambda: len(done) == stop_after,
+        )
         mngr.wait_until_finished()
         saved = mngr.all_steps()
         log.close()
@@ -382,9 +419,16 @@ def test_held_out_loss_per_source_and_bits_per_byte(tiny, tmp_path):
         batches.append(b)
     token_bytes = rng.integers(1, 5, trainer.cfg.model.vocab_size)
     log = MetricsLogger(tmp_path, 10, 0, True, False, tensorboard=False)
-    hook = Evaluation(make_eval_step(trainer, 2), functools.partial(trainer.shard_batch, extra=("source_ids",)),
-                      frozen, batches, max_batches=2, log=log, sources=("biomedical", "general"),
-                      token_bytes=token_bytes)
+    hook = Evaluation(
+        make_eval_step(trainer, 2),
+        functools.partial(trainer.shard_batch, extra=("source_ids",)),
+        frozen,
+        batches,
+        max_batches=2,
+        log=log,
+        sources=("biomedical", "general"),
+        token_bytes=token_bytes,
+    )
     hook(StepInfo(0, state, None, False, False))
     log.close()
     nats, weights, nbytes = np.zeros(2), np.zeros(2), np.zeros(2)

@@ -75,8 +75,11 @@ def test_shardings_follow_the_rule_table(batches):
         ("layers", "mlp", "w_up", "kernel"): P(None, "fsdp", "tensor"),
         ("layers", "mlp", "w_down", "kernel"): P(None, "tensor", "fsdp"),
     }
-    adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState))
+    adam = next(
+        s
+        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    )
     trees = {"params": state.params, "mu": adam.mu, "nu": adam.nu}
     for name, tree in trees.items():
         flat = dict(nnx.to_flat_state(tree))
@@ -89,8 +92,7 @@ def test_shardings_follow_the_rule_table(batches):
 
 def test_masked_tokens_contribute_nothing(batches):
     batch = batches[0]
-    changed = dict(batch, targets=np.where(batch["loss_weights"] > 0, batch["targets"],
-                                           (batch["targets"] + 7) % 256))
+    changed = dict(batch, targets=np.where(batch["loss_weights"] > 0, batch["targets"], (batch["targets"] + 7) % 256))
     assert (changed["targets"] != batch["targets"]).any()
     common = ["mesh.ici={data: 2, fsdp: 4, tensor: 1}"]
     loss_a, params_a, _, _ = run_steps(common, [batch])
@@ -131,7 +133,8 @@ def test_loss_gradients_match_torch(rng):
     (a * (ce * w.reshape(-1)).sum() + b * (z * w.reshape(-1)).sum()).backward()
     np.testing.assert_allclose(ours, x.grad.numpy(), atol=1e-6)
     assert float(total(jax.numpy.asarray(logits))) == pytest.approx(
-        float(a * (ce * w.reshape(-1)).sum() + b * (z * w.reshape(-1)).sum()), rel=1e-6)
+        float(a * (ce * w.reshape(-1)).sum() + b * (z * w.reshape(-1)).sum()), rel=1e-6
+    )
 
 
 def test_schedule_matches_transformers_cosine_with_warmup():
@@ -275,8 +278,10 @@ def test_step_reports_documents_per_row(batches):
 
 def _capture_gradients() -> optax.GradientTransformation:
     """An 'optimizer' that keeps the gradient it is given as its state, exactly, and leaves the parameters."""
-    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
-                                        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+    return optax.GradientTransformation(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+    )
 
 
 def _applied_gradient(rows: int, grad_accum: int, batch: dict):
@@ -285,12 +290,22 @@ def _applied_gradient(rows: int, grad_accum: int, batch: dict):
     from mellama_jax import sharding
     from mellama_jax.train.step import build_trainer, make_train_step
 
-    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", f"train.batch_size={rows}", "train.steps=4",
-                             f"train.grad_accum={grad_accum}", "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-gqa",
+            "train.seq_len=16",
+            f"train.batch_size={rows}",
+            "train.steps=4",
+            f"train.grad_accum={grad_accum}",
+            "mesh.ici={data: 1, fsdp: 1, tensor: 1}",
+        ],
+    )
     trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
     capture = _capture_gradients()
-    trainer = dataclasses.replace(trainer, tx=capture, state_shardings=trainer.state_shardings._replace(
-        opt_state=trainer.state_shardings.params))
+    trainer = dataclasses.replace(
+        trainer, tx=capture, state_shardings=trainer.state_shardings._replace(opt_state=trainer.state_shardings.params)
+    )
     params = jax.tree.map(np.asarray, state.params)
     state = state._replace(opt_state=capture.init(state.params))
     after, metrics = make_train_step(trainer)(state, frozen, trainer.shard_batch(batch))
@@ -320,8 +335,7 @@ def test_accumulated_gradients_equal_the_big_batch_gradient(batches):
     ref_norm = float(np.sqrt(sum(np.sum(np.square(v.get_value())) for v in ref.values())))
     assert grad_norm == pytest.approx(ref_norm, rel=1e-5)
     # the loss the step logs is the whole batch's mean, not one microbatch's nor their sum
-    assert _applied_gradient.logged_loss == pytest.approx(float(mean_loss(jax.tree.map(jnp.asarray, params))),
-                                                          rel=1e-6)
+    assert _applied_gradient.logged_loss == pytest.approx(float(mean_loss(jax.tree.map(jnp.asarray, params))), rel=1e-6)
 
 
 def test_lora_dropout_scales_the_kept_inputs():
@@ -330,8 +344,18 @@ def test_lora_dropout_scales_the_kept_inputs():
     from mellama_jax.model.layers import Dense
 
     D, p = 32, 0.25
-    dense = Dense((D,), (D,), ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.02,
-                  rngs=nnx.Rngs(0), lora_rank=D, lora_scale=1.0, lora_dropout=p)
+    dense = Dense(
+        (D,),
+        (D,),
+        ("embed", "mlp"),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std=0.02,
+        rngs=nnx.Rngs(0),
+        lora_rank=D,
+        lora_scale=1.0,
+        lora_dropout=p,
+    )
     dense.kernel.set_value(jnp.zeros((D, D)))
     dense.lora_a.set_value(jnp.eye(D))
     dense.lora_b.set_value(jnp.eye(D))
@@ -353,8 +377,19 @@ def test_lora_dropout_masks_differ_between_projections():
     D = 32
 
     def projection(lora_id):
-        dense = Dense((D,), (D,), ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32, init_std=0.02,
-                      rngs=nnx.Rngs(0), lora_rank=D, lora_scale=1.0, lora_dropout=0.5, lora_id=lora_id)
+        dense = Dense(
+            (D,),
+            (D,),
+            ("embed", "mlp"),
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            init_std=0.02,
+            rngs=nnx.Rngs(0),
+            lora_rank=D,
+            lora_scale=1.0,
+            lora_dropout=0.5,
+            lora_id=lora_id,
+        )
         dense.kernel.set_value(jnp.zeros((D, D)))
         dense.lora_a.set_value(jnp.eye(D))
         dense.lora_b.set_value(jnp.eye(D))
@@ -374,15 +409,27 @@ def test_lora_dropout_draws_a_new_mask_every_step():
     batch = synthetic_batch(np.random.default_rng(5), 4, 16, 256)
     losses = {}
     for dropout in (0.0, 0.3):
-        cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.batch_size=4", "train.steps=4",
-                                 "train.mode=lora", f"lora.dropout={dropout}", "lora.base_dtype=float32",
-                                 "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+        cfg = load_config(
+            None,
+            [
+                "model=tiny-gqa",
+                "train.seq_len=16",
+                "train.batch_size=4",
+                "train.steps=4",
+                "train.mode=lora",
+                f"lora.dropout={dropout}",
+                "lora.base_dtype=float32",
+                "mesh.ici={data: 1, fsdp: 1, tensor: 1}",
+            ],
+        )
         trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
         # B = 0 at init: give the adapters a value, so that their input's mask reaches the loss
         state = state._replace(params=jax.tree.map(lambda v: v + 0.05, state.params))
         step, sharded = make_train_step(trainer), trainer.shard_batch(batch)
-        losses[dropout] = [float(step(jax.tree.map(jnp.copy, state._replace(step=jnp.int32(k))), frozen,
-                                      sharded)[1]["loss"]) for k in (0, 1, 0)]
+        losses[dropout] = [
+            float(step(jax.tree.map(jnp.copy, state._replace(step=jnp.int32(k))), frozen, sharded)[1]["loss"])
+            for k in (0, 1, 0)
+        ]
     assert losses[0.0][0] == losses[0.0][1] == losses[0.0][2]
     assert losses[0.3][0] != losses[0.3][1] and losses[0.3][0] == losses[0.3][2]
 
@@ -396,8 +443,17 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(batches):
 
     bad = dict(batches[1], loss_weights=np.where(batches[1]["loss_weights"] > 0, np.nan, 0).astype(np.float32))
     for skip in (True, False):
-        cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.batch_size=8", "train.steps=4",
-                                 f"train.skip_nonfinite={str(skip).lower()}", "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+        cfg = load_config(
+            None,
+            [
+                "model=tiny-gqa",
+                "train.seq_len=16",
+                "train.batch_size=8",
+                "train.steps=4",
+                f"train.skip_nonfinite={str(skip).lower()}",
+                "mesh.ici={data: 1, fsdp: 1, tensor: 1}",
+            ],
+        )
         trainer, state, frozen = build_trainer(cfg, sharding.make_mesh(cfg.mesh, single_device()))
         step = make_train_step(trainer)
         state, m0 = step(state, frozen, trainer.shard_batch(batches[0]))
@@ -410,7 +466,8 @@ def test_a_non_finite_step_is_skipped_and_the_run_goes_on(batches):
             jax.tree.map(np.testing.assert_array_equal, after, before)
             state, m2 = step(state, frozen, trainer.shard_batch(batches[2]))
             assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
-            assert any((np.asarray(a) != b).any() for a, b in zip(jax.tree.leaves(state.params),
-                                                                   jax.tree.leaves(before[0])))
+            assert any(
+                (np.asarray(a) != b).any() for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before[0]))
+            )
         else:
             assert int(m1["skipped"]) == 0 and not finite

@@ -29,11 +29,27 @@ def data(demo_data):
 
 
 def overrides(data, mode, run_dir, *extra):
-    common = [f"run.dir={run_dir}", "run.progress=false", "run.plot=false", "run.log_every=1",
-              "checkpoint.every=4", "checkpoint.keep_last=10", "train.steps=12"]
+    common = [
+        f"run.dir={run_dir}",
+        "run.progress=false",
+        "run.plot=false",
+        "run.log_every=1",
+        "checkpoint.every=4",
+        "checkpoint.keep_last=10",
+        "train.steps=12",
+    ]
     if mode == "pretrain":
-        return ["train.batch_size=16", "train.grad_accum=2", f"data.path={data}/pre", "data.holdout_documents=1",
-                "run.eval_every=6"] + common + list(extra)
+        return (
+            [
+                "train.batch_size=16",
+                "train.grad_accum=2",
+                f"data.path={data}/pre",
+                "data.holdout_documents=1",
+                "run.eval_every=6",
+            ]
+            + common
+            + list(extra)
+        )
     return [f"data.path={data}/ins", "lora.base_dtype=float32"] + common + list(extra)
 
 
@@ -45,8 +61,15 @@ losses = logged_losses
 
 def cli(args, **kw):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "mellama_jax.cli", "train"] + args, cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mellama_jax.cli", "train"] + args,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def wait_for_step(run_dir, step, proc, timeout=300):
@@ -114,8 +137,9 @@ def test_lr_schedule_logged_is_closed_form_cosine(reference):
     warmup = round(cfg.optimizer.warmup_ratio * total)
     for r in (r for r in records if r["kind"] == "train"):
         k = r["step"] - 1  # the update of step s used the schedule at s - 1
-        expected = (peak * k / warmup if k < warmup else
-                    peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup))))
+        expected = (
+            peak * k / warmup if k < warmup else peak * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+        )
         assert r["learning_rate"] == pytest.approx(expected, rel=1e-5, abs=1e-12)  # fp32 schedule
 
 
@@ -131,8 +155,11 @@ def test_run_outputs(reference):
     per_source = {f"{m}/{s}" for m in ("loss", "bpb") for s in ("biomedical", "clinical", "general")}
     assert per_source | {"loss", "bpb"} <= set(evals[0])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["held_out_change"]["loss/general"] == pytest.approx(
-        evals[-1]["loss/general"] - evals[0]["loss/general"]) and summary["held_out"]["loss"] < evals[0]["loss"]
+    assert (
+        summary["held_out_change"]["loss/general"]
+        == pytest.approx(evals[-1]["loss/general"] - evals[0]["loss/general"])
+        and summary["held_out"]["loss"] < evals[0]["loss"]
+    )
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "params").exists() and (run_dir / "summary.json").exists()
     g = json.loads((run_dir / "summary.json").read_text())["goodput"]
@@ -146,7 +173,8 @@ def test_run_outputs(reference):
 
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     args = ["--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")] + overrides(
-        data, "pretrain", tmp_path, "train.steps=400", "checkpoint.every=1000")
+        data, "pretrain", tmp_path, "train.steps=400", "checkpoint.every=1000"
+    )
     proc = cli(args)
     wait_for_step(tmp_path, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -184,8 +212,16 @@ def test_checkpoint_restores_state_step_and_data_position(tmp_path):
     from mellama_jax.train import checkpoint
     from mellama_jax.train.step import build_trainer
 
-    cfg = load_config(None, ["model=tiny-gqa", "train.seq_len=16", "train.steps=4", "checkpoint.async_save=false",
-                             "mesh.ici={data: 1, fsdp: 1, tensor: 1}"])
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-gqa",
+            "train.seq_len=16",
+            "train.steps=4",
+            "checkpoint.async_save=false",
+            "mesh.ici={data: 1, fsdp: 1, tensor: 1}",
+        ],
+    )
     trainer, state, _ = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     state = state._replace(step=jax.device_put(jnp.int32(7), trainer.state_shardings.step))
     batches = grain.MapDataset.range(40).batch(4)
@@ -234,8 +270,15 @@ def test_lora_trains_only_adapters(data, reference):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     args = ["--config", str(CONFIG_ROOT / "tiny-pretrain.yaml")] + overrides(
-        data, "pretrain", tmp_path, "checkpoint.every=1", "optimizer.learning_rate=1e30",
-        "optimizer.warmup_ratio=0.5", "optimizer.clip_norm=0", "train.skip_nonfinite=false")
+        data,
+        "pretrain",
+        tmp_path,
+        "checkpoint.every=1",
+        "optimizer.learning_rate=1e30",
+        "optimizer.warmup_ratio=0.5",
+        "optimizer.clip_norm=0",
+        "train.skip_nonfinite=false",
+    )
     proc = cli(args)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, output[-3000:]
@@ -251,9 +294,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     with jax.set_mesh(trainer.mesh):
         state, _ = init()
     mngr = checkpoint.manager(tmp_path / "checkpoints", cfg.checkpoint)
-    restored = mngr.restore(max(steps), args=__import__("orbax.checkpoint").checkpoint.args.Composite(
-        state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(
-            saved_params.abstract_like(state, trainer.state_shardings))))
+    restored = mngr.restore(
+        max(steps),
+        args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+            state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore(
+                saved_params.abstract_like(state, trainer.state_shardings)
+            )
+        ),
+    )
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
 
@@ -271,8 +319,9 @@ def test_sft_epochs_count_examples_not_packed_rows(data, tmp_path):
 
     path = tmp_path / "mednli.jsonl"
     labels = ("entailment", "contradiction", "neutral")
-    path.write_text("".join(json.dumps({"prompt": f"Case {i % 10}?", "response": labels[i % 3]})
-                            + "\n" for i in range(11_232)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Case {i % 10}?", "response": labels[i % 3]}) + "\n" for i in range(11_232))
+    )
     m = prepare_instruct(InstructDataRequest([path], data / "tok", tmp_path / "packed", seq_len=64, pack=True))
     assert m["report"]["documents"] == 11_232 and m["rows"] < 10_000
     cfg = load_config(CONFIG_ROOT / "tiny-sft.yaml", [f"data.path={tmp_path / 'packed'}"])
@@ -292,19 +341,22 @@ def cli_error(args):
     return code, [l for l in err.getvalue().splitlines() if l.strip()]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["train.seq_len=32"], "prepared with --seq-len 64, longer than train.seq_len=32"),
-    (["data.template=mellama"], "prepared with the 'llama2_chat' template, but this recipe tunes in 'mellama'"),
-    (["checkpoint.keep_last=0"], "checkpoint.keep_last must be at least 1"),
-    (["checkpoint.every=-1"], "checkpoint.every must not be negative"),
-    (["data.eval_path=DATA/long"], "data.eval_path=DATA/long was prepared with --seq-len 128"),
-    (["run.log_every=0"], "run.log_every must be at least 1"),
-    (["mesh.ici={data: 3, fsdp: 1, tensor: 1}"], "has 3 devices, but 8 are available"),
-    (["train.batch_size=12", "train.grad_accum=3"], "does not divide over the 8 batch shards"),
-    (["train.init_from=NOPE"], "no such parameter folder"),
-    (["train.init_from=DATA/ins"], "not a parameter checkpoint"),
-    (["train.init_from=OTHER"], "has shape"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.seq_len=32"], "prepared with --seq-len 64, longer than train.seq_len=32"),
+        (["data.template=mellama"], "prepared with the 'llama2_chat' template, but this recipe tunes in 'mellama'"),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last must be at least 1"),
+        (["checkpoint.every=-1"], "checkpoint.every must not be negative"),
+        (["data.eval_path=DATA/long"], "data.eval_path=DATA/long was prepared with --seq-len 128"),
+        (["run.log_every=0"], "run.log_every must be at least 1"),
+        (["mesh.ici={data: 3, fsdp: 1, tensor: 1}"], "has 3 devices, but 8 are available"),
+        (["train.batch_size=12", "train.grad_accum=3"], "does not divide over the 8 batch shards"),
+        (["train.init_from=NOPE"], "no such parameter folder"),
+        (["train.init_from=DATA/ins"], "not a parameter checkpoint"),
+        (["train.init_from=OTHER"], "has shape"),
+    ],
+)
 def test_a_start_that_fails_validation_writes_nothing(data, tmp_path, extra, message):
     other = tmp_path / "other-size"
     if "train.init_from=OTHER" in extra:  # a parameter export of another model size
@@ -318,12 +370,21 @@ def test_a_start_that_fails_validation_writes_nothing(data, tmp_path, extra, mes
         from mellama_jax.demo import _demo_file
 
         prepare_instruct(InstructDataRequest([_demo_file("instructions.jsonl")], data / "tok", data / "long", 128))
-    extra = [e.replace("NOPE", str(tmp_path / "nope")).replace("DATA", str(data)).replace("OTHER", str(other))
-             for e in extra]
+    extra = [
+        e.replace("NOPE", str(tmp_path / "nope")).replace("DATA", str(data)).replace("OTHER", str(other)) for e in extra
+    ]
     message = message.replace("DATA", str(data))
     run = tmp_path / "run"
-    code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}",
-                             f"data.path={data}/ins", "run.progress=false"] + extra)
+    code, lines = cli_error(
+        [
+            "--config",
+            str(CONFIG_ROOT / "tiny-sft.yaml"),
+            f"run.dir={run}",
+            f"data.path={data}/ins",
+            "run.progress=false",
+        ]
+        + extra
+    )
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not run.exists()
 
@@ -336,28 +397,46 @@ def test_a_batch_without_targets_is_named_not_a_nan(data, tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     shutil.copytree(data / "ins", tmp_path / "ins")
-    rows = [np.frombuffer(r, np.int32).reshape(3, -1).copy()
-            for r in grain.sources.ArrayRecordDataSource([str(data / "ins" / "examples.arrayrecord")])]
+    rows = [
+        np.frombuffer(r, np.int32).reshape(3, -1).copy()
+        for r in grain.sources.ArrayRecordDataSource([str(data / "ins" / "examples.arrayrecord")])
+    ]
     writer = ArrayRecordWriter(str(tmp_path / "ins" / "examples.arrayrecord"), "group_size:1")
     for row in rows:
         row[1] = 0
         writer.write(row.tobytes())
     writer.close()
     run = tmp_path / "run"
-    code, lines = cli_error(["--config", str(CONFIG_ROOT / "tiny-sft.yaml"), f"run.dir={run}", "run.progress=false",
-                             f"data.path={tmp_path / 'ins'}", "train.steps=2", "run.log_every=1"])
+    code, lines = cli_error(
+        [
+            "--config",
+            str(CONFIG_ROOT / "tiny-sft.yaml"),
+            f"run.dir={run}",
+            "run.progress=false",
+            f"data.path={tmp_path / 'ins'}",
+            "train.steps=2",
+            "run.log_every=1",
+        ]
+    )
     assert code == 2 and "step 1: its batch holds no target token" in lines[-1], lines
     assert "no checkpoint had been saved yet" in lines[-1]
 
 
-@pytest.mark.parametrize("name, size", [("me-llama-13b-pretrain", "llama2-13b"),
-                                        ("me-llama-70b-pretrain", "llama2-70b")])
+@pytest.mark.parametrize(
+    "name, size", [("me-llama-13b-pretrain", "llama2-13b"), ("me-llama-70b-pretrain", "llama2-70b")]
+)
 def test_pretrain_recipes_carry_the_papers_settings(name, size):
     cfg = load_config(CONFIG_ROOT / f"{name}.yaml")
     o = cfg.optimizer
     assert cfg.model.name == size and cfg.model.dtype == "bfloat16" and cfg.train.seq_len == 4096
     assert (o.learning_rate, o.b1, o.b2, o.weight_decay, o.schedule, o.warmup_ratio) == (
-        8e-6, 0.9, 0.95, 1e-5, "cosine", 0.05)
+        8e-6,
+        0.9,
+        0.95,
+        1e-5,
+        "cosine",
+        0.05,
+    )
     assert cfg.train.grad_accum == 16 and cfg.train.epochs == 1 and cfg.train.mode == "pretrain"
     assert cfg.data.mixture == {"biomedical": 15, "clinical": 1, "general": 4}
     ici, dcn = cfg.mesh.ici, cfg.mesh.dcn
@@ -387,8 +466,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one(data, reference, t
     for f in list(partial.rglob("*"))[::2]:
         if f.is_file():
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated files
-    result = train(load_config(CONFIG_ROOT / "tiny-pretrain.yaml",
-                               overrides(data, "pretrain", run, "train.steps=14")))
+    result = train(load_config(CONFIG_ROOT / "tiny-pretrain.yaml", overrides(data, "pretrain", run, "train.steps=14")))
     assert result["status"] == "finished" and result["step"] == 14
     resumed = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in resumed if r["kind"] == "train"]

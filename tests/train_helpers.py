@@ -7,8 +7,14 @@ from flax import nnx
 from mellama_jax.config import load_config
 from mellama_jax.train.step import build_trainer, make_train_step
 
-TINY = ["model=tiny-gqa", "train.seq_len=16", "train.batch_size=8", "train.steps=20",
-        "optimizer.learning_rate=3e-4", "optimizer.warmup_ratio=0.1"]
+TINY = [
+    "model=tiny-gqa",
+    "train.seq_len=16",
+    "train.batch_size=8",
+    "train.steps=20",
+    "optimizer.learning_rate=3e-4",
+    "optimizer.warmup_ratio=0.1",
+]
 
 
 def synthetic_batch(rng, batch: int, seq: int, vocab: int) -> dict:
@@ -23,9 +29,8 @@ def synthetic_batch(rng, batch: int, seq: int, vocab: int) -> dict:
         pos[r, :a], pos[r, a:b] = np.arange(a), np.arange(b - a)
     weights = (seg > 0).astype(np.float32)
     # the last token of a document does not predict the next document's first token
-    weights[:, :-1] *= (seg[:, :-1] == seg[:, 1:])
-    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=pos, segment_ids=seg,
-                loss_weights=weights)
+    weights[:, :-1] *= seg[:, :-1] == seg[:, 1:]
+    return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=pos, segment_ids=seg, loss_weights=weights)
 
 
 def run_steps(overrides, batches, devices=None):

@@ -37,8 +37,12 @@ def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: in
     max_segments, else as a bias."""
     rng = np.random.default_rng(seed)
     batch, seq = r.batch, r.seq
-    shapes = {"q": (batch, seq, r.heads, r.head_dim), "k": (batch, seq, r.kv_heads, r.head_dim),
-              "v": (batch, seq, r.kv_heads, r.head_dim), "g": (batch, seq, r.heads, r.head_dim)}
+    shapes = {
+        "q": (batch, seq, r.heads, r.head_dim),
+        "k": (batch, seq, r.kv_heads, r.head_dim),
+        "v": (batch, seq, r.kv_heads, r.head_dim),
+        "g": (batch, seq, r.heads, r.head_dim),
+    }
     x = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
     seg = jnp.asarray(np.broadcast_to(np.repeat(np.arange(1, r.docs + 1), -(-seq // r.docs))[:seq], (batch, seq)))
 
@@ -62,9 +66,18 @@ def bench_attention(r: AttentionBenchRequest, *, seed: int = 0, max_segments: in
             rows.append({"impl": name, **_timed(*fwd_bwd(name, jnp.dtype(r.dtype)), r.steps, ref_grads, flops)})
         except Exception as e:  # an implementation the backend lacks (cuDNN on CPU) is reported, not fatal
             rows.append({"impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    return {"benchmark": "attention", "device": jax.devices()[0].device_kind, "batch": batch, "seq": seq,
-            "heads": r.heads, "kv_heads": r.kv_heads, "head_dim": r.head_dim, "dtype": r.dtype, "docs": r.docs,
-            "rows": rows}
+    return {
+        "benchmark": "attention",
+        "device": jax.devices()[0].device_kind,
+        "batch": batch,
+        "seq": seq,
+        "heads": r.heads,
+        "kv_heads": r.kv_heads,
+        "head_dim": r.head_dim,
+        "dtype": r.dtype,
+        "docs": r.docs,
+        "rows": rows,
+    }
 
 
 def _timed(f, args, steps: int, ref_grads, flops: float) -> dict:
@@ -78,7 +91,9 @@ def _timed(f, args, steps: int, ref_grads, flops: float) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - start)
-    errors = {f"rel_err_d{n}": float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-              for n, g, r in zip("qkv", out[1], ref_grads)}
+    errors = {
+        f"rel_err_d{n}": float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+        for n, g, r in zip("qkv", out[1], ref_grads)
+    }
     median = statistics.median(times)
     return {"compile_s": compile_s, "fwd_bwd_ms": median * 1e3, "tflops": flops / median / 1e12, **errors}

@@ -17,8 +17,9 @@ def calibrate(result: dict, config, overrides: list[str], k: int, progress: bool
         run = {**{key: row[key] for key in ("ici", "dcn", "grad_accum", "remat")}, "predicted_s": row["step_s"]}
         candidate = Candidate(row["ici"], row["dcn"], row["grad_accum"], row["remat"])
         try:
-            run["measured_s"] = jax_step_timing(list(overrides) + candidate.overrides(), warmup=1, steps=3,
-                                                config=config)["step_s_median"]
+            run["measured_s"] = jax_step_timing(
+                list(overrides) + candidate.overrides(), warmup=1, steps=3, config=config
+            )["step_s_median"]
         except Exception as e:  # one candidate that cannot run (out of memory) is a result, not the search's end
             run["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         runs.append(run)

@@ -32,7 +32,7 @@ def write_random_hf(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> tup
     out.mkdir(parents=True)
     names = []
     for spec in tensor_specs(cfg):
-        for i in (range(layers) if spec.stacked else [None]):
+        for i in range(layers) if spec.stacked else [None]:
             names.append((spec.hf_name.format(i=i), spec.hf_shape))
     rng = np.random.default_rng(0)
 
@@ -55,8 +55,9 @@ def write_random_hf(out: Path, layers: int, shard_bytes: int = 2 * 10**9) -> tup
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         total += write_streaming(out / file, [(n, s, "bfloat16") for n, s in shard], fetch, {"format": "pt"})
         weight_map.update({n: file for n, _ in shard})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     (out / "config.json").write_text(json.dumps(hf_config(cfg, "bfloat16")))
     largest = max(int(np.prod(s)) * 2 for _, s in names)
     return total, largest
@@ -81,8 +82,9 @@ finally:
 def _timed(args: list[str]) -> tuple[float, int]:
     """(seconds, peak RSS bytes) of `python -m args...` in a child process."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUN] + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN] + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{args} failed: {proc.stderr[-2000:]}")
@@ -108,7 +110,10 @@ def bench_convert(layers: int = 2, workdir: str | None = None) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     budget = 2 * largest + 1.5 * GB
     return {
-        "benchmark": "convert", "layers": layers, "bytes": total, "largest_tensor_bytes": largest,
+        "benchmark": "convert",
+        "layers": layers,
+        "bytes": total,
+        "largest_tensor_bytes": largest,
         "copy_gb_per_s": total / copy_s / GB,
         "hf_to_jax": {"seconds": h2j_s, "gb_per_s": total / h2j_s / GB, "peak_rss_gb": h2j_rss / GB},
         "jax_to_hf": {"seconds": j2h_s, "gb_per_s": total / j2h_s / GB, "peak_rss_gb": j2h_rss / GB},

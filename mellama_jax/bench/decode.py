@@ -40,8 +40,14 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     hf = hf.to(getattr(torch, r.dtype))
     rng = np.random.default_rng(seed)
     rows = [_row(r, ours, hf, rng.integers(3, cfg.vocab_size, (batch, r.prompt_len))) for batch in r.batches]
-    return {"model": r.model, "dtype": r.dtype, "prompt_len": r.prompt_len, "new_tokens": r.new_tokens,
-            "threads": torch.get_num_threads(), "rows": rows}
+    return {
+        "model": r.model,
+        "dtype": r.dtype,
+        "prompt_len": r.prompt_len,
+        "new_tokens": r.new_tokens,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
 
 
 def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
@@ -56,9 +62,16 @@ def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
 
     def hf_run():
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-        return out[:, r.prompt_len:].numpy()
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        return out[:, r.prompt_len :].numpy()
 
     row = {"batch": batch}
     start = time.perf_counter()
@@ -78,6 +91,5 @@ def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
     row["same_tokens"] = bool((first == hf_tokens).all())
     # bf16: the two round differently and part ways at a near-tie; the share of each row before that point
     differs = first != hf_tokens
-    row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens))
-                                          / new_tokens)
+    row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens)) / new_tokens)
     return row

@@ -26,7 +26,7 @@ from mellama_jax.model import init_abstract
 from mellama_jax.options import POSITIVE, layout_list, name_list, option
 from mellama_jax.saved_params import save_params
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +35,13 @@ class LoadBenchRequest:
 
     model: str = option("llama2-13b", "model preset whose width is used (random weights)")
     layers: int = option(2, type=POSITIVE)
-    meshes: tuple[str, ...] = option(("tensor=4", "none"), '";"-separated decoding layouts; none: a single device',
-                                     type=layout_list)
+    meshes: tuple[str, ...] = option(
+        ("tensor=4", "none"), '";"-separated decoding layouts; none: a single device', type=layout_list
+    )
     # a row per mesh and dtype
-    dtypes: tuple[str, ...] = option(("bfloat16", "float32"), "comma-separated dtypes the bf16 checkpoint is loaded "
-                                                              "as", type=name_list)
+    dtypes: tuple[str, ...] = option(
+        ("bfloat16", "float32"), "comma-separated dtypes the bf16 checkpoint is loaded as", type=name_list
+    )
     devices: int = option(4, "simulated CPU devices", type=POSITIVE)
 
 
@@ -50,8 +52,11 @@ def write_checkpoint(model: str, layers: int, dtype: str, out: Path, seed: int =
     rng = np.random.default_rng(seed)
     state = nnx.state(init_abstract(cfg), nnx.Param)
     for path, var in nnx.to_flat_state(state):
-        value = np.ones(var.shape, np.float32) if "norm" in "/".join(map(str, path)) else \
-            rng.standard_normal(var.shape, np.float32) * 0.02
+        value = (
+            np.ones(var.shape, np.float32)
+            if "norm" in "/".join(map(str, path))
+            else rng.standard_normal(var.shape, np.float32) * 0.02
+        )
         var.set_value(value.astype(np_dtype(dtype)))
         del value
     out.mkdir(parents=True)
@@ -66,8 +71,11 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _peak_rss() -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
 
 
 def _child(model: str, mesh: str, dtype: str) -> None:
@@ -91,19 +99,44 @@ def bench_load(r: LoadBenchRequest) -> dict:
         goal = 1.3 * size + 1.2 * GiB
         for mesh in r.meshes:
             for dtype in r.dtypes:
-                out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.load", str(ckpt), mesh, dtype],
-                                     env=env, capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, "-m", "mellama_jax.bench.load", str(ckpt), mesh, dtype],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode:
-                    rows.append({"mesh": mesh, "dtype": dtype,  # a child killed for memory leaves no stderr
-                                 "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]})
+                    rows.append(
+                        {
+                            "mesh": mesh,
+                            "dtype": dtype,  # a child killed for memory leaves no stderr
+                            "error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1],
+                        }
+                    )
                     continue
                 got = json.loads(out.stdout.strip().splitlines()[-1])
                 loaded, peak = got["loaded_peak_rss_bytes"], got["peak_rss_bytes"]
-                rows.append({"mesh": mesh, "dtype": dtype, "loaded_peak_rss_gib": loaded / GiB,
-                             "loaded_ratio": loaded / size, "loaded_meets_goal": loaded <= goal,
-                             "peak_rss_gib": peak / GiB, "ratio": peak / size, "meets_goal": peak <= goal})
-    return {"model": r.model, "layers": r.layers, "devices": r.devices, "model_gib": size / GiB,
-            "checkpoint_on_disk_gib": on_disk / GiB, "goal_gib": goal / GiB, "rows": rows}
+                rows.append(
+                    {
+                        "mesh": mesh,
+                        "dtype": dtype,
+                        "loaded_peak_rss_gib": loaded / GiB,
+                        "loaded_ratio": loaded / size,
+                        "loaded_meets_goal": loaded <= goal,
+                        "peak_rss_gib": peak / GiB,
+                        "ratio": peak / size,
+                        "meets_goal": peak <= goal,
+                    }
+                )
+    return {
+        "model": r.model,
+        "layers": r.layers,
+        "devices": r.devices,
+        "model_gib": size / GiB,
+        "checkpoint_on_disk_gib": on_disk / GiB,
+        "goal_gib": goal / GiB,
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -56,8 +56,10 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
         if jax.device_count() != devices:
             raise
     if jax.default_backend() != "cpu":
-        raise RuntimeError("bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
-                           "the device's peak_bytes_in_use)")
+        raise RuntimeError(
+            "bench memory measures process memory: CPU only (on GPUs, bench mesh reports "
+            "the device's peak_bytes_in_use)"
+        )
 
     cfg = load_config(config, ["train.steps=1000"] + list(overrides))
     planned = plan_layout(cfg)  # the planner's own path (abstract shapes), which is what is being checked
@@ -76,9 +78,13 @@ def bench_memory(overrides: list[str], devices: int = 8, steps: int = 3, config:
         jax.block_until_ready(metrics["loss"])
     measured = peak.peak - baseline
     planned_total = planned["xla_bytes"]["total"] * trainer.mesh.size
-    return {"mesh": dict(trainer.mesh.shape), "planned_bytes_per_device": planned["xla_bytes"],
-            "planned_total_bytes": planned_total, "measured_rss_growth_bytes": measured,
-            "ratio_measured_to_planned": measured / planned_total}
+    return {
+        "mesh": dict(trainer.mesh.shape),
+        "planned_bytes_per_device": planned["xla_bytes"],
+        "planned_total_bytes": planned_total,
+        "measured_rss_growth_bytes": measured,
+        "ratio_measured_to_planned": measured / planned_total,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +92,9 @@ class MemoryBenchRequest(LayoutsBench):
     """One `bench memory` run: what `mellama-jax bench memory` parses, and what `bench_memory_layouts` takes; each
     layout is measured in a process of its own."""
 
-    layouts: tuple[str, ...] = option(("fsdp=8", "data=2,fsdp=2,tensor=2", "data=8"), '";"-separated ici layouts',
-                                      type=layout_list)
+    layouts: tuple[str, ...] = option(
+        ("fsdp=8", "data=2,fsdp=2,tensor=2", "data=8"), '";"-separated ici layouts', type=layout_list
+    )
     overrides: tuple[str, ...] = overrides("more config overrides, e.g. train.mode=lora")  # after the layout's
     devices: int = option(8, type=POSITIVE)  # simulated CPU devices
     config: str | None = option(None, "a recipe YAML (default: the built-in defaults)")
@@ -100,17 +107,33 @@ def bench_memory_layouts(r: MemoryBenchRequest) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     rows = []
     for layout in r.layouts:
-        overrides = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}",
-                     *layout_overrides(layout), *r.overrides]
+        overrides = [
+            f"model={r.model}",
+            f"train.seq_len={r.seq}",
+            f"train.batch_size={r.batch}",
+            *layout_overrides(layout),
+            *r.overrides,
+        ]
         config = ["--config", r.config] if r.config else []
-        out = subprocess.run([sys.executable, "-m", "mellama_jax.bench.memory", str(r.devices), *config, *overrides],
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "mellama_jax.bench.memory", str(r.devices), *config, *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             rows.append({"layout": layout, "error": out.stderr.strip().splitlines()[-1]})
         else:
             rows.append({"layout": layout, **json.loads(out.stdout.strip().splitlines()[-1])})
-    return {"config": r.config, "model": r.model, "seq": r.seq, "batch": r.batch, "devices": r.devices,
-            "extra": list(r.overrides), "layouts": rows}
+    return {
+        "config": r.config,
+        "model": r.model,
+        "seq": r.seq,
+        "batch": r.batch,
+        "devices": r.devices,
+        "extra": list(r.overrides),
+        "layouts": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from mellama_jax.sharding import layout_overrides
 class MeshBenchRequest(LayoutsBench):
     """One `bench mesh` run: what `mellama-jax bench mesh` parses, and what `bench_mesh` takes."""
 
-    layouts: tuple[str, ...] = option(("data=8", "fsdp=8", "fsdp=4,tensor=2"), '";"-separated ici layouts',
-                                      type=layout_list)
+    layouts: tuple[str, ...] = option(
+        ("data=8", "fsdp=8", "fsdp=4,tensor=2"), '";"-separated ici layouts', type=layout_list
+    )
     remat: str = option("none")
     dtype: str = option("float32")
     warmup: int = option(2, type=NON_NEGATIVE)  # untimed steps first (the first compiles)
@@ -35,16 +36,31 @@ def bench_mesh(r: MeshBenchRequest) -> dict:
         jax.config.update("jax_num_cpu_devices", r.devices)
     rows = []
     for layout in r.layouts:
-        row_overrides = [f"model={r.model}", f"train.seq_len={r.seq}", f"train.batch_size={r.batch}",
-                         f"model.remat={r.remat}", f"model.dtype={r.dtype}", *layout_overrides(layout), *r.overrides]
+        row_overrides = [
+            f"model={r.model}",
+            f"train.seq_len={r.seq}",
+            f"train.batch_size={r.batch}",
+            f"model.remat={r.remat}",
+            f"model.dtype={r.dtype}",
+            *layout_overrides(layout),
+            *r.overrides,
+        ]
         try:
             where = Path(r.profile) / layout.replace("=", "").replace(",", "_") if r.profile else None
             rows.append(dict(layout=layout, **jax_step_timing(row_overrides, r.warmup, r.steps, profile_dir=where)))
         except Exception as e:
             rows.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
-    result = {"benchmark": "mesh", "model": r.model, "seq": r.seq, "batch": r.batch, "remat": r.remat,
-              "dtype": r.dtype, "overrides": list(r.overrides), "device": jax.devices()[0].device_kind,
-              "layouts": rows}
+    result = {
+        "benchmark": "mesh",
+        "model": r.model,
+        "seq": r.seq,
+        "batch": r.batch,
+        "remat": r.remat,
+        "dtype": r.dtype,
+        "overrides": list(r.overrides),
+        "device": jax.devices()[0].device_kind,
+        "layouts": rows,
+    }
     if r.png:
         _bar_chart(result, Path(r.png))
     return result
@@ -66,13 +82,17 @@ def _bar_chart(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| layout | compile s | step s | tokens/s | tokens/s/device | TFLOP/s/device | MFU | XLA GiB/device |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layout | compile s | step s | tokens/s | tokens/s/device | TFLOP/s/device | MFU | XLA GiB/device |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["layouts"]:
         if "error" in r:
             lines.append(f"| {r['layout']} | error: {r['error'][:60]} | | | | | | |")
             continue
-        lines.append(f"| {r['layout']} | {r['compile_s']:.1f} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s_per_device']:.0f} | {r['model_tflops_per_device']:.3f} | "
-                     f"{(r['mfu'] or 0) * 100:.1f}% | {r['xla_bytes_per_device'] / 2**30:.2f} |")
+        lines.append(
+            f"| {r['layout']} | {r['compile_s']:.1f} | {r['step_s_median']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['tokens_per_s_per_device']:.0f} | {r['model_tflops_per_device']:.3f} | "
+            f"{(r['mfu'] or 0) * 100:.1f}% | {r['xla_bytes_per_device'] / 2**30:.2f} |"
+        )
     return "\n".join(lines)

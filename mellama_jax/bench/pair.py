@@ -20,8 +20,13 @@ class PairBenchRequest:
     batch: int = option(4, type=POSITIVE)
     # config overrides per variant; () is the config as it is
     variants: tuple[tuple[str, ...], ...] = option(
-        (), 'space-separated config overrides of one variant ("" for the config as it is); give two or more, the '
-            "first is the reference", flag="--variant", type=word_list, append=True)
+        (),
+        'space-separated config overrides of one variant ("" for the config as it is); give two or more, the '
+        "first is the reference",
+        flag="--variant",
+        type=word_list,
+        append=True,
+    )
     rounds: int = option(10, "timed steps of each variant, interleaved", type=POSITIVE)
     warmup: int = option(3, type=NON_NEGATIVE)
     dtype: str = option("float32")
@@ -51,9 +56,26 @@ def bench_pair(r: PairBenchRequest) -> dict:
     for v, s, ts, rs in zip(r.variants, steps, times, rates):
         median = statistics.median(ts)
         mfu = s.peak_and_mfu(ts, rs)[1]
-        rows.append({"overrides": list(v), "compile_s": s.compile_s, "step_s_median": median, "step_s_all": ts,
-                     "tokens_per_s": r.batch * r.seq / median, "mfu": mfu, "peak_tflops_beside_steps": rs,
-                     "speed_vs_first": statistics.median(times[0]) / median})
-    return {"benchmark": "pair", "model": r.model, "seq": r.seq, "batch": r.batch, "dtype": r.dtype,
-            "overrides": list(r.overrides), "device": jax.devices()[0].device_kind, "rounds": r.rounds,
-            "rows": rows}
+        rows.append(
+            {
+                "overrides": list(v),
+                "compile_s": s.compile_s,
+                "step_s_median": median,
+                "step_s_all": ts,
+                "tokens_per_s": r.batch * r.seq / median,
+                "mfu": mfu,
+                "peak_tflops_beside_steps": rs,
+                "speed_vs_first": statistics.median(times[0]) / median,
+            }
+        )
+    return {
+        "benchmark": "pair",
+        "model": r.model,
+        "seq": r.seq,
+        "batch": r.batch,
+        "dtype": r.dtype,
+        "overrides": list(r.overrides),
+        "device": jax.devices()[0].device_kind,
+        "rounds": r.rounds,
+        "rows": rows,
+    }

@@ -52,8 +52,13 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
     """A host batch of random tokens in the train step's layout (one unpacked document per row)."""
     B, T = cfg.train.batch_size, cfg.train.seq_len
     tokens = np.random.default_rng(seed).integers(3, cfg.model.vocab_size, (B, T + 1))
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.broadcast_to(np.arange(T), (B, T)),
-            "segment_ids": np.ones((B, T)), "loss_weights": np.ones((B, T))}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(T), (B, T)),
+        "segment_ids": np.ones((B, T)),
+        "loss_weights": np.ones((B, T)),
+    }
 
 
 def _profile(run, carry, compiled, out_dir: str | Path, steps: int = 2) -> None:
@@ -125,8 +130,15 @@ def cpu_peak_probe():
     return lambda: max(probe(), probe())
 
 
-def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed: int = 0,
-                    devices: list | None = None, profile_dir: str | Path | None = None, config=None) -> dict:
+def jax_step_timing(
+    overrides: list[str],
+    warmup: int = 2,
+    steps: int = 5,
+    seed: int = 0,
+    devices: list | None = None,
+    profile_dir: str | Path | None = None,
+    config=None,
+) -> dict:
     """`config` (a recipe YAML, default the built-in defaults) with `overrides`, timed on `devices`."""
     step = compile_step(overrides, seed, devices, config)
     cfg, n = step.cfg, step.trainer.mesh.size
@@ -145,15 +157,28 @@ def jax_step_timing(overrides: list[str], warmup: int = 2, steps: int = 5, seed:
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         device_peak = stats.get("peak_bytes_in_use")
-    return {"mesh": dict(step.trainer.mesh.shape), "compile_s": step.compile_s, "step_s_median": median,
-            "step_s_all": times, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n,
-            "model_tflops_per_device": tflops, "peak_tflops_per_device": peak,
-            "mfu": mfu, "peak_tflops_beside_steps": rates,
-            "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
-            "device_peak_bytes": device_peak}
+    return {
+        "mesh": dict(step.trainer.mesh.shape),
+        "compile_s": step.compile_s,
+        "step_s_median": median,
+        "step_s_all": times,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / n,
+        "model_tflops_per_device": tflops,
+        "peak_tflops_per_device": peak,
+        "mfu": mfu,
+        "peak_tflops_beside_steps": rates,
+        "xla_bytes_per_device": mem.argument_size_in_bytes + mem.temp_size_in_bytes,
+        "device_peak_bytes": device_peak,
+    }
 
 
 def one_device(model: str, seq: int, batch: int, dtype: str) -> list[str]:
     """Config overrides for one step of `model` on one device: what `bench baseline` and `bench pair` time."""
-    return [f"model={model}", f"train.seq_len={seq}", f"train.batch_size={batch}", f"model.dtype={dtype}",
-            "mesh.ici={data: 1, fsdp: 1, tensor: 1}"]
+    return [
+        f"model={model}",
+        f"train.seq_len={seq}",
+        f"train.batch_size={batch}",
+        f"model.dtype={dtype}",
+        "mesh.ici={data: 1, fsdp: 1, tensor: 1}",
+    ]

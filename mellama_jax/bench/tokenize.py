@@ -59,15 +59,19 @@ class TokenizeBenchRequest:
     fields: tuple[str, ...] = option(("text",), type=name_list)  # its text fields, joined by newlines
     # start-up must not dominate
     repeat: int = option(8, "repeat the corpus to reach a few MB", type=POSITIVE)
-    formats: tuple[str, ...] = option(("jsonl", "jsonl.gz", "jsonl.zst"), "input forms to time (JSONL only)",
-                                      type=name_list)
+    formats: tuple[str, ...] = option(
+        ("jsonl", "jsonl.gz", "jsonl.zst"), "input forms to time (JSONL only)", type=name_list
+    )
     workers: tuple[int, ...] = option((1, 2), "process counts to time", type=positive_list)
-    threads: tuple[int | None, ...] = option((None,), "encode threads per process to time (auto: the cores shared "
-                                                      "among the processes; 1: scaling by processes)",
-                                             type=threads_list)
+    threads: tuple[int | None, ...] = option(
+        (None,),
+        "encode threads per process to time (auto: the cores shared among the processes; 1: scaling by processes)",
+        type=threads_list,
+    )
     rounds: int = option(3, "interleaved repetitions; the best of each is kept", type=POSITIVE)
-    stream_gb: float = option(0, "instead: peak RSS of prepare on a synthetic Pile-like .jsonl.zst of this many GB",
-                              type=float)
+    stream_gb: float = option(
+        0, "instead: peak RSS of prepare on a synthetic Pile-like .jsonl.zst of this many GB", type=float
+    )
     workdir: str | None = option(None, "where the temporary files go (default: the system's temp folder)")
 
 
@@ -96,14 +100,31 @@ def bench_tokenize(r: TokenizeBenchRequest) -> dict:
                 seconds, got = _time_prepare(Path(tmp) / fmt, r.tokenizer, Path(tmp) / f"out-{fmt}-{w}-{t}-{n}", w, t)
                 assert got == tokens, (key, got, tokens)
                 best[key] = min(best.get(key, 1e9), seconds)
-    runs = [{"format": fmt, "workers": w, "threads": t, "seconds": round(best[fmt, w, t], 2),
-             "tokens_per_s": round(tokens / best[fmt, w, t]), "speedup": round(best["baseline"] / best[fmt, w, t], 2)}
-            for fmt, w, t in keys]
-    return {"benchmark": "tokenize", "corpus": str(r.corpus), "documents": len(texts), "tokens": tokens,
-            "text_bytes": sum(len(t.encode()) for t in texts), "cores": os.cpu_count() or 1, "rounds": r.rounds,
-            "load_average": os.getloadavg(), "baseline_tokens_per_s": round(tokens / best["baseline"]), "runs": runs,
-            "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
-                    "encodes text already in memory, one EncodeAsIds call per document"}
+    runs = [
+        {
+            "format": fmt,
+            "workers": w,
+            "threads": t,
+            "seconds": round(best[fmt, w, t], 2),
+            "tokens_per_s": round(tokens / best[fmt, w, t]),
+            "speedup": round(best["baseline"] / best[fmt, w, t], 2),
+        }
+        for fmt, w, t in keys
+    ]
+    return {
+        "benchmark": "tokenize",
+        "corpus": str(r.corpus),
+        "documents": len(texts),
+        "tokens": tokens,
+        "text_bytes": sum(len(t.encode()) for t in texts),
+        "cores": os.cpu_count() or 1,
+        "rounds": r.rounds,
+        "load_average": os.getloadavg(),
+        "baseline_tokens_per_s": round(tokens / best["baseline"]),
+        "runs": runs,
+        "note": "prepare reads, decompresses, parses, encodes and writes ArrayRecord shards; the baseline only "
+        "encodes text already in memory, one EncodeAsIds call per document",
+    }
 
 
 def write_pile_shard(path: Path, gigabytes: float, selected_every: int = 100) -> dict:
@@ -126,8 +147,21 @@ def write_pile_shard(path: Path, gigabytes: float, selected_every: int = 100) ->
 def _prepare_rss(shard: Path, tokenizer: str | Path, out: Path) -> dict:
     """Peak RSS of `prepare pretrain` (one process) on the shard, in its own process."""
     spec = f"pile=pile:{shard}?subset=PubMed+Central"
-    command = [sys.executable, "-m", "mellama_jax.cli", "prepare", "pretrain", "--source", spec,
-               "--tokenizer", str(tokenizer), "--out", str(out), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mellama_jax.cli",
+        "prepare",
+        "pretrain",
+        "--source",
+        spec,
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -137,8 +171,13 @@ def _prepare_rss(shard: Path, tokenizer: str | Path, out: Path) -> dict:
     if status or not (out / "manifest.json").exists():
         raise RuntimeError(f"prepare failed: {log.read_text()[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())["sources"]["pile"]
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1),
-            "documents": manifest["documents"], "tokens": manifest["tokens"], "dropped": manifest["filtered_total"]}
+    return {
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "seconds": round(seconds, 1),
+        "documents": manifest["documents"],
+        "tokens": manifest["tokens"],
+        "dropped": manifest["filtered_total"],
+    }
 
 
 def bench_stream_memory(r: TokenizeBenchRequest) -> dict:
@@ -152,4 +191,3 @@ def bench_stream_memory(r: TokenizeBenchRequest) -> dict:
             assert result[label]["documents"] == written["selected"], result[label]
             shard.unlink()
     return result
-

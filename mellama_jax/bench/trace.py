@@ -31,8 +31,13 @@ def summarize(trace: str | Path, steps: int = 2, top: int = 15) -> dict:
     with opener(trace, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and e.get("args", {}).get("name", "").startswith("/device:")}
+    devices = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and e.get("args", {}).get("name", "").startswith("/device:")
+    }
     kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices]
     if not kernels:
         raise ValueError(f"{trace}: no device kernels in this trace (a CPU run records none)")
@@ -45,14 +50,24 @@ def summarize(trace: str | Path, steps: int = 2, top: int = 15) -> dict:
         per_category[category(name)] += ms
     total = sum(per_kernel.values())
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3 / steps
-    return {"trace": str(trace), "kernel_ms_per_step": total, "span_ms_per_step": span,
-            "categories": {k: {"ms": v, "share": v / total} for k, v in per_category.most_common()},
-            "top": [{"kernel": k, "ms": v, "calls_per_step": calls[k] / steps, "category": category(k)}
-                    for k, v in per_kernel.most_common(top)]}
+    return {
+        "trace": str(trace),
+        "kernel_ms_per_step": total,
+        "span_ms_per_step": span,
+        "categories": {k: {"ms": v, "share": v / total} for k, v in per_category.most_common()},
+        "top": [
+            {"kernel": k, "ms": v, "calls_per_step": calls[k] / steps, "category": category(k)}
+            for k, v in per_kernel.most_common(top)
+        ],
+    }
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"kernels {summary['kernel_ms_per_step']:.1f} ms per step (span {summary['span_ms_per_step']:.1f} ms)",
-             "", "| category | ms/step | share |", "|---|---|---|"]
+    lines = [
+        f"kernels {summary['kernel_ms_per_step']:.1f} ms per step (span {summary['span_ms_per_step']:.1f} ms)",
+        "",
+        "| category | ms/step | share |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v['ms']:.1f} | {v['share'] * 100:.0f}% |" for k, v in summary["categories"].items()]
     return "\n".join(lines)

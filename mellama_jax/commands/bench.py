@@ -35,8 +35,10 @@ def pair(r: PairBenchRequest) -> int:
     result = bench_pair(r)
     for row in result["rows"]:
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        print(f"{' '.join(row['overrides']) or '(as configured)'}: {row['step_s_median']:.3f} s a step{mfu}, "
-              f"{row['speed_vs_first']:.3f}x the first")
+        print(
+            f"{' '.join(row['overrides']) or '(as configured)'}: {row['step_s_median']:.3f} s a step{mfu}, "
+            f"{row['speed_vs_first']:.3f}x the first"
+        )
     return print_json(result)
 
 
@@ -78,8 +80,10 @@ def memory(r: MemoryBenchRequest) -> int:
         if "error" in row:
             print(f"| {row['layout']} | error: {row['error'][:80]} | | |")
         else:
-            print(f"| {row['layout']} | {row['planned_total_bytes'] / 2**30:.2f} | "
-                  f"{row['measured_rss_growth_bytes'] / 2**30:.2f} | {row['ratio_measured_to_planned']:.3f} |")
+            print(
+                f"| {row['layout']} | {row['planned_total_bytes'] / 2**30:.2f} | "
+                f"{row['measured_rss_growth_bytes'] / 2**30:.2f} | {row['ratio_measured_to_planned']:.3f} |"
+            )
     return print_json(result)
 
 

@@ -15,8 +15,11 @@ def generate(r: GenerateRequest) -> int:
     return 0
 
 
-@command(EvalRequest, epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: score an "
-                             "earlier run's outputs again (see `eval score --help`)")
+@command(
+    EvalRequest,
+    epilog="mellama-jax eval score --task T --predictions predictions.jsonl --out DIR: score an "
+    "earlier run's outputs again (see `eval score --help`)",
+)
 def evaluation(r: EvalRequest) -> int:
     return print_json(evaluate(r))
 

@@ -13,7 +13,6 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
-
 class Choice(enum.StrEnum):
     """A field's choices. A member equals its text (`Mode.LORA == "lora"`), so YAML and `key=value` overrides give
     plain text, which loading turns into the member (an unknown one is left for `validate` to name)."""
@@ -104,14 +103,27 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
 
     def validate(self, where: str = "model") -> None:
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "max_seq_len", "scan_unroll", "max_segments", "splash_block_q", "splash_block_kv")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_seq_len",
+            "scan_unroll",
+            "max_segments",
+            "splash_block_q",
+            "splash_block_kv",
+        )
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"{where}: num_heads={self.num_heads} is not a multiple of "
-                              f"num_kv_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"{where}: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"{where}.head_dim must be even for rotary embeddings, got {self.head_dim}")
         for key in ("param_dtype", "dtype"):
@@ -183,16 +195,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 class MeshConfig:
     """Device mesh. `ici` is the shape within a host (or slice); `dcn` across hosts. -1 = the rest."""
 
-    ici: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1},
-                                            metadata={"merge": True})
-    dcn: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1},
-                                            metadata={"merge": True})
+    ici: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}, metadata={"merge": True}
+    )
+    dcn: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1}, metadata={"merge": True}
+    )
     rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
     def validate(self, where: str = "mesh") -> None:
         if list(self.ici) != list(self.dcn):
-            raise ConfigError(f"{where}: ici axes {list(self.ici)} and dcn axes {list(self.dcn)} must be the same, "
-                              "in the same order")
+            raise ConfigError(
+                f"{where}: ici axes {list(self.ici)} and dcn axes {list(self.dcn)} must be the same, in the same order"
+            )
         for kind, shape in (("ici", self.ici), ("dcn", self.dcn)):
             if sum(1 for v in shape.values() if v == -1) > 1:
                 raise ConfigError(f"{where}.{kind}: at most one axis may be -1, got {shape}")
@@ -205,8 +220,7 @@ class MeshConfig:
             targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
             unknown = [t for t in targets if t is not None and t not in self.ici]
             if unknown:
-                raise ConfigError(f"{where}.rules: rule {rule[0]!r} names mesh axes {unknown} not in "
-                                  f"{list(self.ici)}")
+                raise ConfigError(f"{where}.rules: rule {rule[0]!r} names mesh axes {unknown} not in {list(self.ici)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,15 +276,17 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key} must not be negative, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum:
-            raise ConfigError(f"{where}: batch_size={self.batch_size} is not a multiple of "
-                              f"grad_accum={self.grad_accum}")
+            raise ConfigError(
+                f"{where}: batch_size={self.batch_size} is not a multiple of grad_accum={self.grad_accum}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # a directory written by `prepare pretrain` (pretrain) or `prepare instruct` (lora, sft)
     mixture: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"biomedical": 15.0, "clinical": 1.0, "general": 4.0})
+        default_factory=lambda: {"biomedical": 15.0, "clinical": 1.0, "general": 4.0}
+    )
     holdout_documents: int = 0  # pretrain: documents per source kept out of training for the eval loss
     eval_path: str = ""  # lora/sft: a separately prepared evaluation set
     # lora/sft: the instruction template the data must have been prepared with (`prepare instruct --template`);
@@ -281,11 +297,14 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         bad = {k: v for k, v in self.mixture.items() if v < 0}
         if bad or not any(v > 0 for v in self.mixture.values()):
-            raise ConfigError(f"{where}.mixture: weights must not be negative and one must be positive, got "
-                              f"{self.mixture}")
+            raise ConfigError(
+                f"{where}.mixture: weights must not be negative and one must be positive, got {self.mixture}"
+            )
         if self.holdout_documents < 0:
-            raise ConfigError(f"{where}.holdout_documents must not be negative (0: no held-out documents), got "
-                              f"{self.holdout_documents}")
+            raise ConfigError(
+                f"{where}.holdout_documents must not be negative (0: no held-out documents), got "
+                f"{self.holdout_documents}"
+            )
         if self.read_threads < 1:
             raise ConfigError(f"{where}.read_threads must be at least 1, got {self.read_threads}")
 
@@ -299,14 +318,18 @@ class CheckpointConfig:
 
     def validate(self, where: str = "checkpoint") -> None:
         if self.every < 0:
-            raise ConfigError(f"{where}.every must not be negative (0: save only at the end and on a stop), got "
-                              f"{self.every}")
+            raise ConfigError(
+                f"{where}.every must not be negative (0: save only at the end and on a stop), got {self.every}"
+            )
         if self.keep_last < 1:
-            raise ConfigError(f"{where}.keep_last must be at least 1: the newest checkpoint is what a resume and "
-                              f"the non-finite guard rely on, got {self.keep_last}")
+            raise ConfigError(
+                f"{where}.keep_last must be at least 1: the newest checkpoint is what a resume and "
+                f"the non-finite guard rely on, got {self.keep_last}"
+            )
         if self.keep_every < 0:
-            raise ConfigError(f"{where}.keep_every must not be negative (0: keep no extra steps), got "
-                              f"{self.keep_every}")
+            raise ConfigError(
+                f"{where}.keep_every must not be negative (0: keep no extra steps), got {self.keep_every}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,11 +348,11 @@ class RunConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}.{key} must be at least 1, got {getattr(self, key)}")
         if self.eval_every < 0:
-            raise ConfigError(f"{where}.eval_every must not be negative (0: evaluate at the end only), got "
-                              f"{self.eval_every}")
+            raise ConfigError(
+                f"{where}.eval_every must not be negative (0: evaluate at the end only), got {self.eval_every}"
+            )
         if self.peak_tflops < 0:
-            raise ConfigError(f"{where}.peak_tflops must not be negative (0: from the device), got "
-                              f"{self.peak_tflops}")
+            raise ConfigError(f"{where}.peak_tflops must not be negative (0: from the device), got {self.peak_tflops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +397,5 @@ class Config:
         if self.train.mode == Mode.LORA:
             self.lora.validate("lora")
         if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
-                              f"{self.model.max_seq_len}")
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         return self

@@ -34,8 +34,7 @@ def shard_chunks(cfg: ModelConfig, mesh_shape: dict[str, int], rules=DEFAULT_RUL
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(init_abstract(cfg), nnx.Param)):
         logical = var.get_metadata()["out_sharding"]
-        out[tuple(path)] = shard_shape("/".join(path), var.shape, logical_to_spec(logical, rules), mesh_shape,
-                                       logical)
+        out[tuple(path)] = shard_shape("/".join(path), var.shape, logical_to_spec(logical, rules), mesh_shape, logical)
     return out
 
 
@@ -45,8 +44,9 @@ class ImportRequest:
 
     src: str | Path = option(positional=True)  # a Hugging Face LLaMA folder (safetensors)
     dst: str | Path = option(positional=True)  # follows the destination rule (outputs.py)
-    dtype: str | None = option(None, "default: keep the checkpoint's dtype (bit-exact round trips)",
-                               choices=["float32", "bfloat16", "float16"])
+    dtype: str | None = option(
+        None, "default: keep the checkpoint's dtype (bit-exact round trips)", choices=["float32", "bfloat16", "float16"]
+    )
     # each parameter is stored chunked as that mesh's shards (with the default rule table), so a restore there
     # reads one chunk per device shard. Any mesh can restore it.
     mesh: str | None = option(None, "store pre-sharded for a mesh, e.g. fsdp=8,tensor=2 (default rule table)")
@@ -73,7 +73,7 @@ def hf_to_jax(r: ImportRequest, *, progress: bool = True) -> Path:
                 dt = out_dtype or first.dtype
                 shape = ((cfg.num_layers,) if spec.stacked else ()) + spec.shape
                 writer.create(spec.path, shape, dt, spec.stacked, chunks.get(spec.path))
-                for i in (range(cfg.num_layers) if spec.stacked else [None]):
+                for i in range(cfg.num_layers) if spec.stacked else [None]:
                     tensor = first if i in (0, None) else hf.get(spec.hf_name.format(i=i))
                     array = spec.to_jax(tensor).astype(dt, copy=False)
                     writer.write(spec.path, array, i)
@@ -130,8 +130,17 @@ def jax_to_hf(r: ExportRequest, *, progress: bool = True) -> Path:
             return export_peft(areader.read, cfg, lora, r.dst, dtype="float32", overwrite=r.overwrite, inputs=inputs)
         fetch = merged_fetch(reader.read, areader.read, lora)
     tok = require_tokenizer(src, r.tokenizer)
-    return export_hf(fetch, cfg, r.dst, tok, dtype=r.dtype, shard_bytes=r.shard_size, progress=progress,
-                     overwrite=r.overwrite, inputs=inputs)
+    return export_hf(
+        fetch,
+        cfg,
+        r.dst,
+        tok,
+        dtype=r.dtype,
+        shard_bytes=r.shard_size,
+        progress=progress,
+        overwrite=r.overwrite,
+        inputs=inputs,
+    )
 
 
 def _check_shapes(reader: ParamsReader, expected: dict, what: str) -> None:
@@ -139,20 +148,23 @@ def _check_shapes(reader: ParamsReader, expected: dict, what: str) -> None:
         if path not in reader.names:
             raise ConversionError(f"{reader.directory}: missing {what} {'/'.join(path)}")
         if reader.shape(path) != shape:
-            raise ConversionError(f"{reader.directory}: {what} {'/'.join(path)} has shape {reader.shape(path)}, "
-                                  f"the model config implies {shape} (another model size?)")
+            raise ConversionError(
+                f"{reader.directory}: {what} {'/'.join(path)} has shape {reader.shape(path)}, "
+                f"the model config implies {shape} (another model size?)"
+            )
 
 
 def _check_params(reader: ParamsReader, cfg: ModelConfig) -> None:
-    _check_shapes(reader, {s.path: ((cfg.num_layers,) if s.stacked else ()) + s.shape for s in tensor_specs(cfg)},
-                  "parameter")
+    _check_shapes(
+        reader, {s.path: ((cfg.num_layers,) if s.stacked else ()) + s.shape for s in tensor_specs(cfg)}, "parameter"
+    )
 
 
 def _check_adapters(reader: ParamsReader, cfg: ModelConfig, lora) -> None:
     expected = {}
     for s in tensor_specs(cfg):
         if s.stacked and s.num_in and s.path[-2] in lora.targets:
-            ins, outs = s.shape[: s.num_in], s.shape[s.num_in:]
+            ins, outs = s.shape[: s.num_in], s.shape[s.num_in :]
             expected[s.path[:-1] + ("lora_a",)] = (cfg.num_layers, *ins, lora.rank)
             expected[s.path[:-1] + ("lora_b",)] = (cfg.num_layers, lora.rank, *outs)
     _check_shapes(reader, expected, "adapter")

@@ -44,7 +44,7 @@ class TensorSpec:
     def hf_shape(self) -> tuple[int, ...]:
         if not self.num_in:
             return self.shape
-        return (math.prod(self.shape[self.num_in:]), math.prod(self.shape[:self.num_in]))
+        return (math.prod(self.shape[self.num_in :]), math.prod(self.shape[: self.num_in]))
 
     def to_jax(self, hf: np.ndarray) -> np.ndarray:
         return transpose2d(hf).reshape(self.shape) if self.num_in else hf
@@ -60,13 +60,19 @@ def transpose2d(array: np.ndarray, block: int = 128) -> np.ndarray:
     src = array.view(view) if view is not None and array.flags.c_contiguous else array
     out = np.empty(src.shape[::-1], src.dtype)
     for i in range(0, src.shape[0], block):
-        out[:, i:i + block] = src[i:i + block].T
+        out[:, i : i + block] = src[i : i + block].T
     return out.view(array.dtype) if src is not array else out
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    D, F, H, K, Dh, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                         cfg.head_dim, cfg.vocab_size)
+    D, F, H, K, Dh, V = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
     layer = "model.layers.{i}."
     return [
         TensorSpec(("embed", "embedding"), "model.embed_tokens.weight", (V, D), 0),
@@ -97,11 +103,15 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     heads = hf["num_attention_heads"]
     fields = dict(
         name=hf.get("_name_or_path") or "hf-llama",
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=float(theta),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         initializer_range=float(hf.get("initializer_range", 0.02)),
     )
@@ -114,12 +124,13 @@ def expected_tensors(cfg: ModelConfig, names, source: str) -> dict[str, tuple[in
     (what `source` holds) lacks one or has one more (RoPE's cached inv_freq aside)."""
     expected = {}
     for spec in tensor_specs(cfg):
-        for i in (range(cfg.num_layers) if spec.stacked else [None]):
+        for i in range(cfg.num_layers) if spec.stacked else [None]:
             expected[spec.hf_name.format(i=i)] = spec.hf_shape
     missing = sorted(set(expected) - set(names))
     if missing:
-        raise ConversionError(f"{source}: missing tensor {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ConversionError(
+            f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     unexpected = sorted(n for n in set(names) - set(expected) if not n.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ConversionError(f"{source}: unexpected tensor {unexpected[0]} for a LLaMA with this config")
@@ -128,12 +139,14 @@ def expected_tensors(cfg: ModelConfig, names, source: str) -> dict[str, tuple[in
 
 def _check(spec: TensorSpec, name: str, array, source: str) -> None:
     if tuple(array.shape) != spec.hf_shape:
-        raise ConversionError(f"{source}: tensor {name} has shape {tuple(array.shape)}, the config expects "
-                              f"{spec.hf_shape}")
+        raise ConversionError(
+            f"{source}: tensor {name} has shape {tuple(array.shape)}, the config expects {spec.hf_shape}"
+        )
 
 
-def stacked_from_hf(cfg: ModelConfig, get: Callable[[str], np.ndarray], spec: TensorSpec,
-                    source: str = "checkpoint") -> np.ndarray:
+def stacked_from_hf(
+    cfg: ModelConfig, get: Callable[[str], np.ndarray], spec: TensorSpec, source: str = "checkpoint"
+) -> np.ndarray:
     """Our array for `spec`, reading Hugging Face tensors one at a time through `get(name)`."""
     names = [spec.hf_name.format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [spec.hf_name]
     parts = []
@@ -217,10 +230,12 @@ class HFCheckpoint:
             return None
         pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise ConversionError(f"{self.directory}: only pickled weights ({', '.join(pickles)}); they are "
-                                  "refused because unpickling can run arbitrary code. Convert them to "
-                                  "safetensors first on a trusted machine (save_pretrained(..., "
-                                  "safe_serialization=True)).")
+            raise ConversionError(
+                f"{self.directory}: only pickled weights ({', '.join(pickles)}); they are "
+                "refused because unpickling can run arbitrary code. Convert them to "
+                "safetensors first on a trusted machine (save_pretrained(..., "
+                "safe_serialization=True))."
+            )
         raise ConversionError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
 
     def _read_layout(self, path: Path) -> dict:
@@ -230,9 +245,16 @@ class HFCheckpoint:
             header_len = struct.unpack("<Q", f.read(8))[0]
             header = json.loads(f.read(header_len))
         base = 8 + header_len
-        layout = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1],
-                      np_dtype(names[v["dtype"]]) if v["dtype"] in names else None, tuple(v["shape"]))
-                  for k, v in header.items() if k != "__metadata__"}
+        layout = {
+            k: (
+                base + v["data_offsets"][0],
+                base + v["data_offsets"][1],
+                np_dtype(names[v["dtype"]]) if v["dtype"] in names else None,
+                tuple(v["shape"]),
+            )
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
         end = max((stop for _, stop, _, _ in layout.values()), default=base)
         if path.stat().st_size < end:
             raise ConversionError(f"{path}: truncated ({path.stat().st_size} bytes, header describes {end})")
@@ -245,8 +267,9 @@ class HFCheckpoint:
             sl = self._files[self.names[name]].get_slice(name)
             got = tuple(sl.get_shape())
             if got != shape:
-                raise ConversionError(f"{self.directory / self.names[name]}: tensor {name} has shape {got}, "
-                                      f"config.json implies {shape}")
+                raise ConversionError(
+                    f"{self.directory / self.names[name]}: tensor {name} has shape {got}, config.json implies {shape}"
+                )
             dtypes.add(sl.get_dtype())
         if not dtypes <= {"F32", "BF16", "F16"}:
             raise ConversionError(f"{self.directory}: unsupported tensor dtypes {sorted(dtypes)}")

@@ -55,10 +55,14 @@ class ParamsReader:
     def _store(self, path: tuple[str, ...]) -> ts.TensorStore:
         if path not in self._open:
             if path not in self.names:
-                raise ConversionError(f"{self.directory}: no parameter {'/'.join(path)} "
-                                      f"(it holds {len(self.names)} arrays)")
-            kvstore = ({"driver": "ocdbt", "base": f"file://{self.directory}/", "path": self.names[path]}
-                       if self.use_ocdbt else {"driver": "file", "path": str(self.directory / self.names[path])})
+                raise ConversionError(
+                    f"{self.directory}: no parameter {'/'.join(path)} (it holds {len(self.names)} arrays)"
+                )
+            kvstore = (
+                {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": self.names[path]}
+                if self.use_ocdbt
+                else {"driver": "file", "path": str(self.directory / self.names[path])}
+            )
             spec = {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kvstore}
             try:
                 self._open[path] = ts.open(spec, open=True, read=True).result()
@@ -83,19 +87,30 @@ class ParamsWriter:
         self.tree: dict[str, dict] = {}
         self._stores: dict[tuple[str, ...], ts.TensorStore] = {}
 
-    def create(self, path: tuple[str, ...], shape: tuple[int, ...], dtype, layered: bool,
-               chunks: tuple[int, ...] | None = None) -> None:
+    def create(
+        self, path: tuple[str, ...], shape: tuple[int, ...], dtype, layered: bool, chunks: tuple[int, ...] | None = None
+    ) -> None:
         """chunks: the zarr chunk shape (default: whole array, one layer at a time for stacked arrays)."""
         chunks = list(chunks or shape)
         if layered:
             chunks[0] = 1
-        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(self.directory / ".".join(path))},
-                "metadata": {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
-                             "compressor": None, "fill_value": None, "order": "C"}}
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(self.directory / ".".join(path))},
+            "metadata": {
+                "shape": list(shape),
+                "chunks": chunks,
+                "dtype": _zarr_dtype(dtype),
+                "compressor": None,
+                "fill_value": None,
+                "order": "C",
+            },
+        }
         self._stores[path] = ts.open(spec, create=True, delete_existing=True).result()
-        self.tree[str(path)] = {"key_metadata": [{"key": k, "key_type": 2} for k in path],
-                                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                                   "write_shape": list(shape)}}
+        self.tree[str(path)] = {
+            "key_metadata": [{"key": k, "key_type": 2} for k in path],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
+        }
 
     def write(self, path: tuple[str, ...], array: np.ndarray, layer: int | None = None) -> None:
         # Synchronous on purpose: overlapping the next tensor's read with this write raised peak RSS past the
@@ -105,8 +120,13 @@ class ParamsWriter:
         store.write(array).result()
 
     def close(self, extra_files: dict[str, str] | None = None) -> Path:
-        meta = {"tree_metadata": self.tree, "use_ocdbt": False, "use_zarr3": False,
-                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        meta = {
+            "tree_metadata": self.tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
         (self.directory / "_METADATA").write_text(json.dumps(meta))
         for name, text in (extra_files or {}).items():
             (self.directory / name).write_text(text)

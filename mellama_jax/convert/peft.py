@@ -31,37 +31,83 @@ def _module(spec: TensorSpec) -> str:
     return spec.hf_name[: -len(".weight")]
 
 
-def export_peft(fetch: Callable, cfg: ModelConfig, lora: LoraConfig, out_dir: str | Path,
-                base_model: str = "", dtype: str = "float32", overwrite: bool = False, inputs=()) -> Path:
+def _adapter_tensors(cfg: ModelConfig, lora: LoraConfig) -> dict:
+    """PEFT tensor name -> (its shape, our parameter path, layer, our array -> PEFT's layout)."""
+    entries = {}
+    for spec in _targets(cfg, lora):
+        fan_in, fan_out = spec.hf_shape[1], spec.hf_shape[0]
+        for i in range(cfg.num_layers):
+            module = PREFIX + _module(spec).format(i=i)
+            entries[module + ".lora_A.weight"] = (
+                (lora.rank, fan_in),
+                spec.path[:-1] + ("lora_a",),
+                i,
+                lambda a: a.reshape(-1, lora.rank).T,
+            )
+            entries[module + ".lora_B.weight"] = (
+                (fan_out, lora.rank),
+                spec.path[:-1] + ("lora_b",),
+                i,
+                lambda b: b.reshape(lora.rank, -1).T,
+            )
+    return entries
+
+
+def adapter_config(cfg: ModelConfig, lora: LoraConfig, base_model: str) -> dict:
+    """PEFT's adapter_config.json for our LoRA settings."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted({s.hf_name.split(".")[-2] for s in _targets(cfg, lora)}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+
+
+def export_peft(
+    fetch: Callable,
+    cfg: ModelConfig,
+    lora: LoraConfig,
+    out_dir: str | Path,
+    base_model: str = "",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    inputs=(),
+) -> Path:
     """fetch(path, layer) gives our lora_a / lora_b arrays; writes a PEFT adapter directory atomically
     (artifacts' destination rule)."""
     out = storage.path(out_dir)
     with atomic_output(out, "peft-adapter", overwrite, inputs) as tmp:
-        entries = {}
-        for spec in _targets(cfg, lora):
-            fan_in, fan_out = spec.hf_shape[1], spec.hf_shape[0]
-            for i in range(cfg.num_layers):
-                module = PREFIX + _module(spec).format(i=i)
-                entries[module + ".lora_A.weight"] = ((lora.rank, fan_in), spec.path[:-1] + ("lora_a",), i,
-                                                      lambda a: a.reshape(-1, lora.rank).T)
-                entries[module + ".lora_B.weight"] = ((fan_out, lora.rank), spec.path[:-1] + ("lora_b",), i,
-                                                      lambda b: b.reshape(lora.rank, -1).T)
-        write_streaming(tmp / "adapter_model.safetensors",
-                        [(name, shape, dtype) for name, (shape, *_ ) in entries.items()],
-                        lambda name: entries[name][3](np.asarray(fetch(entries[name][1], entries[name][2]))),
-                        {"format": "pt"})
-        modules = sorted({s.hf_name.split(".")[-2] for s in _targets(cfg, lora)})
-        (tmp / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": modules,
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None},
-            indent=1))
+        entries = _adapter_tensors(cfg, lora)
+        write_streaming(
+            tmp / "adapter_model.safetensors",
+            [(name, shape, dtype) for name, (shape, *_) in entries.items()],
+            lambda name: entries[name][3](np.asarray(fetch(entries[name][1], entries[name][2]))),
+            {"format": "pt"},
+        )
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, lora, base_model), indent=1))
     return out
 
 
-HF_TO_OURS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w_gate",
-              "up_proj": "w_up", "down_proj": "w_down"}
+HF_TO_OURS = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w_gate",
+    "up_proj": "w_up",
+    "down_proj": "w_down",
+}
 
 
 def import_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
@@ -78,8 +124,12 @@ def import_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[LoraConfig, 
     unknown = [m for m in modules if m not in HF_TO_OURS]
     if unknown:
         raise ConversionError(f"{config_path}: target modules {unknown} are not LLaMA projections")
-    lora = LoraConfig(rank=conf["r"], alpha=float(conf["lora_alpha"]), dropout=float(conf.get("lora_dropout", 0)),
-                      targets=tuple(HF_TO_OURS[m] for m in modules))
+    lora = LoraConfig(
+        rank=conf["r"],
+        alpha=float(conf["lora_alpha"]),
+        dropout=float(conf.get("lora_dropout", 0)),
+        targets=tuple(HF_TO_OURS[m] for m in modules),
+    )
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not weights_path.exists():
         raise ConversionError(f"{weights_path}: missing (pickled adapter_model.bin files are refused)")
@@ -93,7 +143,7 @@ def import_peft(adapter_dir: str | Path, cfg: ModelConfig) -> tuple[LoraConfig, 
                 a, b = tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"]
             except KeyError as e:
                 raise ConversionError(f"{weights_path}: missing tensor {e.args[0]}") from None
-            in_shape, out_shape = spec.shape[: spec.num_in], spec.shape[spec.num_in:]
+            in_shape, out_shape = spec.shape[: spec.num_in], spec.shape[spec.num_in :]
             a_parts.append(a.T.reshape(in_shape + (lora.rank,)))
             b_parts.append(b.T.reshape((lora.rank,) + out_shape))
         node = tree

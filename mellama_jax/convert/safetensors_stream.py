@@ -16,8 +16,12 @@ from mellama_jax.dtypes import np_dtype
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32", "int64": "I64"}
 
 
-def write_streaming(path: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], str]],
-                    fetch: Callable[[str], np.ndarray], metadata: dict | None = None) -> int:
+def write_streaming(
+    path: str | Path,
+    tensors: Iterable[tuple[str, tuple[int, ...], str]],
+    fetch: Callable[[str], np.ndarray],
+    metadata: dict | None = None,
+) -> int:
     """Write `tensors` (name, shape, dtype name) into one file, pulling each array from `fetch(name)`."""
     tensors = list(tensors)
     header, offset = {}, 0

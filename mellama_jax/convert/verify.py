@@ -30,11 +30,13 @@ from mellama_jax.model.layers import Dense
 from mellama_jax.model.loading import load_model
 from mellama_jax.options import POSITIVE_NUMBER, option
 
-SAMPLE_PROMPTS = ("Metformin lowers hepatic glucose production",
-                  "Patient is a 67 year old man presenting with chest pain",
-                  "Question: Which enzyme do statins inhibit? Answer:")
+SAMPLE_PROMPTS = (
+    "Metformin lowers hepatic glucose production",
+    "Patient is a 67 year old man presenting with chest pain",
+    "Question: Which enzyme do statins inhibit? Answer:",
+)
 
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def tolerance_for(cfg: ModelConfig) -> float:
@@ -57,8 +59,11 @@ class VerifyRequest:
     params: str | Path = option(help="parameter checkpoint", metavar="dst", positional=True)
     model: str | Path | None = option(None, "model preset or YAML (default: found beside the checkpoint)")
     adapters: str | Path | None = option(None, "a LoRA run's adapters/ over DST (for a merged export)")
-    tolerance: float | None = option(None, "relative difference allowed per token and layer (default: fp32 "
-                                           "rounding's, from the model's width and depth)", type=POSITIVE_NUMBER)
+    tolerance: float | None = option(
+        None,
+        "relative difference allowed per token and layer (default: fp32 rounding's, from the model's width and depth)",
+        type=POSITIVE_NUMBER,
+    )
 
 
 def _merged_kernels(model) -> None:
@@ -82,8 +87,10 @@ def expected_model(params: str | Path, adapters: str | Path | None, cfg: ModelCo
     for spec in tensor_specs(cfg):
         dtypes = {hf.dtype(spec.hf_name.format(i=i)) for i in range(cfg.num_layers if spec.stacked else 1)}
         if len(dtypes) > 1:
-            raise ConversionError(f"{hf.directory}: {spec.hf_name} is stored in several dtypes "
-                                  f"({sorted(map(str, dtypes))}); an export writes one")
+            raise ConversionError(
+                f"{hf.directory}: {spec.hf_name} is stored in several dtypes "
+                f"({sorted(map(str, dtypes))}); an export writes one"
+            )
         stored = dtypes.pop()
         value = np.asarray(flat[spec.path].get_value(), np.float32).astype(stored).astype(np.float32)
         target[spec.path] = target[spec.path].replace(jnp.asarray(value))
@@ -119,6 +126,37 @@ def _stage_names(cfg: ModelConfig) -> list[str]:
     return ["embedding"] + [f"layer {i}" for i in range(cfg.num_layers)] + ["final norm and lm_head (logits)"]
 
 
+SAME_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "rope_theta",
+    "rms_norm_eps",
+)
+
+
+def _same_model_tokenizer(hf_dir: Path, hf_config: ModelConfig, cfg: ModelConfig) -> Tokenizer:
+    """The export's tokenizer, once its config.json and tokenizer are found to belong to the model of these
+    parameters (else why not)."""
+    for key in SAME_KEYS:
+        if getattr(hf_config, key) != getattr(cfg, key):
+            raise ConversionError(
+                f"{hf_dir}/config.json: {key} is {getattr(hf_config, key)}, the parameters' model "
+                f"has {getattr(cfg, key)}: not an export of these parameters"
+            )
+    tok = Tokenizer.load(hf_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConversionError(
+            f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
+            f"{cfg.vocab_size}: not this model's tokenizer"
+        )
+    return tok
+
+
 def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
     """Per stage (embedding, each layer, logits) the largest relative difference over the sample prompts, the
     first stage past the tolerance, and (for reading) max |logit difference| and mean KL(transformers || ours)."""
@@ -126,21 +164,12 @@ def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-
     hf_dir, params = Path(r.hf_dir), Path(r.params)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such Hugging Face folder")
     cfg = model_config(params, r.model)
     hf = HFCheckpoint(hf_dir)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "rope_theta", "rms_norm_eps"):
-        if getattr(hf.config, key) != getattr(cfg, key):
-            raise ConversionError(f"{hf_dir}/config.json: {key} is {getattr(hf.config, key)}, the parameters' model "
-                                  f"has {getattr(cfg, key)}: not an export of these parameters")
-    tok = Tokenizer.load(hf_dir)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConversionError(f"{hf_dir}/tokenizer.model has {tok.vocab_size} pieces, the model only "
-                              f"{cfg.vocab_size}: not this model's tokenizer")
+    tok = _same_model_tokenizer(hf_dir, hf.config, cfg)
     ours = expected_model(params, r.adapters, cfg, hf)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tolerance = r.tolerance if r.tolerance is not None else tolerance_for(cfg)
@@ -158,10 +187,17 @@ def verify(r: VerifyRequest, *, prompts=SAMPLE_PROMPTS) -> dict:
         kls.append(float(np.mean(np.sum(np.exp(p) * (p - q), -1))))
     names = _stage_names(cfg)
     bad = [name for name, d in zip(names, stages) if not d <= tolerance]
-    return {"ok": not bad, "first_divergent": bad[0] if bad else None, "tolerance": tolerance,
-            "max_relative_diff": float(stages.max()), "relative_diff_by_stage": dict(zip(names, stages.tolist())),
-            "export_dtypes": sorted(hf.dtypes), "max_abs_logit_diff": max_diff, "mean_kl": float(np.mean(kls)),
-            "prompts": len(prompts)}
+    return {
+        "ok": not bad,
+        "first_divergent": bad[0] if bad else None,
+        "tolerance": tolerance,
+        "max_relative_diff": float(stages.max()),
+        "relative_diff_by_stage": dict(zip(names, stages.tolist())),
+        "export_dtypes": sorted(hf.dtypes),
+        "max_abs_logit_diff": max_diff,
+        "mean_kl": float(np.mean(kls)),
+        "prompts": len(prompts),
+    }
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -46,16 +46,23 @@ class Report:
             self.locations.append(f"{where}: {reason}")
 
     def to_dict(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens, "skipped": dict(self.skipped),
-                "skipped_total": sum(self.skipped.values()), "skipped_examples": self.locations,
-                "filtered": dict(self.filtered), "filtered_total": sum(self.filtered.values()),
-                "fields_seen": sorted(self.fields_seen)}
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "skipped": dict(self.skipped),
+            "skipped_total": sum(self.skipped.values()),
+            "skipped_examples": self.locations,
+            "filtered": dict(self.filtered),
+            "filtered_total": sum(self.filtered.values()),
+            "fields_seen": sorted(self.fields_seen),
+        }
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-        return (f"{self.documents:,} documents, {self.tokens:,} tokens, {skipped:,} skipped"
-                + (f" ({why})" if skipped else ""))
+        return f"{self.documents:,} documents, {self.tokens:,} tokens, {skipped:,} skipped" + (
+            f" ({why})" if skipped else ""
+        )
 
 
 def read_jsonl(path: str | Path, report: Report) -> Iterator[tuple[str, dict]]:

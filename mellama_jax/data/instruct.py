@@ -47,12 +47,21 @@ class Template:
 
 
 TEMPLATES = {
-    "llama2_chat": Template("llama2_chat", system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
-                            user_format="[INST] {user} [/INST]", bos_each_turn=True),
-    "alpaca": Template("alpaca", preamble=("Below is an instruction that describes a task. Write a response that "
-                                           "appropriately completes the request.\n\n"),
-                       user_format="### Instruction:\n{user}\n\n### Response:\n",
-                       input_format="\n\n### Input:\n{input}"),
+    "llama2_chat": Template(
+        "llama2_chat",
+        system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+        user_format="[INST] {user} [/INST]",
+        bos_each_turn=True,
+    ),
+    "alpaca": Template(
+        "alpaca",
+        preamble=(
+            "Below is an instruction that describes a task. Write a response that "
+            "appropriately completes the request.\n\n"
+        ),
+        user_format="### Instruction:\n{user}\n\n### Response:\n",
+        input_format="\n\n### Input:\n{input}",
+    ),
     # The Me-LLaMA authors' chat wrapper, `mellama_prompt` in src/model_prompt.py:5-6 (BIDS-Xu-Lab/Me-LLaMA @
     # 08c893f2), applied to the prompt text as it stands (their task prompts begin and end with newlines):
     # docs/evaluation.md says which models were tuned and are evaluated in it.
@@ -80,12 +89,45 @@ def load_template(name_or_path: str) -> Template:
 _USER, _ASSISTANT, _SYSTEM = {"human", "user"}, {"gpt", "assistant", "bot", "model", "agent"}, {"system"}
 
 
+def _format_of(obj: dict) -> str:
+    """The record's format, told from its keys."""
+    if "conversations" in obj or "messages" in obj:
+        return "sharegpt"
+    if "instruction" in obj:
+        return "dolly" if "response" in obj else "alpaca"
+    return "prompt_response" if "prompt" in obj else "unknown"
+
+
+def _sharegpt(obj: dict) -> Conversation:
+    """A ShareGPT record (the authors' human/agent records too): an optional system message first, then user and
+    assistant messages alternating."""
+    messages = obj.get("conversations", obj.get("messages"))
+    if not isinstance(messages, list):
+        raise ValueError("missing field: 'conversations' is not a list")
+    system, turns, pending = "", [], None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"invalid message {i}: not an object")
+        role = str(m.get("from", m.get("role", ""))).lower()
+        value = m.get("value", m.get("content"))
+        if not isinstance(value, str):
+            raise ValueError(f"missing field: message {i} has no text")
+        if role in _SYSTEM and i == 0:
+            system = value
+        elif role in _USER and pending is None:
+            pending = value
+        elif role in _ASSISTANT and pending is not None:
+            turns.append((pending, value))
+            pending = None
+        else:
+            raise ValueError(f"invalid conversation: unexpected {role or 'unknown'!r} message at {i}")
+    return Conversation(tuple(turns), system=system)
+
+
 def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
     """One record as a Conversation; raises ValueError naming the problem."""
     if fmt == "auto":
-        fmt = ("sharegpt" if ("conversations" in obj or "messages" in obj) else
-               "dolly" if "instruction" in obj and "response" in obj else
-               "alpaca" if "instruction" in obj else "prompt_response" if "prompt" in obj else "unknown")
+        fmt = _format_of(obj)
 
     def text(key):
         value = obj.get(key)
@@ -103,29 +145,10 @@ def parse_record(obj: dict, fmt: str = "auto") -> Conversation:
     if fmt == "prompt_response":
         return _checked(Conversation(((text("prompt"), text("response")),)))
     if fmt == "sharegpt":
-        messages = obj.get("conversations", obj.get("messages"))
-        if not isinstance(messages, list):
-            raise ValueError("missing field: 'conversations' is not a list")
-        system, turns, pending = "", [], None
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"invalid message {i}: not an object")
-            role = str(m.get("from", m.get("role", ""))).lower()
-            value = m.get("value", m.get("content"))
-            if not isinstance(value, str):
-                raise ValueError(f"missing field: message {i} has no text")
-            if role in _SYSTEM and i == 0:
-                system = value
-            elif role in _USER and pending is None:
-                pending = value
-            elif role in _ASSISTANT and pending is not None:
-                turns.append((pending, value))
-                pending = None
-            else:
-                raise ValueError(f"invalid conversation: unexpected {role or 'unknown'!r} message at {i}")
-        return _checked(Conversation(tuple(turns), system=system))
-    raise ValueError("unknown format: expected instruction/output, instruction/response, conversations/messages "
-                     "or prompt/response")
+        return _checked(_sharegpt(obj))
+    raise ValueError(
+        "unknown format: expected instruction/output, instruction/response, conversations/messages or prompt/response"
+    )
 
 
 def _checked(conv: Conversation) -> Conversation:
@@ -141,8 +164,14 @@ def read_conversations(path: str | Path, report: Report, fmt: str = "auto") -> I
     for where, obj in records(path, report):
         # Self-Instruct's layout: one instruction with several (input, output) instances.
         instances = obj.get("instances") if fmt in ("auto", "alpaca") and "instruction" in obj else None
-        parts = ([dict(instance, instruction=obj["instruction"]) if isinstance(instance, dict) else instance
-                  for instance in instances] if isinstance(instances, list) else [obj])
+        parts = (
+            [
+                dict(instance, instruction=obj["instruction"]) if isinstance(instance, dict) else instance
+                for instance in instances
+            ]
+            if isinstance(instances, list)
+            else [obj]
+        )
         for k, record in enumerate(parts):
             here = where if len(parts) == 1 else f"{where} instance {k}"
             try:
@@ -156,8 +185,9 @@ def read_conversations(path: str | Path, report: Report, fmt: str = "auto") -> I
 # ----------------------------------------------------------------------------------------- rendering
 
 
-def render(conv: Conversation, template: Template, tokenizer: Tokenizer,
-           train_on_eos: bool = True) -> tuple[list[int], list[int]]:
+def render(
+    conv: Conversation, template: Template, tokenizer: Tokenizer, train_on_eos: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids and loss weights (1 exactly on response tokens, and EOS if train_on_eos)."""
     ids: list[int] = []
     weights: list[int] = []
@@ -186,8 +216,16 @@ def render(conv: Conversation, template: Template, tokenizer: Tokenizer,
 # ----------------------------------------------------------------------------------------- prepare
 
 
-def _examples(inputs, tokenizer: Tokenizer, tpl: Template, seq_len: int, fmt: str, truncation: str,
-              report: Report, train_on_eos: bool) -> tuple[list, int]:
+def _examples(
+    inputs,
+    tokenizer: Tokenizer,
+    tpl: Template,
+    seq_len: int,
+    fmt: str,
+    truncation: str,
+    report: Report,
+    train_on_eos: bool,
+) -> tuple[list, int]:
     """(token ids, loss weights) of every usable example, and how many were truncated."""
     truncated, examples = 0, []
     for path in inputs:
@@ -212,14 +250,19 @@ def _examples(inputs, tokenizer: Tokenizer, tpl: Template, seq_len: int, fmt: st
 class InstructDataRequest:
     """One `prepare instruct`: what `mellama-jax prepare instruct` parses, and what `prepare_instruct` takes."""
 
-    inputs: tuple[str | Path, ...] = option(help=".json, .jsonl(.gz/.zst), .parquet, .arrow, or a datasets folder "
-                                                 "(save_to_disk output or a folder of those files)",
-                                            positional=True, nargs="+")
+    inputs: tuple[str | Path, ...] = option(
+        help=".json, .jsonl(.gz/.zst), .parquet, .arrow, or a datasets folder "
+        "(save_to_disk output or a folder of those files)",
+        positional=True,
+        nargs="+",
+    )
     tokenizer: str | Path = option()
     out: str | Path = option()
     seq_len: int = option(4096, type=POSITIVE)
-    template: str = option("llama2_chat", "llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: "
-                                          "wrapper), or a template YAML file")
+    template: str = option(
+        "llama2_chat",
+        "llama2_chat, alpaca, mellama (the Me-LLaMA authors' Human:/Assistant: wrapper), or a template YAML file",
+    )
     format: str = option("auto", choices=["auto", "alpaca", "dolly", "sharegpt", "prompt_response"])
     # "truncate" keeps the first seq_len tokens; "drop" skips longer examples. An example whose response would
     # be cut away entirely is skipped either way.
@@ -244,10 +287,14 @@ def prepare_instruct(r: InstructDataRequest) -> dict:
     report = Report(strict=r.strict)
     seq_len = r.seq_len
     with atomic_output(r.out, "prepare-instruct", r.overwrite, r.inputs) as out:
-        examples, truncated = _examples(r.inputs, tokenizer, tpl, seq_len, r.format, r.truncation, report,
-                                        r.train_on_eos)
-        rows = _pack(examples, seq_len) if r.pack else [
-            np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
+        examples, truncated = _examples(
+            r.inputs, tokenizer, tpl, seq_len, r.format, r.truncation, report, r.train_on_eos
+        )
+        rows = (
+            _pack(examples, seq_len)
+            if r.pack
+            else [np.stack([np.asarray(i), np.asarray(w), np.ones(len(i))]).astype(np.int32) for i, w in examples]
+        )
         writer = ArrayRecordWriter(str(out / "examples.arrayrecord"), "group_size:1")
         for row in rows:
             writer.write(row.tobytes())
@@ -255,10 +302,17 @@ def prepare_instruct(r: InstructDataRequest) -> dict:
         tokenizer.save(out)
         report.documents = len(examples)
         report.tokens = sum(len(i) for i, _ in examples)
-        manifest = {"format": "mellama-instruct-v1", "seq_len": seq_len, "template": tpl.name, "packed": r.pack,
-                    "rows": len(rows), "response_tokens": int(sum(sum(w) for _, w in examples)),
-                    "truncated": truncated, "report": report.to_dict(),
-                    "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest()}
+        manifest = {
+            "format": "mellama-instruct-v1",
+            "seq_len": seq_len,
+            "template": tpl.name,
+            "packed": r.pack,
+            "rows": len(rows),
+            "response_tokens": int(sum(sum(w) for _, w in examples)),
+            "truncated": truncated,
+            "report": report.to_dict(),
+            "tokenizer_sha256": hashlib.sha256(tokenizer.model_proto).hexdigest(),
+        }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -36,13 +36,26 @@ def instruct_example(row: np.ndarray, seq_len: int) -> dict:
     next_seg = np.roll(seg, -1)
     weights = ((np.roll(w, -1) > 0) & (seg > 0) & (seg == next_seg)).astype(np.float32)
     weights[-1] = 0.0
-    return {"inputs": ids, "targets": np.roll(ids, -1), "positions": positions, "segment_ids": seg,
-            "loss_weights": weights}
+    return {
+        "inputs": ids,
+        "targets": np.roll(ids, -1),
+        "positions": positions,
+        "segment_ids": seg,
+        "loss_weights": weights,
+    }
 
 
-def instruct_batches(directory: str | Path, seq_len: int, global_batch: int, epochs: int, seed: int = 0,
-                     process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                     pad: bool = False) -> grain.MapDataset:
+def instruct_batches(
+    directory: str | Path,
+    seq_len: int,
+    global_batch: int,
+    epochs: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle: bool = True,
+    pad: bool = False,
+) -> grain.MapDataset:
     """Epochs of examples, reshuffled each epoch, as this process's part of each global batch.
 
     pad: complete the last global batch with padding rows (for evaluation) instead of dropping it.

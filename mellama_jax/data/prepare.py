@@ -112,8 +112,9 @@ def write_unit(unit: Unit, tokenizer: Tokenizer, out: Path, strict: bool, thread
     tmp.replace(folder / f"{unit.name}.arrayrecord")
     tmp_lengths.replace(folder / f"{unit.name}.lengths.npy")
     result = report.to_dict()
-    write_text_atomic(folder / f"{unit.name}.done.json",
-                      json.dumps({"fingerprint": unit.fingerprint, "report": result}, indent=1))
+    write_text_atomic(
+        folder / f"{unit.name}.done.json", json.dumps({"fingerprint": unit.fingerprint, "report": result}, indent=1)
+    )
     return result
 
 
@@ -137,8 +138,9 @@ def run_units(units: list[Unit], tokenizer: Tokenizer, out: Path, strict: bool, 
             yield unit, write_unit(unit, tokenizer, out, strict, threads)
         return
     # spawn, not fork: the parent may hold JAX's or tqdm's threads, which a fork would copy mid-flight.
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_init_worker,
-                               initargs=(tokenizer.model_proto,))
+    pool = ProcessPoolExecutor(
+        workers, multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer.model_proto,)
+    )
     try:
         futures = {pool.submit(_work, u, str(out), strict, threads): u for u in units}
         for future in as_completed(futures):
@@ -157,12 +159,15 @@ def _plan(specs, units: list[Unit], tokenizer: Tokenizer, sha: str) -> dict:
         entry["inputs"].append(f"{spec.kind}:{spec.pattern}")
         entry["specs"].append(spec.raw)
         entry["text_fields"] = list(dict.fromkeys(entry["text_fields"] + list(spec.selection.text)))
-        entry["filter_fields"] = list(dict.fromkeys(entry["filter_fields"]
-                                                    + [f.field for f in spec.selection.filters]))
-    return {"format": "mellama-pretrain-plan-v1", "token_dtype": token_dtype(tokenizer.vocab_size).str,
-            "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": sha, "sources": sources,
-            "units": [{"source": u.source, "name": u.name, "size": u.size, "fingerprint": u.fingerprint}
-                      for u in units]}
+        entry["filter_fields"] = list(dict.fromkeys(entry["filter_fields"] + [f.field for f in spec.selection.filters]))
+    return {
+        "format": "mellama-pretrain-plan-v1",
+        "token_dtype": token_dtype(tokenizer.vocab_size).str,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": sha,
+        "sources": sources,
+        "units": [{"source": u.source, "name": u.name, "size": u.size, "fingerprint": u.fingerprint} for u in units],
+    }
 
 
 def _read_plan(out: Path) -> dict | None:
@@ -188,8 +193,10 @@ def open_destination(out: Path, plan: dict, overwrite: bool, inputs) -> list[Pat
     old = _read_plan(out)
     if old and _inputs(old) != _inputs(plan):
         if not overwrite:
-            raise OutputError(f"{out}: holds data prepared from other sources ({', '.join(old['sources'])}: "
-                              f"{_inputs(old)}); choose a new folder or --overwrite to replace it")
+            raise OutputError(
+                f"{out}: holds data prepared from other sources ({', '.join(old['sources'])}: "
+                f"{_inputs(old)}); choose a new folder or --overwrite to replace it"
+            )
         for name in set(old["sources"]) - set(plan["sources"]):
             shutil.rmtree(out / name, ignore_errors=True)
     planned = {(u["source"], u["name"]) for u in plan["units"]}
@@ -251,22 +258,31 @@ class PretrainDataRequest:
     # per name, its --source values (`KIND:PATH?OPTIONS` specs, or files; sources.py)
     sources: dict[str, list] = option(
         help="NAME=KIND:PATH[?OPTIONS] or NAME=FILE[,FILE...], repeatable, e.g. "
-             "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts",
-        flag="--source", metavar="SOURCE", append=True, collect=_sources)
+        "biomedical=pile:/data/pile/*.jsonl.zst?subset=PubMed+Central,PubMed+Abstracts",
+        flag="--source",
+        metavar="SOURCE",
+        append=True,
+        collect=_sources,
+    )
     tokenizer: str | Path = option(help="tokenizer.model or a directory holding it")
     out: str | Path = option()
     # per source, the text fields of specs that give none
     fields: dict[str, tuple[str, ...]] | None = option(
-        None, "NAME=FIELD[,FIELD...] text fields of a source (joined by newlines; default: text; or ?text= in its "
-              "spec)", append=True, collect=_fields)
+        None,
+        "NAME=FIELD[,FIELD...] text fields of a source (joined by newlines; default: text; or ?text= in its spec)",
+        append=True,
+        collect=_fields,
+    )
     strict: bool = option(False, "fail on the first bad record instead of skipping it")
     threads: int | None = option(None, "encoding threads per process (default: cores / processes)", type=POSITIVE)
-    workers: int | None = option(None, "processes, one unit (file) each at a time (default: all cores; 1 under 16 "
-                                       "MB of input)", type=POSITIVE)
+    workers: int | None = option(
+        None, "processes, one unit (file) each at a time (default: all cores; 1 under 16 MB of input)", type=POSITIVE
+    )
     num_shards: int = option(1, "hosts sharing the work (by input file)", type=POSITIVE)
     shard_index: int = option(0, "this host's share, 0..num-shards-1", type=NON_NEGATIVE)
-    overwrite: bool = option(False, "replace an earlier prepare of other sources in --out (its stale source "
-                                    "folders are removed)")
+    overwrite: bool = option(
+        False, "replace an earlier prepare of other sources in --out (its stale source folders are removed)"
+    )
 
 
 def encode_threads(workers: int, threads: int | None = None) -> int:
@@ -280,11 +296,12 @@ def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict |
     if r.num_shards < 1:
         raise ValueError(f"--num-shards {r.num_shards}: must be at least 1")
     if not 0 <= r.shard_index < r.num_shards:
-        raise ValueError(f"--shard-index {r.shard_index} is not in 0..{r.num_shards - 1} "
-                         f"(--num-shards {r.num_shards})")
+        raise ValueError(f"--shard-index {r.shard_index} is not in 0..{r.num_shards - 1} (--num-shards {r.num_shards})")
     if storage.is_remote(r.out):  # it resumes unit by unit in its folder, which a bucket cannot hold in place
-        raise OutputError(f"{r.out}: prepare writes a local folder; copy it to the bucket when it is done "
-                          "(gcloud storage cp -r), and train with data.path on the bucket")
+        raise OutputError(
+            f"{r.out}: prepare writes a local folder; copy it to the bucket when it is done "
+            "(gcloud storage cp -r), and train with data.path on the bucket"
+        )
     out = Path(r.out)
     specs = parse_sources(r.sources, r.fields)
     tokenizer = Tokenizer.load(r.tokenizer)
@@ -297,15 +314,22 @@ def prepare_pretrain(r: PretrainDataRequest, *, progress: bool = True) -> dict |
         write_text_atomic(out / MARKER, json.dumps({"kind": KIND}))
         write_text_atomic(out / "plan.json", json.dumps(plan, indent=1))
         tokenizer.save(out)
-        todo = sorted((units[i] for i in assign(units, r.num_shards)[r.shard_index]
-                       if not _reusable(_is_done(out, plan["units"][i]), r.strict)), key=lambda u: -u.size)
+        todo = sorted(
+            (
+                units[i]
+                for i in assign(units, r.num_shards)[r.shard_index]
+                if not _reusable(_is_done(out, plan["units"][i]), r.strict)
+            ),
+            key=lambda u: -u.size,
+        )
         if todo:  # shards are about to change: the manifest is rewritten once every unit is done again
             (out / "manifest.json").unlink(missing_ok=True)
         cores = os.cpu_count() or 1
         workers = r.workers or (cores if sum(u.size for u in todo) >= SMALL else 1)
         workers = max(1, min(workers, len(todo)))
-        with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc="tokenising",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(u.size for u in todo), unit="B", unit_scale=True, desc="tokenising", disable=not progress
+        ) as bar:
             for unit, report in run_units(todo, tokenizer, out, r.strict, workers, encode_threads(workers, r.threads)):
                 kept += report["documents"]
                 bar.update(unit.size)
@@ -341,10 +365,17 @@ def merge(out_dir: str | Path) -> dict:
     reports = [(u, _is_done(out, u)) for u in plan["units"]]
     missing = [f"{u['source']}/{u['name']}" for u, r in reports if r is None]
     if missing:
-        raise Pending(f"{out}: {len(missing)} of {len(reports)} units are not prepared yet (e.g. {missing[0]}); "
-                      f"run the remaining --shard-index values, then `mellama-jax prepare merge --out {out}`")
-    manifest = {"format": "mellama-pretrain-v1", "token_dtype": plan["token_dtype"],
-                "vocab_size": plan["vocab_size"], "tokenizer_sha256": plan["tokenizer_sha256"], "sources": {}}
+        raise Pending(
+            f"{out}: {len(missing)} of {len(reports)} units are not prepared yet (e.g. {missing[0]}); "
+            f"run the remaining --shard-index values, then `mellama-jax prepare merge --out {out}`"
+        )
+    manifest = {
+        "format": "mellama-pretrain-v1",
+        "token_dtype": plan["token_dtype"],
+        "vocab_size": plan["vocab_size"],
+        "tokenizer_sha256": plan["tokenizer_sha256"],
+        "sources": {},
+    }
     for name, entry in plan["sources"].items():
         manifest["sources"][name] = _source_entry(entry, [(u["name"], r) for u, r in reports if u["source"] == name])
     problems = [p for name, entry in manifest["sources"].items() for p in _problems(name, entry)]
@@ -363,12 +394,20 @@ def _source_entry(plan_entry: dict, reports: list[tuple[str, dict]]) -> dict:
         total.filtered.update(r.get("filtered", {}))
         total.fields_seen.update(r.get("fields_seen", []))
         total.locations.extend(r["skipped_examples"][: max(0, 20 - len(total.locations))])
-    return {"shards": [name for name, _ in reports], "documents": total.documents, "tokens": total.tokens,
-            "skipped": sum(total.skipped.values()), "skipped_by_reason": dict(total.skipped),
-            "skipped_examples": total.locations, "filtered": dict(total.filtered),
-            "filtered_total": sum(total.filtered.values()), "specs": plan_entry["specs"],
-            "text_fields": plan_entry["text_fields"], "filter_fields": plan_entry["filter_fields"],
-            "fields_seen": sorted(total.fields_seen)}
+    return {
+        "shards": [name for name, _ in reports],
+        "documents": total.documents,
+        "tokens": total.tokens,
+        "skipped": sum(total.skipped.values()),
+        "skipped_by_reason": dict(total.skipped),
+        "skipped_examples": total.locations,
+        "filtered": dict(total.filtered),
+        "filtered_total": sum(total.filtered.values()),
+        "specs": plan_entry["specs"],
+        "text_fields": plan_entry["text_fields"],
+        "filter_fields": plan_entry["filter_fields"],
+        "fields_seen": sorted(total.fields_seen),
+    }
 
 
 def _problems(name: str, entry: dict) -> list[str]:
@@ -379,8 +418,10 @@ def _problems(name: str, entry: dict) -> list[str]:
     if not never and not entry["documents"] and "missing field" in entry["skipped_by_reason"]:
         never = [f for f in entry["text_fields"] if f not in seen]
     if never:
-        return [f"source {name}: field {never[0]!r} occurs in no row of its {len(entry['shards'])} input(s) "
-                f"(--source {name}={' '.join(entry['specs'])})"]
+        return [
+            f"source {name}: field {never[0]!r} occurs in no row of its {len(entry['shards'])} input(s) "
+            f"(--source {name}={' '.join(entry['specs'])})"
+        ]
     if not entry["documents"]:
         return [f"source {name}: no documents ({_why(entry)})"]
     return []
@@ -395,9 +436,11 @@ def _why(entry: dict) -> str:
 def summarize(manifest: dict, examples: int = 3) -> str:
     lines = []
     for name, entry in manifest["sources"].items():
-        lines.append(f"{name}: {len(entry['shards'])} shard(s), {entry['documents']:,} documents, "
-                     f"{entry['tokens']:,} tokens, {entry['skipped']:,} skipped"
-                     + (f", {entry.get('filtered_total', 0):,} dropped by filters" if entry.get("filtered") else ""))
+        lines.append(
+            f"{name}: {len(entry['shards'])} shard(s), {entry['documents']:,} documents, "
+            f"{entry['tokens']:,} tokens, {entry['skipped']:,} skipped"
+            + (f", {entry.get('filtered_total', 0):,} dropped by filters" if entry.get("filtered") else "")
+        )
         if entry.get("skipped") or entry.get("filtered"):
             lines.append(f"  {_why(entry)}")
         lines += [f"  skipped {where}" for where in entry.get("skipped_examples", [])[:examples]]

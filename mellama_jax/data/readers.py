@@ -218,8 +218,14 @@ def file_rows(unit: Unit, report: Report) -> Iterator[tuple[str, dict]]:
                 yield where, {"text": text.strip()}
 
 
-ROWS = {"jsonl": jsonl_rows, "csv": csv_rows, "parquet": lambda u, r: parquet_rows(u.path, u.selection),
-        "arrow": lambda u, r: arrow_rows(u.path, u.selection), "txt": txt_rows, "files": file_rows}
+ROWS = {
+    "jsonl": jsonl_rows,
+    "csv": csv_rows,
+    "parquet": lambda u, r: parquet_rows(u.path, u.selection),
+    "arrow": lambda u, r: arrow_rows(u.path, u.selection),
+    "txt": txt_rows,
+    "files": file_rows,
+}
 
 
 def documents(unit: Unit, report: Report) -> Iterator[tuple[str, str]]:
@@ -231,7 +237,6 @@ def documents(unit: Unit, report: Report) -> Iterator[tuple[str, str]]:
             text = text_of(row, unit.selection.text, where, report)
             if text is not None:
                 yield where, text
-
 
 
 def records(path: str | Path, report: Report) -> Iterator[tuple[str, dict]]:
@@ -247,5 +252,6 @@ def records(path: str | Path, report: Report) -> Iterator[tuple[str, dict]]:
         elif fmt in ("parquet", "arrow"):
             yield from (parquet_rows if fmt == "parquet" else arrow_rows)(str(file), None)
         else:
-            raise BadRecord(f"{file}: unsupported input format (use .json, .jsonl, .parquet, .arrow or a "
-                            "`datasets` folder)")
+            raise BadRecord(
+                f"{file}: unsupported input format (use .json, .jsonl, .parquet, .arrow or a `datasets` folder)"
+            )

@@ -43,10 +43,15 @@ FILES_PER_UNIT = 10_000
 _FIELD_KINDS = ("jsonl", "pile", "csv", "parquet", "hf")
 OPTIONS = {"text": _FIELD_KINDS, "where": _FIELD_KINDS, "subset": ("pile",), "split": ("hf",)}
 KINDS = ("jsonl", "pile", "csv", "parquet", "txt", "cxr", "hf")
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow",
-           ".txt": "txt"}
-KIND_FORMATS = {"jsonl": {"jsonl"}, "pile": {"jsonl"}, "csv": {"csv"}, "parquet": {"parquet"}, "txt": {"txt"},
-                "hf": {"jsonl", "parquet", "arrow"}}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "txt"}
+KIND_FORMATS = {
+    "jsonl": {"jsonl"},
+    "pile": {"jsonl"},
+    "csv": {"csv"},
+    "parquet": {"parquet"},
+    "txt": {"txt"},
+    "hf": {"jsonl", "parquet", "arrow"},
+}
 
 
 class SourceError(ValueError):
@@ -146,8 +151,9 @@ def _legacy(source: str, path: str, fields) -> Spec:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such input file")
     if Path(path).is_dir() or fmt not in ("jsonl", "csv", "parquet", "txt"):
-        raise SourceError(f"--source {source}={path}: give its kind, e.g. {source}=jsonl:{path} "
-                          f"(kinds: {', '.join(KINDS)})")
+        raise SourceError(
+            f"--source {source}={path}: give its kind, e.g. {source}=jsonl:{path} (kinds: {', '.join(KINDS)})"
+        )
     return Spec(source, fmt, path, Selection(tuple(fields or ("text",))), raw=path)
 
 
@@ -156,13 +162,18 @@ def parse_sources(sources: dict[str, list], fields: dict[str, tuple[str, ...]] |
     fields = fields or {}
     unknown = sorted(set(fields) - set(sources))
     if unknown:
-        raise SourceError(f"--fields {unknown[0]}=...: no --source named {unknown[0]!r} "
-                          f"(sources: {', '.join(sources)})")
+        raise SourceError(
+            f"--fields {unknown[0]}=...: no --source named {unknown[0]!r} (sources: {', '.join(sources)})"
+        )
     bad = [name for name in sources if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".")]
     if bad:
         raise SourceError(f"--source {bad[0]}=...: a source name is letters, digits, '_', '-' and '.'")
-    return [spec for name, values in sources.items() for value in values
-            for spec in parse_spec(name, str(value), fields.get(name))]
+    return [
+        spec
+        for name, values in sources.items()
+        for value in values
+        for spec in parse_spec(name, str(value), fields.get(name))
+    ]
 
 
 # --------------------------------------------------------------------------- expanding into units
@@ -181,8 +192,11 @@ def _matches(spec: Spec) -> list[Path]:
 
 
 def _files_in(folder: Path, formats: set[str]) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and FORMATS.get(data_suffix(p)) in formats)
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and FORMATS.get(data_suffix(p)) in formats
+    )
 
 
 def hf_files(folder: Path, splits: tuple[str, ...]) -> list[Path]:
@@ -207,8 +221,7 @@ def _inputs(spec: Spec) -> list[Path]:
         if spec.kind == "cxr":
             files.append(path)
         elif path.is_dir():
-            files.extend(hf_files(path, spec.splits) if spec.kind == "hf"
-                         else _files_in(path, KIND_FORMATS[spec.kind]))
+            files.extend(hf_files(path, spec.splits) if spec.kind == "hf" else _files_in(path, KIND_FORMATS[spec.kind]))
         elif FORMATS.get(data_suffix(path)) in KIND_FORMATS[spec.kind]:
             files.append(path)
         else:
@@ -221,11 +234,17 @@ def _inputs(spec: Spec) -> list[Path]:
 def _text_files(path: Path) -> list[tuple[str, int, int]]:
     """(member, size, mtime or CRC) of the .txt files of a folder tree or a zip, sorted."""
     if path.is_dir():
-        return sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                      for p in path.rglob("*.txt") if p.is_file())
+        return sorted(
+            (p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in path.rglob("*.txt")
+            if p.is_file()
+        )
     with open_zip(path) as archive:
-        return sorted((i.filename, i.file_size, i.CRC) for i in archive.infolist()
-                      if not i.is_dir() and i.filename.endswith(".txt"))
+        return sorted(
+            (i.filename, i.file_size, i.CRC)
+            for i in archive.infolist()
+            if not i.is_dir() and i.filename.endswith(".txt")
+        )
 
 
 def _stem(path: Path) -> str:
@@ -239,9 +258,15 @@ def _stem(path: Path) -> str:
 def _fingerprint(spec: Spec, fmt: str, path: Path, members=()) -> dict:
     stat = path.stat()
     digest = hashlib.sha256("\n".join("\t".join(map(str, m)) for m in members).encode()).hexdigest()
-    return {"input": str(path.resolve()), "format": fmt, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "members_sha256": digest if members else None, "text": list(spec.selection.text),
-            "filters": [f.describe() for f in spec.selection.filters]}
+    return {
+        "input": str(path.resolve()),
+        "format": fmt,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "members_sha256": digest if members else None,
+        "text": list(spec.selection.text),
+        "filters": [f.describe() for f in spec.selection.filters],
+    }
 
 
 def units_of(specs: list[Spec]) -> list[Unit]:
@@ -254,16 +279,25 @@ def units_of(specs: list[Spec]) -> list[Unit]:
                 members = _text_files(path)
                 if not members:
                     raise FileNotFoundError(f"{path}: no .txt files in it (--source {spec.source}={spec.raw})")
-                chunks = [members[i: i + FILES_PER_UNIT] for i in range(0, len(members), FILES_PER_UNIT)]
+                chunks = [members[i : i + FILES_PER_UNIT] for i in range(0, len(members), FILES_PER_UNIT)]
             for c, chunk in enumerate(chunks):
                 index = counters.get(spec.source, 0)
                 counters[spec.source] = index + 1
                 name = f"{index:05d}-{_stem(path)}" + (f"-{c:04d}" if len(chunks) > 1 else "")
                 fmt = "files" if chunk is not None else FORMATS[data_suffix(path)]
                 size = sum(m[1] for m in chunk) if chunk is not None else path.stat().st_size
-                units.append(Unit(spec.source, name, fmt, str(path), spec.selection,
-                                  tuple(m[0] for m in chunk or ()), size,
-                                  _fingerprint(spec, fmt, path, chunk or ())))
+                units.append(
+                    Unit(
+                        spec.source,
+                        name,
+                        fmt,
+                        str(path),
+                        spec.selection,
+                        tuple(m[0] for m in chunk or ()),
+                        size,
+                        _fingerprint(spec, fmt, path, chunk or ()),
+                    )
+                )
     return units
 
 

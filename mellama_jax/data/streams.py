@@ -63,7 +63,7 @@ class _ZstdRaw(io.RawIOBase):
                 return 0
             self.out, self.pos = self._feed(data), 0
         n = min(len(buffer), len(self.out) - self.pos)
-        buffer[:n] = self.out[self.pos: self.pos + n]
+        buffer[:n] = self.out[self.pos : self.pos + n]
         self.pos += n
         return n
 
@@ -118,8 +118,11 @@ def numbered_lines(stream, name: str, report) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 report.skip(f"{name}:{number}", f"invalid UTF-8: {e.reason} at byte {e.start}")
     except STREAM_ERRORS as e:
-        report.skip(f"{name}:{number + 1}", f"truncated stream: the input ends or breaks after line {number} "
-                                            f"(byte {offset} of its text); the rest of this file is lost ({e})")
+        report.skip(
+            f"{name}:{number + 1}",
+            f"truncated stream: the input ends or breaks after line {number} "
+            f"(byte {offset} of its text); the rest of this file is lost ({e})",
+        )
 
 
 def read_member(archive: zipfile.ZipFile, member: str, name: str, report) -> str | None:

@@ -34,9 +34,19 @@ class Tokenizer:
         """A small BPE model with LLaMA's special ids (unk=0, bos=1, eos=2, no pad), trained in memory."""
         out = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, hard_vocab_limit=False,
-            minloglevel=2, **options)
+            sentence_iterator=iter(list(texts)),
+            model_writer=out,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            byte_fallback=True,
+            hard_vocab_limit=False,
+            minloglevel=2,
+            **options,
+        )
         return cls(out.getvalue(), "<trained>")
 
     def save(self, directory: str | Path) -> Path:

@@ -53,8 +53,11 @@ def read_html(text: str) -> list[tuple[str, str]]:
 
 def spans(text: str) -> list[tuple[str, str]]:
     """(text, type) of each top-level concept span: what predictions.jsonl shows as the prediction."""
-    return [(node.get_text(), node.get("class")[0]) for node in _soup(text).children
-            if hasattr(node, "get") and (node.get("class") or [None])[0] in ENTITY_TYPES]
+    return [
+        (node.get_text(), node.get("class")[0])
+        for node in _soup(text).children
+        if hasattr(node, "get") and (node.get("class") or [None])[0] in ENTITY_TYPES
+    ]
 
 
 def _continuing(tag: str) -> str:
@@ -76,10 +79,10 @@ def align(pred: list[tuple[str, str]], gold: list[tuple[str, str]]) -> tuple[lis
         if p == g:
             i, j = i + 1, j + 1
         elif g.startswith(p):
-            gold[j] = (g[len(p):], _continuing(g_tag))
+            gold[j] = (g[len(p) :], _continuing(g_tag))
             i += 1
         elif p.startswith(g):
-            pred[i] = (p[len(g):], _continuing(p_tag))
+            pred[i] = (p[len(g) :], _continuing(p_tag))
             j += 1
         else:
             i, j = i + 1, j + 1
@@ -112,6 +115,9 @@ def ner_metrics(outputs: list[str], golds: list[str]) -> dict:
         raise ValueError("no examples to score")
     pairs = [align(read_html(o), read_html(g)) for o, g in zip(outputs, golds)]
     pred, gold = [p for p, _ in pairs], [g for _, g in pairs]
-    return {"entity_f1": float(f1_score(gold, pred, zero_division=0)),
-            "entity_precision": float(precision_score(gold, pred, zero_division=0)),
-            "entity_recall": float(recall_score(gold, pred, zero_division=0)), "examples": len(golds)}
+    return {
+        "entity_f1": float(f1_score(gold, pred, zero_division=0)),
+        "entity_precision": float(precision_score(gold, pred, zero_division=0)),
+        "entity_recall": float(recall_score(gold, pred, zero_division=0)),
+        "examples": len(golds),
+    }

@@ -55,7 +55,7 @@ def window_hashes(ws: list[str], n: int) -> np.ndarray:
     h = np.zeros(len(ws) - n + 1, np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            h = h * PRIME + ids[k:len(ws) - n + 1 + k]
+            h = h * PRIME + ids[k : len(ws) - n + 1 + k]
     return h
 
 
@@ -74,7 +74,7 @@ def test_side(examples: dict[str, list[str]], n: int) -> TestSide:
         for i, text in enumerate(texts):
             ws = words(text)
             for j, h in enumerate(window_hashes(ws, n).tolist()):
-                owners.setdefault(h, []).append((task, i, tuple(ws[j:j + n])))
+                owners.setdefault(h, []).append((task, i, tuple(ws[j : j + n])))
     return TestSide(n, np.array(sorted(owners), np.uint64), owners)
 
 
@@ -112,7 +112,7 @@ def scan_records(path: str, source: str, shard: str, dtype: str, start: int, sto
         found = np.flatnonzero(side.hashes[at] == h) if len(side.hashes) else np.zeros(0, int)
         seen = set()
         for j in found.tolist():
-            window = tuple(ws[j:j + side.n])
+            window = tuple(ws[j : j + side.n])
             for task, i, owner_window in side.owners[int(h[j])]:
                 if owner_window == window and (task, i) not in seen:
                     seen.add((task, i))
@@ -126,9 +126,17 @@ def _files(data: Path, manifest: dict) -> list[tuple[str, str, str, str, int]]:
     dataset's shards, or an instruction dataset's one file (source "instruct")."""
     if manifest.get("format") == "mellama-instruct-v1":
         return [(str(data / "examples.arrayrecord"), "instruct", "examples", "instruct", manifest["rows"])]
-    return [(str(data / source / f"{shard}.arrayrecord"), source, shard, manifest["token_dtype"],
-             len(np.load(data / source / f"{shard}.lengths.npy")))
-            for source, entry in manifest["sources"].items() for shard in entry["shards"]]
+    return [
+        (
+            str(data / source / f"{shard}.arrayrecord"),
+            source,
+            shard,
+            manifest["token_dtype"],
+            len(np.load(data / source / f"{shard}.lengths.npy")),
+        )
+        for source, entry in manifest["sources"].items()
+        for shard in entry["shards"]
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +144,16 @@ class OverlapRequest:
     """One `prepare overlap` run: what `mellama-jax prepare overlap` parses, and what `find_overlap` takes."""
 
     data: str | Path = option(help="a `prepare pretrain` or `prepare instruct` output")
-    tasks: tuple[str, ...] = option(help="repeatable: a task and the file `eval --task TASK --data FILE` reads",
-                                    flag="--task", metavar="TASK=FILE", append=True)
+    tasks: tuple[str, ...] = option(
+        help="repeatable: a task and the file `eval --task TASK --data FILE` reads",
+        flag="--task",
+        metavar="TASK=FILE",
+        append=True,
+    )
     out: str | Path = option(help="a new folder for overlap.json")
-    splits: tuple[str, ...] = option((), "PubMedQA: its test split's id -> label file", flag="--split",
-                                     metavar="TASK=FILE", append=True)
+    splits: tuple[str, ...] = option(
+        (), "PubMedQA: its test split's id -> label file", flag="--split", metavar="TASK=FILE", append=True
+    )
     prompts: str | Path | None = option(None, "the authors' prompt_templates.json (all tasks but i2b2 and bionli)")
     n: int = option(13, "words per window (default 13, GPT-3's)", type=POSITIVE)
     workers: int = option(0, "processes scanning shards (0: all cores)", type=NON_NEGATIVE)
@@ -174,28 +187,43 @@ def task_texts(r: OverlapRequest) -> tuple[dict[str, list[str]], dict[str, list[
 def _scan(r: OverlapRequest, data: Path, manifest: dict, side: TestSide) -> tuple[dict, list]:
     """Every prepared document scanned against the test side in worker processes: (the report so far, the hits as
     (task, example, source, shard, record))."""
-    units = [(path, source, shard, kind, start, start + CHUNK)
-             for path, source, shard, kind, count in _files(data, manifest) for start in range(0, count, CHUNK)]
+    units = [
+        (path, source, shard, kind, start, start + CHUNK)
+        for path, source, shard, kind, count in _files(data, manifest)
+        for start in range(0, count, CHUNK)
+    ]
     workers = r.workers or os.cpu_count() or 1
     started = time.perf_counter()
     documents, hits = 0, []
-    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_init,
-                             initargs=(side, (data / "tokenizer.model").read_bytes())) as pool:
+    with ProcessPoolExecutor(
+        workers,
+        multiprocessing.get_context("spawn"),
+        initializer=_init,
+        initargs=(side, (data / "tokenizer.model").read_bytes()),
+    ) as pool:
         futures = [pool.submit(scan_records, *unit) for unit in units]
         for future in futures:
             count, found = future.result()
             documents += count
             hits.extend(found)
     seconds = time.perf_counter() - started
-    report = {"rule": f"GPT-3's: lower-cased words of letters and digits, {r.n}-word windows", "n": r.n,
-              "data": str(data), "documents_scanned": documents, "seconds": seconds,
-              "documents_per_s": documents / seconds if seconds else None, "workers": workers,
-              "documents_matched": len({(s, sh, rec) for _, _, s, sh, rec in hits}),
-              # peak resident memory of this process and of the largest worker (a worker's figure exists once the
-              # pool has ended, here)
-              "peak_rss_mib": {"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                               "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024},
-              "tasks": {}}
+    report = {
+        "rule": f"GPT-3's: lower-cased words of letters and digits, {r.n}-word windows",
+        "n": r.n,
+        "data": str(data),
+        "documents_scanned": documents,
+        "seconds": seconds,
+        "documents_per_s": documents / seconds if seconds else None,
+        "workers": workers,
+        "documents_matched": len({(s, sh, rec) for _, _, s, sh, rec in hits}),
+        # peak resident memory of this process and of the largest worker (a worker's figure exists once the
+        # pool has ended, here)
+        "peak_rss_mib": {
+            "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        },
+        "tasks": {},
+    }
     return report, hits
 
 
@@ -208,8 +236,10 @@ def find_overlap(r: OverlapRequest) -> dict:
         raise BadRecord(f"{data}/manifest.json: not a `prepare pretrain` or `prepare instruct` output")
     check_destination(r.out, "overlap", r.overwrite, [data])
     if r.filtered_out and manifest["format"] != "mellama-pretrain-v1":
-        raise BadRecord(f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
-                        "overlap.json names from the inputs and prepare them again")
+        raise BadRecord(
+            f"{data}: --filtered-out copies pretraining data; for instruction data, drop the examples "
+            "overlap.json names from the inputs and prepare them again"
+        )
     if r.filtered_out:
         check_destination(r.filtered_out, KIND_FILTERED, r.overwrite, [data, r.out])
     texts, ids = task_texts(r)
@@ -219,11 +249,14 @@ def find_overlap(r: OverlapRequest) -> dict:
         mine = sorted({(i, s, sh, rec) for t, i, s, sh, rec in hits if t == task})
         dirty = sorted({i for i, *_ in mine})
         report["tasks"][task] = {
-            "data": files[task], "examples": len(task_ids), "overlapping": len(dirty),
+            "data": files[task],
+            "examples": len(task_ids),
+            "overlapping": len(dirty),
             "share": len(dirty) / len(task_ids),
             "too_short": sum(len(words(t)) < r.n for t in texts[task]),
             "overlapping_ids": [task_ids[i] for i in dirty],
-            "matches": [{"id": task_ids[i], "source": s, "document": f"{s}/{sh}#{rec}"} for i, s, sh, rec in mine]}
+            "matches": [{"id": task_ids[i], "source": s, "document": f"{s}/{sh}#{rec}"} for i, s, sh, rec in mine],
+        }
     with atomic_output(r.out, "overlap", r.overwrite, [data]) as tmp:
         (tmp / "overlap.json").write_text(json.dumps(report, indent=1))
     if r.filtered_out:

@@ -40,10 +40,12 @@ def rule_of(task: Task) -> str:
             return "an answer only when exactly one choice occurs in the output, case-sensitive (DDI2013)"
         case = "lower-cased output and choices" if task.lowercase else "case kept (MedQA, MedMCQA)"
         return f"first choice, in choice order, found in the output; {case} (Classification)"
-    return {"multilabel": "each label whose exact, case-sensitive string occurs in the output (HoC)",
-            "extractive": "NormQA: whole output vs gold, normalised; character-set F1 (EmrQA, NormQA)",
-            "ner": "HTML concept spans aligned to the gold's words; seqeval entities (NER)",
-            "summary": "ROUGE-1/2/L without stemming; BERTScore (AbstractiveSummarization)"}[task.kind]
+    return {
+        "multilabel": "each label whose exact, case-sensitive string occurs in the output (HoC)",
+        "extractive": "NormQA: whole output vs gold, normalised; character-set F1 (EmrQA, NormQA)",
+        "ner": "HTML concept spans aligned to the gold's words; seqeval entities (NER)",
+        "summary": "ROUGE-1/2/L without stemming; BERTScore (AbstractiveSummarization)",
+    }[task.kind]
 
 
 def _choice_metrics(task: Task, rows: list[dict]) -> tuple[list, dict]:
@@ -58,8 +60,10 @@ def _choice_metrics(task: Task, rows: list[dict]) -> tuple[list, dict]:
     return predictions, metrics
 
 
-BERTSCORE_HELP = ("summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
-                  "skipped; another model is reported under its own name)")
+BERTSCORE_HELP = (
+    "summaries: the local copy of bert-base-multilingual-cased, the paper's BERTScore model (else "
+    "skipped; another model is reported under its own name)"
+)
 
 
 def score_rows(task: Task, rows: list[dict], bertscore_model: str | None = None) -> tuple[list, dict]:
@@ -79,8 +83,13 @@ def score_rows(task: Task, rows: list[dict], bertscore_model: str | None = None)
 
 def notes(metrics: dict) -> dict:
     out = {k: METRIC_NOTES[k] for k in metrics if k in METRIC_NOTES}
-    out.update({k: "BERTScore F1 with a model other than the paper's bert-base-multilingual-cased: not comparable"
-                for k in metrics if k.startswith("bertscore_f1[")})
+    out.update(
+        {
+            k: "BERTScore F1 with a model other than the paper's bert-base-multilingual-cased: not comparable"
+            for k in metrics
+            if k.startswith("bertscore_f1[")
+        }
+    )
     return out
 
 
@@ -112,8 +121,9 @@ def clean_subset(task: Task, rows: list[dict], dirty: set[str], bertscore_model:
     return {"examples": len(clean), "overlapping": len(rows) - len(clean), **metrics}
 
 
-def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dict, inputs=(),
-          overwrite: bool = False) -> None:
+def write(
+    out_dir: str | Path, rows: list[dict], predictions: list, summary: dict, inputs=(), overwrite: bool = False
+) -> None:
     """predictions.jsonl (each row with its prediction), summary.json and summary.md, atomically, into a new
     (or empty) folder, or over an earlier eval output with `overwrite`, overlapping none of the inputs
     (outputs.atomic_output)."""
@@ -124,23 +134,50 @@ def write(out_dir: str | Path, rows: list[dict], predictions: list, summary: dic
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
         clean = summary.get("clean")
         # the clean row holds the clean subset's figures alone: a metric it lacks (no clean example) reads "skipped"
-        rows_md = [summary] + ([{"task": f"{summary['task']} (clean)", "backend": summary.get("backend"), **clean}]
-                               if clean else [])
+        rows_md = [summary] + (
+            [{"task": f"{summary['task']} (clean)", "backend": summary.get("backend"), **clean}] if clean else []
+        )
         (tmp / "summary.md").write_text(markdown(rows_md))
 
 
-RUN_KEYS = {"task", "kind", "rule", "backend", "model", "data", "predictions", "fewshot", "model_prompt", "dtype",
-            "truncated_prompts", "max_new_tokens", "bertscore", "examples_per_s_after_first_batch", "notes"}
+RUN_KEYS = {
+    "task",
+    "kind",
+    "rule",
+    "backend",
+    "model",
+    "data",
+    "predictions",
+    "fewshot",
+    "model_prompt",
+    "dtype",
+    "truncated_prompts",
+    "max_new_tokens",
+    "bertscore",
+    "examples_per_s_after_first_batch",
+    "notes",
+}
 
 
 def markdown(summaries: list[dict]) -> str:
     """One row per summary with the metrics of its kind, then what each metric is."""
     keys = [k for k, v in summaries[0].items() if k not in RUN_KEYS and not isinstance(v, dict)]
     cell = lambda v: "skipped" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    table = ("| task | backend | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2) + "\n"
-             + "".join(f"| {s['task']} | {s.get('backend', '-')} | " + " | ".join(cell(s.get(k)) for k in keys)
-                       + " |\n" for s in summaries))
+    table = (
+        "| task | backend | "
+        + " | ".join(keys)
+        + " |\n|"
+        + "---|" * (len(keys) + 2)
+        + "\n"
+        + "".join(
+            f"| {s['task']} | {s.get('backend', '-')} | " + " | ".join(cell(s.get(k)) for k in keys) + " |\n"
+            for s in summaries
+        )
+    )
     described = {k: v for s in summaries for k, v in s.get("notes", {}).items()}
     rules = sorted({f"- {s['task']}: {s['rule']}" for s in summaries if "rule" in s})
-    return (table + ("\n" + "\n".join(rules) + "\n" if rules else "")
-            + "".join(f"- `{k}`: {v}\n" for k, v in described.items()))
+    return (
+        table
+        + ("\n" + "\n".join(rules) + "\n" if rules else "")
+        + "".join(f"- `{k}`: {v}\n" for k, v in described.items())
+    )

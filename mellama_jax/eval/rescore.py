@@ -33,8 +33,11 @@ def _check(row, task: Task, first: dict | None, where: str) -> None:
     if task.kind in WITH_CHOICES and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise BadRecord(f"{where}: 'choices' is not a list of strings")
     golds = gold if task.kind in ("multilabel", "extractive") else [gold]
-    if not isinstance(golds, list) or (not golds and task.kind == "extractive") \
-            or not all(isinstance(g, str) for g in golds):
+    if (
+        not isinstance(golds, list)
+        or (not golds and task.kind == "extractive")
+        or not all(isinstance(g, str) for g in golds)
+    ):
         raise BadRecord(f"{where}: 'gold' is not what a {task.kind} task's gold is (see docs/evaluation.md)")
     if choices is not None and any(g not in choices for g in golds):
         raise BadRecord(f"{where}: gold {gold!r} is not among the choices")
@@ -80,6 +83,11 @@ def rescore(r: RescoreRequest) -> dict:
     rows = read_predictions(r.predictions, definition)
     scored, metrics = score_rows(definition, rows, r.bertscore_model)
     summary = summarize(definition, metrics, {"backend": "rescored", "predictions": str(r.predictions)})
-    write(r.out, [{k: v for k, v in row.items() if k != "prediction"} for row in rows], scored, summary,
-          inputs=[r.predictions])
+    write(
+        r.out,
+        [{k: v for k, v in row.items() if k != "prediction"} for row in rows],
+        scored,
+        summary,
+        inputs=[r.predictions],
+    )
     return summary

@@ -35,9 +35,17 @@ class JaxBackend:
     """Our model from a parameter checkpoint (hf-to-jax output or a run's params/), tokenizer beside it, loaded
     straight into the decoding mesh (`inference.load_for_decoding`)."""
 
-    def __init__(self, params: str | Path, tokenizer: str | Path | None = None, mesh: str | None = None,
-                 adapters: str | Path | None = None, dtype: str = "bfloat16", batch_size: int = 1,
-                 truncate: bool = True, max_new_tokens: int = 256):
+    def __init__(
+        self,
+        params: str | Path,
+        tokenizer: str | Path | None = None,
+        mesh: str | None = None,
+        adapters: str | Path | None = None,
+        dtype: str = "bfloat16",
+        batch_size: int = 1,
+        truncate: bool = True,
+        max_new_tokens: int = 256,
+    ):
         """mesh: a layout such as "data=2,tensor=4" to decode sharded over the devices, as training does.
         adapters: a LoRA run's adapters/ (its config.yaml above names rank and targets); `params` is the base.
         truncate: cut an over-long prompt as the authors' harness did (`inference.fit_prompt`), else refuse it.
@@ -46,10 +54,12 @@ class JaxBackend:
         self.model = load_for_decoding(params, adapters, dtype, mesh, batch_size, max_new_tokens)
         self.truncate, self.truncated = truncate, 0
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> list[str]:
-        ids = fitted(self, [self.tokenizer.encode(p, bos=True) for p in prompts], self.model.cfg.max_seq_len,
-                     max_new_tokens)
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0
+    ) -> list[str]:
+        ids = fitted(
+            self, [self.tokenizer.encode(p, bos=True) for p in prompts], self.model.cfg.max_seq_len, max_new_tokens
+        )
         out = self.model.generate(ids, max_new_tokens, self.tokenizer.eos_id, temperature, top_p, seed)
         return [continuation(self.tokenizer.decode, p, row) for p, row in zip(ids, out)]
 
@@ -61,9 +71,11 @@ def fitted(backend, prompts: list[list[int]], positions: int, max_new_tokens: in
     for i, ids in enumerate(prompts):
         kept, cut = fit_prompt(ids, positions, max_new_tokens)
         if cut and not backend.truncate:
-            raise ValueError(f"prompt {i + 1} has {len(ids)} tokens; with {max_new_tokens} new tokens it needs "
-                             f"{len(ids) + max_new_tokens} positions, the model has {positions}: shorten it, lower "
-                             f"--max-new-tokens, or pass --truncate (keeps BOS and its last {len(kept) - 1} tokens)")
+            raise ValueError(
+                f"prompt {i + 1} has {len(ids)} tokens; with {max_new_tokens} new tokens it needs "
+                f"{len(ids) + max_new_tokens} positions, the model has {positions}: shorten it, lower "
+                f"--max-new-tokens, or pass --truncate (keeps BOS and its last {len(kept) - 1} tokens)"
+            )
         backend.truncated += cut
         out.append(kept)
     return out
@@ -86,16 +98,17 @@ class GenerateRequest:
     stop: tuple[str, ...] | None = option(None, "stop sequence (repeatable)", append=True)
     mesh: str | None = option(None, 'decode sharded over the devices, e.g. "data=4,tensor=2"')
     adapters: str | Path | None = option(None, "a LoRA run's adapters/ directory (--model is then the base)")
-    dtype: str = option("bfloat16", "parameters and computation (default bfloat16, as LLaMA2 ships; logits in "
-                                    "float32)", choices=DTYPES)
-    truncate: bool = option(False, "a prompt too long for the model keeps BOS and its last tokens (as `eval` "
-                                   "does) instead of being refused")
+    dtype: str = option(
+        "bfloat16", "parameters and computation (default bfloat16, as LLaMA2 ships; logits in float32)", choices=DTYPES
+    )
+    truncate: bool = option(
+        False, "a prompt too long for the model keeps BOS and its last tokens (as `eval` does) instead of being refused"
+    )
 
 
 def complete(r: GenerateRequest) -> list[str]:
     """The continuation of each prompt, cut at the first stop sequence."""
-    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate,
-                         r.max_new_tokens)
+    backend = JaxBackend(r.model, r.tokenizer, r.mesh, r.adapters, r.dtype, len(r.prompt), r.truncate, r.max_new_tokens)
     texts = backend.generate(list(r.prompt), r.max_new_tokens, r.temperature, r.top_p, r.seed)
     return [truncate_at_stop(text, r.stop or ()) for text in texts]
 
@@ -105,7 +118,7 @@ def continuation(decode, prompt_ids: list[int], new_ids) -> str:
     are decoded alone, so decode the whole sequence and cut the decoded prompt off)."""
     new = [int(t) for t in new_ids if t != 0]
     whole, prompt = decode(list(prompt_ids) + new), decode(list(prompt_ids))
-    return whole[len(prompt):] if whole.startswith(prompt) else decode(new)
+    return whole[len(prompt) :] if whole.startswith(prompt) else decode(new)
 
 
 class HFBackend:
@@ -121,7 +134,6 @@ class HFBackend:
         # here, not at the top: the hf backend's torch and transformers come with the optional interop extra
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,13 +158,15 @@ class HFBackend:
         ids, mask = left_pad(encoded, 0)  # LLaMA has no pad token; padded positions are masked
         ids, mask = (self.torch.tensor(a, dtype=self.torch.long, device=self.device) for a in (ids, mask))
         with self.torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=0)
-        return [continuation(self._decode, p, row[ids.shape[1]:].tolist()) for p, row in zip(encoded, out)]
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+            )
+        return [continuation(self._decode, p, row[ids.shape[1] :].tolist()) for p, row in zip(encoded, out)]
 
 
-def few_shot_prefix(task: str, data: str | Path | None, k: int, templates: dict, seed: int = 0,
-                    split: str | Path | None = None) -> str:
+def few_shot_prefix(
+    task: str, data: str | Path | None, k: int, templates: dict, seed: int = 0, split: str | Path | None = None
+) -> str:
     """k demonstrations drawn (seeded) from a training file: each its rendered prompt and its gold answer."""
     if k <= 0:
         return ""
@@ -172,8 +186,7 @@ class EvalRequest:
     data: str | Path = option(help="the dataset's original file or folder (docs/evaluation.md)")
     model: str | Path = option(help="jax: a parameter checkpoint; hf: a Hugging Face directory")
     out: str | Path = option()
-    prompts: str | Path | None = option(None, "the authors' prompt_templates.json (needed for all but i2b2 and "
-                                              "bionli)")
+    prompts: str | Path | None = option(None, "the authors' prompt_templates.json (needed for all but i2b2 and bionli)")
     backend: str = option("jax", choices=["jax", "hf"])
     split: str | Path | None = option(None, "PubMedQA: the split's id -> label file (test_ground_truth.json)")
     limit: int | None = option(None, "the first N examples", type=POSITIVE)
@@ -183,21 +196,31 @@ class EvalRequest:
     fewshot_data: str | Path | None = option(None, "the training split's file, same format as --data")
     seed: int = option(0, "which few-shot demonstrations are drawn", type=int)
     mesh: str | None = option(None, 'jax: decode sharded over the devices, e.g. "data=4,tensor=2"')
-    dtype: str = option("bfloat16", "both backends: parameters and computation (default bfloat16, as LLaMA2 "
-                                    "ships)", choices=DTYPES)
+    dtype: str = option(
+        "bfloat16", "both backends: parameters and computation (default bfloat16, as LLaMA2 ships)", choices=DTYPES
+    )
     bertscore_model: str | None = option(None, BERTSCORE_HELP)
-    hf_tokenizer: str = option("sentencepiece", "hf backend: tokenise with tokenizer.model as training did "
-                                                "(default) or AutoTokenizer", choices=["sentencepiece", "transformers"])
+    hf_tokenizer: str = option(
+        "sentencepiece",
+        "hf backend: tokenise with tokenizer.model as training did (default) or AutoTokenizer",
+        choices=["sentencepiece", "transformers"],
+    )
     adapters: str | Path | None = option(None, "jax: a LoRA run's adapters/ directory (--model is then the base)")
     tokenizer: str | Path | None = option(None, "jax: tokenizer.model (default: found with the parameters)")
     # the authors' chat wrapper around each whole prompt; "mellama" is the format our chat-LoRA recipes tune in
-    model_prompt: str = option("none", "wrap each whole prompt as the authors' eval.py --model_prompt: none (their "
-                                       "default) or mellama ('Human: \\n{prompt}\\n\\nAssistant: \\n', for chat "
-                                       "models tuned with `prepare instruct --template mellama`)",
-                               choices=["none", "mellama"])
+    model_prompt: str = option(
+        "none",
+        "wrap each whole prompt as the authors' eval.py --model_prompt: none (their "
+        "default) or mellama ('Human: \\n{prompt}\\n\\nAssistant: \\n', for chat "
+        "models tuned with `prepare instruct --template mellama`)",
+        choices=["none", "mellama"],
+    )
     overwrite: bool = option(False, "replace an earlier eval output at --out")
-    overlap: str | Path | None = option(None, "`prepare overlap`'s overlap.json: also score the examples it found "
-                                              "no training document overlapping (summary.json: clean)")
+    overlap: str | Path | None = option(
+        None,
+        "`prepare overlap`'s overlap.json: also score the examples it found "
+        "no training document overlapping (summary.json: clean)",
+    )
 
 
 def evaluate(r: EvalRequest) -> dict:
@@ -207,29 +230,43 @@ def evaluate(r: EvalRequest) -> dict:
     dirty = overlapping_ids(r.overlap, r.task) if r.overlap else set()
     templates = load_templates(r.prompts)
     definition, examples, entry = load_task(r.task, r.data, templates, r.split)
-    examples = examples[:r.limit] if r.limit else examples
+    examples = examples[: r.limit] if r.limit else examples
     prefix = few_shot_prefix(r.task, r.fewshot_data, r.fewshot, templates, r.seed)
     max_new_tokens = r.max_new_tokens or HARNESS_MAX_NEW_TOKENS
     model = storage.fetch(r.model, context=3)  # from a bucket: into the local cache, with its run's files
     adapters = storage.fetch(r.adapters, context=3) if r.adapters else None
-    runner = (JaxBackend(model, r.tokenizer, r.mesh, adapters, r.dtype, r.batch_size,
-                         max_new_tokens=max_new_tokens) if r.backend == "jax"
-              else HFBackend(model, r.hf_tokenizer, r.dtype))
+    runner = (
+        JaxBackend(model, r.tokenizer, r.mesh, adapters, r.dtype, r.batch_size, max_new_tokens=max_new_tokens)
+        if r.backend == "jax"
+        else HFBackend(model, r.hf_tokenizer, r.dtype)
+    )
     texts = [wrap_prompt(prefix + render(entry["prompt"], e.fields), r.model_prompt) for e in examples]
     outputs, times = _generate_all(runner, texts, r.batch_size, max_new_tokens, f"{r.task} ({r.backend})")
     rows = make_rows(definition, examples, outputs, entry.get("choices"))
     predictions, metrics = score_rows(definition, rows, r.bertscore_model)
     after_first = len(examples) - min(r.batch_size, len(examples))
     if runner.truncated:
-        print(f"eval: {runner.truncated} of {len(texts)} prompts did not fit the model's positions with "
-              f"{max_new_tokens} new tokens; each kept BOS and its last tokens, as the authors' harness did "
-              "(summary.json: truncated_prompts)", file=sys.stderr)
-    run = {"backend": r.backend, "model": str(r.model), "data": str(r.data), "fewshot": r.fewshot,
-           "model_prompt": r.model_prompt, "max_new_tokens": max_new_tokens, "dtype": r.dtype,
-           "truncated_prompts": runner.truncated}
-    speed = {"examples_per_s": len(examples) / sum(times),
-             # the first batch includes JAX's compilation
-             "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None}
+        print(
+            f"eval: {runner.truncated} of {len(texts)} prompts did not fit the model's positions with "
+            f"{max_new_tokens} new tokens; each kept BOS and its last tokens, as the authors' harness did "
+            "(summary.json: truncated_prompts)",
+            file=sys.stderr,
+        )
+    run = {
+        "backend": r.backend,
+        "model": str(r.model),
+        "data": str(r.data),
+        "fewshot": r.fewshot,
+        "model_prompt": r.model_prompt,
+        "max_new_tokens": max_new_tokens,
+        "dtype": r.dtype,
+        "truncated_prompts": runner.truncated,
+    }
+    speed = {
+        "examples_per_s": len(examples) / sum(times),
+        # the first batch includes JAX's compilation
+        "examples_per_s_after_first_batch": after_first / sum(times[1:]) if after_first else None,
+    }
     summary = {**summarize(definition, metrics, run), **speed}
     if r.overlap:
         summary["clean"] = {"report": str(r.overlap), **clean_subset(definition, rows, dirty, r.bertscore_model)}
@@ -244,7 +281,7 @@ def _generate_all(runner, texts: list[str], batch_size: int, max_new_tokens: int
     outputs, times = [""] * len(texts), []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         began = time.perf_counter()
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         for i, text in zip(batch, runner.generate([texts[i] for i in batch], max_new_tokens)):
             outputs[i] = text
         times.append(time.perf_counter() - began)

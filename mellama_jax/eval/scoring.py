@@ -78,9 +78,13 @@ def classification_metrics(predictions: list[str | None], golds: list[str]) -> d
     truth = np.array(golds, dtype=object)[:, None] == labels
     per_label = label_f1(truth, np.array(preds, dtype=object)[:, None] == labels)
     support = truth.sum(axis=0)  # every label occurs in the golds: no zero weights
-    return {"accuracy": sum(p == g for p, g in zip(preds, golds)) / n, "macro_f1": float(np.mean(per_label)),
-            "weighted_f1": float(np.sum(per_label * support) / np.sum(support)),
-            "missing": sum(p is None for p in predictions) / n, "examples": n}
+    return {
+        "accuracy": sum(p == g for p, g in zip(preds, golds)) / n,
+        "macro_f1": float(np.mean(per_label)),
+        "weighted_f1": float(np.sum(per_label * support) / np.sum(support)),
+        "missing": sum(p is None for p in predictions) / n,
+        "examples": n,
+    }
 
 
 # ------------------------------------------------------------------------------------------- multi-label
@@ -98,10 +102,13 @@ def multilabel_metrics(predictions: list[list[str]], golds: list[list[str]], lab
     truth = np.array([[label in g for label in labels] for g in golds])
     pred = np.array([[label in p for label in labels] for p in predictions])
     per_label = label_f1(truth, pred)
-    return {"macro_f1": float(np.mean(per_label)),
-            "exact_set_accuracy": float(np.mean(np.all(truth == pred, axis=1))),
-            "missing": sum(not p for p in predictions) / n,
-            "label_f1": {label: float(f) for label, f in zip(labels, per_label)}, "examples": n}
+    return {
+        "macro_f1": float(np.mean(per_label)),
+        "exact_set_accuracy": float(np.mean(np.all(truth == pred, axis=1))),
+        "missing": sum(not p for p in predictions) / n,
+        "label_f1": {label: float(f) for label, f in zip(labels, per_label)},
+        "examples": n,
+    }
 
 
 # ---------------------------------------------------------------------------------------- extractive QA
@@ -150,8 +157,13 @@ def extractive_metrics(outputs: list[str], golds: list[list[str]]) -> dict:
     f1 = [normqa_f1(o, gs[0]) for o, gs in zip(outputs, golds)]
     squad_em = [max(squad_normalize(o) == squad_normalize(g) for g in gs) for o, gs in zip(outputs, golds)]
     squad = [max(squad_f1(o, g) for g in gs) for o, gs in zip(outputs, golds)]
-    return {"exact_match": sum(em) / n, "f1": sum(f1) / n,
-            "squad_exact_match": sum(squad_em) / n, "squad_f1": sum(squad) / n, "examples": n}
+    return {
+        "exact_match": sum(em) / n,
+        "f1": sum(f1) / n,
+        "squad_exact_match": sum(squad_em) / n,
+        "squad_f1": sum(squad) / n,
+        "examples": n,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- summaries
@@ -182,8 +194,11 @@ def bertscore_identity(config, model_dir: str | Path) -> tuple[str | None, int]:
     its last layer."""
     from bert_score.utils import model2layers  # the interop extra, checked by bertscore before this
 
-    if (getattr(config, "model_type", None) == "bert" and getattr(config, "vocab_size", None) == 119547
-            and getattr(config, "num_hidden_layers", None) == 12):
+    if (
+        getattr(config, "model_type", None) == "bert"
+        and getattr(config, "vocab_size", None) == 119547
+        and getattr(config, "num_hidden_layers", None) == 12
+    ):
         return None, model2layers[PAPER_BERTSCORE]
     name = Path(model_dir).resolve().name
     return name, model2layers.get(name, config.num_hidden_layers)
@@ -201,7 +216,14 @@ def bertscore(predictions: list[str], references: list[str], model: str | None) 
     except ImportError as e:
         return {"bertscore_f1": None, "bertscore": f"skipped: {e}"}
     name, layer = bertscore_identity(AutoConfig.from_pretrained(model), model)
-    _, _, f1 = score(predictions, references, model_type=str(model), num_layers=layer, idf=False,
-                     rescale_with_baseline=False, verbose=False)
+    _, _, f1 = score(
+        predictions,
+        references,
+        model_type=str(model),
+        num_layers=layer,
+        idf=False,
+        rescale_with_baseline=False,
+        verbose=False,
+    )
     key = "bertscore_f1" if name is None else f"bertscore_f1[{name}]"
     return {key: float(f1.mean()), "bertscore": f"{name or PAPER_BERTSCORE} at layer {layer} ({model})"}

@@ -107,8 +107,14 @@ def _pubmedqa(path: Path, entry: dict, split: Path | None) -> list[Example]:
         if pmid not in data:
             raise BadRecord(f"{path}: PubMed id {pmid} (from {split}) not found")
         r = data[pmid]
-        out.append(Example(pmid, {"context": "\n".join(r["CONTEXTS"]), "text": r["QUESTION"]},
-                           r["final_decision"], r["final_decision"]))
+        out.append(
+            Example(
+                pmid,
+                {"context": "\n".join(r["CONTEXTS"]), "text": r["QUESTION"]},
+                r["final_decision"],
+                r["final_decision"],
+            )
+        )
     return out
 
 
@@ -152,8 +158,14 @@ def _labelled(text_of: Callable[[dict, str], str], label_keys: tuple[str, ...], 
             label = (aliases or {}).get(label.lower(), label)
             if label not in entry["choices"]:
                 raise BadRecord(f"{where}: label {label!r} is not one of {entry['choices']}")
-            out.append(Example(str(r.get("pairID") or r.get("id") or r.get("index") or where),
-                               {"text": text_of(r, where)}, label, label))
+            out.append(
+                Example(
+                    str(r.get("pairID") or r.get("id") or r.get("index") or where),
+                    {"text": text_of(r, where)},
+                    label,
+                    label,
+                )
+            )
         return out
 
     return load
@@ -170,8 +182,11 @@ def _nli_text(r: dict, where: str) -> str:
 _mednli = _labelled(_nli_text, ("gold_label", "label"))
 # BioNLI (Bastan et al. 2022): premise = the supporting abstract text, hypothesis = a (perturbed) conclusion,
 # label_cat pos/neg; JSONL or CSV.
-_bionli = _labelled(_nli_text, ("label_cat", "gold_label", "label"),
-                    {"pos": "entailment", "neg": "contradiction", "1": "entailment", "0": "contradiction"})
+_bionli = _labelled(
+    _nli_text,
+    ("label_cat", "gold_label", "label"),
+    {"pos": "entailment", "neg": "contradiction", "1": "entailment", "0": "contradiction"},
+)
 # DDI 2013 as BLUE distributes it: TSV (index, sentence with @DRUG$ masks, label).
 _ddi = _labelled(lambda r, w: _need(r, ("sentence", "text"), w), ("label",))
 # MTSamples (mtsamples.csv): transcription (stripped, as the authors' input), medical_specialty.
@@ -183,10 +198,18 @@ _mtsample = _labelled(lambda r, w: str(_need(r, ("transcription", "text"), w)).s
 
 # BLUE's own HoC label order (ncbi-nlp/BLUE_Benchmark, blue/eval_hoc.py LABELS): alphabetical. Its TSVs
 # number labels by this list ("0_1" = activating invasion and metastasis present), not by the template's order.
-BLUE_HOC_LABELS = ("activating invasion and metastasis", "avoiding immune destruction", "cellular energetics",
-                   "enabling replicative immortality", "evading growth suppressors",
-                   "genomic instability and mutation", "inducing angiogenesis", "resisting cell death",
-                   "sustaining proliferative signaling", "tumor promoting inflammation")
+BLUE_HOC_LABELS = (
+    "activating invasion and metastasis",
+    "avoiding immune destruction",
+    "cellular energetics",
+    "enabling replicative immortality",
+    "evading growth suppressors",
+    "genomic instability and mutation",
+    "inducing angiogenesis",
+    "resisting cell death",
+    "sustaining proliferative signaling",
+    "tumor promoting inflammation",
+)
 
 
 def _hoc(path: Path, entry: dict, split) -> list[Example]:
@@ -205,8 +228,14 @@ def _hoc(path: Path, entry: dict, split) -> list[Example]:
         if unknown:
             raise BadRecord(f"{where}: labels {unknown} are not HoC topics {topics}")
         labels = sorted(set(items), key=topics.index)
-        out.append(Example(str(r.get("index") or r.get("id") or where),
-                           {"text": _need(r, ("sentence", "text", "abstract"), where)}, labels, "; ".join(labels)))
+        out.append(
+            Example(
+                str(r.get("index") or r.get("id") or where),
+                {"text": _need(r, ("sentence", "text", "abstract"), where)},
+                labels,
+                "; ".join(labels),
+            )
+        )
     return out
 
 
@@ -224,9 +253,17 @@ def _emrqa(path: Path, entry: dict, split) -> list[Example]:
         out = []
         for where, r in _records(path):
             answers = _answers(r.get("answers"), where)
-            out.append(Example(str(r.get("id", where)), {"text": str(_need(r, ("context",), where)).strip(),
-                                                         "question": str(_need(r, ("question",), where)).strip()},
-                               answers, answers[0]))
+            out.append(
+                Example(
+                    str(r.get("id", where)),
+                    {
+                        "text": str(_need(r, ("context",), where)).strip(),
+                        "question": str(_need(r, ("question",), where)).strip(),
+                    },
+                    answers,
+                    answers[0],
+                )
+            )
         return out
     data = read_json_file(path, "no emrQA file")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -309,7 +346,7 @@ def _i2b2_dir(path: Path) -> list[tuple[str, list[str], list[str]]]:
             row, first, last = int(m[2]) - 1, int(m[3]), int(m[5])
             if row >= len(lines) or last >= len(lines[row]) or first > last:
                 raise BadRecord(f"{con}:{number}: offsets {m[2]}:{first}-{last} fall outside {txt.name}")
-            tags[row][first:last + 1] = [f"B-{m[6]}"] + [f"I-{m[6]}"] * (last - first)
+            tags[row][first : last + 1] = [f"B-{m[6]}"] + [f"I-{m[6]}"] * (last - first)
         sentences += [(f"{txt}:{i + 1}", tokens, t) for i, (tokens, t) in enumerate(zip(lines, tags)) if tokens]
     return sentences
 
@@ -330,8 +367,11 @@ def _pairs(source_keys: tuple[str, ...], target_keys: tuple[str, ...]):
         out = []
         for where, r in _records(path):
             source, target = text(_need(r, source_keys, where)), text(_need(r, target_keys, where))
-            out.append(Example(str(r.get("article_id") or r.get("pmid") or r.get("id") or where),
-                               {"text": source}, target, target))
+            out.append(
+                Example(
+                    str(r.get("article_id") or r.get("pmid") or r.get("id") or where), {"text": source}, target, target
+                )
+            )
         return out
 
     return load
@@ -343,8 +383,10 @@ _SECTION = re.compile(r"^\s*([A-Z][A-Z /&]+):", re.M)
 def _report_sections(text: str) -> dict[str, str]:
     """A free-text radiology report's sections (FINDINGS:, IMPRESSION:, ...) by their upper-case headers."""
     heads = list(_SECTION.finditer(text))
-    return {m[1].strip(): text[m.end(): nxt.start() if nxt else len(text)].strip()
-            for m, nxt in zip(heads, heads[1:] + [None])}
+    return {
+        m[1].strip(): text[m.end() : nxt.start() if nxt else len(text)].strip()
+        for m, nxt in zip(heads, heads[1:] + [None])
+    }
 
 
 def _mimic_cxr(path: Path, entry: dict, split) -> list[Example]:
@@ -356,33 +398,47 @@ def _mimic_cxr(path: Path, entry: dict, split) -> list[Example]:
     for report in sorted(path.rglob("*.txt")):
         sections = _report_sections(report.read_text(encoding="utf-8", errors="replace"))
         if sections.get("FINDINGS") and sections.get("IMPRESSION"):
-            out.append(Example(str(report.relative_to(path)), {"text": sections["FINDINGS"]},
-                               sections["IMPRESSION"], sections["IMPRESSION"]))
+            out.append(
+                Example(
+                    str(report.relative_to(path)),
+                    {"text": sections["FINDINGS"]},
+                    sections["IMPRESSION"],
+                    sections["IMPRESSION"],
+                )
+            )
     if not out:
         raise BadRecord(f"{path}: no report with both FINDINGS: and IMPRESSION: sections")
     return out
 
 
-TASKS = {t.name: t for t in [
-    Task("pubmedqa", "PubmedQA", "choice", _pubmedqa),
-    Task("medqa", "MedQA", "choice", _multiple_choice, lowercase=False),
-    Task("medmcqa", "MedMCQA", "choice", _multiple_choice, lowercase=False),
-    Task("mednli", "MedNLI", "choice", _mednli),
-    Task("bionli", "BioNLI", "choice", _bionli),
-    Task("ddi", "DDI2013", "choice", _ddi, lowercase=False, exactly_one=True),
-    Task("mtsample", "MTSample", "choice", _mtsample),
-    Task("hoc", "HoC", "multilabel", _hoc),
-    Task("emrqa", "EmrQA", "extractive", _emrqa),
-    Task("i2b2", "i2b2", "ner", _ner),
-    Task("pubmedsum", "PubmedSumm", "summary", _pairs(("article_text", "src", "article", "text"),
-                                                      ("abstract_text", "tgt", "abstract", "summary"))),
-    Task("pubmed-title", "PubMed_Summ", "summary", _pairs(("abstract",), ("title",))),
-    Task("mimic-cxr", "MIMIC_SUM", "summary", _mimic_cxr),
-]}
+TASKS = {
+    t.name: t
+    for t in [
+        Task("pubmedqa", "PubmedQA", "choice", _pubmedqa),
+        Task("medqa", "MedQA", "choice", _multiple_choice, lowercase=False),
+        Task("medmcqa", "MedMCQA", "choice", _multiple_choice, lowercase=False),
+        Task("mednli", "MedNLI", "choice", _mednli),
+        Task("bionli", "BioNLI", "choice", _bionli),
+        Task("ddi", "DDI2013", "choice", _ddi, lowercase=False, exactly_one=True),
+        Task("mtsample", "MTSample", "choice", _mtsample),
+        Task("hoc", "HoC", "multilabel", _hoc),
+        Task("emrqa", "EmrQA", "extractive", _emrqa),
+        Task("i2b2", "i2b2", "ner", _ner),
+        Task(
+            "pubmedsum",
+            "PubmedSumm",
+            "summary",
+            _pairs(("article_text", "src", "article", "text"), ("abstract_text", "tgt", "abstract", "summary")),
+        ),
+        Task("pubmed-title", "PubMed_Summ", "summary", _pairs(("abstract",), ("title",))),
+        Task("mimic-cxr", "MIMIC_SUM", "summary", _mimic_cxr),
+    ]
+}
 
 
-def load_task(name: str, data: str | Path, templates: dict, split: str | Path | None = None
-              ) -> tuple[Task, list[Example], dict]:
+def load_task(
+    name: str, data: str | Path, templates: dict, split: str | Path | None = None
+) -> tuple[Task, list[Example], dict]:
     """The task, its examples and its template entry."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; implemented: {sorted(TASKS)}")

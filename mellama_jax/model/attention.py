@@ -13,7 +13,6 @@ lets cuDNN and splash skip the masked half of the score matrix. Decoding against
 one-token queries are not what the flash kernels are built for.
 """
 
-
 import functools
 import warnings
 from typing import NamedTuple
@@ -32,8 +31,12 @@ except ImportError:  # pragma: no cover - a JAX without it
     _cudnn_module = None
 
 
-def make_mask(q_segment_ids: jnp.ndarray, kv_segment_ids: jnp.ndarray,
-              q_index: jnp.ndarray | None = None, kv_index: jnp.ndarray | None = None) -> jnp.ndarray:
+def make_mask(
+    q_segment_ids: jnp.ndarray,
+    kv_segment_ids: jnp.ndarray,
+    q_index: jnp.ndarray | None = None,
+    kv_index: jnp.ndarray | None = None,
+) -> jnp.ndarray:
     """Causal mask restricted to equal segment ids: packed documents never see each other.
 
     Segment id 0 marks padding; padding attends only to padding, so no row of the mask is empty
@@ -52,6 +55,7 @@ class Packed(NamedTuple):
     start `offsets` (B, M + 1), -1 past a row's last run; `fits` says every row has at most M runs. `mask` is the
     boolean mask, for when one does not: built from the segment ids where it is used, so the usual packed path
     never computes or keeps it."""
+
     segment_ids: jax.Array
     lengths: jax.Array
     offsets: jax.Array
@@ -64,6 +68,7 @@ class Packed(NamedTuple):
 
 class Segments(NamedTuple):
     """The documents of each row as their segment ids (B, T), for splash attention; `mask` as for Packed."""
+
     segment_ids: jax.Array
 
     @property
@@ -72,8 +77,9 @@ class Segments(NamedTuple):
 
 
 def _run_index(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    new_run = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                              axis=1)
+    new_run = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
     return jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1
 
 
@@ -188,7 +194,7 @@ def _heads_first(q, K, rotary=None):
     q = q.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
     if rotary is not None:
         q = rope.rotate(q, rotary[0][:, None, None], rotary[1][:, None, None])
-    return q * jnp.asarray(D ** -0.5, q.dtype)
+    return q * jnp.asarray(D**-0.5, q.dtype)
 
 
 def _heads_last(out):
@@ -226,8 +232,16 @@ def _cudnn_biased(q, k, v, mask):
 
 def _cudnn_packed(q, k, v, packed: Packed):
     return _cudnn_module.dot_product_attention(
-        q, k, v, q_seqlen=packed.lengths, kv_seqlen=packed.lengths, q_offsets=packed.offsets,
-        kv_offsets=packed.offsets, scale=q.shape[-1] ** -0.5, mask_type=_cudnn_module.MaskType.PADDING_CAUSAL)
+        q,
+        k,
+        v,
+        q_seqlen=packed.lengths,
+        kv_seqlen=packed.lengths,
+        q_offsets=packed.offsets,
+        kv_offsets=packed.offsets,
+        scale=q.shape[-1] ** -0.5,
+        mask_type=_cudnn_module.MaskType.PADDING_CAUSAL,
+    )
 
 
 def cudnn_attention(q, k, v, mask, causal=True):
@@ -249,10 +263,14 @@ def cudnn_attention(q, k, v, mask, causal=True):
 @functools.cache
 def _warn_packed_fallback() -> None:
     """Said once per process, loudly: the run stays exact but loses the packed kernel's speed."""
-    warnings.warn(f"jax {jax.__version__} has no usable jax._src.cudnn.fused_attention_stablehlo (a private module "
-                  "that moved or changed): model.attention=cudnn falls back to the masked kernel, exact but about "
-                  "10% slower per step at 7B width. Pin jax as pyproject.toml does, or use cudnn_causal for "
-                  "unpacked data.", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"jax {jax.__version__} has no usable jax._src.cudnn.fused_attention_stablehlo (a private module "
+        "that moved or changed): model.attention=cudnn falls back to the masked kernel, exact but about "
+        "10% slower per step at 7B width. Pin jax as pyproject.toml does, or use cudnn_causal for "
+        "unpacked data.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def cudnn_causal_attention(q, k, v, mask, causal=True):
@@ -268,8 +286,9 @@ SPLASH_TILE = 128
 def _splash_block(wanted: int, length: int) -> int:
     """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is at most `wanted`."""
     tiles = length // SPLASH_TILE
-    return SPLASH_TILE * max(n for n in range(1, tiles + 1)
-                             if tiles % n == 0 and n * SPLASH_TILE <= max(wanted, SPLASH_TILE))
+    return SPLASH_TILE * max(
+        n for n in range(1, tiles + 1) if tiles % n == 0 and n * SPLASH_TILE <= max(wanted, SPLASH_TILE)
+    )
 
 
 def _splash_kernel(heads: int, length: int, block_q: int, block_kv: int, interpret: bool):
@@ -278,8 +297,16 @@ def _splash_kernel(heads: int, length: int, block_q: int, block_kv: int, interpr
     Built for one device's shard (head_shards=1): under a mesh it runs inside a shard_map on local shapes. Built
     afresh in each trace (not cached): its block tables become arrays of the trace it is made in."""
     bq, bkv = _splash_block(block_q, length), _splash_block(block_kv, length)
-    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    sizes = splash.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
     mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -324,12 +351,18 @@ def splash_attention(q, k, v, mask, causal=True, blocks: tuple[int, int] = (512,
     q_spec = _logical_spec(("activation_batch", None, "activation_heads", None))
     kv_spec = _logical_spec(("activation_batch", None, "activation_kv_heads", None))
     seg_spec = _logical_spec(("activation_batch", None))
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, mask.segment_ids)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)(
+        q, k, v, mask.segment_ids
+    )
 
 
-IMPLEMENTATIONS = {"xla": xla_attention, "dot_product": dot_product_attention, "cudnn": cudnn_attention,
-                   "cudnn_causal": cudnn_causal_attention, "splash": splash_attention}
+IMPLEMENTATIONS = {
+    "xla": xla_attention,
+    "dot_product": dot_product_attention,
+    "cudnn": cudnn_attention,
+    "cudnn_causal": cudnn_causal_attention,
+    "splash": splash_attention,
+}
 # Kernels that assume queries and keys at the same positions; a caller with causal=False gets the reference.
 CAUSAL_ONLY = ("cudnn", "cudnn_causal", "splash")
 
@@ -342,8 +375,9 @@ def resolve(implementation: str) -> str:
     return implementation
 
 
-def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blocks: tuple[int, int] = (512, 512),
-           rotary=None):
+def attend(
+    q, k, v, mask, implementation: str = "xla", causal: bool = False, blocks: tuple[int, int] = (512, 512), rotary=None
+):
     """`blocks`: splash's (query, key/value) block sizes; the other implementations ignore them. `rotary`:
     (cos, sin) of shape (B, T, D) when q and k still need their rotary embedding (queries and keys at the same
     positions); the XLA reference applies it in its own layout, the others get rotated q and k."""
@@ -353,8 +387,9 @@ def attend(q, k, v, mask, implementation: str = "xla", causal: bool = False, blo
     if isinstance(mask, (Packed, Segments)) and name not in ("cudnn", "splash"):
         mask = mask.mask
     if rotary is not None and rotary[0].shape != q.shape[:2] + q.shape[-1:]:
-        raise ValueError(f"rotary cos/sin must be (batch, length, head_dim) = {q.shape[:2] + q.shape[-1:]}, "
-                         f"got {rotary[0].shape}")
+        raise ValueError(
+            f"rotary cos/sin must be (batch, length, head_dim) = {q.shape[:2] + q.shape[-1:]}, got {rotary[0].shape}"
+        )
     if name == "xla":
         return xla_attention(q, k, v, mask, causal, rotary)
     if rotary is not None:

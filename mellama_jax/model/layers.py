@@ -55,8 +55,9 @@ def matmul(x, w, n: int, dtype, out_dtype):
     transpose of a bf16 dot with an fp32 result multiplies the fp32 cotangent by the bf16 operand, which XLA
     promotes to an fp32 matmul: on an H100 the whole backward pass ran as TF32 (docs/benchmarks.md).
     """
-    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), _contracting(x.ndim, n),
-                               preferred_element_type=jnp.float32).astype(out_dtype)
+    return jax.lax.dot_general(
+        x.astype(dtype), w.astype(dtype), _contracting(x.ndim, n), preferred_element_type=jnp.float32
+    ).astype(out_dtype)
 
 
 def _matmul_fwd(x, w, n, dtype, out_dtype):
@@ -69,10 +70,15 @@ def _matmul_bwd(n, dtype, out_dtype, residuals, ct):
     dtype = gradient_operand_dtype(dtype)
     ct, xc, wc = ct.astype(dtype), x.astype(dtype), w.astype(dtype)
     # dx[b, i] = sum_o ct[b, o] w[i, o];  dw[i, o] = sum_b x[b, i] ct[b, o]
-    dx = jax.lax.dot_general(ct, wc, ((tuple(range(batch, batch + out)), tuple(range(n, n + out))), ((), ())),
-                             preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(xc, ct, ((tuple(range(batch)), tuple(range(batch))), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dx = jax.lax.dot_general(
+        ct,
+        wc,
+        ((tuple(range(batch, batch + out)), tuple(range(n, n + out))), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    dw = jax.lax.dot_general(
+        xc, ct, ((tuple(range(batch)), tuple(range(batch))), ((), ())), preferred_element_type=jnp.float32
+    )
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -80,8 +86,12 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _dot(a, b, contract: tuple[int, int], dtype):
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((contract[0],), (contract[1],)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (((contract[0],), (contract[1],)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def _flat(x, a, b):
@@ -106,7 +116,7 @@ def _lora_delta_fwd(x, a, b, scale, dtype):
     x2, a2, b2 = _flat(x, a, b)
     xa = _dot(x2, a2, (1, 0), dtype)
     y = scale * _dot(xa, b2, (1, 0), dtype)
-    return y.reshape(x.shape[:x.ndim + 1 - a.ndim] + b.shape[1:]), (x, a, b, xa.astype(dtype))
+    return y.reshape(x.shape[: x.ndim + 1 - a.ndim] + b.shape[1:]), (x, a, b, xa.astype(dtype))
 
 
 def _lora_delta_bwd(scale, dtype, residuals, dy):
@@ -119,8 +129,11 @@ def _lora_delta_bwd(scale, dtype, residuals, dy):
     # the barrier keeps XLA from folding the transpose back into the product (elsewhere: a (rank, in) copy)
     d_a = jax.lax.optimization_barrier(_dot(d_xa, x2, (0, 0), g)).T
     d_x = _dot(d_xa, a2, (1, 1), g)
-    return (d_x.reshape(x.shape).astype(x.dtype), d_a.reshape(a.shape).astype(a.dtype),
-            d_b.reshape(b.shape).astype(b.dtype))
+    return (
+        d_x.reshape(x.shape).astype(x.dtype),
+        d_a.reshape(a.shape).astype(a.dtype),
+        d_b.reshape(b.shape).astype(b.dtype),
+    )
 
 
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
@@ -134,11 +147,24 @@ class Dense(nnx.Module):
     lora_b starts at zero, so a fresh adapter leaves the output unchanged.
     """
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], axes: tuple, *,
-                 dtype, param_dtype, init_std: float, rngs: nnx.Rngs, lora_rank: int = 0,
-                 lora_scale: float = 1.0, lora_dropout: float = 0.0, lora_id: int = 0):
-        self.kernel = param(rngs, nn.initializers.normal(init_std), tuple(in_shape) + tuple(out_shape),
-                            param_dtype, axes)
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        axes: tuple,
+        *,
+        dtype,
+        param_dtype,
+        init_std: float,
+        rngs: nnx.Rngs,
+        lora_rank: int = 0,
+        lora_scale: float = 1.0,
+        lora_dropout: float = 0.0,
+        lora_id: int = 0,
+    ):
+        self.kernel = param(
+            rngs, nn.initializers.normal(init_std), tuple(in_shape) + tuple(out_shape), param_dtype, axes
+        )
         self.num_in = len(in_shape)
         self.dtype = dtype
         self.lora_scale, self.lora_dropout, self.lora_id = lora_scale, lora_dropout, lora_id
@@ -148,9 +174,14 @@ class Dense(nnx.Module):
             bound = 1.0 / math.sqrt(math.prod(in_shape))
             self.lora_a = nnx.LoRAParam(
                 jax.random.uniform(rngs.params(), tuple(in_shape) + (lora_rank,), param_dtype, -bound, bound),
-                out_sharding=tuple(axes[:n_in]) + (None,), eager_sharding=False)
-            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank,) + tuple(out_shape), param_dtype),
-                                        out_sharding=(None,) + tuple(axes[n_in:]), eager_sharding=False)
+                out_sharding=tuple(axes[:n_in]) + (None,),
+                eager_sharding=False,
+            )
+            self.lora_b = nnx.LoRAParam(
+                jnp.zeros((lora_rank,) + tuple(out_shape), param_dtype),
+                out_sharding=(None,) + tuple(axes[n_in:]),
+                eager_sharding=False,
+            )
         else:
             self.lora_a = self.lora_b = None
 
@@ -163,8 +194,7 @@ class Dense(nnx.Module):
         y = matmul(x, self.kernel[...], self.num_in, self.dtype, f32)
         xa = x
         if dropout_rng is not None and self.lora_dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout,
-                                        x.shape)
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, self.lora_id), 1 - self.lora_dropout, x.shape)
             xa = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
         delta = lora_delta(xa, self.lora_a[...], self.lora_b[...], self.lora_scale, self.dtype)
         return checkpoint_name((y + delta).astype(out_dtype), "dense")
@@ -249,8 +279,9 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, init_std: float, rngs: nnx.Rngs):
-        self.embedding = param(rngs, nn.initializers.normal(init_std), (vocab_size, dim), param_dtype,
-                               ("vocab", "embed"))
+        self.embedding = param(
+            rngs, nn.initializers.normal(init_std), (vocab_size, dim), param_dtype, ("vocab", "embed")
+        )
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:

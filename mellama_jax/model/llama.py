@@ -32,8 +32,9 @@ def _dtypes(cfg: ModelConfig):
 def _dense_kw(cfg: ModelConfig, lora: LoraConfig | None, name: str, rngs: nnx.Rngs) -> dict:
     kw = dict(**_dtypes(cfg), init_std=cfg.initializer_range, rngs=rngs)
     if lora is not None and name in lora.targets:
-        kw.update(lora_rank=lora.rank, lora_scale=lora.scale, lora_dropout=lora.dropout,
-                  lora_id=LORA_TARGETS.index(name))
+        kw.update(
+            lora_rank=lora.rank, lora_scale=lora.scale, lora_dropout=lora.dropout, lora_id=LORA_TARGETS.index(name)
+        )
     return kw
 
 
@@ -49,11 +50,13 @@ class Attention(nnx.Module):
 
     def _qkv(self, x, batch_length, rng):
         """The projections (B, T, heads, head_dim), before their rotary embedding."""
-        q = checkpoint_name(self.wq(x, dropout_rng=rng),
-                            "query_proj").reshape(*batch_length, *self.wq.kernel.shape[-2:])
+        q = checkpoint_name(self.wq(x, dropout_rng=rng), "query_proj").reshape(
+            *batch_length, *self.wq.kernel.shape[-2:]
+        )
         k = checkpoint_name(self.wk(x, dropout_rng=rng), "key_proj").reshape(*batch_length, *self.wk.kernel.shape[-2:])
-        v = checkpoint_name(self.wv(x, dropout_rng=rng),
-                            "value_proj").reshape(*batch_length, *self.wv.kernel.shape[-2:])
+        v = checkpoint_name(self.wv(x, dropout_rng=rng), "value_proj").reshape(
+            *batch_length, *self.wv.kernel.shape[-2:]
+        )
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         return q, k, v
@@ -61,8 +64,16 @@ class Attention(nnx.Module):
     def __call__(self, x, batch_length, cos, sin, mask, rng=None):
         """Training and scoring: x flat (B*T, D) with batch_length = (B, T); returns (B*T, D)."""
         q, k, v = self._qkv(x, batch_length, rng)
-        out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, True,
-                               self.splash_blocks, rotary=(cos, sin))
+        out = attention.attend(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask,
+            self.implementation,
+            True,
+            self.splash_blocks,
+            rotary=(cos, sin),
+        )
         out = checkpoint_name(out, "attention_out")
         return self.wo(out.reshape(-1, *out.shape[2:]), dropout_rng=rng)
 
@@ -124,10 +135,10 @@ REMAT = {
     "none": None,
     "full": _POLICIES.nothing_saveable,
     "dots": _POLICIES.save_from_both_policies(_POLICIES.checkpoint_dots, _POLICIES.save_only_these_names("dense")),
-    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
-                                                       _POLICIES.save_only_these_names("dense")),
-    "qkv_proj": _POLICIES.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "attention_out"),
+    "dots_no_batch": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable, _POLICIES.save_only_these_names("dense")
+    ),
+    "qkv_proj": _POLICIES.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out"),
 }
 
 
@@ -159,8 +170,9 @@ class Llama(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, **kw, init_std=cfg.initializer_range, rngs=rngs)
         self.layers = _stacked_layers(cfg, lora, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.lm_head = Dense((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw,
-                             init_std=cfg.initializer_range, rngs=rngs)
+        self.lm_head = Dense(
+            (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw, init_std=cfg.initializer_range, rngs=rngs
+        )
 
     def _inputs(self, tokens, positions, segment_ids):
         if positions is None:
@@ -232,10 +244,12 @@ class Llama(nnx.Module):
         (`generate.decoder`), not per call or token. Returns (final-norm hidden states (B, T, D), the updated cache)."""
         segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
         index, T = cache["index"], tokens.shape[-1]
-        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(
-            cache["segment_ids"].dtype), index, axis=1)
-        mask = attention.make_mask(segment_ids, kv_segments, q_index=index + jnp.arange(T),
-                                   kv_index=jnp.arange(kv_segments.shape[-1]))
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(
+            cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), index, axis=1
+        )
+        mask = attention.make_mask(
+            segment_ids, kv_segments, q_index=index + jnp.arange(T), kv_index=jnp.arange(kv_segments.shape[-1])
+        )
         keys, values = [], []
         for layer, k, v in zip(layers, cache["k"], cache["v"], strict=True):
             h, (k, v) = layer.decode(h, cos, sin, mask, (k, v, index))
@@ -256,9 +270,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
     cached_attention, one buffer per layer like the unstacked layers), segment ids (0 = empty), write index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-            "segment_ids": jnp.zeros((batch, length), jnp.int32), "index": jnp.int32(0)}
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+        "index": jnp.int32(0),
+    }
 
 
 def init_abstract(cfg: ModelConfig, lora: LoraConfig | None = None) -> Llama:

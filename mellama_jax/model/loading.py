@@ -16,8 +16,14 @@ from mellama_jax.saved_params import load_params
 from mellama_jax.sharding import state_shardings
 
 
-def load_model(params: str | Path, adapters: str | Path | None = None, model: ModelConfig | None = None,
-               dtype: str = "float32", mesh=None, rules=None):
+def load_model(
+    params: str | Path,
+    adapters: str | Path | None = None,
+    model: ModelConfig | None = None,
+    dtype: str = "float32",
+    mesh=None,
+    rules=None,
+):
     """Our model with the parameters of `params` (hf-to-jax output, a run's params/) in `dtype`; with `adapters` (a
     LoRA run's adapters/), `params` is the frozen base and the adapters go on top. With a `mesh` (and the rule
     table), each parameter is restored straight into its layout there, cast as it is read: no device ever holds

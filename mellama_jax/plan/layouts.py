@@ -40,8 +40,12 @@ class PlanRequest:
     model: str | None = option(None, "model preset (overrides the config's)")
     overrides: tuple[str, ...] = overrides()
     # one row each
-    layouts: tuple[str, ...] = option((), '";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the '
-                                          "config's mesh; tpu: fsdp=-1, the whole slice)", type=layout_list)
+    layouts: tuple[str, ...] = option(
+        (),
+        '";"-separated ici layouts, e.g. "fsdp=8;fsdp=4,tensor=2" (default: the '
+        "config's mesh; tpu: fsdp=-1, the whole slice)",
+        type=layout_list,
+    )
     # cpu: simulated devices; --search: all devices of the cluster
     devices: int | None = option(None, "simulated devices, e.g. 160", type=POSITIVE)
     # each GPU's memory; XLA's plan must fit the launcher's share of it
@@ -49,17 +53,24 @@ class PlanRequest:
     topology: str | None = option(None, "tpu: CHIP:SHAPE as JAX names TPU topologies, e.g. v5p:4x4x4 (64 chips)")
     slices: int = option(1, "tpu: slices of --topology, data parallel across them (dcn)", type=POSITIVE)
     # GPUs are compiled for as simulated CPU devices; "tpu": the chips of `topology`, TPU compiler
-    target: str = option("cpu", "tpu: compile for the chips of --topology with the TPU compiler (needs the tpu "
-                                "extra)", choices=("cpu", "tpu"))
+    target: str = option(
+        "cpu",
+        "tpu: compile for the chips of --topology with the TPU compiler (needs the tpu extra)",
+        choices=("cpu", "tpu"),
+    )
     search: bool = option(False, "rank the layouts, accumulations and remat policies that fit (--devices, --gpu)")
     devices_per_host: int = option(8, "--search: devices per host (default 8)", type=POSITIVE)
     gpu: str = option("a100", "--search: the figures ranked on", choices=("a100", "h100"))
-    tokens: float = option(129e9, "--search: the training budget in tokens, for days to the end (default 129e9)",
-                           type=POSITIVE_NUMBER)
+    tokens: float = option(
+        129e9, "--search: the training budget in tokens, for days to the end (default 129e9)", type=POSITIVE_NUMBER
+    )
     max_compiles: int = option(8, "--search: survivors compiled and ranked", type=POSITIVE)  # in candidate order
     remats: tuple[str, ...] = option(("full",), "--search: comma-separated remat policies", type=name_list)
-    calibrate: int = option(0, "--search: run the best N that fit on this host's devices and compare (ranked on "
-                               "this host's measured figures)", type=number(int, 0))
+    calibrate: int = option(
+        0,
+        "--search: run the best N that fit on this host's devices and compare (ranked on this host's measured figures)",
+        type=number(int, 0),
+    )
     json: bool = option(False, "--search: the result as JSON")
 
 
@@ -93,8 +104,9 @@ def analytical(cfg) -> dict:
     abstract = nnx.state(init_abstract(cfg.model), nnx.Param)
     shardings = sharding.state_shardings(abstract, mesh, cfg.mesh.rules)
     params = sharding.bytes_per_device(abstract, shardings)
-    fp32 = sharding.bytes_per_device(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, "float32"), abstract),
-                                     shardings)
+    fp32 = sharding.bytes_per_device(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, "float32"), abstract), shardings
+    )
     batch_ways = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
     m = cfg.model
     micro = cfg.train.batch_size // cfg.train.grad_accum // batch_ways  # sequences per device per microbatch
@@ -102,15 +114,26 @@ def analytical(cfg) -> dict:
     act = 2 if m.dtype == "bfloat16" else 4
     tensor = mesh.shape.get("tensor", 1)
     residuals = m.num_layers * tokens * m.hidden_size * act  # layer inputs kept for the backward pass
-    layer = tokens * (6 * m.hidden_size + 3 * m.intermediate_size // tensor) * 4 \
-        + 3 * micro * (m.num_heads // tensor) * cfg.train.seq_len ** 2 * 4  # recomputed layer; fp32 scores
+    layer = (
+        tokens * (6 * m.hidden_size + 3 * m.intermediate_size // tensor) * 4
+        + 3 * micro * (m.num_heads // tensor) * cfg.train.seq_len**2 * 4
+    )  # recomputed layer; fp32 scores
     logits = tokens * m.vocab_size // tensor * 4 * 2
     # FSDP gathers a layer's weights whole (fp32) and produces its gradient whole before reduce-scattering;
     # count two layers in flight (compute + prefetch) and one layer gradient.
-    per_layer = (sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) - 2 * m.vocab_size * m.hidden_size
-                 ) / m.num_layers / tensor * 4
-    return {"params": params, "optimizer": 2 * fp32 if cfg.train.mode != Mode.LORA else 0, "gradients": fp32,
-            "activations": residuals + layer + logits, "gathered_layers": int(3 * per_layer)}
+    per_layer = (
+        (sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) - 2 * m.vocab_size * m.hidden_size)
+        / m.num_layers
+        / tensor
+        * 4
+    )
+    return {
+        "params": params,
+        "optimizer": 2 * fp32 if cfg.train.mode != Mode.LORA else 0,
+        "gradients": fp32,
+        "activations": residuals + layer + logits,
+        "gathered_layers": int(3 * per_layer),
+    }
 
 
 def _compile(cfg, devices=None):
@@ -130,11 +153,18 @@ def plan_layout(cfg, devices=None) -> dict:
     start = time.perf_counter()
     compiled, mesh = _compile(cfg, devices)
     m = compiled.memory_analysis()
-    xla = {"arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "outputs_not_aliased": max(0, m.output_size_in_bytes - m.alias_size_in_bytes)}
+    xla = {
+        "arguments": m.argument_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "outputs_not_aliased": max(0, m.output_size_in_bytes - m.alias_size_in_bytes),
+    }
     xla["total"] = sum(xla.values())
-    row = {"mesh": dict(mesh.shape), "compile_s": time.perf_counter() - start, "xla_bytes": xla,
-           "cost": _cost(compiled)}
+    row = {
+        "mesh": dict(mesh.shape),
+        "compile_s": time.perf_counter() - start,
+        "xla_bytes": xla,
+        "cost": _cost(compiled),
+    }
     if devices is not None:  # Pallas kernels in the program (splash attention), as the TPU compiler lowered them
         row["mosaic_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     else:
@@ -143,7 +173,6 @@ def plan_layout(cfg, devices=None) -> dict:
 
 
 def plan(r: PlanRequest) -> dict:
-
 
     if not r.devices:
         raise ConfigError("plan needs --devices (simulated CPU devices), or --target tpu --topology ...")
@@ -160,8 +189,13 @@ def plan(r: PlanRequest) -> dict:
         if "xla_bytes" in row:
             row["fits"] = row["xla_bytes"]["total"] <= gpu_share_bytes(r.memory_gib)
         rows.append(row)
-    return {"model": cfg.model.name, "devices": r.devices, "device_memory_gib": r.memory_gib,
-            "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
+    return {
+        "model": cfg.model.name,
+        "devices": r.devices,
+        "device_memory_gib": r.memory_gib,
+        "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum],
+        "layouts": rows,
+    }
 
 
 def _step_cost(cfg, small: tuple, devices) -> dict:
@@ -185,8 +219,12 @@ def _tpu_row(cfg, small, devices, chip) -> dict:
     # the step at 100% MFU: model FLOPs (6 per trained weight per token, 4 per frozen one, plus attention) over
     # the chips at peak
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    row["ideal_s"] = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters) * tokens / len(devices) / (
-        chip.bf16_tflops * 1e12)
+    row["ideal_s"] = (
+        train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters)
+        * tokens
+        / len(devices)
+        / (chip.bf16_tflops * 1e12)
+    )
     return row
 
 
@@ -201,16 +239,25 @@ def plan_tpu(r: PlanRequest) -> dict:
     for layout in r.layouts or ["fsdp=-1"]:
         overrides = _overrides(r) + layout_overrides(layout, r.slices)
         cfg = load_config(r.config, overrides)
-        small = tuple(load_config(r.config, overrides + [f"model.num_layers={n}", f"model.scan_unroll={n}"])
-                      for n in (1, 2))
+        small = tuple(
+            load_config(r.config, overrides + [f"model.num_layers={n}", f"model.scan_unroll={n}"]) for n in (1, 2)
+        )
         try:
             row = _tpu_row(cfg, small, devices, chip)
         except Exception as e:  # a layout that cannot be built or does not compile is a result, not a crash
             row = {"mesh": layout, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
         rows.append(dict(row, layout=layout))
-    return {"model": cfg.model.name, "topology": r.topology, "slices": r.slices, "chip": name, "devices": len(devices),
-            "hbm_gib": chip.hbm_gib, "attention": cfg.model.attention,
-            "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum], "layouts": rows}
+    return {
+        "model": cfg.model.name,
+        "topology": r.topology,
+        "slices": r.slices,
+        "chip": name,
+        "devices": len(devices),
+        "hbm_gib": chip.hbm_gib,
+        "attention": cfg.model.attention,
+        "batch": [cfg.train.batch_size, cfg.train.seq_len, cfg.train.grad_accum],
+        "layouts": rows,
+    }
 
 
 def _table(heading: str, columns: list[str], rows: list[dict], cells) -> str:
@@ -232,32 +279,62 @@ def _fits(r: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    heading = (f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
-               f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB, "
-               f"of which XLA may use {GPU_MEMORY_FRACTION:.0%} (launch/slurm_gpu.sbatch)")
+    heading = (
+        f"{result['model']} on {result['devices']} devices, batch x seq x accum = "
+        f"{' x '.join(map(str, result['batch']))}, device memory {result['device_memory_gib']} GiB, "
+        f"of which XLA may use {GPU_MEMORY_FRACTION:.0%} (launch/slurm_gpu.sbatch)"
+    )
     columns = ["layout", "mesh", "XLA args GiB", "XLA temp GiB", "XLA total GiB", "estimate GiB", "fits", "compile s"]
 
     def cells(r):
         x, a = r["xla_bytes"], r["analytical_bytes"]
-        return ["", str(r["mesh"]), f"{x['arguments'] / GiB:.2f}", f"{x['temporaries'] / GiB:.2f}",
-                f"{x['total'] / GiB:.2f}", f"{sum(a.values()) / GiB:.2f}", _fits(r), f"{r['compile_s']:.1f}"]
+        return [
+            "",
+            str(r["mesh"]),
+            f"{x['arguments'] / GiB:.2f}",
+            f"{x['temporaries'] / GiB:.2f}",
+            f"{x['total'] / GiB:.2f}",
+            f"{sum(a.values()) / GiB:.2f}",
+            _fits(r),
+            f"{r['compile_s']:.1f}",
+        ]
 
     return _table(heading, columns, result["layouts"], cells)
 
 
 def markdown_tpu(result: dict) -> str:
-    heading = (f"{result['model']} on {result['slices']} x {result['topology']} ({result['devices']} "
-               f"{result['chip']} chips, {result['hbm_gib']} GiB HBM each), batch x seq x accum = "
-               f"{' x '.join(map(str, result['batch']))}, attention {result['attention']}")
-    columns = ["layout", "mesh", "per-chip batch", "per-chip GiB (args + temp)", "fits", "compile s", "TFLOP / chip",
-               "GiB moved / chip", "roofline step s", "ideal step s"]
+    heading = (
+        f"{result['model']} on {result['slices']} x {result['topology']} ({result['devices']} "
+        f"{result['chip']} chips, {result['hbm_gib']} GiB HBM each), batch x seq x accum = "
+        f"{' x '.join(map(str, result['batch']))}, attention {result['attention']}"
+    )
+    columns = [
+        "layout",
+        "mesh",
+        "per-chip batch",
+        "per-chip GiB (args + temp)",
+        "fits",
+        "compile s",
+        "TFLOP / chip",
+        "GiB moved / chip",
+        "roofline step s",
+        "ideal step s",
+    ]
 
     def cells(r):
         x, c = r["xla_bytes"], r["cost"]
-        return ["", str(r["mesh"]), f"{r['per_chip_batch']:g}",
-                f"{x['total'] / GiB:.2f} ({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f})", _fits(r),
-                f"{r['compile_s']:.0f}", f"{c['flops'] / 1e12:.1f}", f"{c['bytes_accessed'] / GiB:.1f}",
-                f"{r['roofline_s']:.2f}", f"{r['ideal_s']:.2f}"]
+        return [
+            "",
+            str(r["mesh"]),
+            f"{r['per_chip_batch']:g}",
+            f"{x['total'] / GiB:.2f} ({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f})",
+            _fits(r),
+            f"{r['compile_s']:.0f}",
+            f"{c['flops'] / 1e12:.1f}",
+            f"{c['bytes_accessed'] / GiB:.1f}",
+            f"{r['roofline_s']:.2f}",
+            f"{r['ideal_s']:.2f}",
+        ]
 
     return _table(heading, columns, result["layouts"], cells)
 

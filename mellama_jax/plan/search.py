@@ -48,8 +48,12 @@ class Candidate:
     def overrides(self) -> list[str]:
         """The config overrides that run this candidate."""
         shape = lambda sizes: "{" + ", ".join(f"{a}: {sizes[a]}" for a in AXES) + "}"  # noqa: E731
-        return [f"mesh.ici={shape(self.ici)}", f"mesh.dcn={shape(self.dcn)}", f"train.grad_accum={self.grad_accum}",
-                f"model.remat={self.remat}"]
+        return [
+            f"mesh.ici={shape(self.ici)}",
+            f"mesh.dcn={shape(self.dcn)}",
+            f"train.grad_accum={self.grad_accum}",
+            f"model.remat={self.remat}",
+        ]
 
 
 def divisors(n: int) -> list[int]:
@@ -77,8 +81,9 @@ def _shardable(params, rules, ici: dict, dcn: dict) -> bool:
     return True
 
 
-def candidates(cfg: Config, devices_per_host: int, hosts: int = 1,
-               remats: tuple[str, ...] = REMAT_POLICIES) -> list[Candidate]:
+def candidates(
+    cfg: Config, devices_per_host: int, hosts: int = 1, remats: tuple[str, ...] = REMAT_POLICIES
+) -> list[Candidate]:
     """Every candidate for `cfg` (its model, rule table and global batch `train.batch_size`) on `hosts` hosts of
     `devices_per_host` devices, in a fixed order: layout, then accumulation, then remat policy."""
     params = nnx.state(init_abstract(cfg.model), nnx.Param)
@@ -102,8 +107,9 @@ def state_bytes(cfg: Config, estimate: dict | None = None) -> int:
     return estimate["params"] + estimate["optimizer"]
 
 
-def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float,
-          estimates: dict | None = None) -> list[tuple[Candidate, Config]]:
+def prune(
+    configs: list[tuple[Candidate, Config]], memory_bytes: float, estimates: dict | None = None
+) -> list[tuple[Candidate, Config]]:
     """The candidates whose train state alone fits `memory_bytes` per device. Pruning on a lower bound never drops
     one the compiler would fit; what is left is compiled to decide. `estimates`: `plan.analytical` of each config,
     by id, when the caller has them."""
@@ -111,14 +117,33 @@ def prune(configs: list[tuple[Candidate, Config]], memory_bytes: float,
     return [(c, cfg) for c, cfg in configs if state_bytes(cfg, estimates.get(id(cfg))) <= memory_bytes]
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-                "f64": 8, "s64": 8, "u64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 # the bytes each device sends for an op's result of B bytes over a group of n (ring algorithms)
-_MOVED = {"all-gather": lambda b, n: b * (n - 1) / n, "all-reduce": lambda b, n: 2 * b * (n - 1) / n,
-          "reduce-scatter": lambda b, n: b * (n - 1), "all-to-all": lambda b, n: b * (n - 1) / n,
-          "collective-permute": lambda b, n: b}
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-                         r"(-start)?\((.*)$")
+_MOVED = {
+    "all-gather": lambda b, n: b * (n - 1) / n,
+    "all-reduce": lambda b, n: 2 * b * (n - 1) / n,
+    "reduce-scatter": lambda b, n: b * (n - 1),
+    "all-to-all": lambda b, n: b * (n - 1) / n,
+    "collective-permute": lambda b, n: b,
+}
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(-start)?\((.*)$"
+)
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 
@@ -152,8 +177,9 @@ def collective_bytes(hlo: str, slow_axes: tuple[int, ...] | None = None) -> floa
         shapes = _SHAPE.findall(result)
         if start and op == "all-gather":  # all-gather-start's result is (operand, gathered): the latter
             shapes = shapes[-1:]
-        size = sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                   for dtype, dims in shapes)
+        size = sum(
+            _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in shapes
+        )
         moved = _MOVED[op](size, max(_group_size(attributes), 1))
         if slow_axes and set(_group_axes(attributes)) & set(slow_axes):
             slow += moved
@@ -191,8 +217,9 @@ TARGETS = {
 }
 
 
-def step_seconds(flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target,
-                 native: bool = True) -> float:
+def step_seconds(
+    flops: float, bytes_accessed: float, ici_bytes: float, dcn_bytes: float, t: Target, native: bool = True
+) -> float:
     """A step time from the compiled module's totals: compute at peak, plus memory traffic at full bandwidth, plus the
     collectives' bytes over their links. The totals do not say which op did what, and a device runs its ops one
     after another: matmuls are compute bound, the elementwise and optimizer ops that move most bytes memory bound,
@@ -231,19 +258,26 @@ def traffic_seconds(candidate: Candidate, cfg: Config, target: Target, params: i
     if data > 1:
         seconds += 2 * 4 * shard / fsdp * (data - 1) / data / speed("data")
     if tensor > 1:
-        seconds += candidate.grad_accum * 3 * 2 * m.num_layers * 2 * activation * (tensor - 1) / tensor / \
-            speed("tensor")
+        seconds += (
+            candidate.grad_accum * 3 * 2 * m.num_layers * 2 * activation * (tensor - 1) / tensor / speed("tensor")
+        )
     return seconds
 
 
-def compile_order(survivors: list[tuple[Candidate, Config]], estimates: dict, memory: float, target: Target,
-                  params: int) -> list[tuple[Candidate, Config]]:
+def compile_order(
+    survivors: list[tuple[Candidate, Config]], estimates: dict, memory: float, target: Target, params: int
+) -> list[tuple[Candidate, Config]]:
     """Which survivors to compile first: those the analytical estimate (activations included) expects to fit;
     among them, each in-host (in-slice) layout's best before any layout's second, so that a bounded number of
     compiles covers layouts, not the accumulations or cross-host splits of one; best by least time on the links
     (`traffic_seconds`, a rough guide: the compiled module decides), then candidate order."""
-    ordered = sorted(survivors, key=lambda pair: (sum(estimates[id(pair[1])].values()) > memory,
-                                                  traffic_seconds(pair[0], pair[1], target, params)))
+    ordered = sorted(
+        survivors,
+        key=lambda pair: (
+            sum(estimates[id(pair[1])].values()) > memory,
+            traffic_seconds(pair[0], pair[1], target, params),
+        ),
+    )
     seen, repeat = set(), {}
     for candidate, cfg in ordered:
         layout = tuple(candidate.ici.values())
@@ -256,6 +290,7 @@ def step_cost(cfg: Config, slow_axes: tuple[int, ...], devices=None) -> dict:
     """The whole step's FLOPs, memory traffic and collective bytes per device. XLA's analysis counts a loop's body
     once (the scanned layers as one), so the step is compiled with one and with two layers unrolled and the
     difference, one layer, extrapolated to the model's depth; grad_accum multiplies the lot."""
+
     def measured(layers: int) -> dict:
         small = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=layers, scan_unroll=layers))
         compiled = _compile(small, devices)[0]
@@ -275,14 +310,23 @@ def rank(configs, target: Target, memory_bytes: float, devices=None, native: boo
         slow = tuple(i for i, a in enumerate(AXES) if candidate.dcn[a] > 1)
         memory = plan_layout(cfg, devices)["xla_bytes"]["total"]
         cost = step_cost(cfg, slow, devices)
-        seconds = step_seconds(cost["flops"], cost["bytes_accessed"], cost["ici_bytes"], cost["dcn_bytes"], target,
-                               native)
+        seconds = step_seconds(
+            cost["flops"], cost["bytes_accessed"], cost["ici_bytes"], cost["dcn_bytes"], target, native
+        )
         tokens = cfg.train.batch_size * cfg.train.seq_len
         count = math.prod(candidate.ici.values()) * math.prod(candidate.dcn.values())
         model_flops = train_flops_per_token(cfg.model, cfg.train.seq_len, cfg.adapters) * tokens
-        rows.append({"candidate": candidate, "memory_bytes": memory, "fits": memory <= memory_bytes, **cost,
-                     "step_s": seconds, "tokens_per_s": tokens / seconds,
-                     "mfu": model_flops / (count * target.peak_tflops * 1e12 * seconds)})
+        rows.append(
+            {
+                "candidate": candidate,
+                "memory_bytes": memory,
+                "fits": memory <= memory_bytes,
+                **cost,
+                "step_s": seconds,
+                "tokens_per_s": tokens / seconds,
+                "mfu": model_flops / (count * target.peak_tflops * 1e12 * seconds),
+            }
+        )
     return sorted(rows, key=lambda r: (not r["fits"], r["step_s"]))
 
 
@@ -291,8 +335,10 @@ def request_overrides(r: PlanRequest) -> list[str]:
     return list(r.overrides) + ([f"model.preset={r.model}"] if r.model else [])
 
 
-CALIBRATE_ON_CPU = ("plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS=cpu), "
-                    "whose figures it measures; not with --target tpu or on an accelerator")
+CALIBRATE_ON_CPU = (
+    "plan --search --calibrate compares with this host's simulated CPU devices (JAX_PLATFORMS=cpu), "
+    "whose figures it measures; not with --target tpu or on an accelerator"
+)
 
 
 def search(r: PlanRequest, progress: bool = True) -> dict:
@@ -313,7 +359,7 @@ def search(r: PlanRequest, progress: bool = True) -> dict:
     configs = [(c, load_config(r.config, overrides + c.overrides())) for c in found]
     estimates = {id(cfg): analytical(cfg) for _, cfg in configs}  # once each: pruning and ordering both read it
     survivors = prune(configs, memory, estimates)
-    chosen = compile_order(survivors, estimates, memory, cluster.target, parameter_count(cfg))[:r.max_compiles]
+    chosen = compile_order(survivors, estimates, memory, cluster.target, parameter_count(cfg))[: r.max_compiles]
     native = r.target == "tpu" or bool(r.calibrate)  # compiled by the target's own compiler (see step_seconds)
     rows = rank(tqdm(chosen, desc="compiling", disable=not progress), cluster.target, memory, cluster.devices, native)
     for row in rows:
@@ -323,10 +369,21 @@ def search(r: PlanRequest, progress: bool = True) -> dict:
     if best is not None and not (r.target == "tpu" and r.slices > 1):  # tpu_pod.sh launches one slice
         extra = " ".join(f"'{o}'" for o in best["candidate"].overrides() + overrides)
         command = f"{cluster.launcher} {r.config or 'CONFIG'} {extra}"
-    return {"model": cfg.model.name, "devices": cluster.count, "gpu": cluster.target.name,
-            "memory_gib": cluster.memory_gib, "usable_gib": cluster.usable_bytes / 2**30, "calibration": None,
-            "fits": best is not None, "candidates": len(found), "survivors": len(survivors), "compiled": len(chosen),
-            "search_s": time.perf_counter() - started, "rows": [_plain(row) for row in rows], "command": command}
+    return {
+        "model": cfg.model.name,
+        "devices": cluster.count,
+        "gpu": cluster.target.name,
+        "memory_gib": cluster.memory_gib,
+        "usable_gib": cluster.usable_bytes / 2**30,
+        "calibration": None,
+        "fits": best is not None,
+        "candidates": len(found),
+        "survivors": len(survivors),
+        "compiled": len(chosen),
+        "search_s": time.perf_counter() - started,
+        "rows": [_plain(row) for row in rows],
+        "command": command,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,15 +407,24 @@ class Cluster:
 
 def _gpu_cluster(r: PlanRequest) -> Cluster:
     if not r.devices or r.devices % r.devices_per_host:
-        raise ConfigError(f"plan --search: --devices {r.devices} is not a whole number of hosts of "
-                          f"{r.devices_per_host} (--devices-per-host)")
+        raise ConfigError(
+            f"plan --search: --devices {r.devices} is not a whole number of hosts of "
+            f"{r.devices_per_host} (--devices-per-host)"
+        )
     if r.gpu not in ("a100", "h100"):
         raise ConfigError(f"plan --search: --gpu {r.gpu} is not one of ['a100', 'h100']")
 
     simulate_devices(r.devices)  # the GPUs compiled for
     hosts = r.devices // r.devices_per_host
-    return Cluster(r.devices_per_host, hosts, TARGETS[r.gpu], r.memory_gib, gpu_share_bytes(r.memory_gib), None,
-                   f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch")
+    return Cluster(
+        r.devices_per_host,
+        hosts,
+        TARGETS[r.gpu],
+        r.memory_gib,
+        gpu_share_bytes(r.memory_gib),
+        None,
+        f"sbatch --nodes={hosts} launch/slurm_gpu.sbatch",
+    )
 
 
 def _tpu_cluster(r: PlanRequest) -> Cluster:
@@ -367,13 +433,22 @@ def _tpu_cluster(r: PlanRequest) -> Cluster:
         raise ConfigError("plan --search --target tpu needs --topology, e.g. v5p:4x4x8")
     name, chip = chip_of(r.topology)
     if name not in TARGETS:
-        raise ConfigError(f"plan --search --target tpu: the interconnect of {name} is not known here; "
-                          f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}")
+        raise ConfigError(
+            f"plan --search --target tpu: the interconnect of {name} is not known here; "
+            f"the search ranks {sorted(n for n in TARGETS if n.startswith('v'))}"
+        )
 
     devices = topology_devices(r.topology, r.slices)
     simulate_devices(len(devices))  # the mesh the analytical estimate lays out
-    return Cluster(len(devices) // r.slices, r.slices, TARGETS[name], chip.hbm_gib, chip.hbm_gib * 2**30, devices,
-                   "TPU_NAME=... ZONE=... launch/tpu_pod.sh")
+    return Cluster(
+        len(devices) // r.slices,
+        r.slices,
+        TARGETS[name],
+        chip.hbm_gib,
+        chip.hbm_gib * 2**30,
+        devices,
+        "TPU_NAME=... ZONE=... launch/tpu_pod.sh",
+    )
 
 
 def jax_backend() -> str:
@@ -401,6 +476,7 @@ def host_target(count: int) -> Target:
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (ties take their average rank)."""
+
     def ranks(values):
         order = sorted(range(len(values)), key=values.__getitem__)
         out = [0.0] * len(values)
@@ -423,31 +499,55 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def _plain(row: dict) -> dict:
     c = row["candidate"]
-    return {**{k: v for k, v in row.items() if k != "candidate"}, "ici": c.ici, "dcn": c.dcn,
-            "grad_accum": c.grad_accum, "remat": c.remat}
+    return {
+        **{k: v for k, v in row.items() if k != "candidate"},
+        "ici": c.ici,
+        "dcn": c.dcn,
+        "grad_accum": c.grad_accum,
+        "remat": c.remat,
+    }
 
 
 def markdown(result: dict) -> str:
-    head = ("| ici (data, fsdp, tensor) | dcn | accum | remat | GiB per device | fits | step s | tokens/s | MFU | "
-            "days |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {tuple(r['ici'].values())} | {tuple(r['dcn'].values())} | {r['grad_accum']} | {r['remat']} | "
-             f"{r['memory_bytes'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | {r['step_s']:.3g} | "
-             f"{r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['days_to_budget']:.1f} |" for r in result["rows"]]
+    head = (
+        "| ici (data, fsdp, tensor) | dcn | accum | remat | GiB per device | fits | step s | tokens/s | MFU | "
+        "days |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {tuple(r['ici'].values())} | {tuple(r['dcn'].values())} | {r['grad_accum']} | {r['remat']} | "
+        f"{r['memory_bytes'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | {r['step_s']:.3g} | "
+        f"{r['tokens_per_s']:,.0f} | {r['mfu']:.2f} | {r['days_to_budget']:.1f} |"
+        for r in result["rows"]
+    ]
     share = f", XLA may use {result['usable_gib']:.1f}" if result["usable_gib"] < result["memory_gib"] else ""
-    return (f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB{share}): "
-            f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
-            f"in {result['search_s']:.0f} s\n\n" + head + "\n".join(lines)
-            + (f"\n\nbest: {result['command']}" if result["command"] else
-               "\n\nbest: the first row (launch/tpu_pod.sh starts one slice: launch several with your multislice "
-               "setup)" if result["fits"] else "\n\nnone fits")
-            + (_calibration_markdown(result["calibration"]) if result.get("calibration") else ""))
+    return (
+        f"{result['model']} on {result['devices']} x {result['gpu']} ({result['memory_gib']:g} GiB{share}): "
+        f"{result['candidates']} candidates, {result['survivors']} after pruning, {result['compiled']} compiled "
+        f"in {result['search_s']:.0f} s\n\n"
+        + head
+        + "\n".join(lines)
+        + (
+            f"\n\nbest: {result['command']}"
+            if result["command"]
+            else "\n\nbest: the first row (launch/tpu_pod.sh starts one slice: launch several with your multislice "
+            "setup)"
+            if result["fits"]
+            else "\n\nnone fits"
+        )
+        + (_calibration_markdown(result["calibration"]) if result.get("calibration") else "")
+    )
 
 
 def _calibration_markdown(calibration: dict) -> str:
-    lines = [f"| {tuple(r['ici'].values())} | {r['grad_accum']} | {r['remat']} | {r['predicted_s']:.3g} | "
-             + (f"{r['measured_s']:.3g} |" if "measured_s" in r else f"failed: {r['error'][:80]} |")
-             for r in calibration["runs"]]
+    lines = [
+        f"| {tuple(r['ici'].values())} | {r['grad_accum']} | {r['remat']} | {r['predicted_s']:.3g} | "
+        + (f"{r['measured_s']:.3g} |" if "measured_s" in r else f"failed: {r['error'][:80]} |")
+        for r in calibration["runs"]
+    ]
     rho = calibration["spearman"]
-    return ("\n\nmeasured on this host's devices:\n\n| ici (data, fsdp, tensor) | accum | remat | predicted s | "
-            "measured s |\n|---|---|---|---|---|\n" + "\n".join(lines)
-            + (f"\n\nSpearman's rank correlation: {rho:.2f}" if rho is not None else ""))
+    return (
+        "\n\nmeasured on this host's devices:\n\n| ici (data, fsdp, tensor) | accum | remat | predicted s | "
+        "measured s |\n|---|---|---|---|---|\n"
+        + "\n".join(lines)
+        + (f"\n\nSpearman's rank correlation: {rho:.2f}" if rho is not None else "")
+    )

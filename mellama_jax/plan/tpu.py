@@ -33,11 +33,13 @@ TPU_CHIPS = {
 
 
 def chip_of(topology: str) -> tuple[str, Chip]:
-    """"v5p:4x4x4" -> ("v5p", its Chip)."""
+    """ "v5p:4x4x4" -> ("v5p", its Chip)."""
     name = topology.split(":")[0]
     if ":" not in topology or name not in TPU_CHIPS:
-        raise ConfigError(f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of {sorted(TPU_CHIPS)}, "
-                          "e.g. v5p:4x4x4 (64 chips)")
+        raise ConfigError(
+            f"--topology {topology!r}: expected CHIP:SHAPE with CHIP one of {sorted(TPU_CHIPS)}, "
+            "e.g. v5p:4x4x4 (64 chips)"
+        )
     return name, TPU_CHIPS[name]
 
 
@@ -45,8 +47,9 @@ def topology_devices(topology: str, slices: int = 1) -> list:
     """The abstract devices (one per chip) of `slices` TPU slices of shape `topology`, from libtpu."""
     name, _ = chip_of(topology)
     if importlib.util.find_spec("libtpu") is None:
-        raise ConfigError("plan --target tpu needs libtpu, which is not installed: pip install 'mellama-jax[tpu]' "
-                          "(the tpu extra)")
+        raise ConfigError(
+            "plan --target tpu needs libtpu, which is not installed: pip install 'mellama-jax[tpu]' (the tpu extra)"
+        )
     # Compiling needs no TPU: skip the metadata-server queries and host discovery libtpu would try at start, and
     # its lock file (/tmp/libtpu_lockfile), which would fail a second plan running beside this one.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

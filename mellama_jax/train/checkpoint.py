@@ -24,19 +24,25 @@ from mellama_jax.config import CheckpointConfig
 
 def manager(directory: str | Path, cfg: CheckpointConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_last, keep_period=cfg.keep_every or None, save_interval_steps=1,
-        enable_async_checkpointing=cfg.async_save, create=True)
+        max_to_keep=cfg.keep_last,
+        keep_period=cfg.keep_every or None,
+        save_interval_steps=1,
+        enable_async_checkpointing=cfg.async_save,
+        create=True,
+    )
     return ocp.CheckpointManager(storage.path(directory), options=options, item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, iterator, meta: dict) -> None:
     meta = dict(meta, data_state=iterator.get_state())
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
+    mngr.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, iterator) -> tuple[Any, dict]:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                          meta=ocp.args.JsonRestore()))
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
     iterator.set_state(restored.meta["data_state"])
     return restored.state, restored.meta

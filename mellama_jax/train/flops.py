@@ -17,13 +17,27 @@ import jax.numpy as jnp
 from mellama_jax.config import LoraConfig, ModelConfig
 
 # Dense bf16 peak per device, TFLOP/s (vendor figures without sparsity).
-PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
-               "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6 lite": 918.0}
+PEAK_TFLOPS = {
+    "a100": 312.0,
+    "h100": 989.0,
+    "h200": 989.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v6 lite": 918.0,
+}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    D, F, H, K, Dh, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                         cfg.head_dim, cfg.vocab_size)
+    D, F, H, K, Dh, V = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
     per_layer = D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * F
     return cfg.num_layers * per_layer + D * V
 
@@ -31,8 +45,15 @@ def matmul_params(cfg: ModelConfig) -> int:
 def adapter_params(cfg: ModelConfig, lora: LoraConfig) -> int:
     """LoRA's weights: rank x (in + out) per adapted projection per layer."""
     D, F, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    sides = {"wq": (D, q), "wk": (D, kv), "wv": (D, kv), "wo": (q, D), "w_gate": (D, F), "w_up": (D, F),
-             "w_down": (F, D)}
+    sides = {
+        "wq": (D, q),
+        "wk": (D, kv),
+        "wv": (D, kv),
+        "wo": (q, D),
+        "w_gate": (D, F),
+        "w_up": (D, F),
+        "w_down": (F, D),
+    }
     return cfg.num_layers * sum(lora.rank * sum(sides[t]) for t in lora.targets)
 
 
@@ -47,8 +68,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, lora: LoraConfig | Non
     return weights + attention
 
 
-def mfu(cfg: ModelConfig, seq_len: int, tokens_per_second: float, peak_flops_per_device: float,
-        num_devices: int, lora: LoraConfig | None = None) -> float:
+def mfu(
+    cfg: ModelConfig,
+    seq_len: int,
+    tokens_per_second: float,
+    peak_flops_per_device: float,
+    num_devices: int,
+    lora: LoraConfig | None = None,
+) -> float:
     """Model FLOPs utilisation of `num_devices` devices processing `tokens_per_second` (0 for an unknown peak)."""
     if not peak_flops_per_device:
         return 0.0
@@ -67,7 +94,7 @@ def matmul_probe(n: int = 2048):
     def probe() -> float:
         start = time.perf_counter()
         f(x).block_until_ready()
-        return 2 * n ** 3 / (time.perf_counter() - start) / 1e12
+        return 2 * n**3 / (time.perf_counter() - start) / 1e12
 
     return probe
 

@@ -20,8 +20,9 @@ from pathlib import Path
 class Goodput:
     clock: Callable[[], float] = time.perf_counter
     started: float = 0.0
-    spent: dict = dataclasses.field(default_factory=lambda: {"startup": 0.0, "compile": 0.0, "checkpoint": 0.0,
-                                                               "evaluation": 0.0})
+    spent: dict = dataclasses.field(
+        default_factory=lambda: {"startup": 0.0, "compile": 0.0, "checkpoint": 0.0, "evaluation": 0.0}
+    )
     loop_started: float | None = None
 
     def __post_init__(self):
@@ -59,14 +60,29 @@ class Goodput:
         wall = self.clock() - self.started
         if self.loop_started is None:  # no step ran
             return {"goodput": 0.0, "wall_s": wall, "startup_s": wall}
-        stepping = max(0.0, self.clock() - self.loop_started - self.spent["compile"] - self.spent["checkpoint"]
-                       - self.spent["evaluation"])
+        stepping = max(
+            0.0,
+            self.clock()
+            - self.loop_started
+            - self.spent["compile"]
+            - self.spent["checkpoint"]
+            - self.spent["evaluation"],
+        )
         per_step = stepping / steps_run if steps_run else 0.0
-        lost = {"redone_steps": redone, "redone_s": per_step * min(redone, steps_run),
-                "skipped_steps": skipped, "skipped_s": per_step * min(skipped, steps_run)}
+        lost = {
+            "redone_steps": redone,
+            "redone_s": per_step * min(redone, steps_run),
+            "skipped_steps": skipped,
+            "skipped_s": per_step * min(skipped, steps_run),
+        }
         productive = max(0.0, stepping - lost["redone_s"] - lost["skipped_s"])
-        return {"goodput": productive / wall if wall > 0 else 0.0, "wall_s": wall, "productive_s": productive,
-                **{f"{k}_s": v for k, v in self.spent.items()}, **lost}
+        return {
+            "goodput": productive / wall if wall > 0 else 0.0,
+            "wall_s": wall,
+            "productive_s": productive,
+            **{f"{k}_s": v for k, v in self.spent.items()},
+            **lost,
+        }
 
 
 def steps_logged_before(metrics_file: str | Path) -> int:

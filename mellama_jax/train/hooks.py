@@ -43,8 +43,11 @@ class Hook:
 
     def due(self, info: StepInfo) -> bool:
         stepped = info.metrics is not None
-        return ((stepped and self.every > 0 and info.step % self.every == 0)
-                or (self.at_end and info.last) or (self.at_stop and info.stopping))
+        return (
+            (stepped and self.every > 0 and info.step % self.every == 0)
+            or (self.at_end and info.last)
+            or (self.at_stop and info.stopping)
+        )
 
 
 def run_hooks(hooks: Sequence[Hook], info: StepInfo) -> None:
@@ -82,29 +85,38 @@ class FiniteGuard:
     def check(self, info: StepInfo | None = None) -> None:
         for step, metrics in self.unchecked:
             if "tokens" in metrics and float(metrics["tokens"]) == 0:
-                raise NoTargets(f"step {step}: its batch holds no target token (every loss weight is 0: the "
-                                "prompts fill train.seq_len, or the data hold no responses); stopped without "
-                                f"saving: {self._kept()}")
+                raise NoTargets(
+                    f"step {step}: its batch holds no target token (every loss weight is 0: the "
+                    "prompts fill train.seq_len, or the data hold no responses); stopped without "
+                    f"saving: {self._kept()}"
+                )
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             if int(metrics.get("skipped", 0)):
                 self.skipped_total += 1
                 self.skipped_in_a_row.append(step)
                 if len(self.skipped_in_a_row) >= self.max_skipped:
                     first = self.skipped_in_a_row[0]
-                    raise NonFiniteLoss(f"non-finite loss at steps {first}-{step}: {len(self.skipped_in_a_row)} "
-                                        f"in a row, each skipped (train.max_skipped_steps={self.max_skipped}); "
-                                        f"stopped: {self._kept()}")
+                    raise NonFiniteLoss(
+                        f"non-finite loss at steps {first}-{step}: {len(self.skipped_in_a_row)} "
+                        f"in a row, each skipped (train.max_skipped_steps={self.max_skipped}); "
+                        f"stopped: {self._kept()}"
+                    )
                 continue
             self.skipped_in_a_row = []
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteLoss(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
-                                    f"stopped without saving: {self._kept()}")
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                    f"stopped without saving: {self._kept()}"
+                )
         self.unchecked.clear()
 
     def _kept(self) -> str:
         saved = self.last_saved()
-        return ("no checkpoint had been saved yet" if saved is None else
-                f"the last good checkpoint (step {saved}) is untouched")
+        return (
+            "no checkpoint had been saved yet"
+            if saved is None
+            else f"the last good checkpoint (step {saved}) is untouched"
+        )
 
     def hooks(self, every: int) -> list[Hook]:
         return [Hook(self.record, every=1, at_end=False), Hook(self.check, every=every)]
@@ -113,8 +125,14 @@ class FiniteGuard:
 class LogMetrics:
     """One metrics line: the step's metrics, tokens/s and step time since the previous line, and MFU."""
 
-    def __init__(self, log, tokens_per_step: int, mfu: Callable[[float], float], start_step: int,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        log,
+        tokens_per_step: int,
+        mfu: Callable[[float], float],
+        start_step: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.log, self.tokens_per_step, self.mfu, self.clock = log, tokens_per_step, mfu, clock
         self.since = (clock(), start_step)
 
@@ -142,10 +160,12 @@ class DocumentsWarning:
         documents = float(info.metrics["documents_per_row_max"])
         if documents > self.max_segments:
             self.pending = False
-            self.log.message(f"step {info.step}: a row holds {int(documents)} documents, more than "
-                             f"model.max_segments={self.max_segments}: such batches take cuDNN's masked attention "
-                             f"kernel, ~10% slower per step at 7B (docs/benchmarks.md); a larger max_segments "
-                             f"avoids that")
+            self.log.message(
+                f"step {info.step}: a row holds {int(documents)} documents, more than "
+                f"model.max_segments={self.max_segments}: such batches take cuDNN's masked attention "
+                f"kernel, ~10% slower per step at 7B (docs/benchmarks.md); a larger max_segments "
+                f"avoids that"
+            )
 
 
 class Evaluation:
@@ -157,8 +177,17 @@ class Evaluation:
     The same batches every time (the first `max_batches`); each source's tokens are pooled over them, not a mean
     of batch means."""
 
-    def __init__(self, eval_fn, shard_batch, frozen, batches, max_batches: int, log,
-                 sources: tuple[str, ...] = (), token_bytes: np.ndarray | None = None):
+    def __init__(
+        self,
+        eval_fn,
+        shard_batch,
+        frozen,
+        batches,
+        max_batches: int,
+        log,
+        sources: tuple[str, ...] = (),
+        token_bytes: np.ndarray | None = None,
+    ):
         self.eval_fn, self.shard_batch, self.frozen, self.log = eval_fn, shard_batch, frozen, log
         self.batches, self.count = batches, min(len(batches), max_batches)
         self.sources = tuple(sources)

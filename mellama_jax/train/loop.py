@@ -72,21 +72,46 @@ def build_data(cfg: Config, process_index: int, process_count: int):
     if t.mode == Mode.PRETRAIN:
         rows = pretrain_epoch_rows(d.path, d.mixture, t.seq_len, cfg.seed, d.holdout_documents)
         epochs = epochs_for(cfg, rows)
-        train = pretrain_batches(d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed, process_index,
-                                 process_count, "train", d.holdout_documents)
-        evaluation = (pretrain_eval_batches(d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed,
-                                            d.holdout_documents, process_index, process_count)
-                      if d.holdout_documents else None)
+        train = pretrain_batches(
+            d.path,
+            d.mixture,
+            t.seq_len,
+            t.batch_size,
+            cfg.seed,
+            process_index,
+            process_count,
+            "train",
+            d.holdout_documents,
+        )
+        evaluation = (
+            pretrain_eval_batches(
+                d.path, d.mixture, t.seq_len, t.batch_size, cfg.seed, d.holdout_documents, process_index, process_count
+            )
+            if d.holdout_documents
+            else None
+        )
     else:
         epochs = epochs_for(cfg, check_instruct_data(cfg, d.path))
         if d.eval_path:
             check_instruct_data(cfg, d.eval_path, "data.eval_path")
         rows = len(InstructSource(d.path))
         # An explicit train.steps longer than the epochs runs more (reshuffled) epochs.
-        train = instruct_batches(d.path, t.seq_len, t.batch_size, max(epochs, -(-t.steps * t.batch_size // rows)),
-                                 cfg.seed, process_index, process_count)
-        evaluation = (instruct_batches(d.eval_path, t.seq_len, t.batch_size, 1, cfg.seed, process_index,
-                                       process_count, shuffle=False, pad=True) if d.eval_path else None)
+        train = instruct_batches(
+            d.path,
+            t.seq_len,
+            t.batch_size,
+            max(epochs, -(-t.steps * t.batch_size // rows)),
+            cfg.seed,
+            process_index,
+            process_count,
+        )
+        evaluation = (
+            instruct_batches(
+                d.eval_path, t.seq_len, t.batch_size, 1, cfg.seed, process_index, process_count, shuffle=False, pad=True
+            )
+            if d.eval_path
+            else None
+        )
     steps = t.steps or max(1, rows * epochs // t.batch_size)
     return train, evaluation, steps
 
@@ -97,15 +122,19 @@ def check_instruct_data(cfg: Config, path: str, key: str = "data.path") -> int:
     manifest = read_manifest(path, "mellama-instruct-v1")
     prepared, seq_len = int(manifest["seq_len"]), cfg.train.seq_len
     if prepared > seq_len:
-        ways = (f"train with train.seq_len={prepared}, or " if prepared <= cfg.model.max_seq_len else "")
-        raise ConfigError(f"{key}={path} was prepared with --seq-len {prepared}, longer than train.seq_len={seq_len}: "
-                          f"examples past {seq_len} tokens would be cut, and those whose prompt fills {seq_len} "
-                          f"would train on nothing; {ways}prepare the data again with --seq-len {seq_len}")
+        ways = f"train with train.seq_len={prepared}, or " if prepared <= cfg.model.max_seq_len else ""
+        raise ConfigError(
+            f"{key}={path} was prepared with --seq-len {prepared}, longer than train.seq_len={seq_len}: "
+            f"examples past {seq_len} tokens would be cut, and those whose prompt fills {seq_len} "
+            f"would train on nothing; {ways}prepare the data again with --seq-len {seq_len}"
+        )
     template = cfg.data.template
     if template and manifest.get("template") != template:
-        raise ConfigError(f"{key}={path} was prepared with the {manifest.get('template')!r} template, but this "
-                          f"recipe tunes in {template!r} (data.template); prepare the data again with --template "
-                          f"{template}, or set data.template={manifest.get('template')}")
+        raise ConfigError(
+            f"{key}={path} was prepared with the {manifest.get('template')!r} template, but this "
+            f"recipe tunes in {template!r} (data.template); prepare the data again with --template "
+            f"{template}, or set data.template={manifest.get('template')}"
+        )
     return int(manifest.get("report", {}).get("documents") or manifest["rows"])
 
 
@@ -128,8 +157,11 @@ def local_data(cfg: Config) -> Config:
     """`cfg` with its data read from this host's disk: data in a bucket is fetched into the local cache first
     (ArrayRecord and sentencepiece read local files); the run's config.yaml keeps the bucket's path."""
     d = cfg.data
-    fetched = dataclasses.replace(d, path=str(storage.fetch(d.path)) if d.path else d.path,
-                                  eval_path=str(storage.fetch(d.eval_path)) if d.eval_path else d.eval_path)
+    fetched = dataclasses.replace(
+        d,
+        path=str(storage.fetch(d.path)) if d.path else d.path,
+        eval_path=str(storage.fetch(d.eval_path)) if d.eval_path else d.eval_path,
+    )
     return dataclasses.replace(cfg, data=fetched)
 
 
@@ -154,15 +186,35 @@ def _resumed(mngr, state, trainer, iterator) -> tuple:
     fresh state and None."""
     saved = mngr.latest_step()
     if saved is not None:
-        state, _ = checkpoint.restore(mngr, saved, saved_params.abstract_like(state, trainer.state_shardings),
-                                      iterator)
+        state, _ = checkpoint.restore(mngr, saved, saved_params.abstract_like(state, trainer.state_shardings), iterator)
     return state, saved
 
 
 def _opening_line(cfg: Config, trainer, start: int, run_dir) -> str:
-    return (f"{cfg.train.mode}: {cfg.model.name}, {cfg.train.steps} steps of {cfg.train.batch_size} x "
-            f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
-            + (f", resuming at step {start}" if start else "") + f"; run dir {run_dir}")
+    return (
+        f"{cfg.train.mode}: {cfg.model.name}, {cfg.train.steps} steps of {cfg.train.batch_size} x "
+        f"{cfg.train.seq_len} tokens on mesh {dict(trainer.mesh.shape)}"
+        + (f", resuming at step {start}" if start else "")
+        + f"; run dir {run_dir}"
+    )
+
+
+def _pull_mirror(mirror, pi: int, start: int) -> int:
+    """Process 0 brings the run's small files (metrics.jsonl, ...) into its local mirror; returns the steps a resumed
+    run does again (logged before it stopped, after its last checkpoint)."""
+    if pi == 0:
+        mirror.pull()
+    return max(0, steps_logged_before(mirror.local / "metrics.jsonl") - start) if start else 0
+
+
+def _closing_line(result: dict, run_dir, export: Path) -> str:
+    step = result["step"]
+    return (
+        f"{result['status']} at step {step}/{result['steps']}; checkpoint {run_dir / 'checkpoints' / str(step)}"
+        + (f"; parameters {export}" if "export" in result else "")
+        + "; "
+        + summary_line(result["goodput"])
+    )
 
 
 def _finished(evaluation, export: Path) -> dict:
@@ -187,16 +239,13 @@ def train(cfg: Config) -> dict:
     distributed.resume_point = lambda: _resume_point(mngr.latest_step())  # what a dead peer's message names
     state, saved = _resumed(mngr, state, trainer, iterator)
     start = int(saved or 0)
-    if pi == 0:
-        mirror.pull()
-    redone = max(0, steps_logged_before(mirror.local / "metrics.jsonl") - start) if start else 0
+    redone = _pull_mirror(mirror, pi, start)
     log = MetricsLogger(mirror.local, steps, start, pi == 0, cfg.run.progress)
     log.message(_opening_line(cfg, trainer, start, run_dir))
     guard = FiniteGuard(mngr.latest_step, cfg.train.max_skipped_steps)
-    saving = goodput.timed("checkpoint", Checkpointing(
-        mngr, iterator, {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}, saved, guard.check))
-    evaluation = (_evaluation(dataclasses.replace(cfg, data=fetched.data), trainer, frozen, eval_ds, log)
-                  if eval_ds is not None else None)
+    meta = {"seed": cfg.seed, "mode": cfg.train.mode, "config": to_dict(cfg)}
+    saving = goodput.timed("checkpoint", Checkpointing(mngr, iterator, meta, saved, guard.check))
+    evaluation = _evaluation(dataclasses.replace(cfg, data=fetched.data), trainer, frozen, eval_ds, log)
     if evaluation is not None and start == 0:
         evaluation(StepInfo(0, state, None, last=False, stopping=False))  # the model before training
     export = run_dir / ("adapters" if cfg.train.mode == Mode.LORA else "params")
@@ -204,59 +253,85 @@ def train(cfg: Config) -> dict:
     hooks = _hooks(cfg, trainer, log, guard, timed_eval, saving, export, start, mirror if pi == 0 else None)
     # the mirror's last upload comes after the log and the checkpoints are closed, and after a failure too
     uploads = contextlib.closing(mirror) if pi == 0 else contextlib.nullcontext()
-    with uploads, StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), \
-            contextlib.closing(log):
+    with uploads, StopOnSignal(pc, cfg.run.log_every, start) as stop, contextlib.closing(mngr), contextlib.closing(log):
+        step_fn, batches = goodput.first_call_compiles(make_train_step(trainer)), map(trainer.shard_batch, iterator)
         try:
-            state, step, stopped = run_steps(goodput.first_call_compiles(make_train_step(trainer)), state, frozen,
-                                             map(trainer.shard_batch, iterator), start, steps, hooks, stop.requested)
+            state, step, stopped = run_steps(step_fn, state, frozen, batches, start, steps, hooks, stop.requested)
         except jax.errors.JaxRuntimeError as e:
             if pc > 1 and PEER_LOST.search(str(e)):  # a collective noticed before the heartbeat did
                 distributed.peer_lost(str(e))
             raise
         goodput.timed("checkpoint", mngr.wait_until_finished)()
-        result = {"status": f"stopped by {stop.reason}" if stopped else "finished", "step": step, "steps": steps,
-                  "skipped_steps": guard.skipped_total, "run_dir": str(run_dir),
-                  **(_finished(evaluation, export) if step == steps else {}),
-                  "goodput": goodput.report(step - start, min(redone, step - start), guard.skipped_total)}
-        log.message(f"{result['status']} at step {step}/{steps}; checkpoint {run_dir / 'checkpoints' / str(step)}"
-                    + (f"; parameters {export}" if "export" in result else "") + "; "
-                    + summary_line(result["goodput"]))
+        result = {
+            "status": f"stopped by {stop.reason}" if stopped else "finished",
+            "step": step,
+            "steps": steps,
+            "skipped_steps": guard.skipped_total,
+            "run_dir": str(run_dir),
+            **(_finished(evaluation, export) if step == steps else {}),
+            "goodput": goodput.report(step - start, min(redone, step - start), guard.skipped_total),
+        }
+        log.message(_closing_line(result, run_dir, export))
     if pi == 0:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 # What a collective says when a peer died: Gloo (CPU), NCCL (GPU), the coordination service.
-PEER_LOST = re.compile(r"Gloo|NCCL|Connection (closed|reset)|heartbeat|task .*(died|failed|disconnected)|"
-                       r"UNAVAILABLE|DEADLINE_EXCEEDED|coordination service", re.IGNORECASE)
+PEER_LOST = re.compile(
+    r"Gloo|NCCL|Connection (closed|reset)|heartbeat|task .*(died|failed|disconnected)|"
+    r"UNAVAILABLE|DEADLINE_EXCEEDED|coordination service",
+    re.IGNORECASE,
+)
 
 
 def _resume_point(step: int | None) -> str:
     return f"checkpoint {step}" if step is not None else "the start (no checkpoint was saved yet)"
 
 
-def _evaluation(cfg: Config, trainer, frozen, batches, log) -> Evaluation:
-    """Held-out loss, per source of the mixture (pretraining), with bits per byte from the data's tokenizer."""
+def _evaluation(cfg: Config, trainer, frozen, batches, log) -> Evaluation | None:
+    """Held-out loss, per source of the mixture (pretraining), with bits per byte from the data's tokenizer; None
+    without an eval split."""
+    if batches is None:
+        return None
     sources = tuple(n for n, w in cfg.data.mixture.items() if w > 0) if cfg.train.mode == Mode.PRETRAIN else ()
     tokenizer = Path(cfg.data.path) / "tokenizer.model"
     token_bytes = Tokenizer.load(tokenizer).token_bytes() if tokenizer.exists() else None
     extra = ("source_ids",) if len(sources) > 1 else ()
-    return Evaluation(make_eval_step(trainer, max(len(sources), 1)),
-                      functools.partial(trainer.shard_batch, extra=extra), frozen, batches, cfg.run.eval_batches,
-                      log, sources, token_bytes)
+    return Evaluation(
+        make_eval_step(trainer, max(len(sources), 1)),
+        functools.partial(trainer.shard_batch, extra=extra),
+        frozen,
+        batches,
+        cfg.run.eval_batches,
+        log,
+        sources,
+        token_bytes,
+    )
 
 
 def _hooks(cfg: Config, trainer, log, guard, evaluation, saving, export, start: int, mirror) -> list:
     """What runs after a step, in order: the guard's check before anything reads or saves the step's values.
     `mirror`: the run's small files (process 0 only), uploaded with each checkpoint when the run is in a bucket."""
     peak = flops.peak_tflops_per_device(trainer.mesh.size, cfg.run.peak_tflops)
-    mfu = functools.partial(flops.mfu, cfg.model, cfg.train.seq_len, peak_flops_per_device=peak * 1e12,
-                            num_devices=trainer.mesh.size, lora=cfg.adapters)
+    mfu = functools.partial(
+        flops.mfu,
+        cfg.model,
+        cfg.train.seq_len,
+        peak_flops_per_device=peak * 1e12,
+        num_devices=trainer.mesh.size,
+        lora=cfg.adapters,
+    )
     every = cfg.run.log_every
-    hooks = [*guard.hooks(every), Hook(lambda info: log.advance(), every=1, at_end=False),
-             Hook(LogMetrics(log, cfg.train.batch_size * cfg.train.seq_len, mfu, start), every=every),
-             Hook(DocumentsWarning(log, cfg.model.max_segments, attention.resolve(cfg.model.attention) == "cudnn"),
-                  every=every)]
+    hooks = [
+        *guard.hooks(every),
+        Hook(lambda info: log.advance(), every=1, at_end=False),
+        Hook(LogMetrics(log, cfg.train.batch_size * cfg.train.seq_len, mfu, start), every=every),
+        Hook(
+            DocumentsWarning(log, cfg.model.max_segments, attention.resolve(cfg.model.attention) == "cudnn"),
+            every=every,
+        ),
+    ]
     if evaluation is not None:
         hooks.append(Hook(evaluation, every=cfg.run.eval_every))
     hooks += [Hook(saving, every=cfg.checkpoint.every, at_stop=True), Hook(functools.partial(export_params, export))]

@@ -13,8 +13,15 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress: bool,
+        tensorboard: bool = True,
+    ):
         self.enabled = enabled
         self.file = self.tb = self.bar = None
         self.total, self.verbose = total_steps, progress
@@ -29,8 +36,9 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         # disable=None: a bar on a terminal only; logs and pipes get one plain line per log step instead.
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=None if progress else True,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", disable=None if progress else True, dynamic_ncols=True
+        )
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -42,8 +50,11 @@ class MetricsLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), step)
         if kind == "train":
-            shown = {k: f"{float(metrics[k]):.4g}" for k in ("loss", "learning_rate", "grad_norm", "tokens_per_s",
-                                                              "step_time_s", "mfu") if k in metrics}
+            shown = {
+                k: f"{float(metrics[k]):.4g}"
+                for k in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time_s", "mfu")
+                if k in metrics
+            }
             if self.bar is not None and not self.bar.disable:
                 self.bar.set_postfix(shown, refresh=False)
             elif self.verbose:

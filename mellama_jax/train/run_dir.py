@@ -17,9 +17,20 @@ from mellama_jax.outputs import OutputError, write_bytes_atomic, write_text_atom
 # it computes (a checkpoint restores onto any mesh; attention kernels and remat give the same numbers), and its
 # length (train.steps / epochs: a run may be extended or cut short; the schedule follows the new length);
 # data.template only checks what the data were prepared with.
-RESUMABLE_CHANGES = ("run.", "checkpoint.", "mesh.", "data.read_threads", "data.template", "model.attention",
-                     "model.remat", "model.scan_unroll", "model.scan_layers", "model.max_segments", "train.steps",
-                     "train.epochs")
+RESUMABLE_CHANGES = (
+    "run.",
+    "checkpoint.",
+    "mesh.",
+    "data.read_threads",
+    "data.template",
+    "model.attention",
+    "model.remat",
+    "model.scan_unroll",
+    "model.scan_layers",
+    "model.max_segments",
+    "train.steps",
+    "train.epochs",
+)
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -60,8 +71,10 @@ def check_run_dir(cfg: Config) -> None:
     if differ:
         shown = ", ".join(f"{k}: {_get(saved, k)!r} -> {_get(cfg, k)!r}" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise ConfigError(f"run.dir={run_dir}: holds a run with another configuration ({shown}{more}); "
-                          "resume with the same settings or choose a new run.dir")
+        raise ConfigError(
+            f"run.dir={run_dir}: holds a run with another configuration ({shown}{more}); "
+            "resume with the same settings or choose a new run.dir"
+        )
 
 
 def _get(cfg: Config, dotted: str):

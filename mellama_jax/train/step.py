@@ -62,8 +62,9 @@ def _losses_bwd(residuals, grads):
     g_ce, g_z = grads
     probs = jnp.exp(logits - log_z[..., None])
     target = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-    d_logits = (probs * (weights * (g_ce + 2 * g_z * log_z))[..., None]
-                - jnp.where(target, (weights * g_ce)[..., None], 0.0))
+    d_logits = probs * (weights * (g_ce + 2 * g_z * log_z))[..., None] - jnp.where(
+        target, (weights * g_ce)[..., None], 0.0
+    )
     return d_logits.astype(logits.dtype), None, None
 
 
@@ -123,9 +124,11 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
     micro = cfg.train.batch_size // cfg.train.grad_accum
     ways = batch_sh.mesh.size // batch_sh.shard_shape((batch_sh.mesh.size, 1))[0]
     if micro % ways:
-        raise ConfigError(f"train: each microbatch has {micro} sequences (batch_size {cfg.train.batch_size} / "
-                          f"grad_accum {cfg.train.grad_accum}), which does not divide over the {ways} batch shards "
-                          f"of mesh {dict(mesh.shape)}")
+        raise ConfigError(
+            f"train: each microbatch has {micro} sequences (batch_size {cfg.train.batch_size} / "
+            f"grad_accum {cfg.train.grad_accum}), which does not divide over the {ways} batch shards "
+            f"of mesh {dict(mesh.shape)}"
+        )
     trainable = trainable_filter(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, 1))
     frozen_dtype = jnp.dtype(cfg.lora.base_dtype) if cfg.train.mode == Mode.LORA else None
@@ -147,8 +150,12 @@ def plan_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, Callab
 def abstract_batch(trainer: Trainer) -> dict:
     """The global batch as shapes, dtypes and the trainer's batch sharding: what the step is compiled for."""
     shape = (trainer.cfg.train.batch_size, trainer.cfg.train.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32,
-                                    sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    return {
+        k: jax.ShapeDtypeStruct(
+            shape, jnp.float32 if k == "loss_weights" else jnp.int32, sharding=trainer.batch_sharding
+        )
+        for k in BATCH_KEYS
+    }
 
 
 def compile_ahead(trainer: Trainer, init: Callable) -> jax.stages.Compiled:
@@ -157,9 +164,15 @@ def compile_ahead(trainer: Trainer, init: Callable) -> jax.stages.Compiled:
     out. `plan`, `plan --search`, `bench memory` and `bench mesh` all compile the step this one way."""
     abs_state, abs_frozen = jax.eval_shape(init)
     with jax.set_mesh(trainer.mesh):
-        return make_train_step(trainer).jitted.lower(
-            abstract_like(abs_state, trainer.state_shardings), abstract_like(abs_frozen, trainer.frozen_shardings),
-            abstract_batch(trainer)).compile()
+        return (
+            make_train_step(trainer)
+            .jitted.lower(
+                abstract_like(abs_state, trainer.state_shardings),
+                abstract_like(abs_frozen, trainer.frozen_shardings),
+                abstract_batch(trainer),
+            )
+            .compile()
+        )
 
 
 def build_trainer(cfg: Config, mesh: Mesh | None = None) -> tuple[Trainer, TrainState, Any]:
@@ -212,8 +225,7 @@ def _gradients(trainer: Trainer, state: TrainState, frozen, batch: dict, total_w
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     microbatches = _split_microbatches(batch, n_micro, trainer.batch_sharding.spec)
-    (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
-                                     (microbatches, jnp.arange(n_micro)))
+    (grads, ce, z), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), (microbatches, jnp.arange(n_micro)))
     return grads, ce, z
 
 
@@ -231,8 +243,10 @@ def make_train_step(trainer: Trainer) -> Callable:
             grad_norm = optax.global_norm(grads)
             finite = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
             if skip_nonfinite:  # a non-finite step changes nothing but the step count (and the data position)
-                params, opt_state = (jax.tree.map(lambda new, old: jnp.where(finite, new, old), new, old)
-                                     for new, old in ((params, state.params), (opt_state, state.opt_state)))
+                params, opt_state = (
+                    jax.tree.map(lambda new, old: jnp.where(finite, new, old), new, old)
+                    for new, old in ((params, state.params), (opt_state, state.opt_state))
+                )
             metrics = {
                 "loss": ce / total_weight,
                 "z_loss": z / total_weight,
@@ -247,8 +261,12 @@ def make_train_step(trainer: Trainer) -> Callable:
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sh = {k: trainer.batch_sharding for k in BATCH_KEYS}
-    jitted = jax.jit(step, in_shardings=(trainer.state_shardings, trainer.frozen_shardings, batch_sh),
-                     out_shardings=(trainer.state_shardings, replicated), donate_argnums=(0,))
+    jitted = jax.jit(
+        step,
+        in_shardings=(trainer.state_shardings, trainer.frozen_shardings, batch_sh),
+        out_shardings=(trainer.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
 
     def run(state, frozen, batch):
         with jax.set_mesh(mesh):
@@ -275,8 +293,11 @@ def make_eval_step(trainer: Trainer, sources: int = 1) -> Callable:
             return ce, jnp.sum(weights, axis=(1, 2))
 
     batch_sh = {k: trainer.batch_sharding for k in keys}
-    jitted = jax.jit(evaluate, in_shardings=(trainer.state_shardings.params, trainer.frozen_shardings, batch_sh),
-                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+    jitted = jax.jit(
+        evaluate,
+        in_shardings=(trainer.state_shardings.params, trainer.frozen_shardings, batch_sh),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
 
     def run(params, frozen, batch):
         with jax.set_mesh(mesh):

@@ -88,8 +88,16 @@ def _entry(raw, where: str) -> Mutant:
             raise MutantFileError(f"{where}: {key} must be a non-empty string, got {raw[key]!r}")
     if raw["find"] == raw["replace"]:
         raise MutantFileError(f"{where}: replace equals find (no mutation)")
-    return Mutant(raw["name"], raw["file"], raw["find"], raw["replace"], tuple(tests), raw["why"],
-                  bool(raw.get("slow", False)), where.split(":")[0])
+    return Mutant(
+        raw["name"],
+        raw["file"],
+        raw["find"],
+        raw["replace"],
+        tuple(tests),
+        raw["why"],
+        bool(raw.get("slow", False)),
+        where.split(":")[0],
+    )
 
 
 def load_mutants(paths: list[Path]) -> list[Mutant]:
@@ -116,8 +124,12 @@ def load_mutants(paths: list[Path]) -> list[Mutant]:
 
 
 def repo_files(root: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     return [f for f in out.split("\0") if f]
 
 
@@ -147,11 +159,15 @@ def run_tests(copy: Path, tests: tuple[str, ...], slow: bool, timeout: float) ->
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     if slow:
         cmd[4:4] = ["-m", ""]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     # its own process group, so that a timeout also ends the processes the tests started (training CLIs)
-    proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -215,9 +231,14 @@ def table(results: list[Result]) -> str:
 
 def summary(results: list[Result], seconds: float) -> dict:
     killed = sum(r.status == "killed" for r in results)
-    return {"mutants": len(results), "killed": killed, "survived": sum(r.status == "survived" for r in results),
-            "broken": sum(r.status == "broken" for r in results),
-            "kill_rate": killed / len(results) if results else 1.0, "seconds": round(seconds, 1)}
+    return {
+        "mutants": len(results),
+        "killed": killed,
+        "survived": sum(r.status == "survived" for r in results),
+        "broken": sum(r.status == "broken" for r in results),
+        "kill_rate": killed / len(results) if results else 1.0,
+        "seconds": round(seconds, 1),
+    }
 
 
 def write_json(path: Path, results: list[Result], totals: dict) -> None:
@@ -250,6 +271,7 @@ def parse_args(argv):
 
 def changed_files(root: Path, rev: str) -> set[str]:
     """Paths that differ from `rev` in the work tree, and untracked files; a bad revision is a MutantFileError."""
+
     def git(*args):
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         if done.returncode:
@@ -263,8 +285,9 @@ def listed_before(root: Path, rev: str) -> dict[str, dict]:
     """The mutant entries as the lists at `rev` had them, by name (a list that did not exist then: none)."""
     entries = {}
     for path in sorted((root / "tests" / "mutants").glob("*.yaml")):
-        shown = subprocess.run(["git", "show", f"{rev}:./{path.relative_to(root)}"], cwd=root, capture_output=True,
-                               text=True)
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:./{path.relative_to(root)}"], cwd=root, capture_output=True, text=True
+        )
         for raw in (yaml.safe_load(shown.stdout) or []) if shown.returncode == 0 else []:
             if isinstance(raw, dict) and "name" in raw:
                 entries[raw["name"]] = raw
@@ -274,8 +297,10 @@ def listed_before(root: Path, rev: str) -> dict[str, dict]:
 def touched(m: Mutant, changed: set[str], before: dict[str, dict]) -> bool:
     """The mutant's file or one of its test files changed, or the mutant itself is new or edited."""
     old = before.get(m.name)
-    edited = old is None or any(old.get(k) != (list(v) if isinstance(v, tuple) else v) for k, v in (
-        ("file", m.file), ("find", m.find), ("replace", m.replace), ("tests", m.tests)))
+    edited = old is None or any(
+        old.get(k) != (list(v) if isinstance(v, tuple) else v)
+        for k, v in (("file", m.file), ("find", m.find), ("replace", m.replace), ("tests", m.tests))
+    )
     return edited or m.file in changed or any(t.split("::")[0] in changed for t in m.tests)
 
 
@@ -321,8 +346,10 @@ def main(argv=None) -> int:
             print(f"[{len(results)}/{len(mutants)}] {r.name}: {r.status} ({r.seconds:.1f} s)", flush=True)
     totals = summary(results, time.perf_counter() - start)
     print(table(results))
-    print(f"killed {totals['killed']}/{totals['mutants']} ({100 * totals['kill_rate']:.0f}%), "
-          f"{totals['survived']} survived, {totals['broken']} broken, in {totals['seconds']:.0f} s")
+    print(
+        f"killed {totals['killed']}/{totals['mutants']} ({100 * totals['kill_rate']:.0f}%), "
+        f"{totals['survived']} survived, {totals['broken']} broken, in {totals['seconds']:.0f} s"
+    )
     if args.json:
         write_json(args.json, results, totals)
     return 0 if totals["killed"] == totals["mutants"] else 1
