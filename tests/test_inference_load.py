@@ -1,6 +1,7 @@
 """Loading a model to decode with: straight into the mesh, in the asked dtype, never whole on one device; the
 memory check that names a mesh that fits; prompts fitted into the model's positions as the authors' harness did."""
 
+import dataclasses
 import gc
 import json
 import math
@@ -166,6 +167,8 @@ def test_sharded_generation_equals_transformers_in_fp32_and_stays_close_in_bf16(
     bf16 = load_for_decoding(params, dtype="bfloat16", mesh="tensor=8")
     assert {x.dtype for x in jax.tree.leaves(bf16.decoder.layers)} == {np.dtype(jax.numpy.bfloat16)}
     np.testing.assert_array_equal(bf16.generate(prompts, 1, None)[:, 0], ref[:, 0])
+    for p, first in zip(prompts, ref[:, 0], strict=True):  # one row: the CPU's bf16 lookup and one-row matmul
+        assert bf16.generate([p], 1, None)[0, 0] == first
     mesh_cfg = MeshConfig(ici=layout_of("tensor=8"))
     model = load_model(params, dtype="bfloat16", mesh=make_mesh(mesh_cfg), rules=mesh_cfg.rules)
     for p in prompts:
@@ -262,3 +265,58 @@ def test_an_over_long_prompt_keeps_what_the_harness_keeps(eight_heads, tmp_path,
     ):
         complete(GenerateRequest(params, [premise], max_new_tokens=8, dtype="float32"))
     assert complete(GenerateRequest(params, [premise], max_new_tokens=8, dtype="float32", truncate=True))
+
+
+def _decode_temporaries(dtype: str, rows: int) -> int:
+    """XLA's temporary bytes for decoding `rows` prompts of 4 tokens (8 new) on one CPU device, compiled only."""
+    from mellama_jax.generate import _decode, left_pad
+    from mellama_jax.model import Llama
+
+    cfg = dataclasses.replace(
+        load_model_preset("tiny"),
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_heads=4,
+        num_kv_heads=4,
+        num_layers=2,
+        param_dtype=dtype,
+        dtype=dtype,
+    )
+    parts = decoder(Llama(cfg, rngs=nnx.Rngs(0)), consume=True)
+    ids, mask = left_pad([[1, 5, 6, 7]] * rows, 0, buckets=True)
+    args = (jax.numpy.asarray(ids), jax.numpy.asarray(mask), 8, jax.numpy.int32(2), jax.random.key(0), 0.0, 1.0, None)
+    return _decode.lower(*parts, *args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bf16_decoding_on_cpu_holds_no_fp32_copy_of_the_weights(rows):
+    """XLA's CPU backend gathers bf16 embedding rows from an fp32 copy of the table, and runs a one-row bf16
+    product as an fp32 multiply-reduce over a converted copy of the weight; decoding one sequence then held an
+    fp32 copy of the whole model (8.4 MB of bf16 weights here: 17.7 MB of temporaries). The reference is the same
+    decode with fp32 weights, which converts nothing (and whose activations are twice the bf16 ones): bf16 may
+    exceed it only by one bf16 copy of the table (2 MB), which XLA materialises to gather its rows as bits."""
+    table_bf16 = 4096 * 256 * 2
+    assert _decode_temporaries("bfloat16", rows) <= _decode_temporaries("float32", rows) + table_bf16
+
+
+def test_the_cpu_decoding_paths_compute_what_the_plain_ones_do():
+    """`Embed.lookup` (decoding's gather, bits on CPU) returns the very rows `Embed.__call__` does, in bf16 and
+    fp32; a one-row bf16 `matmul` (run as two rows on CPU) equals numpy's fp32 product of the same bf16 values to
+    fp32 rounding, over one and two contracted dims."""
+    from mellama_jax.model.layers import Embed, matmul
+
+    ids = jax.numpy.asarray([[3, 0, 511, 3]])
+    for dtype in ("bfloat16", "float32"):
+        embed = Embed(512, 64, dtype=dtype, param_dtype=dtype, init_std=1.0, rngs=nnx.Rngs(0))
+        got, want = embed.lookup(ids), embed(ids)
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+    rng = np.random.default_rng(0)
+    bf16 = jax.numpy.bfloat16
+    for x_shape, w_shape, n in (((1, 1, 64), (64, 96), 1), ((1, 64), (64, 96), 1), ((1, 1, 4, 16), (4, 16, 96), 2)):
+        x, w = (jax.numpy.asarray(rng.standard_normal(s), bf16) for s in (x_shape, w_shape))
+        got = np.asarray(matmul(x, w, n, bf16, jax.numpy.float32))
+        xs, ws = np.asarray(x, np.float32), np.asarray(w, np.float32)
+        want = xs.reshape(1, -1) @ ws.reshape(xs.reshape(1, -1).shape[1], -1)
+        assert got.shape == x_shape[: len(x_shape) - n] + (96,)
+        np.testing.assert_allclose(got.reshape(1, -1), want, rtol=1e-5, atol=1e-5)

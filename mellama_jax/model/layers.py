@@ -55,9 +55,21 @@ def matmul(x, w, n: int, dtype, out_dtype):
     transpose of a bf16 dot with an fp32 result multiplies the fp32 cotangent by the bf16 operand, which XLA
     promotes to an fp32 matmul: on an H100 the whole backward pass ran as TF32 (docs/benchmarks.md).
     """
-    return jax.lax.dot_general(
+    one_row = _one_row_on_cpu(x, n, dtype)
+    if one_row:
+        x = jnp.concatenate([x, x])
+    y = jax.lax.dot_general(
         x.astype(dtype), w.astype(dtype), _contracting(x.ndim, n), preferred_element_type=jnp.float32
     ).astype(out_dtype)
+    return y[:1] if one_row else y
+
+
+def _one_row_on_cpu(x, n: int, dtype) -> bool:
+    """A one-row bf16 product on XLA's CPU backend, which rewrites it as an fp32 multiply-reduce over a converted
+    copy of the whole weight (so decoding one sequence would hold an fp32 copy of the model); two rows run as a bf16
+    matmul."""
+    rows = math.prod(x.shape[: x.ndim - n])
+    return rows == 1 and x.ndim > n and jnp.dtype(dtype) == jnp.bfloat16 and target_platform() == "cpu"
 
 
 def _matmul_fwd(x, w, n, dtype, out_dtype):
@@ -289,3 +301,12 @@ class Embed(nnx.Module):
         # partitioner never has to reshard the gathered rows from "embed-sharded" to "batch-sharded".
         table = constrain(self.embedding[...], ("vocab", None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+    def lookup(self, ids: jax.Array) -> jax.Array:
+        """The rows of `ids`, not differentiable (decoding). XLA's CPU backend gathers bf16 rows from an fp32
+        copy of the whole table; gathered as their 16-bit patterns they are the same rows without that copy."""
+        if self.embedding[...].dtype != jnp.bfloat16 or target_platform() != "cpu":
+            return self(ids)
+        table = constrain(self.embedding[...], ("vocab", None))
+        bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(self.dtype)

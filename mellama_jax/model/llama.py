@@ -174,13 +174,14 @@ class Llama(nnx.Module):
             (cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), **kw, init_std=cfg.initializer_range, rngs=rngs
         )
 
-    def _inputs(self, tokens, positions, segment_ids):
+    def _inputs(self, tokens, positions, segment_ids, decoding: bool = False):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         cos, sin = rope.cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        return segment_ids, cos, sin, constrain(self.embed(tokens), BATCH_LENGTH_EMBED)
+        h = self.embed.lookup(tokens) if decoding else self.embed(tokens)
+        return segment_ids, cos, sin, constrain(h, BATCH_LENGTH_EMBED)
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, dropout_rng=None):
         """Training and scoring: final-norm hidden states (B, T, D) for token ids (B, T).
@@ -242,7 +243,7 @@ class Llama(nnx.Module):
         """Decoding: the tokens (B, T) are written into `cache` (from `init_cache`) at cache["index"], attending
         over everything cached before them; `layers` are `unstacked_layers()`, made once per loaded model
         (`generate.decoder`), not per call or token. Returns (final-norm hidden states (B, T, D), the updated cache)."""
-        segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids)
+        segment_ids, cos, sin, h = self._inputs(tokens, positions, segment_ids, decoding=True)
         index, T = cache["index"], tokens.shape[-1]
         kv_segments = jax.lax.dynamic_update_slice_in_dim(
             cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), index, axis=1
