@@ -301,22 +301,45 @@ def test_bf16_decoding_on_cpu_holds_no_fp32_copy_of_the_weights(rows):
 
 
 def test_the_cpu_decoding_paths_compute_what_the_plain_ones_do():
-    """`Embed.lookup` (decoding's gather, bits on CPU) returns the very rows `Embed.__call__` does, in bf16 and
-    fp32; a one-row bf16 `matmul` (run as two rows on CPU) equals numpy's fp32 product of the same bf16 values to
-    fp32 rounding, over one and two contracted dims."""
+    """`Embed.lookup` (decoding's gather, bits on CPU) returns the very rows `Embed.__call__` does, for a table
+    stored in bf16 or fp32 and computed in either; a one-row bf16 `matmul` (run as two rows on CPU) equals numpy's
+    fp32 product of the same bf16 values to fp32 rounding, over one and two contracted dims, in the asked output
+    dtype (a bf16 output: numpy's product rounded to bf16, to one bf16 step)."""
     from mellama_jax.model.layers import Embed, matmul
 
     ids = jax.numpy.asarray([[3, 0, 511, 3]])
-    for dtype in ("bfloat16", "float32"):
-        embed = Embed(512, 64, dtype=dtype, param_dtype=dtype, init_std=1.0, rngs=nnx.Rngs(0))
+    for stored, computed in (("bfloat16", "bfloat16"), ("float32", "float32"), ("float32", "bfloat16")):
+        embed = Embed(512, 64, dtype=computed, param_dtype=stored, init_std=1.0, rngs=nnx.Rngs(0))
         got, want = embed.lookup(ids), embed(ids)
-        assert got.dtype == want.dtype and np.array_equal(np.asarray(got), np.asarray(want))
+        assert got.dtype == want.dtype == np.dtype(computed) and got.shape == (1, 4, 64)
+        assert np.array_equal(np.asarray(got), np.asarray(want))
     rng = np.random.default_rng(0)
-    bf16 = jax.numpy.bfloat16
-    for x_shape, w_shape, n in (((1, 1, 64), (64, 96), 1), ((1, 64), (64, 96), 1), ((1, 1, 4, 16), (4, 16, 96), 2)):
+    bf16, f32 = jax.numpy.bfloat16, jax.numpy.float32
+    cases = (((1, 1, 64), (64, 96), 1), ((1, 64), (64, 96), 1), ((1, 1, 4, 16), (4, 16, 96), 2))
+    for (x_shape, w_shape, n), out in zip(cases, (f32, bf16, f32), strict=True):
         x, w = (jax.numpy.asarray(rng.standard_normal(s), bf16) for s in (x_shape, w_shape))
-        got = np.asarray(matmul(x, w, n, bf16, jax.numpy.float32))
+        got = matmul(x, w, n, bf16, out)
+        assert got.dtype == out and got.shape == x_shape[: len(x_shape) - n] + (96,)
         xs, ws = np.asarray(x, np.float32), np.asarray(w, np.float32)
         want = xs.reshape(1, -1) @ ws.reshape(xs.reshape(1, -1).shape[1], -1)
-        assert got.shape == x_shape[: len(x_shape) - n] + (96,)
-        np.testing.assert_allclose(got.reshape(1, -1), want, rtol=1e-5, atol=1e-5)
+        tol = 2**-8 if out == bf16 else 1e-5
+        np.testing.assert_allclose(np.asarray(got, np.float32).reshape(1, -1), want, rtol=tol, atol=tol)
+
+
+def test_training_on_cpu_in_bf16_still_trains_the_embedding():
+    """Decoding's lookup gathers bits, which carry no gradient; training and scoring must keep the plain gather.
+    A bf16-stored model on CPU: the loss's gradient reaches exactly the embedding rows of the tokens used."""
+    from mellama_jax.model import Llama
+
+    cfg = dataclasses.replace(
+        load_model_preset("tiny"), vocab_size=64, param_dtype="bfloat16", dtype="bfloat16", num_layers=1
+    )
+    graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.numpy.asarray([[5, 9, 9, 17]])
+
+    def loss(params):
+        return nnx.merge(graphdef, params)(tokens).astype(jax.numpy.float32).std()
+
+    grad = np.asarray(jax.grad(loss)(params)["embed"]["embedding"][...], np.float32)
+    touched = sorted(np.flatnonzero(np.abs(grad).sum(axis=1)))
+    assert touched == [5, 9, 17]
