@@ -47,6 +47,7 @@ class Remat(Choice):
     DOTS = "dots"
     DOTS_NO_BATCH = "dots_no_batch"
     QKV_PROJ = "qkv_proj"
+    OFFLOAD = "offload"
 
 
 class Schedule(Choice):

@@ -129,6 +129,10 @@ class DecoderLayer(nnx.Module):
 
 
 _POLICIES = jax.checkpoint_policies
+# What each layer keeps for the backward pass: "none" everything, "full" only its input (the forward runs again),
+# "dots" every projection's output, "qkv_proj" attention's projections and output, "offload" every projection's
+# output copied to the host's memory and back (no recompute of the projections at about "full"'s device memory,
+# for the price of the host link; TPU and GPU compiles; XLA's CPU backend keeps them on the device).
 # Projections are custom-VJP matmuls (layers.matmul) that the dot policies cannot see inside: their outputs are
 # named "dense" and saved by name.
 REMAT = {
@@ -139,6 +143,12 @@ REMAT = {
         _POLICIES.dots_with_no_batch_dims_saveable, _POLICIES.save_only_these_names("dense")
     ),
     "qkv_proj": _POLICIES.save_only_these_names("query_proj", "key_proj", "value_proj", "attention_out"),
+    "offload": _POLICIES.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("dense",),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 

@@ -163,6 +163,9 @@ def plan_layout(cfg, devices=None) -> dict:
         "mesh": dict(mesh.shape),
         "compile_s": time.perf_counter() - start,
         "xla_bytes": xla,
+        # activations a remat policy offloads, in the host's memory (TPU compiles; XLA's CPU backend keeps them on
+        # the device, so a CPU plan counts them in the device's temporaries)
+        "xla_host_bytes": m.host_temp_size_in_bytes,
         "cost": _cost(compiled),
     }
     if devices is not None:  # Pallas kernels in the program (splash attention), as the TPU compiler lowered them
@@ -313,6 +316,7 @@ def markdown_tpu(result: dict) -> str:
         "mesh",
         "per-chip batch",
         "per-chip GiB (args + temp)",
+        "host GiB / chip",
         "fits",
         "compile s",
         "TFLOP / chip",
@@ -328,6 +332,7 @@ def markdown_tpu(result: dict) -> str:
             str(r["mesh"]),
             f"{r['per_chip_batch']:g}",
             f"{x['total'] / GiB:.2f} ({x['arguments'] / GiB:.2f} + {x['temporaries'] / GiB:.2f})",
+            f"{r['xla_host_bytes'] / GiB:.2f}",
             _fits(r),
             f"{r['compile_s']:.0f}",
             f"{c['flops'] / 1e12:.1f}",
