@@ -7,7 +7,8 @@
 #   launch/bench_gpu.sh OUTDIR [STEP...]   steps: matmul attention attention-packed attention-overflow
 #                                          attention-old mesh-old mesh mesh-scan causal-only mesh-small
 #                                          torch-small layers-remat no-triton-gemm accum2 lora13b-ours
-#                                          lora13b-peft pre7b-ours pre7b-torch (default: all)
+#                                          lora13b-peft pre7b-ours pre7b-torch lora13b-dots
+#                                          lora13b-offload pre7b-offload decode7b (default: all)
 #   SMOKE=1: tiny shapes, to check the script on a CPU.
 #   OLD=DIR: attention-old and mesh-old run on the package in DIR (an earlier checkout, e.g. from `git archive`),
 #   paired with the current one on the same machine.
@@ -128,5 +129,13 @@ depth lora13b-ours "$M13" lora ours "${LORA13[@]}" "model.attention=$ATT"
 depth lora13b-peft "$M13" lora torch "${LORA13[@]}"
 depth pre7b-ours "$M7" full ours model.remat=full "model.attention=$ATT"
 depth pre7b-torch "$M7" full torch model.remat=full
+# selective remat at the same depths (the last model.remat wins): the projections' outputs kept on the device
+# (dots) or copied to the host's memory and back (offload); device_peak_bytes beside `plan` for the same override
+depth lora13b-dots "$M13" lora ours "${LORA13[@]}" "model.attention=$ATT" model.remat=dots
+depth lora13b-offload "$M13" lora ours "${LORA13[@]}" "model.attention=$ATT" model.remat=offload
+depth pre7b-offload "$M7" full ours "model.attention=$ATT" model.remat=offload
+# bf16 decoding at 7B width and depth, batch 1/16/64, against transformers' generate on the same GPU
+if [ "${SMOKE:-0}" = 1 ]; then DECODE=(--model tiny --batches "1,2" --repeats 1); else DECODE=(--model llama2-7b --repeats 3); fi
+want decode7b && step decode7b "${DECODE_LIMIT:-400}" "${CLI[@]}" bench decode --dtype bfloat16 "${DECODE[@]}"
 
 grep -h "^MATMUL_BF16\|^| \|\"tokens_per_s\"\|\"mfu\"\|\"device_peak_bytes\"\|\"fwd_bwd_ms\"\|\"impl\"\|\"error\"" "$LOG"
