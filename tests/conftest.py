@@ -30,6 +30,14 @@ def skip_unless_ci(reason: str):
     pytest.skip(reason)
 
 
+def libtpu_or_skip():
+    """For tests that compile for abstract TPU chips: libtpu comes with the tpu extra (CI installs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        skip_unless_ci("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping (failing under CI) when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

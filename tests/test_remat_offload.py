@@ -1,12 +1,11 @@
 """The "offload" remat policy as the TPU compiler lays it out: what goes to the host's memory, per chip."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-from conftest import skip_unless_ci
+from conftest import libtpu_or_skip
 
 from mellama_jax.plan import tpu
 from mellama_jax.plan.layouts import PlanRequest, markdown_tpu, plan_tpu
@@ -25,11 +24,6 @@ SHAPE = [  # a 6-layer bf16 GQA model whose shapes TPU tiles of (8, 128) hold un
 ]
 
 
-def _libtpu_or_skip():
-    if importlib.util.find_spec("libtpu") is None:
-        skip_unless_ci("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
-
-
 def test_offload_keeps_exactly_the_projections_the_backward_reads_in_host_memory():
     """`plan --target tpu` on 8 v5p chips (FSDP), a 6-layer bf16 model with GQA (2 query heads, 1 KV head, head
     dim 128; hidden 256, MLP 512: TPU tiles of (8, 128) hold these shapes unpadded), 256 tokens per chip, remat
@@ -38,7 +32,7 @@ def test_offload_keeps_exactly_the_projections_the_backward_reads_in_host_memory
     each: SwiGLU's backward); not down's (the residual add needs nothing). In bf16:
         2 B x 256 x (256 + 2 x 128 + 256 + 2 x 512) = 917,504 B per layer, 5,505,024 B for 6 layers,
     which XLA's memory analysis reports as the host's temporaries."""
-    _libtpu_or_skip()
+    libtpu_or_skip()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "mellama_jax.cli", "plan", "--target", "tpu", "--topology", "v5p:2x2x2"]
@@ -83,7 +77,7 @@ def test_a_layout_fits_a_chip_by_its_device_bytes_alone(monkeypatch):
     """Offloaded activations live in the host's memory: a layout whose device bytes fit a chip's HBM fits, however
     many bytes it offloads. The same plan on v5p chips, then on chips whose HBM lies halfway between its device
     bytes and its device plus host bytes."""
-    _libtpu_or_skip()
+    libtpu_or_skip()
     environ = dict(os.environ)  # libtpu's start-up sets TPU_* variables that later runs would take for a pod
     request = PlanRequest(model="tiny", overrides=(*SHAPE, "model.remat=offload"), target="tpu", topology="v5p:2x2x2")
     try:

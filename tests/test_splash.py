@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import skip_unless_ci
+from conftest import libtpu_or_skip
 from flax import linen as nn
 from jax.sharding import AxisType
 from train_helpers import run_steps, synthetic_batch
@@ -116,17 +116,12 @@ def test_train_step_with_splash_equals_xla_under_a_mesh():  # ~25 s of CPU: the 
         np.testing.assert_allclose(params[key], ref_params[key], atol=1e-6, err_msg=str(key))
 
 
-def _libtpu_or_skip():
-    if importlib.util.find_spec("libtpu") is None:
-        skip_unless_ci("libtpu is not installed (pip install '.[tpu]'); cannot compile for TPU devices")
-
-
 def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():  # ~11 s of CPU: two TPU compiles
     """`plan --target tpu` compiles the tiny model's train step for 8 abstract TPU v5p chips (v5p:2x2x2) with
     the TPU compiler: `auto` chooses splash there and its three kernels (forward, dq, dkv) lower to Mosaic calls;
     the layout fits a v5p's 95 GiB, and the cost analysis, corrected for the scanned layers, gives at least the
     model's matmul FLOPs (6 per weight per token; splash's own FLOPs are not seen) and a roofline time."""
-    _libtpu_or_skip()
+    libtpu_or_skip()
     out = subprocess.run(
         [
             sys.executable,
@@ -165,7 +160,7 @@ def test_plan_target_tpu_compiles_splash_for_a_tpu_topology():  # ~11 s of CPU: 
 def test_gradient_operands_follow_the_compile_target_not_the_host():
     """One platform function for model code: under a mesh of abstract TPU chips (what `plan --target tpu` compiles
     for on a CPU host) gradient matmuls keep bf16 operands, as the TPU runs them; on the CPU host, fp32 copies."""
-    _libtpu_or_skip()
+    libtpu_or_skip()
     import os
 
     from mellama_jax.model import layers

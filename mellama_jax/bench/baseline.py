@@ -9,7 +9,7 @@ import statistics
 
 import jax
 
-from mellama_jax.bench.timing import jax_step_timing, one_device, time_steps
+from mellama_jax.bench.timing import jax_step_timing, one_device, time_steps, torch_device
 from mellama_jax.config import Mode, Remat, load_config
 from mellama_jax.convert.export import hf_config
 from mellama_jax.convert.peft import HF_TO_OURS
@@ -52,7 +52,7 @@ def torch_step_timing(cfg, warmup: int = 2, steps: int = 5, seed: int = 0, dtype
     # ours` does not need
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     torch.manual_seed(seed)
     batch, seq = cfg.train.batch_size, cfg.train.seq_len
     model = _torch_model(cfg, device)

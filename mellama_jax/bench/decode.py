@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from mellama_jax.bench.timing import torch_device
 from mellama_jax.config import load_model_preset
 from mellama_jax.convert.export import hf_config
 from mellama_jax.convert.hf import load_hf_state_dict
@@ -37,7 +38,7 @@ def bench_decode(r: DecodeBenchRequest, *, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, "float32"))).eval()  # initialised in float32, then cast
     ours = decoder(load_hf_state_dict(cfg, {k: v.numpy() for k, v in hf.state_dict().items()}), consume=True)
-    hf = hf.to(_torch_device(), getattr(torch, r.dtype))  # a lent GPU runs both sides on it
+    hf = hf.to(torch_device(), getattr(torch, r.dtype))  # a lent GPU runs both sides on it
     rng = np.random.default_rng(seed)
     rows = [_row(r, ours, hf, rng.integers(3, cfg.vocab_size, (batch, r.prompt_len))) for batch in r.batches]
     return {
@@ -55,7 +56,7 @@ def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
     import torch  # the interop extra, as in bench_decode
 
     batch, new_tokens = len(prompts), r.new_tokens
-    ids = torch.tensor(prompts, device=_torch_device())
+    ids = torch.tensor(prompts, device=torch_device())
 
     def ours_run():
         return generate(ours, prompts.tolist(), new_tokens)
@@ -93,9 +94,3 @@ def _row(r: DecodeBenchRequest, ours, hf, prompts: np.ndarray) -> dict:
     differs = first != hf_tokens
     row["shared_prefix_fraction"] = float(np.mean(np.where(differs.any(1), differs.argmax(1), new_tokens)) / new_tokens)
     return row
-
-
-def _torch_device() -> str:
-    import torch  # the interop extra, as in bench_decode
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,6 +33,13 @@ class LayoutsBench:
     batch: int = option(8, type=POSITIVE)
 
 
+def torch_device() -> str:
+    """Where the transformers side of a paired benchmark runs: the GPU when torch has one, as ours does."""
+    import torch  # the optional interop extra, which `--sides ours` does not need
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def time_steps(run_step, carry, warmup: int, steps: int, beside=None) -> tuple[list[float], object, list]:
     """Seconds per call of `carry = run_step(carry)` after `warmup` untimed calls, the last carry, and what
     `beside()` (if given) returned after each timed call, untimed."""
