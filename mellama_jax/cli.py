@@ -159,6 +159,13 @@ def _run(args) -> tuple[int, str]:
         line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print("error: " + line, file=sys.stderr)
         return 2, line
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+        if extra is None:
+            return _internal_error(e)
+        line = f"{e.name} is not installed; this command needs the {extra} extra: pip install 'mellama-jax[{extra}]'"
+        print("error: " + line, file=sys.stderr)
+        return 2, line
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130, "interrupted"
@@ -166,9 +173,20 @@ def _run(args) -> tuple[int, str]:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141, ""
     except Exception as e:
-        print(f"error: internal error, please report it: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc()
-        return 1, f"internal error: {type(e).__name__}"
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> tuple[int, str]:
+    print(f"error: internal error, please report it: {type(e).__name__}: {e}", file=sys.stderr)
+    traceback.print_exc()
+    return 1, f"internal error: {type(e).__name__}"
+
+
+# Modules that come with an extra of pyproject.toml, not with a plain install: a command that needs one says which.
+OPTIONAL_MODULES = {
+    **dict.fromkeys(("torch", "transformers", "peft", "datasets", "bert_score", "bs4", "spacy"), "interop"),
+    "gcsfs": "gcs",
+}
 
 
 if __name__ == "__main__":

@@ -112,3 +112,12 @@ def test_every_command_lists_the_options_it_had():
         assert [o["dest"] for o in have["options"]] == [o["dest"] for o in want["options"]], command
         for a, b in zip(have["options"], want["options"]):
             assert a == b, f"{command} {a['flags'] or a['dest']}"
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys):
+    """A plain install has no transformers (the interop extra): a command that needs it says which extra to install,
+    in one line, exit 2, no traceback."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets without the extra
+    assert main(["bench", "decode", "--model", "tiny", "--batches", "1", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transformers" in err and "pip install 'mellama-jax[interop]'" in err
